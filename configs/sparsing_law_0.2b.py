@@ -1,0 +1,7 @@
+"""Sparsing Law paper model "0.2b" (SPEC §4), ReLU; switch with --set model.activation=silu."""
+
+from sparsejax.config import paper_config
+
+
+def get_config():
+    return paper_config("0.2b", activation="relu")

@@ -1,0 +1,7 @@
+"""CPU proxy: tiny gated-FFN transformer with silu (see sparsejax.config.PROXY_SIZES)."""
+
+from sparsejax.config import proxy_config
+
+
+def get_config():
+    return proxy_config("tiny", activation="silu")

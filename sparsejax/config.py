@@ -1,0 +1,382 @@
+"""Typed experiment configuration: one base config, per-experiment files, CLI overrides.
+
+A config file in ``configs/`` is a Python file with ``get_config() -> Config``. Users change any
+field from the command line with ``--set section.field=value`` (MaxText style: one base plus
+overrides). Every check in :func:`validate` names the offending field and the allowed values, so
+a typo in a launch script fails before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pathlib
+import typing
+from typing import Any, Sequence
+
+from sparsejax import activations
+
+
+class ConfigError(ValueError):
+    """A config field has a value outside its allowed set."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Decoder-only transformer shape and FFN sparsity (SPEC §1, §4, §5)."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    head_dim: int = 32
+    d_ff: int = 320
+    ffn_type: str = "gated"  # "gated": W_out[σ(W_gate x) ⊙ W_in x]; "plain": W_out σ(W_in x)
+    activation: str = "relu"
+    # Used only by activations that declare it (fatrelu, shifted_relu: threshold; xsilu: alpha).
+    activation_threshold: float = 0.0
+    activation_alpha: float = 0.0
+    # Top-k FFN sparsity: 0 disables; 0 < topk < 1 is a fraction of d_ff; topk >= 1 an integer k.
+    topk: float = 0.0
+    topk_mode: str = "exact"  # "exact" (lax.top_k) or "approx" (lax.approx_max_k)
+    topk_recall: float = 0.95  # recall target of approx_max_k
+    topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
+    max_seq_len: int = 256
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+
+    @property
+    def topk_k(self) -> int:
+        """Number of neurons kept per token, or 0 when top-k is off."""
+        if self.topk <= 0:
+            return 0
+        if self.topk < 1:
+            return max(1, int(round(self.topk * self.d_ff)))
+        return int(self.topk)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "embedded"  # "embedded" (offline default corpus) or "tfds"
+    tfds_name: str = "lm1b"
+    tfds_data_dir: str = ""
+    tfds_text_key: str = "text"
+    tokenizer: str = "byte"  # "byte" or "sentencepiece" (trained on the corpus and cached)
+    sentencepiece_vocab_size: int = 4096
+    cache_dir: str = ".cache/sparsejax"
+    validation_fraction: float = 0.05
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 200
+    batch_size: int = 16  # global batch, in sequences
+    seq_len: int = 128
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    schedule: str = "wsd"  # "wsd" (warmup-stable-decay, as the Sparsing Law paper), "cosine", "constant"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.1  # share of steps spent in the WSD decay phase
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Activation-ratio logging: FAT-ε for activations that are not ReLU-family (SPEC §1).
+    fat_eps: float = 1e-2
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    keep_every: int = 100  # checkpoints at multiples of this are never deleted (for the law fits)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up in flops.PEAK_TFLOPS
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    # -1 means "all remaining devices". Product must equal the device count.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis -> mesh axis (or None = replicated). MaxText-style rules.
+    rules: tuple = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("norm", None),
+        ("layers", None),
+    )
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# The Sparsing Law paper's model sizes (SPEC §4): d_ff = 2.5 d_model, head dim 128, vocab 122,753.
+PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
+    # name: (d_model, n_layers, d_ff, n_heads)
+    "0.1b": (768, 16, 1920, 6),
+    "0.2b": (1024, 20, 2560, 8),
+    "0.4b": (1280, 24, 3200, 10),
+    "0.8b": (1536, 28, 3840, 12),
+    "1.2b": (1792, 32, 4480, 14),
+    "2.4b": (2304, 40, 5760, 18),
+}
+PAPER_VOCAB_SIZE = 122_753
+
+
+def paper_config(size: str, activation: str = "relu") -> Config:
+    """Config of one Sparsing Law model size (SPEC §4), gated FFN, sequence 4096.
+
+    Departure from the paper: the paper trains with µP (MiniCPM-style width scaling of
+    initialisation and learning rates); sparsejax uses standard parameterisation, so the paper's
+    peak LR 0.01 is not directly transferable and the default here is lower.
+    """
+    if size not in PAPER_SIZES:
+        raise ConfigError(f"paper size {size!r} unknown; allowed: {sorted(PAPER_SIZES)}")
+    d_model, n_layers, d_ff, n_heads = PAPER_SIZES[size]
+    return Config(
+        name=f"sparsing_law_{size}_{activation}",
+        model=ModelConfig(
+            vocab_size=PAPER_VOCAB_SIZE, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+            head_dim=128, d_ff=d_ff, ffn_type="gated", activation=activation,
+            max_seq_len=4096, dtype="bfloat16",
+        ),
+        data=DataConfig(source="tfds", tfds_name="c4", tokenizer="sentencepiece",
+                        sentencepiece_vocab_size=PAPER_VOCAB_SIZE),
+        train=TrainConfig(batch_size=512, seq_len=4096, learning_rate=3e-3, schedule="wsd",
+                          steps=100_000, warmup_steps=2_000, b1=0.9, b2=0.95, weight_decay=0.1),
+    )
+
+
+# CPU proxy sizes for laptops and CI: byte-level vocabulary, same 2.5x FFN ratio as the paper.
+PROXY_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    # name: (d_model, n_layers, d_ff, n_heads, head_dim)
+    "tiny": (128, 5, 320, 4, 32),  # ~1.0M parameters
+    "small": (320, 8, 800, 5, 64),  # ~9.5M parameters
+}
+
+
+def proxy_config(size: str, activation: str = "relu") -> Config:
+    """A CPU-sized model with the paper's FFN shape (gated, d_ff = 2.5 d_model), byte tokens."""
+    if size not in PROXY_SIZES:
+        raise ConfigError(f"proxy size {size!r} unknown; allowed: {sorted(PROXY_SIZES)}")
+    d_model, n_layers, d_ff, n_heads, head_dim = PROXY_SIZES[size]
+    return Config(
+        name=f"{size}_{activation}",
+        model=ModelConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                          head_dim=head_dim, d_ff=d_ff, ffn_type="gated", activation=activation,
+                          max_seq_len=512),
+        train=TrainConfig(batch_size=16, seq_len=128, steps=300, learning_rate=3e-3,
+                          warmup_steps=30, log_every=10, eval_every=100, checkpoint_every=100),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+def _choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def _positive(path: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{path}={value!r} must be {bound}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the field and its allowed values; return cfg unchanged."""
+    m = cfg.model
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+    _choice("model.ffn_type", m.ffn_type, ("gated", "plain"))
+    _choice("model.activation", m.activation, activations.names())
+    spec = activations.get(m.activation)
+    if m.activation_threshold != 0.0 and "threshold" not in spec.params:
+        users = [n for n in activations.names() if "threshold" in activations.get(n).params]
+        raise ConfigError(
+            f"model.activation_threshold={m.activation_threshold} is only used by {users}, "
+            f"not by model.activation={m.activation!r}; set it to 0")
+    if m.activation_alpha != 0.0 and "alpha" not in spec.params:
+        users = [n for n in activations.names() if "alpha" in activations.get(n).params]
+        raise ConfigError(
+            f"model.activation_alpha={m.activation_alpha} is only used by {users}, "
+            f"not by model.activation={m.activation!r}; set it to 0")
+    if m.activation_threshold < 0:
+        raise ConfigError(f"model.activation_threshold={m.activation_threshold} must be >= 0")
+    _choice("model.topk_mode", m.topk_mode, ("exact", "approx"))
+    if not 0 < m.topk_recall <= 1:
+        raise ConfigError(f"model.topk_recall={m.topk_recall} must be in (0, 1]")
+    if m.topk < 0 or not math.isfinite(m.topk):
+        raise ConfigError(f"model.topk={m.topk} must be 0 (off), a fraction in (0, 1), "
+                          f"or an integer k in [1, d_ff={m.d_ff}]")
+    if m.topk >= 1 and (m.topk != int(m.topk) or m.topk > m.d_ff):
+        raise ConfigError(f"model.topk={m.topk} must be an integer k in [1, d_ff={m.d_ff}] "
+                          f"or a fraction in (0, 1)")
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+
+    d = cfg.data
+    _choice("data.source", d.source, ("embedded", "tfds"))
+    _choice("data.tokenizer", d.tokenizer, ("byte", "sentencepiece"))
+    if d.tokenizer == "byte" and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for data.tokenizer='byte'")
+    if d.tokenizer == "sentencepiece" and d.sentencepiece_vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.sentencepiece_vocab_size={d.sentencepiece_vocab_size} exceeds "
+            f"model.vocab_size={m.vocab_size}")
+    if not 0 < d.validation_fraction < 1:
+        raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
+
+    t = cfg.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep_last", "keep_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.learning_rate", t.learning_rate)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.fat_eps", t.fat_eps, allow_zero=True)
+    _positive("train.peak_tflops", t.peak_tflops, allow_zero=True)
+    _choice("train.optimizer", t.optimizer, ("adamw",))
+    _choice("train.schedule", t.schedule, ("wsd", "cosine", "constant"))
+    if not 0 <= t.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1)")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+
+    for name in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, name)
+        if size != -1 and size < 1:
+            raise ConfigError(f"mesh.{name}={size} must be -1 (all remaining devices) or >= 1")
+    if sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+def _parse_value(path: str, text: str, annotation: Any) -> Any:
+    """Parse override text to the field's declared type (annotations are strings here)."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{path}={text!r}: expected a boolean (true/false)")
+    try:
+        if kind == "int":
+            as_float = float(text)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{path}={text!r}: expected a {kind}") from None
+    if kind == "str":
+        return text
+    raise ConfigError(f"{path} has type {kind!r}, which cannot be set from the command line")
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Return a copy of cfg with ``section.field=value`` overrides applied, then validated."""
+    cfg = dataclasses.replace(
+        cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        target: Any = cfg
+        for depth, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(target)]
+            if part not in names:
+                where = ".".join(parts[:depth]) or "config"
+                raise ConfigError(f"unknown field {path!r}: {where} has fields {names}")
+            if depth == len(parts) - 1:
+                field = next(f for f in dataclasses.fields(target) if f.name == part)
+                if dataclasses.is_dataclass(getattr(target, part)):
+                    raise ConfigError(f"{path!r} is a section; set one of its fields")
+                setattr(target, part, _parse_value(path, text, field.type))
+            else:
+                target = getattr(target, part)
+                if not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"{'.'.join(parts[:depth + 1])!r} is not a section")
+    return validate(cfg)
+
+
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
+    """Load ``get_config()`` from a config file, apply overrides and validate."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"sparsejax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected Config")
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    """JSON turns the tuples of mesh rules into lists; turn them back so configs compare equal."""
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
+
+
+def from_dict(raw: dict) -> Config:
+    """Inverse of to_dict (used to compare a run directory's config with a new one)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in sections:
+            raise ConfigError(f"unknown config section {key!r}")
+        if isinstance(value, dict):
+            cls = typing.get_type_hints(Config)[key]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            kwargs[key] = cls(**{k: _lists_to_tuples(v) for k, v in value.items() if k in fields})
+        else:
+            kwargs[key] = value
+    return validate(Config(**kwargs))
+

@@ -1,0 +1,219 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import activations, model
+from sparsejax.config import ModelConfig
+from sparsejax.loss import next_token_loss
+
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=80,
+                   max_seq_len=32)
+
+
+def _cfg(**kw):
+    import dataclasses
+    return dataclasses.replace(TINY, **kw)
+
+
+def _ffn_params(cfg, seed=0):
+    ffn = model.FeedForward(cfg)
+    x = jax.random.normal(jax.random.key(seed), (2, 5, cfg.d_model))
+    params = nn.meta.unbox(ffn.init(jax.random.key(seed + 1), x))["params"]
+    return ffn, x, params
+
+
+@pytest.mark.parametrize("ffn_type", ["gated", "plain"])
+@pytest.mark.parametrize("act", ["relu", "silu", "drelu", "relu2"])
+def test_ffn_matches_naive_einsum(ffn_type, act):
+    cfg = _cfg(ffn_type=ffn_type, activation=act)
+    ffn, x, p = _ffn_params(cfg)
+    out, state = ffn.apply({"params": p}, x, mutable=["intermediates"])
+    sigma = activations.make(act)
+    xn = np.asarray(x, np.float64)
+    w_in, w_out = np.asarray(p["w_in"]["kernel"], np.float64), np.asarray(p["w_out"]["kernel"], np.float64)
+    up = np.einsum("bld,df->blf", xn, w_in)
+    if ffn_type == "gated":
+        assert set(p) == {"w_in", "w_gate", "w_out"}
+        gate = np.asarray(sigma(jnp.asarray(np.einsum("bld,df->blf", xn, np.asarray(p["w_gate"]["kernel"], np.float64)))))
+        if act == "drelu":
+            up = np.maximum(up, 0)
+        hidden = gate * up
+        act_expected = gate
+    else:
+        assert set(p) == {"w_in", "w_out"}
+        hidden = np.asarray(sigma(jnp.asarray(up)))
+        act_expected = hidden
+    want = np.einsum("blf,fd->bld", hidden, w_out)
+    assert out.shape == (2, 5, cfg.d_model)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-6)
+    inter = state["intermediates"]
+    np.testing.assert_allclose(inter["activation"][0], act_expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(inter["hidden"][0], hidden, rtol=1e-4, atol=1e-6)
+
+
+def test_intermediates_absent_unless_requested():
+    ffn, x, p = _ffn_params(_cfg())
+    out = ffn.apply({"params": p}, x)
+    assert isinstance(out, jax.Array)  # no state tuple: nothing was sown
+
+
+def test_topk_mask_exact_k_and_matches_argsort():
+    score = np.random.default_rng(0).normal(size=(7, 3, 50)).astype(np.float32)
+    for k in (1, 5, 49, 50):
+        mask = np.asarray(model.topk_mask(jnp.asarray(score), k))
+        assert mask.shape == score.shape
+        np.testing.assert_array_equal(mask.sum(-1), k)
+        want = np.zeros_like(score)
+        np.put_along_axis(want, np.argsort(-score, axis=-1)[..., :k], 1.0, axis=-1)
+        np.testing.assert_array_equal(mask, want)
+
+
+def test_topk_mask_ties_still_exactly_k():
+    score = jnp.ones((4, 10))
+    mask = np.asarray(model.topk_mask(score, 3))
+    np.testing.assert_array_equal(mask.sum(-1), 3)
+
+
+@pytest.mark.parametrize("k", [0, -1, 51])
+def test_topk_mask_rejects_bad_k(k):
+    with pytest.raises(ValueError, match="d_ff=50"):
+        model.topk_mask(jnp.ones((2, 50)), k)
+
+
+def test_approx_topk_recall():
+    score = jax.random.normal(jax.random.key(3), (256, 512))
+    k = 64
+    approx = np.asarray(model.topk_mask(score, k, approximate=True, recall=0.95))
+    exact = np.asarray(model.topk_mask(score, k))
+    np.testing.assert_array_equal(approx.sum(-1), k)
+    recall = (approx * exact).sum() / exact.sum()
+    assert recall >= 0.95
+
+
+@pytest.mark.parametrize("ffn_type", ["gated", "plain"])
+def test_topk_ffn_keeps_k_largest_activations(ffn_type):
+    cfg = _cfg(ffn_type=ffn_type, activation="silu", topk=12)
+    ffn, x, p = _ffn_params(cfg)
+    _, state = ffn.apply({"params": p}, x, mutable=["intermediates"])
+    act = np.asarray(state["intermediates"]["activation"][0])
+    hidden = np.asarray(state["intermediates"]["hidden"][0])
+    assert ((hidden != 0).sum(-1) == 12).all()
+    keep = np.zeros_like(act)
+    np.put_along_axis(keep, np.argsort(-np.abs(act), axis=-1)[..., :12], 1.0, axis=-1)
+    np.testing.assert_array_equal(hidden != 0, keep.astype(bool))
+
+
+def test_topk_fraction_and_full_k_equal_dense():
+    cfg = _cfg(activation="silu")
+    ffn, x, p = _ffn_params(cfg)
+    dense = ffn.apply({"params": p}, x)
+    full = model.FeedForward(_cfg(activation="silu", topk=cfg.d_ff)).apply({"params": p}, x)
+    np.testing.assert_array_equal(dense, full)
+    assert _cfg(topk=0.25).topk_k == 20
+
+
+@pytest.mark.parametrize("ffn_type", ["gated", "plain"])
+def test_topk_straight_through_gradient(ffn_type):
+    """Per-neuron weight gradients for one token and a linear loss sum(out·c), so the upstream
+    gradient does not depend on the forward values: kept neurons get the dense gradient in both
+    modes; dropped neurons get zero without STE and the dense gradient with STE (Q-Sparse)."""
+    cfg_dense = _cfg(activation="silu", ffn_type=ffn_type)
+    cfg_mask = _cfg(activation="silu", ffn_type=ffn_type, topk=10)
+    cfg_ste = _cfg(activation="silu", ffn_type=ffn_type, topk=10, topk_ste=True)
+    ffn, _, p = _ffn_params(cfg_dense)
+    x = jax.random.normal(jax.random.key(5), (1, 1, cfg_dense.d_model))
+    c = jax.random.normal(jax.random.key(9), (1, 1, cfg_dense.d_model))
+    first = "w_gate" if ffn_type == "gated" else "w_in"
+
+    def first_layer_grad(cfg):
+        loss = lambda params: jnp.sum(model.FeedForward(cfg).apply({"params": params}, x) * c)  # noqa: E731
+        return np.asarray(jax.grad(loss)(p)[first]["kernel"])
+
+    g_dense, g_mask, g_ste = (first_layer_grad(c_) for c_ in (cfg_dense, cfg_mask, cfg_ste))
+    out_mask = model.FeedForward(cfg_mask).apply({"params": p}, x, mutable=["intermediates"])[1]
+    kept_F = np.asarray(out_mask["intermediates"]["hidden"][0])[0, 0] != 0
+    assert kept_F.sum() == 10
+    np.testing.assert_allclose(g_mask[:, kept_F], g_dense[:, kept_F], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(g_mask[:, ~kept_F], 0.0)
+    np.testing.assert_allclose(g_ste, g_dense, rtol=1e-5, atol=1e-7)
+    assert np.abs(g_dense[:, ~kept_F]).max() > 0  # the check above is not vacuous
+    # The forward pass of STE and plain masking is the same.
+    np.testing.assert_array_equal(model.FeedForward(cfg_ste).apply({"params": p}, x),
+                                  model.FeedForward(cfg_mask).apply({"params": p}, x))
+
+
+def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
+    cfg = _cfg(activation="relu")
+    m = model.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+    v = m.init(jax.random.key(1), tokens)
+    dense = m.apply(v, tokens)
+    zero = m.apply(v, tokens, neuron_thresholds_NxF=jnp.zeros((cfg.n_layers, cfg.d_ff)))
+    np.testing.assert_array_equal(dense, zero)
+    big = jnp.full((cfg.n_layers, cfg.d_ff), 1e9)
+    _, st = m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target="hidden", mutable=["intermediates"])
+    acts, hiddens = model.ffn_intermediates(st, cfg.n_layers)
+    assert all(float(jnp.abs(h).max()) == 0 for h in hiddens)
+    with pytest.raises(ValueError, match="mask_target"):
+        m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target="bogus")
+
+
+def test_causality():
+    cfg = _cfg(activation="silu", topk=20)
+    m = model.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, cfg.vocab_size)
+    v = m.init(jax.random.key(1), tokens)
+    base = np.asarray(m.apply(v, tokens))
+    for t in (0, 7, 15):
+        changed = tokens.at[0, t].set((tokens[0, t] + 1) % cfg.vocab_size)
+        out = np.asarray(m.apply(v, changed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+def test_every_parameter_has_logical_axes():
+    for tie in (True, False):
+        cfg = _cfg(tie_embeddings=tie)
+        v = model.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        leaves = jax.tree.leaves(v["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+        for leaf in leaves:
+            assert len(leaf.names) == leaf.value.ndim
+            assert set(leaf.names) <= {"vocab", "embed", "mlp", "heads", "kv", "norm"}
+
+
+def test_golden_initial_loss_is_log_vocab():
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=160,
+                      max_seq_len=64, activation="relu")
+    m = model.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (4, 33), 0, cfg.vocab_size)
+    v = m.init(jax.random.key(42), tokens[:, :-1])
+    loss, count = next_token_loss(m.apply(v, tokens[:, :-1]), tokens[:, 1:])
+    assert count == 4 * 32
+    assert abs(float(loss) - math.log(256)) < 0.02
+
+
+def test_bfloat16_compute_close_to_float32():
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY.vocab_size)
+    m32, m16 = model.Transformer(_cfg()), model.Transformer(_cfg(dtype="bfloat16"))
+    v = m32.init(jax.random.key(1), tokens)
+    out32, out16 = m32.apply(v, tokens), m16.apply(v, tokens)
+    assert out16.dtype == jnp.float32 and out16.shape == out32.shape
+    np.testing.assert_allclose(out16, out32, atol=5e-2)
+
+
+def test_rope_preserves_norm_and_relative_position():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
+    pos = jnp.arange(6)[None]
+    y = model.rope(x, pos, 10_000.0)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    q = jnp.broadcast_to(x[:, :1], x.shape)
+    # ⟨R_m q, R_n q⟩ depends on m − n only.
+    rq = model.rope(q, pos, 10_000.0)
+    rq_shift = model.rope(q, pos + 3, 10_000.0)
+    np.testing.assert_allclose(jnp.einsum("blhk,bmhk->blmh", rq, rq),
+                               jnp.einsum("blhk,bmhk->blmh", rq_shift, rq_shift), rtol=1e-4, atol=1e-5)
