@@ -65,6 +65,8 @@ class DataConfig:
     tfds_name: str = "lm1b"
     tfds_data_dir: str = ""
     tfds_text_key: str = "text"
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"  # lm1b has "test" only
     tokenizer: str = "byte"  # "byte" or "sentencepiece" (trained on the corpus and cached)
     sentencepiece_vocab_size: int = 4096
     cache_dir: str = ".cache/sparsejax"
@@ -97,6 +99,8 @@ class TrainConfig:
     keep_last: int = 3
     keep_every: int = 100  # checkpoints at multiples of this are never deleted (for the law fits)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up in flops.PEAK_TFLOPS
+    # Failure injection for tests of the NaN guard: the gradients of this step become NaN (0 = off).
+    fault_nan_at_step: int = 0
 
 
 @dataclasses.dataclass
@@ -260,6 +264,7 @@ def validate(cfg: Config) -> Config:
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.fat_eps", t.fat_eps, allow_zero=True)
     _positive("train.peak_tflops", t.peak_tflops, allow_zero=True)
+    _positive("train.fault_nan_at_step", t.fault_nan_at_step, allow_zero=True)
     _choice("train.optimizer", t.optimizer, ("adamw",))
     _choice("train.schedule", t.schedule, ("wsd", "cosine", "constant"))
     if not 0 <= t.decay_fraction <= 1:

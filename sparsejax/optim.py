@@ -1,0 +1,39 @@
+"""AdamW with the Sparsing Law paper's warmup-stable-decay (WSD) schedule, or cosine / constant.
+
+WSD (Hu et al. 2024, MiniCPM; used by the Sparsing Law paper, SPEC §4): linear warm-up to the
+peak, constant, then a decay over the last ``decay_fraction`` of the steps to
+``min_lr_ratio × peak``. Departure: MiniCPM decays exponentially; sparsejax decays linearly, so a
+WSD run's learning rate is piecewise linear and easy to reason about.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from sparsejax.config import TrainConfig
+
+
+def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
+    peak, floor = t.learning_rate, t.learning_rate * t.min_lr_ratio
+    warmup = min(t.warmup_steps, t.steps)
+    if t.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(t.steps, warmup + 1),
+                                                  end_value=floor)
+    warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    if t.schedule == "constant":
+        return optax.join_schedules([warm, optax.constant_schedule(peak)], [warmup])
+    decay_steps = int(round(t.decay_fraction * t.steps))
+    stable_steps = max(t.steps - warmup - decay_steps, 0)
+    return optax.join_schedules(
+        [warm, optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(decay_steps, 1))],
+        [warmup, warmup + stable_steps])
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW; no weight decay on vectors (norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
+    chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    chain.append(optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2,
+                             weight_decay=t.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)

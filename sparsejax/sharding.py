@@ -1,0 +1,110 @@
+"""Device mesh, logical-axis sharding rules and multi-host start-up.
+
+The mesh has axes ``(data, fsdp, tensor)``. Parameters carry logical axis names (see
+:mod:`sparsejax.model`); ``MeshConfig.rules`` maps them to mesh axes (MaxText style), so the same
+code runs on 1 CPU device, 8 fake CPU devices and a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparsejax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
+
+
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve the one -1 axis to the remaining devices and check the product."""
+    sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not "
+                              f"divisible by the fixed axes' product {fixed}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if int(np.prod(sizes)) != n_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                          f"devices, but {n_devices} are available; set one mesh axis to -1")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    # Auto axes: jit's in/out shardings and the logical constraints drive GSPMD propagation.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except Exception:  # pragma: no cover - topology-aware layout unavailable (e.g. odd slices)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def rules(mesh_cfg: MeshConfig) -> tuple:
+    return tuple((logical, mesh_axis) for logical, mesh_axis in mesh_cfg.rules)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig):
+    """NamedShardings for a tree of (possibly ``nn.Partitioned``) values, by the logical rules."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split over data × fsdp and replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each host's rows into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+# ---------------------------------------------------------------------------------- multi-host
+def should_initialize_distributed(flag: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Decide whether to call ``jax.distributed.initialize()``.
+
+    ``flag`` is ``"auto"``, ``"on"`` or ``"off"``. Auto turns it on when the environment says this
+    process is one of several: a TPU VM slice with several workers (``TPU_WORKER_HOSTNAMES`` lists
+    more than one host), an explicit coordinator address, or a SLURM / Open MPI job of more than
+    one task.
+    """
+    if flag not in ("auto", "on", "off"):
+        raise ConfigError(f"--distributed={flag!r}; allowed values: ['auto', 'on', 'off']")
+    if flag != "auto":
+        return flag == "on"
+    env = os.environ if environ is None else environ
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            if int(env.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            log.warning("ignoring non-integer %s=%r", name, env.get(name))
+    return False
+
+
+def maybe_initialize_distributed(flag: str = "auto") -> bool:
+    """Initialise the JAX distributed runtime when launched as one of several processes."""
+    if should_initialize_distributed(flag):
+        jax.distributed.initialize()
+        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+        return True
+    return False

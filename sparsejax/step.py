@@ -1,0 +1,159 @@
+"""Sharded, jitted train and eval steps with in-graph activation-ratio statistics.
+
+The training state is a plain pytree ``{"params", "opt_state", "step"}``. Its shardings come from
+the parameters' logical axis names (optimizer moments inherit them), so ``jax.jit`` with
+``in_shardings``/``out_shardings`` runs the same step on one CPU, 8 fake CPU devices or a pod.
+
+Activation statistics (SPEC §1) are reduced inside the step to ``[n_layers]`` ratios and an
+``[n_layers, d_ff]`` count of tokens per neuron, so nothing of size [tokens × d_ff] leaves the
+device: a neuron is active for a token when σ(gate) ≠ 0 (ReLU family, exact zeros) or
+|σ(gate)| ≥ ``train.fat_eps`` (other activations: FAT-ε), and, under top-k, kept by the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import activations, model as model_lib, sharding
+from sparsejax.config import Config
+from sparsejax.loss import next_token_loss
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """Compiled entry points and the state's shardings for one (config, mesh)."""
+
+    init: Callable[[jax.Array], PyTree]
+    train: Callable[[PyTree, dict], tuple[PyTree, dict]]
+    evaluate: Callable[[PyTree, dict], dict]
+    state_shardings: PyTree
+    abstract_state: PyTree
+    mesh: jax.sharding.Mesh
+
+
+def active_mask(activation_BxLxF: jax.Array, hidden_BxLxF: jax.Array, *, exact_zeros: bool,
+                fat_eps: float, topk: bool) -> jax.Array:
+    """Which neurons count as active for each token (see module docstring)."""
+    if exact_zeros:
+        active = activation_BxLxF != 0
+    else:
+        active = jnp.abs(activation_BxLxF) >= fat_eps
+    if topk:
+        active = active & (hidden_BxLxF != 0)
+    return active
+
+
+def activation_stats(acts: list[jax.Array], hiddens: list[jax.Array], weights_BxL: jax.Array,
+                     *, exact_zeros: bool, fat_eps: float, topk: bool) -> tuple[jax.Array, jax.Array]:
+    """(active-neuron-token sum per layer [N], active-token count per neuron [N, F]).
+
+    Ratio of layer l = sum_l / (tokens × d_ff); a neuron with count 0 was dead in the batch.
+    """
+    w_BxLx1 = weights_BxL[..., None].astype(jnp.float32)
+    sums, counts = [], []
+    for act, hidden in zip(acts, hiddens):
+        active = active_mask(act, hidden, exact_zeros=exact_zeros, fat_eps=fat_eps, topk=topk)
+        per_neuron_F = jnp.sum(active.astype(jnp.float32) * w_BxLx1, axis=(0, 1))
+        counts.append(per_neuron_F)
+        sums.append(jnp.sum(per_neuron_F))
+    return jnp.stack(sums), jnp.stack(counts)
+
+
+def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
+                        *, log_activations: bool = True) -> StepFunctions:
+    model = model_lib.Transformer(cfg.model)
+    spec = activations.get(cfg.model.activation)
+    rules = sharding.rules(cfg.mesh)
+    n_layers, d_ff, accum = cfg.model.n_layers, cfg.model.d_ff, cfg.train.grad_accum
+    stat_kwargs = dict(exact_zeros=spec.exact_zeros, fat_eps=cfg.train.fat_eps,
+                       topk=0 < cfg.model.topk_k < d_ff)
+
+    def init_boxed(key):
+        tokens = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+        params = model.init(key, tokens)["params"]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    with mesh, nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    state_shardings = sharding.logical_shardings(abstract_boxed, mesh, cfg.mesh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(abstract_boxed), state_shardings)
+
+    def loss_and_stats(params, batch):
+        if log_activations:
+            logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"])
+            acts, hiddens = model_lib.ffn_intermediates(inter, n_layers)
+            act_sum_N, count_NxF = activation_stats(acts, hiddens, batch["weights"], **stat_kwargs)
+        else:
+            logits = model.apply({"params": params}, batch["inputs"])
+            act_sum_N, count_NxF = jnp.zeros(n_layers), jnp.zeros((n_layers, d_ff))
+        mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
+        return mean_loss * tokens, (tokens, act_sum_N, count_NxF)
+
+    grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
+
+    micro_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
+
+    def train_step(state, batch):
+        params = state["params"]
+        # Micro-batch j takes rows j, j + accum, ...: every micro-batch spans all batch shards.
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                micro_sharding), batch)
+
+        def accumulate(carry, mb):
+            (loss_sum, (tokens, act_sum, counts)), grads = grad_fn(params, mb)
+            g_acc, l_acc, t_acc, a_acc, c_acc = carry
+            return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens,
+                    a_acc + act_sum, c_acc + counts), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0, jnp.zeros(n_layers),
+                 jnp.zeros((n_layers, d_ff)))
+        (grad_sum, loss_sum, tokens, act_sum_N, count_NxF), _ = jax.lax.scan(accumulate, zeros, micro)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sum)
+        if cfg.train.fault_nan_at_step:
+            poison = jnp.where(state["step"] + 1 == cfg.train.fault_nan_at_step, jnp.nan, 1.0)
+            grads = jax.tree.map(lambda g: g * poison, grads)
+            loss_sum = loss_sum * poison
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+                   "tokens": tokens}
+        if log_activations:
+            ratio_N = act_sum_N / (denom * d_ff)
+            metrics.update(activation_ratio_layers=ratio_N, activation_ratio=jnp.mean(ratio_N),
+                           dead_in_batch_layers=jnp.mean(count_NxF == 0, axis=1))
+        return new_state, metrics
+
+    def eval_step(state, batch):
+        loss_sum, (tokens, act_sum_N, _) = loss_and_stats(state["params"], batch)
+        return {"loss_sum": loss_sum, "tokens": tokens, "act_sum_layers": act_sum_N}
+
+    batch_shard = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+
+    def traced(fn):
+        # Logical constraints inside the model resolve against this mesh and these rules.
+        def wrapper(*args):
+            with mesh, nn.logical_axis_rules(rules):
+                return fn(*args)
+        return wrapper
+
+    init = jax.jit(traced(lambda key: nn.meta.unbox(init_boxed(key))), out_shardings=state_shardings)
+    train = jax.jit(traced(train_step), in_shardings=(state_shardings, batch_shard),
+                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    evaluate = jax.jit(traced(eval_step), in_shardings=(state_shardings, batch_shard), out_shardings=rep)
+    return StepFunctions(init, train, evaluate, state_shardings, abstract_state, mesh)
