@@ -247,6 +247,9 @@ def validate(cfg: Config) -> Config:
     _choice("data.tokenizer", d.tokenizer, ("byte", "sentencepiece"))
     if d.tokenizer == "byte" and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for data.tokenizer='byte'")
+    if d.sentencepiece_vocab_size < 512:
+        raise ConfigError(f"data.sentencepiece_vocab_size={d.sentencepiece_vocab_size} must be >= 512 "
+                          f"(byte fallback reserves 256 pieces)")
     if d.tokenizer == "sentencepiece" and d.sentencepiece_vocab_size > m.vocab_size:
         raise ConfigError(
             f"data.sentencepiece_vocab_size={d.sentencepiece_vocab_size} exceeds "

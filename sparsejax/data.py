@@ -64,7 +64,7 @@ class SentencePieceTokenizer:
         cache.mkdir(parents=True, exist_ok=True)
         prefix = cache / f"spm_{vocab_size}_{digest.hexdigest()[:16]}"
         if not prefix.with_suffix(".model").exists():
-            tmp_prefix = prefix.with_name(prefix.name + ".tmp")
+            tmp_prefix = prefix.with_name(prefix.name + "_partial")
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(line for t in texts for line in t.splitlines() if line),
                 model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="unigram",

@@ -39,6 +39,25 @@ def _init(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
+class Projection(nn.Module):
+    """``einsum(x, w)`` with a float32 weight of the given shape and logical axes, cast to dtype.
+
+    Written with ``self.param`` rather than ``nn.DenseGeneral`` so each kernel is created in its
+    final shape: logical sharding constraints then apply to the right rank.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    std: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init(self.std, self.axes), self.shape, jnp.float32)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
     """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
     half = x_BxLxHxK.shape[-1] // 2
@@ -84,13 +103,13 @@ class FeedForward(nn.Module):
         spec = activations.get(cfg.activation)
         act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
                                   alpha=cfg.activation_alpha)
-        dense = lambda name, axes, std: nn.DenseGeneral(  # noqa: E731
-            features=cfg.d_ff if axes[1] == "mlp" else cfg.d_model, use_bias=False, dtype=dtype,
-            kernel_init=_init(std, axes), name=name)
+        def w_in(name):
+            return Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf",
+                              cfg.init_std, dtype, name=name)
 
-        up_BxLxF = dense("w_in", ("embed", "mlp"), cfg.init_std)(x_BxLxD)
+        up_BxLxF = w_in("w_in")(x_BxLxD)
         if cfg.ffn_type == "gated":
-            activation_BxLxF = act_fn(dense("w_gate", ("embed", "mlp"), cfg.init_std)(x_BxLxD))
+            activation_BxLxF = act_fn(w_in("w_gate")(x_BxLxD))
             if spec.gate_and_up:
                 up_BxLxF = act_fn(up_BxLxF)
             hidden_BxLxF = activation_BxLxF * up_BxLxF
@@ -123,7 +142,8 @@ class FeedForward(nn.Module):
         self.sow("intermediates", "hidden", hidden_BxLxF)
         hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
-        return dense("w_out", ("mlp", "embed"), out_std)(hidden_BxLxF)
+        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "blf,fd->bld", out_std, dtype,
+                          name="w_out")(hidden_BxLxF)
 
 
 class Attention(nn.Module):
@@ -133,17 +153,17 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: Array, positions_BxL: Array) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
-        proj = lambda name: nn.DenseGeneral(  # noqa: E731
-            features=(cfg.n_heads, cfg.head_dim), use_bias=False, dtype=dtype,
-            kernel_init=_init(cfg.init_std, ("embed", "heads", "kv")), name=name)
+        def proj(name):
+            return Projection((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"),
+                              "bld,dhk->blhk", cfg.init_std, dtype, name=name)
+
         q_BxLxHxK = rope(proj("query")(x_BxLxD), positions_BxL, cfg.rope_theta)
         k_BxLxHxK = rope(proj("key")(x_BxLxD), positions_BxL, cfg.rope_theta)
         v_BxLxHxK = proj("value")(x_BxLxD)
         out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        return nn.DenseGeneral(
-            features=cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
-            kernel_init=_init(out_std, ("heads", "kv", "embed")), name="out")(out_BxLxHxK)
+        return Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
+                          "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
 
 
 class RMSNorm(nn.Module):
@@ -198,9 +218,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
-            logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dtype,
-                                     kernel_init=_init(cfg.init_std, ("embed", "vocab")),
-                                     name="unembed")(x_BxLxD)
+            logits = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "bld,dv->blv",
+                                cfg.init_std, dtype, name="unembed")(x_BxLxD)
         return logits.astype(jnp.float32)
 
 

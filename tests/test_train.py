@@ -1,0 +1,157 @@
+"""End-to-end training runs in subprocesses: learning, resume, SIGKILL/SIGTERM, NaN, corruption."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
+         "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=5",
+         "train.eval_batches=1"]
+
+
+def _cmd(workdir, *overrides, config="configs/tiny_relu.py", extra=()):
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config),
+            "--workdir", str(workdir), "--no-progress", *extra]
+    for o in MICRO + list(overrides):
+        args += ["--set", o]
+    return args
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(workdir, *overrides, extra=(), check=True, timeout=120):
+    proc = subprocess.run(_cmd(workdir, *overrides, extra=extra), env=_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def _wait_for_step(workdir, step, proc, timeout=60):
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()}")
+        if path.exists():
+            steps, _ = _losses(workdir) if path.stat().st_size else ([], [])
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_short_run_learns_and_writes_outputs(tmp_path):
+    proc = _run(tmp_path, "train.steps=120", "train.log_every=10", "train.eval_every=60",
+                "train.checkpoint_every=60", "train.learning_rate=3e-3")
+    steps, losses = _losses(tmp_path)
+    assert steps == list(range(1, 121))
+    # From ln(256) = 5.55 at init to below 3.0 nats/byte in 120 steps of 256 tokens.
+    assert losses[0] > 5.3 and np.mean(losses[-10:]) < 3.0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    assert len(last["activation_ratio_layers"]) == 2 and 0 < last["activation_ratio"] < 1
+    assert {"grad_norm", "learning_rate", "tokens_seen", "tokens_per_s", "mfu", "perplexity"} <= set(last)
+    assert last["tokens_seen"] == 120 * 8 * 32
+    assert any("eval_loss" in r for r in rows)
+    assert "final activation ratio (mean over layers):" in proc.stdout
+    assert (tmp_path / "activation_ratio.png").stat().st_size > 10_000
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [60, 120]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    common = ["train.steps=240", "train.log_every=1", "train.checkpoint_every=40",
+              "train.eval_every=1000"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(ref, *common)
+    proc = subprocess.Popen(_cmd(killed, *common), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        reached = _wait_for_step(killed, 100, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert reached < 240
+    resumed = _run(killed, *common)
+    assert "resumed from" in resumed.stdout
+    steps_ref, loss_ref = _losses(ref)
+    steps_res, loss_res = _losses(killed)
+    assert steps_res == steps_ref == list(range(1, 241))
+    assert loss_res == loss_ref  # bitwise: float32 values round-trip exactly through JSON
+
+
+def test_sigterm_saves_a_checkpoint_then_resumes(tmp_path):
+    common = ["train.steps=400", "train.log_every=1", "train.checkpoint_every=1000",
+              "train.eval_every=1000"]
+    proc = subprocess.Popen(_cmd(tmp_path, *common), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    _wait_for_step(tmp_path, 30, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 30 <= saved[0] < 400
+    assert f"checkpoint at step {saved[0]}" in err
+    resumed = _run(tmp_path, *common)
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[0]}" in resumed.stdout
+    steps, _ = _losses(tmp_path)
+    assert steps == list(range(1, 401))
+
+
+def test_corrupted_latest_checkpoint_is_skipped(tmp_path):
+    common = ["train.steps=40", "train.checkpoint_every=20", "train.keep_last=5"]
+    _run(tmp_path, *common)
+    # Damage every data file of step 40's state item.
+    for f in (tmp_path / "checkpoints" / "40" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\x00garbage")
+    proc = _run(tmp_path, "train.steps=60", "train.checkpoint_every=20", "train.keep_last=5")
+    assert "skipping unreadable checkpoint step 40" in proc.stdout
+    assert "at step 20" in proc.stdout
+
+
+def test_nan_stops_with_step_and_last_good_checkpoint(tmp_path):
+    proc = _run(tmp_path, "train.steps=60", "train.checkpoint_every=10", "train.log_every=5",
+                "train.fault_nan_at_step=25", check=False)
+    assert proc.returncode == 1
+    assert "at step 25" in proc.stderr and "Last good checkpoint: step 20" in proc.stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == 20  # nothing written after the NaN
+
+
+def test_different_config_refuses_to_resume_unless_forced(tmp_path):
+    _run(tmp_path, "train.steps=10", "train.checkpoint_every=10")
+    proc = _run(tmp_path, "train.steps=20", "model.activation=silu", check=False)
+    assert proc.returncode == 1 and "model.activation" in proc.stderr and "--force" in proc.stderr
+    # A longer run of the same config is a legitimate resume.
+    ok = _run(tmp_path, "train.steps=20", "train.checkpoint_every=10")
+    assert "resumed from" in ok.stdout
+    forced = _run(tmp_path, "train.steps=30", "train.checkpoint_every=10",
+                  "model.activation=relu2", extra=("--force",))
+    assert "resumed from" in forced.stdout
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path):
+    proc = _run(tmp_path, "model.activation=sigmoidd", check=False)
+    assert proc.returncode == 2 and "model.activation" in proc.stderr and "relu" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
