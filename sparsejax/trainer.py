@@ -160,20 +160,25 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
         bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
 
     pending: list[tuple[int, dict]] = []
-    window_start, window_steps = time.perf_counter(), 0
+    window_start = time.perf_counter()
     last_record: dict = {}
 
-    def flush() -> None:
-        """Fetch pending metrics, check them, write them. Raises on NaN/Inf."""
-        nonlocal pending, window_start, window_steps, tokens_seen, last_record
-        if not pending:
+    def flush(drain: bool = True) -> None:
+        """Fetch pending metrics, check them, write them. Raises on NaN/Inf.
+
+        Without ``drain`` the newest step stays pending, so the device always has a step queued
+        while the host waits for the older ones.
+        """
+        nonlocal pending, window_start, tokens_seen, last_record
+        ready, rest = (pending, []) if drain else (pending[:-1], pending[-1:])
+        if not ready:
             return
-        fetched = jax.device_get([m for _, m in pending])
+        fetched = jax.device_get([m for _, m in ready])
         elapsed = time.perf_counter() - window_start
         tokens_window = sum(float(m["tokens"]) for m in fetched)
         tok_per_s = tokens_window / elapsed if elapsed > 0 else float("nan")
         records = []
-        for (step_no, _), m in zip(pending, fetched):
+        for (step_no, _), m in zip(ready, fetched):
             loss = float(m["loss"])
             if not math.isfinite(loss):
                 where = (f"step {last_good} in {ckpt.directory}" if last_good is not None
@@ -199,8 +204,8 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
             if "activation_ratio" in last_record:
                 postfix["act"] = f"{last_record['activation_ratio']:.3f}"
             bar.set_postfix(postfix)
-        pending = []
-        window_start, window_steps = time.perf_counter(), 0
+        pending = rest
+        window_start = time.perf_counter()
 
     def evaluate(step_no: int) -> None:
         totals = [fns.evaluate(state, sharding.global_batch(b, mesh)) for b in dataset.validation]
@@ -230,10 +235,11 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
             for step_no in range(start_step + 1, t.steps + 1):
                 batch = sharding.global_batch(next(dataset.train), mesh)
                 state, metrics = train_step(state, batch)
+                for leaf in jax.tree.leaves(metrics):
+                    leaf.copy_to_host_async()  # start the transfer now; fetched at the next flush
                 pending.append((step_no, metrics))
-                window_steps += 1
                 if step_no % t.log_every == 0:
-                    flush()
+                    flush(drain=False)
                 if step_no % t.eval_every == 0 or step_no == t.steps:
                     flush()
                     evaluate(step_no)

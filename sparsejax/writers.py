@@ -26,8 +26,7 @@ class MetricsWriter:
         """Drop records of steps > step (they are recomputed identically after a resume)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [json.dumps(r, allow_nan=True) for r in read_jsonl(self.path) if r["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -57,7 +56,16 @@ class MetricsWriter:
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    """Records of a metrics file; a torn last line (process killed mid-write) is ignored."""
+    lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 def plot_activation_ratio(records: list[dict], out_path: pathlib.Path, title: str = "") -> pathlib.Path:

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from sparsejax import writers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
          "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=5",
@@ -41,8 +43,7 @@ def _run(workdir, *overrides, extra=(), check=True, timeout=120):
 
 
 def _losses(workdir):
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in writers.read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
@@ -155,3 +156,15 @@ def test_bad_config_exits_2_naming_the_field(tmp_path):
     proc = _run(tmp_path, "model.activation=sigmoidd", check=False)
     assert proc.returncode == 2 and "model.activation" in proc.stderr and "relu" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_metrics_file_with_torn_last_line_is_repaired(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in writers.read_jsonl(path)] == [1, 2]
+    w = writers.MetricsWriter(tmp_path, tensorboard=False)
+    w.truncate_after(1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):  # damage in the middle is not silently dropped
+        writers.read_jsonl(path)
