@@ -1,0 +1,232 @@
+"""Paper-style figures for the scaling laws of :mod:`sparsejax.laws` (Sparsing Law, arXiv 2411.02335).
+
+Every function builds a standalone :class:`matplotlib.figure.Figure` (no pyplot state, so it is
+safe under the Agg backend, in tests and in notebooks), styles it the same way — labelled axes
+with units, grid, legend, title — and, when ``out_path`` (a path *stem*) is given, saves
+``<stem>.png`` and ``<stem>.pdf``.
+
+Artists, for callers and tests that inspect figures: measured points are scatter collections
+(one per series), fitted laws are lines (one per fit), bootstrap confidence bands are
+``fill_between`` collections (one per fit that carries bootstrap samples). A fit named like a series
+takes that series' colour and shares its legend entry; generic "fitted law" / "CI" keys explain the
+line and band styles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from sparsejax import laws
+
+_CURVE_POINTS = 200
+_BAND_ALPHA = 0.2
+
+
+def _new_axes(title: str):
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, key_handles=()) -> Figure:
+    """Labels, scale, legend (plus ``key_handles``: generic entries not drawn on the axes), saving."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_x:
+        ax.set_xscale("log")
+    handles = ax.get_legend_handles_labels()[0] + list(key_handles)
+    if handles:
+        ax.legend(handles=handles, fontsize="small")
+    if out_path is not None:
+        # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
+        stem = Path(out_path)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            fig.savefig(f"{stem}.{ext}", dpi=150)
+    return fig
+
+
+def _colours(labels) -> dict[str, str]:
+    """One colour per label, shared by a series and the fit of the same name."""
+    unique = list(dict.fromkeys(labels))
+    return {label: f"C{i % 10}" for i, label in enumerate(unique)}
+
+
+def _grid(lo: float, hi: float, log: bool) -> np.ndarray:
+    return np.geomspace(lo, hi, _CURVE_POINTS) if log else np.linspace(lo, hi, _CURVE_POINTS)
+
+
+def _draw_fit(ax, result: laws.FitResult, x_grid, x_eval, scale: float, colour: str, label: str | None):
+    """Line of the fitted law, plus its bootstrap band when the result carries samples.
+
+    ``x_grid`` is where to draw, ``x_eval`` what the law takes there (they differ for two-variable
+    laws evaluated at fixed N). ``label=None`` keeps the fit out of the legend (its colour already
+    matches a labelled series). Returns the band's level, or None without a band.
+    """
+    level = None
+    if result.n_boot_ok >= 2:
+        central, lo, hi = laws.predict_band(result, x_eval)
+        level = result.level
+        band_label = f"{label} {level:.0%} CI" if label else "_band"
+        ax.fill_between(
+            x_grid, lo * scale, hi * scale, color=colour, alpha=_BAND_ALPHA, linewidth=0, label=band_label
+        )
+    else:
+        central = laws.predict(result, x_eval)
+    ax.plot(x_grid, central * scale, color=colour, label=f"{label} fit" if label else "_fit")
+    return level
+
+
+def _draw_fits(ax, fits: Mapping, series: Mapping, x_grid, x_evals: Mapping, scale, colours) -> list:
+    """Draws every fit; a fit sharing its series' label joins that legend entry by colour, and
+    generic "fitted law" / "CI" keys are returned for the legend instead of one entry per fit."""
+    levels, shared = set(), False
+    for label, result in fits.items():
+        in_series = label in series
+        shared |= in_series
+        legend_label = None if in_series else label
+        level = _draw_fit(ax, result, x_grid, x_evals[label], scale, colours[label], legend_label)
+        if in_series and level is not None:
+            levels.add(level)
+    keys = [Line2D([], [], color="0.3", label="fitted law")] if shared else []
+    keys += [Patch(color="0.3", alpha=_BAND_ALPHA, label=f"{lvl:.0%} bootstrap CI") for lvl in sorted(levels)]
+    return keys
+
+
+def _x_range(series: Mapping, x_range, what: str) -> tuple[float, float]:
+    if x_range is not None:
+        return float(x_range[0]), float(x_range[1])
+    if not series:
+        raise ValueError(f"no series given: pass {what} to say where to draw the fits")
+    xs = np.concatenate([np.asarray(x, dtype=float) for x, _ in series.values()])
+    return float(xs.min()), float(xs.max())
+
+
+def plot_ratio_vs_tokens(
+    series: Mapping[str, tuple],
+    fits: Mapping[str, laws.FitResult] | None = None,
+    *,
+    tokens_range: tuple[float, float] | None = None,
+    log_x: bool = True,
+    title: str = "Activation ratio vs training tokens",
+    out_path=None,
+) -> Figure:
+    """Activation ratio (%) against training tokens (B), as in the Sparsing Law paper.
+
+    series: label -> (D in billions of tokens, activation ratio in [0, 1]); one scatter each.
+    fits: label -> :class:`~sparsejax.laws.FitResult` of a ratio law (``relu_ratio`` /
+    ``silu_ratio``); one line each over ``tokens_range`` (default: the span of the series — pass a
+    wider range to extrapolate), with a shaded bootstrap band if the fit has samples.
+    """
+    fits = fits or {}
+    colours = _colours([*series, *fits])
+    fig, ax = _new_axes(title)
+    for label, (D, ratio) in series.items():
+        ax.scatter(D, np.asarray(ratio) * 100, s=14, color=colours[label], label=label)
+    D_grid = _grid(*_x_range(series, tokens_range, "tokens_range"), log_x)
+    keys = _draw_fits(ax, fits, series, D_grid, {label: D_grid for label in fits}, 100, colours)
+    return _finish(fig, ax, "training tokens (B)", "activation ratio (%)", log_x, out_path, keys)
+
+
+def plot_limit_vs_width_depth(
+    ratios,
+    limits,
+    fit: laws.FitResult | None = None,
+    *,
+    log_x: bool = False,
+    title: str = "Limit activation ratio vs width/depth",
+    out_path=None,
+) -> Figure:
+    """Limit activation ratio A0 (%) against width/depth ratio at fixed parameter count.
+
+    ratios: width/depth (d_model / n_layers) per model; limits: A0 in [0, 1] per model. ``fit``
+    (typically ``power_offset``) is drawn over the span of ``ratios``, with its band if
+    bootstrapped. Sparsing Law (SPEC §2): the limit rises roughly linearly up to width/depth ≈ 114,
+    then flattens.
+    """
+    ratios = np.asarray(ratios, dtype=float)
+    fig, ax = _new_axes(title)
+    ax.scatter(ratios, np.asarray(limits) * 100, s=18, color="C0", label="measured limit")
+    if fit is not None:
+        x_grid = _grid(ratios.min(), ratios.max(), log_x)
+        _draw_fit(ax, fit, x_grid, x_grid, 100, "C1", fit.law.name)
+    return _finish(fig, ax, "width / depth (d_model / layers)", "limit activation ratio (%)", log_x, out_path)
+
+
+def plot_limit_vs_params(
+    series: Mapping[str, tuple],
+    ci: Mapping[str, tuple] | None = None,
+    *,
+    log_x: bool = True,
+    title: str = "Limit activation ratio vs parameter scale",
+    out_path=None,
+) -> Figure:
+    """Limit activation ratio A0 (%) against parameters (B), one line per activation.
+
+    series: label -> (parameters in billions, A0 in [0, 1]); ci: label -> (lo, hi) arrays of A0,
+    drawn as error bars. The paper's finding: the limit is insensitive to scale (SPEC §2).
+    """
+    ci = ci or {}
+    colours = _colours(series)
+    fig, ax = _new_axes(title)
+    for label, (n_params, limits) in series.items():
+        limits_pct = np.asarray(limits, dtype=float) * 100
+        if label in ci:
+            lo, hi = (np.asarray(bound, dtype=float) * 100 for bound in ci[label])
+            yerr = np.stack([limits_pct - lo, hi - limits_pct])
+            ax.errorbar(
+                n_params, limits_pct, yerr=yerr, fmt="o-", capsize=3, color=colours[label], label=label
+            )
+        else:
+            ax.plot(n_params, limits_pct, "o-", color=colours[label], label=label)
+    return _finish(fig, ax, "parameters (B)", "limit activation ratio (%)", log_x, out_path)
+
+
+def plot_loss_vs_tokens(
+    series: Mapping[str, tuple],
+    fits: Mapping[str, laws.FitResult | tuple[laws.FitResult, float]] | None = None,
+    *,
+    tokens_range: tuple[float, float] | None = None,
+    log_x: bool = True,
+    log_y: bool = False,
+    title: str = "Loss vs training tokens",
+    out_path=None,
+) -> Figure:
+    """Loss against training tokens (B), one scatter per series and one line per fit.
+
+    series: label -> (D in billions of tokens, loss). fits: label -> a FitResult of a one-variable
+    law of D, or (FitResult, N) for a law of (N, D) such as ``chinchilla``, drawn at fixed N. The
+    plotted D values are passed to the law unchanged, so fit it with D in billions as well.
+    """
+    fits = fits or {}
+    colours = _colours([*series, *fits])
+    fig, ax = _new_axes(title)
+    for label, (D, loss) in series.items():
+        ax.scatter(D, loss, s=14, color=colours[label], label=label)
+    D_grid = _grid(*_x_range(series, tokens_range, "tokens_range"), log_x)
+    results, x_evals = {}, {}
+    for label, spec in fits.items():
+        result, n_params = spec if isinstance(spec, tuple) else (spec, None)
+        x_names = result.law.x_names
+        if n_params is None and len(x_names) == 1:
+            x_evals[label] = D_grid
+        elif n_params is not None and x_names == ("N", "D"):
+            x_evals[label] = np.stack([np.full_like(D_grid, n_params), D_grid], axis=1)
+        else:
+            raise ValueError(
+                f"fit {label!r}: law {result.law.name} takes {x_names}; pass a FitResult of a "
+                "law of D alone, or (FitResult, N) for a law of (N, D)"
+            )
+        results[label] = result
+    keys = _draw_fits(ax, results, series, D_grid, x_evals, 1.0, colours)
+    if log_y:
+        ax.set_yscale("log")
+    return _finish(fig, ax, "training tokens (B)", "loss (nats/token)", log_x, out_path, keys)
