@@ -1,13 +1,74 @@
 #!/usr/bin/env python
-"""Sparsity evaluation of trained checkpoints (zero, top-k, FAT-ε, CETT, CETT-PPL-p%).
+"""Measure the activation sparsity of a trained run, checkpoint by checkpoint.
 
-Not implemented yet: the metric library is being built under issue "Evaluation". Until then this
-entry point exits with status 3 and writes nothing, rather than producing placeholder numbers.
+    python eval.py --workdir runs/tiny_relu [--checkpoints all|last|STEP,...]
+                   [--metrics zero,fat,topk,cett,cett_ppl] [--p 1] [--out results.json]
+
+Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
+perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
+results.csv (tidy rows) and PNG plots next to it (default: WORKDIR/eval/results.json).
+Definitions: SPEC §1 / the Sparsing Law paper; see sparsejax/evaluation.py.
+Exit codes: 0 done, 1 error, 2 bad arguments or a missing/incompatible workdir (nothing written).
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="run directory written by train.py")
+    p.add_argument("--checkpoints", default="all", help="all, last, or comma-separated steps")
+    p.add_argument("--metrics", default="zero,fat,cett_ppl",
+                   help="comma-separated subset of zero,fat,topk,cett,cett_ppl")
+    p.add_argument("--p", type=float, default=1.0, help="CETT-PPL-p%%: perplexity ratio 1 + p/100")
+    p.add_argument("--fat-eps", type=float, default=0.01, help="FAT-ε threshold on |σ(gate)|")
+    p.add_argument("--topk", type=float, default=0.3, help="top-k: fraction of d_ff (<1) or k")
+    p.add_argument("--cett", type=float, default=0.2, help="target of the fixed-CETT metric")
+    p.add_argument("--cett-ppl-mode", default="joint", choices=("joint", "per_checkpoint"),
+                   help="joint: one c searched on the last --joint-last checkpoints (paper)")
+    p.add_argument("--joint-last", type=int, default=5)
+    p.add_argument("--tolerance", type=float, default=1e-3, help="CETT-PPL bisection tolerance on c")
+    p.add_argument("--eval-batches", type=int, default=0,
+                   help="validation batches (0: the run's train.eval_batches)")
+    p.add_argument("--cett-search", default="incremental", choices=("incremental", "reference"))
+    p.add_argument("--max-cache-gib", type=float, default=2.0,
+                   help="above this, cached FFN intermediates for CETT spill to disk")
+    p.add_argument("--out", default=None, help="results JSON path (default WORKDIR/eval/results.json)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import pathlib
+
+    from sparsejax import evaluation
+
+    try:
+        options = evaluation.EvalOptions(
+            metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+            fat_eps=args.fat_eps, topk=args.topk, cett=args.cett, ppl_p=args.p,
+            tolerance=args.tolerance, cett_ppl_mode=args.cett_ppl_mode, joint_last=args.joint_last,
+            eval_batches=args.eval_batches, cett_search=args.cett_search,
+            max_cache_gib=args.max_cache_gib).validate()
+        results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
+                                          progress=args.progress)
+    except evaluation.EvalError as err:
+        print(f"eval error: {err}", file=sys.stderr)
+        return 2
+    import jax
+
+    if jax.process_index() == 0:
+        out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
+        written = evaluation.write_results(results, out)
+        print(evaluation.summary_table(results))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
 if __name__ == "__main__":
-    print("eval.py: not yet implemented (see the Evaluation issue); nothing was written",
-          file=sys.stderr)
-    sys.exit(3)
+    sys.exit(main())

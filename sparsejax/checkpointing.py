@@ -38,19 +38,24 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """(state, meta) of one step; raises whatever orbax raises for a damaged step."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                          meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest step that restores cleanly, or None if none does."""
         for step in reversed(self.all_steps()):
             try:
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                  meta=ocp.args.JsonRestore()))
+                state, meta = self.restore(step, abstract_state)
             except Exception as err:  # orbax raises many types for damaged files
                 log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
                             "trying the previous one", step, self.directory, type(err).__name__, err)
                 print(f"WARNING: skipping unreadable checkpoint step {step}: {type(err).__name__}")
                 continue
-            return step, restored["state"], dict(restored["meta"])
+            return step, state, meta
         return None
 
     def close(self) -> None:

@@ -10,8 +10,8 @@ nothing. Per layer ``i`` the FFN sows
 
 * ``layer_{i}/ffn/activation``: σ(W_gate x) (plain FFN: σ(W_in x)), shape [B, L, F], the quantity
   the zero / top-k / FAT-ε criteria of SPEC §1 look at;
-* ``layer_{i}/ffn/hidden``: the tensor multiplied by W_out, σ(gate)·up (plain: σ(W_in x)), after
-  any top-k or evaluation mask — CETT scores are |hidden|·‖W_out[i]‖ (SPEC §1).
+* ``layer_{i}/ffn/hidden``: σ(gate)·up (plain: σ(W_in x)) after any training-time top-k mask
+  but before an evaluation threshold mask — CETT scores are |hidden|·‖W_out[i]‖ (SPEC §1).
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ class FeedForward(nn.Module):
             else:
                 hidden_BxLxF = hidden_BxLxF * keep_BxLxF
 
+        # Sown before the evaluation mask below, so an evaluator can tell "dropped by the mask"
+        # from "exactly zero" and measure the activity of a sparse pass itself (SPEC §1).
+        self.sow("intermediates", "activation", activation_BxLxF)
+        self.sow("intermediates", "hidden", hidden_BxLxF)
         if neuron_threshold_F is not None:
             # Evaluation-time sparse forward (FAT-ε on |σ(gate)|, CETT on |σ(gate)·up|): neurons
             # strictly below their threshold are dropped, so a threshold of 0 is the dense model.
@@ -138,8 +142,6 @@ class FeedForward(nn.Module):
             hidden_BxLxF = jnp.where(jnp.abs(measured) >= neuron_threshold_F.astype(measured.dtype),
                                      hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
 
-        self.sow("intermediates", "activation", activation_BxLxF)
-        self.sow("intermediates", "hidden", hidden_BxLxF)
         hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
         return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "blf,fd->bld", out_std, dtype,

@@ -155,9 +155,18 @@ def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
     zero = m.apply(v, tokens, neuron_thresholds_NxF=jnp.zeros((cfg.n_layers, cfg.d_ff)))
     np.testing.assert_array_equal(dense, zero)
     big = jnp.full((cfg.n_layers, cfg.d_ff), 1e9)
-    _, st = m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target="hidden", mutable=["intermediates"])
-    acts, hiddens = model.ffn_intermediates(st, cfg.n_layers)
-    assert all(float(jnp.abs(h).max()) == 0 for h in hiddens)
+    # Every neuron dropped == a model whose W_out is zero.
+    no_ffn = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "w_out" in jax.tree_util.keystr(path) else x, v)
+    want = m.apply(no_ffn, tokens)
+    assert np.abs(np.asarray(want) - np.asarray(dense)).max() > 1e-4  # the FFN matters
+    for target in model.MASK_TARGETS:
+        masked, st = m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target=target,
+                             mutable=["intermediates"])
+        np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
+        # The sown hidden is taken before the evaluation mask (the evaluator measures activity).
+        _, hiddens = model.ffn_intermediates(st, cfg.n_layers)
+        assert all(float(jnp.abs(h).max()) > 0 for h in hiddens)
     with pytest.raises(ValueError, match="mask_target"):
         m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target="bogus")
 

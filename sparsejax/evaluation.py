@@ -1,0 +1,661 @@
+"""Sparsity evaluation of trained runs: zero, top-k, FAT-ε, CETT and CETT-PPL-p% over checkpoints.
+
+Definitions and search procedures are those of the Sparsing Law paper (arXiv 2411.02335) and its
+reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils.py``), SPEC §1:
+
+* every criterion except *zero* is applied as a **sparse forward pass**: the dropped neurons are
+  removed inside the FFN (``Transformer(neuron_thresholds_NxF=...)``), so later layers see the
+  pruned output, and the activation ratio and loss are measured in that pass;
+* *CETT c*: a dense pass records σ(gate)·up of every layer; each layer gets the CETT threshold t_l
+  of target c (``metrics.cett_threshold_*``, the reference's 65,536-candidate bisection); the
+  sparse pass drops neuron i when |σ(gate)·up|_i < t_l / ‖W_out[i]‖;
+* *CETT-PPL-p%*: an outer bisection over c in [0, 1] (tolerance 1e-3) for the c at which the
+  perplexity ratio exp(loss_sparse − loss_dense) reaches 1 + p/100. The ``joint`` mode searches c
+  on the last ``joint_last`` post-warm-up checkpoints together (their mean perplexity ratio, SPEC
+  §1) and applies it to every post-warm-up checkpoint, as the paper does for training curves.
+
+Memory (SPEC §1 pools all evaluation tokens for the CETT grid): statistics are reduced in-graph
+per batch (``sparsity.stats_update``), so nothing of size tokens × d_ff × layers is kept for the
+zero/FAT/top-k metrics. CETT needs each layer's pooled σ(gate)·up; they are held in host memory
+when they fit in ``max_cache_gib`` and otherwise spilled to per-(layer, batch) ``.npy`` files read
+back one layer at a time, so at most one layer's tokens × d_ff is in memory at once.
+
+The dense loss and each checkpoint's dense intermediates are computed once and cached; every
+pass reuses one compiled function per criterion, so a search costs about its number of forward
+passes, which is counted and reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import tempfile
+import time
+from typing import Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import (activations, checkpointing, config as config_lib, data, flops,
+                       metrics as sparsity, model as model_lib, optim, sharding, step as step_lib)
+from sparsejax.loss import next_token_loss
+
+METRICS = ("zero", "fat", "topk", "cett", "cett_ppl")
+CETT_PPL_MODES = ("joint", "per_checkpoint")
+CETT_SEARCHES = {"incremental": sparsity.cett_threshold_incremental,
+                 "reference": sparsity.cett_threshold_reference}
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: a missing or incompatible run directory, or a bad option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    metrics: tuple[str, ...] = ("zero", "fat", "cett_ppl")
+    fat_eps: float = 0.01  # FAT-ε threshold on |σ(gate)| (CATS / ProSparse use 0.01)
+    topk: float = 0.3  # per-token top-k: a fraction of d_ff (< 1) or a neuron count (>= 1)
+    cett: float = 0.2  # target of the fixed-CETT metric
+    ppl_p: float = 1.0  # CETT-PPL-p%: perplexity ratio target 1 + p/100 (paper: p = 1)
+    tolerance: float = 1e-3  # outer bisection tolerance on c (SPEC §1)
+    cett_ppl_mode: str = "joint"
+    joint_last: int = 5
+    eval_batches: int = 0  # 0: the run's train.eval_batches
+    dead_min_rate: float = sparsity.DEAD_MIN_RATE
+    cett_search: str = "incremental"
+    max_cache_gib: float = 2.0
+
+    def validate(self) -> "EvalOptions":
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise EvalError(f"metrics={list(self.metrics)} is not allowed; choose one or more of "
+                            f"{list(METRICS)}")
+        if self.cett_ppl_mode not in CETT_PPL_MODES:
+            raise EvalError(f"cett_ppl_mode={self.cett_ppl_mode!r}; allowed: {list(CETT_PPL_MODES)}")
+        if self.cett_search not in CETT_SEARCHES:
+            raise EvalError(f"cett_search={self.cett_search!r}; allowed: {sorted(CETT_SEARCHES)}")
+        checks = [("fat_eps", self.fat_eps >= 0, ">= 0"), ("topk", self.topk > 0, "> 0"),
+                  ("cett", 0 <= self.cett <= 1, "in [0, 1]"), ("ppl_p", self.ppl_p > 0, "> 0"),
+                  ("tolerance", 0 < self.tolerance < 1, "in (0, 1)"),
+                  ("joint_last", self.joint_last >= 1, ">= 1"),
+                  ("eval_batches", self.eval_batches >= 0, ">= 0"),
+                  ("dead_min_rate", 0 < self.dead_min_rate < 1, "in (0, 1)"),
+                  ("max_cache_gib", self.max_cache_gib >= 0, ">= 0")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise EvalError(f"{name}={getattr(self, name)!r} is not allowed; must be {allowed}")
+        if self.topk >= 1 and self.topk != int(self.topk):
+            raise EvalError(f"topk={self.topk} must be a fraction < 1 or a whole number of neurons")
+        return self
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Run:
+    workdir: pathlib.Path
+    cfg: config_lib.Config
+    checkpointer: checkpointing.Checkpointer
+    steps: list[int]
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+    """A trained run directory (``config.json`` + ``checkpoints/``); EvalError if it is not one.
+
+    Nothing is created: a missing directory stays missing.
+    """
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        raise EvalError(f"--workdir {workdir} does not exist or is not a directory")
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise EvalError(f"{workdir} has no config.json: not a run directory written by train.py")
+    try:
+        cfg = config_lib.validate(config_lib.from_dict(json.loads(config_path.read_text())))
+    except (json.JSONDecodeError, TypeError, KeyError, config_lib.ConfigError) as err:
+        raise EvalError(f"{config_path} is not a valid sparsejax config ({err})") from err
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise EvalError(f"{workdir} has no checkpoints/ directory: nothing to evaluate")
+    checkpointer = checkpointing.Checkpointer(ckpt_dir, keep_last=cfg.train.keep_last,
+                                              keep_every=cfg.train.keep_every)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise EvalError(f"{ckpt_dir} holds no finished checkpoint")
+    return Run(workdir, cfg, checkpointer, steps)
+
+
+def select_steps(available: Sequence[int], spec: str) -> list[int]:
+    """``all``, ``last`` or a comma-separated list of steps that must all exist."""
+    available = sorted(available)
+    if spec == "all":
+        return available
+    if spec == "last":
+        return available[-1:]
+    try:
+        wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise EvalError(f"--checkpoints={spec!r}: use all, last or comma-separated step numbers") from None
+    missing = [s for s in wanted if s not in available]
+    if missing or not wanted:
+        raise EvalError(f"--checkpoints: steps {missing or spec!r} not found; available: {available}")
+    return wanted
+
+
+# --------------------------------------------------------------------------- hidden-state store
+class HiddenStore:
+    """Per-layer σ(gate)·up of the valid tokens of every evaluation batch: [T_b, F] arrays.
+
+    In memory, or spilled to ``.npy`` files (read back memory-mapped, one layer at a time).
+    """
+
+    def __init__(self, n_layers: int, spill_dir: pathlib.Path | None):
+        self.n_layers = n_layers
+        self.spill_dir = spill_dir
+        self._layers: list[list] = [[] for _ in range(n_layers)]
+
+    def add(self, hidden_NxTxF: np.ndarray) -> None:
+        for layer, hidden_TxF in enumerate(hidden_NxTxF):
+            if self.spill_dir is None:
+                self._layers[layer].append(hidden_TxF)
+            else:
+                path = self.spill_dir / f"layer{layer}_batch{len(self._layers[layer])}.npy"
+                np.save(path, hidden_TxF)
+                self._layers[layer].append(path)
+
+    def layer(self, layer: int) -> list[np.ndarray]:
+        return [np.load(x, mmap_mode="r") if isinstance(x, pathlib.Path) else x
+                for x in self._layers[layer]]
+
+
+# ------------------------------------------------------------------------------ forward passes
+@dataclasses.dataclass
+class PassResult:
+    """One forward pass over the evaluation set under one mask rule."""
+
+    loss: float  # mean next-token loss over valid tokens
+    tokens: int
+    reports: list[sparsity.SparsityReport]  # per layer
+    hidden: HiddenStore | None = None
+
+
+class Evaluator:
+    """Compiled forward passes of one run's model over a fixed evaluation set."""
+
+    def __init__(self, cfg: config_lib.Config, options: EvalOptions,
+                 batches: list[dict] | None = None):
+        self.cfg, self.options = cfg, options.validate()
+        m = cfg.model
+        self.n_layers, self.d_ff = m.n_layers, m.d_ff
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self._rules = sharding.rules(cfg.mesh)
+        if batches is None:
+            eval_cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(
+                    cfg.train, eval_batches=options.eval_batches or cfg.train.eval_batches))
+            batches = data.Dataset(eval_cfg, jax.process_index(), jax.process_count()).validation
+        self.batches = batches
+        self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
+        self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
+        self._trained_topk = 0 < m.topk_k < m.d_ff
+        self._exact_zeros = activations.get(m.activation).exact_zeros
+        if options.topk < 1:
+            self.topk_k = sparsity.resolve_topk(float(options.topk), m.d_ff)
+        else:
+            self.topk_k = sparsity.resolve_topk(int(options.topk), m.d_ff)
+        self._dense = self._compile(model_lib.Transformer(m), "zero", keep_hidden=False)
+        self._dense_keep = None
+        self._threshold = {t: self._compile(model_lib.Transformer(m), t, keep_hidden=False)
+                           for t in model_lib.MASK_TARGETS}
+        topk_model = dataclasses.replace(m, topk=float(self.topk_k), topk_mode="exact", topk_ste=False)
+        self._topk = self._compile(model_lib.Transformer(topk_model), "topk", keep_hidden=False)
+        self._state_template = None
+
+    # -- compiled passes ---------------------------------------------------------------------
+    def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F):
+        if rule == "zero":
+            return step_lib.active_mask(act_BxLxF, hidden_BxLxF, exact_zeros=True, fat_eps=0.0,
+                                        topk=self._trained_topk)
+        if rule == "topk":
+            flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
+            return sparsity.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
+        measured = act_BxLxF if rule == "activation" else hidden_BxLxF
+        # The model keeps |x| >= threshold; written as not(<) like the reference's mask.
+        active = ~(jnp.abs(measured) < threshold_F.astype(measured.dtype))
+        if self._trained_topk:
+            active = active & (hidden_BxLxF != 0)
+        return active
+
+    def _compile(self, model: nn.Module, rule: str, keep_hidden: bool):
+        n_layers = self.n_layers
+
+        def pass_fn(params, batch, stats, thresholds_NxF):
+            kwargs = {}
+            if rule in model_lib.MASK_TARGETS:
+                kwargs = dict(neuron_thresholds_NxF=thresholds_NxF, mask_target=rule)
+            logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"],
+                                        **kwargs)
+            acts, hiddens = model_lib.ffn_intermediates(inter, n_layers)
+            mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
+            valid_BxL = batch["weights"] > 0
+            new_stats = [
+                sparsity.stats_update(s, self._active(rule, a, h, thresholds_NxF[i]),
+                                     a if rule == "zero" else None, valid_BxL)
+                for i, (s, a, h) in enumerate(zip(stats, acts, hiddens))]
+            out = (mean_loss * tokens, tokens, new_stats)
+            if keep_hidden:
+                out = out + (jnp.stack(hiddens).astype(jnp.float32),)
+            return out
+
+        def wrapper(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+                    nn.logical_axis_rules(self._rules):
+                return pass_fn(*args)
+
+        return jax.jit(wrapper)
+
+    def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
+        stats = [sparsity.stats_init(self.d_ff) for _ in range(self.n_layers)]
+        loss_sum, tokens = 0.0, 0.0
+        for batch in self.batches:
+            out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF)
+            loss_b, tokens_b, stats = out[:3]
+            loss_sum += float(loss_b)
+            tokens += float(tokens_b)
+            if hidden is not None:
+                valid = np.asarray(batch["weights"]).reshape(-1) > 0
+                hidden_NxBxLxF = np.asarray(out[3])
+                hidden.add(hidden_NxBxLxF.reshape(self.n_layers, -1, self.d_ff)[:, valid])
+        self.forward_passes += len(self.batches)
+        reports = [sparsity.stats_finalize(s, self.options.dead_min_rate) for s in stats]
+        return PassResult(loss_sum / tokens, int(tokens), reports, hidden)
+
+    def _no_thresholds(self):
+        return jnp.zeros((self.n_layers, self.d_ff), jnp.float32)
+
+    def dense(self, params, *, keep_hidden: bool = False, spill_root: pathlib.Path | None = None
+              ) -> PassResult:
+        """The unmasked model; activity by the *zero* criterion (σ(gate) ≠ 0)."""
+        if not keep_hidden:
+            return self._run(self._dense, params, self._no_thresholds())
+        if self._dense_keep is None:
+            self._dense_keep = self._compile(model_lib.Transformer(self.cfg.model), "zero", True)
+        need_gib = self.eval_tokens * self.d_ff * self.n_layers * 4 / 2**30
+        spill = None
+        if need_gib > self.options.max_cache_gib:
+            spill = pathlib.Path(tempfile.mkdtemp(prefix="hidden_", dir=spill_root))
+        return self._run(self._dense_keep, params, self._no_thresholds(),
+                         HiddenStore(self.n_layers, spill))
+
+    def thresholded(self, params, thresholds_NxF, target: str) -> PassResult:
+        """Sparse pass: neuron i of layer l dropped when |target|_i < thresholds_NxF[l, i]."""
+        if target not in model_lib.MASK_TARGETS:
+            raise EvalError(f"mask target {target!r}; allowed: {list(model_lib.MASK_TARGETS)}")
+        return self._run(self._threshold[target], params, jnp.asarray(thresholds_NxF, jnp.float32))
+
+    def fat(self, params, eps: float) -> PassResult:
+        """FAT-ε sparse pass: active iff |σ(gate)| ≥ ε + 1e-18 (reference ``prune_fat``)."""
+        threshold = np.float32(eps + sparsity.FAT_FLOOR)
+        return self.thresholded(params, np.full((self.n_layers, self.d_ff), threshold), "activation")
+
+    def topk(self, params) -> PassResult:
+        """Per-token top-k sparse pass (k = ``self.topk_k`` largest |σ(gate)|)."""
+        return self._run(self._topk, params, self._no_thresholds())
+
+    def cett_thresholds(self, params, hidden: HiddenStore, cett: float
+                        ) -> tuple[list[float], np.ndarray]:
+        """Per-layer CETT thresholds t_l of target ``cett`` and the per-neuron mask thresholds
+        t_l / ‖W_out_l[i]‖ of the sparse pass (reference ``set_thresholds``)."""
+        search = CETT_SEARCHES[self.options.cett_search]
+        w_outs = [np.asarray(w, np.float32) for w in model_lib.w_out_per_layer(params, self.n_layers)]
+        t_layers, per_neuron = [], []
+        for layer, w_out_FxD in enumerate(w_outs):
+            result = search(hidden.layer(layer), w_out_FxD, float(cett))
+            t_layers.append(result.threshold)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_neuron.append(np.float32(result.threshold) / np.linalg.norm(w_out_FxD, axis=1))
+        return t_layers, np.stack(per_neuron).astype(np.float32)
+
+    def cett_pass(self, params, hidden: HiddenStore, cett: float) -> tuple[PassResult, list[float]]:
+        t_layers, thresholds_NxF = self.cett_thresholds(params, hidden, cett)
+        return self.thresholded(params, thresholds_NxF, "hidden"), t_layers
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def restore(self, run: Run, step_no: int):
+        """(params, meta) of one checkpoint, sharded as in training."""
+        if self._state_template is None:
+            fns = step_lib.make_step_functions(self.cfg, self.mesh, optim.make_optimizer(self.cfg.train))
+            self._state_template = fns.abstract_state
+        try:
+            state, meta = run.checkpointer.restore(step_no, self._state_template)
+        except Exception as err:  # orbax raises many types for damaged or mismatched files
+            raise EvalError(f"checkpoint step {step_no} in {run.checkpointer.directory} cannot be "
+                            f"restored with this run's config ({type(err).__name__}: {err})") from err
+        return state["params"], meta
+
+
+# ------------------------------------------------------------------------------- CETT-PPL search
+@dataclasses.dataclass
+class CettPplSearch:
+    cett: float
+    target_ratio: float
+    evaluations: list[tuple[float, float]]  # (c, perplexity ratio) in the order evaluated
+
+
+def bisect_cett(ppl_ratio_at: Callable[[float], float], target_ratio: float,
+                tolerance: float = 1e-3) -> CettPplSearch:
+    """The reference's outer search (``calc_cett_for_target_ppl_ratio``) on c in [0, 1]:
+    c goes up while the perplexity ratio is below the target; returns the bracket midpoint.
+
+    The reference's tolerance is 1e-6 in its code; SPEC §1 and the paper use 1e-3 (10 steps).
+    """
+    lo, hi = 0.0, 1.0
+    evaluations = []
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        ratio = float(ppl_ratio_at(mid))
+        evaluations.append((mid, ratio))
+        if ratio < target_ratio:
+            lo = mid
+        else:
+            hi = mid
+    return CettPplSearch((lo + hi) / 2, target_ratio, evaluations)
+
+
+def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
+    """exp(loss_sparse − loss_dense): the sparse/dense perplexity ratio (SPEC §1)."""
+    return math.exp(sparse_loss - dense_loss)
+
+
+# ---------------------------------------------------------------------------------- reporting
+def _report(result: PassResult, dense_loss: float, **params) -> dict:
+    reports = result.reports
+    ratio_layers = [float(r.activation_ratio) for r in reports]
+    dead_layers = [float(r.dead_share) for r in reports]
+    lens = sparsity.CHUNK_LENS
+    chunk = np.mean([np.asarray(r.chunk_sparsity_C) for r in reports], axis=0)
+    chunk_ind = np.mean([np.asarray(r.chunk_sparsity_independent_C) for r in reports], axis=0)
+    return {"ratio": float(np.mean(ratio_layers)), "ratio_layers": ratio_layers,
+            "loss": result.loss, "perplexity": math.exp(min(result.loss, 50.0)),
+            "ppl_ratio": ppl_ratio(result.loss, dense_loss),
+            "dead_share": float(np.mean(dead_layers)), "dead_share_layers": dead_layers,
+            "chunk_sparsity": {str(n): float(v) for n, v in zip(lens, chunk)},
+            "chunk_sparsity_independent": {str(n): float(v) for n, v in zip(lens, chunk_ind)},
+            **params}
+
+
+def _histograms(result: PassResult) -> dict:
+    return {"edges": list(sparsity.DEFAULT_HIST_EDGES),
+            "counts_layers": [np.asarray(r.hist_count_H).astype(int).tolist() for r in result.reports]}
+
+
+def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(), *,
+                 checkpoints: str = "all", progress: bool = True,
+                 batches: list[dict] | None = None) -> dict:
+    """Evaluate the selected checkpoints of a run; returns the results dict (see ``write_results``)."""
+    options = options.validate()
+    run = load_run(workdir)
+    steps = select_steps(run.steps, checkpoints)
+    cfg = run.cfg
+    ev = Evaluator(cfg, options, batches)
+    t0 = time.perf_counter()
+    warmup = cfg.train.warmup_steps
+    want = set(options.metrics)
+    target_ratio = 1 + options.ppl_p / 100
+    say = print if progress else (lambda *a, **k: None)
+    spill_root = None
+
+    with tempfile.TemporaryDirectory(prefix="sparsejax_eval_") as scratch:
+        spill_root = pathlib.Path(scratch)
+        cett_ppl = None
+        if "cett_ppl" in want:
+            post_warmup = [s for s in steps if s > warmup]
+            if not post_warmup:
+                raise EvalError(f"cett_ppl needs a checkpoint after warm-up (train.warmup_steps="
+                                f"{warmup}); selected steps: {steps}")
+            if options.cett_ppl_mode == "joint":
+                joint = post_warmup[-options.joint_last:]
+                say(f"CETT-PPL-{options.ppl_p:g}%: searching c jointly on steps {joint}")
+                cett_ppl = _search_joint(ev, run, joint, target_ratio, spill_root, say)
+            else:
+                cett_ppl = {"mode": "per_checkpoint"}
+
+        entries = []
+        bar = _progress(steps, progress, "checkpoints")
+        for step_no in bar:
+            params, meta = ev.restore(run, step_no)
+            need_hidden = bool({"cett", "cett_ppl"} & want)
+            dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
+            entry = {"step": step_no, "tokens_seen": float(meta.get("tokens_seen", float("nan"))),
+                     "dense_loss": dense.loss, "dense_perplexity": math.exp(min(dense.loss, 50.0)),
+                     "results": {}, "histograms": _histograms(dense)}
+            res = entry["results"]
+            if "zero" in want:
+                res["zero"] = _report(dense, dense.loss)
+            if "fat" in want:
+                res["fat"] = _report(ev.fat(params, options.fat_eps), dense.loss, eps=options.fat_eps)
+            if "topk" in want:
+                res["topk"] = _report(ev.topk(params), dense.loss, k=ev.topk_k,
+                                      fraction=ev.topk_k / ev.d_ff)
+            if "cett" in want:
+                sparse, t_layers = ev.cett_pass(params, dense.hidden, options.cett)
+                res["cett"] = _report(sparse, dense.loss, cett=options.cett, thresholds=t_layers)
+            if "cett_ppl" in want and step_no > warmup:
+                if options.cett_ppl_mode == "joint":
+                    c, search = cett_ppl["cett"], None
+                else:
+                    before = ev.forward_passes
+                    search = bisect_cett(
+                        lambda c: ppl_ratio(ev.cett_pass(params, dense.hidden, c)[0].loss, dense.loss),
+                        target_ratio, options.tolerance)
+                    c = search.cett
+                sparse, t_layers = ev.cett_pass(params, dense.hidden, c)
+                res["cett_ppl"] = _report(sparse, dense.loss, cett=c, p=options.ppl_p,
+                                          target_ppl_ratio=target_ratio, thresholds=t_layers)
+                if search is not None:
+                    res["cett_ppl"].update(search_evaluations=search.evaluations,
+                                           search_forward_passes=ev.forward_passes - before)
+            entries.append(entry)
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{v['ratio']:.3f}" for k, v in res.items()})
+        elapsed = time.perf_counter() - t0
+
+    counts = flops.param_counts(cfg.model)
+    return {"workdir": str(run.workdir), "config_name": cfg.name,
+            "activation": cfg.model.activation, "ffn_type": cfg.model.ffn_type,
+            "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "d_ff": cfg.model.d_ff,
+            "params": {"total": counts.total, "non_embedding": counts.non_embedding},
+            "eval_tokens": ev.eval_tokens, "eval_batches": len(ev.batches),
+            "metrics": [m for m in METRICS if m in want], "options": dataclasses.asdict(options),
+            "cett_ppl": cett_ppl, "forward_passes": ev.forward_passes, "seconds": elapsed,
+            "checkpoints": entries}
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="ckpt", dynamic_ncols=True)
+
+
+def _search_joint(ev: Evaluator, run: Run, steps: list[int], target_ratio: float,
+                  spill_root: pathlib.Path, say) -> dict:
+    """Bisection on c for the mean perplexity ratio over ``steps`` (SPEC §1, multi-checkpoint)."""
+    before = ev.forward_passes
+    cached = []
+    for step_no in steps:
+        params, _ = ev.restore(run, step_no)
+        dense = ev.dense(params, keep_hidden=True, spill_root=spill_root)
+        cached.append((params, dense))
+
+    def mean_ratio(c: float) -> float:
+        ratios = [ppl_ratio(ev.cett_pass(p, d.hidden, c)[0].loss, d.loss) for p, d in cached]
+        value = float(np.mean(ratios))
+        say(f"  c={c:.4f}: perplexity ratio {value:.5f} (target {target_ratio:.4f})")
+        return value
+
+    search = bisect_cett(mean_ratio, target_ratio, ev.options.tolerance)
+    return {"mode": "joint", "cett": search.cett, "joint_steps": steps,
+            "target_ppl_ratio": target_ratio, "iterations": len(search.evaluations),
+            "evaluations": search.evaluations, "forward_passes": ev.forward_passes - before}
+
+
+# ------------------------------------------------------------------------------------- outputs
+def tidy_rows(results: dict) -> list[dict]:
+    """One row per (checkpoint, metric, layer or mean, quantity): the CSV's content."""
+    rows = []
+    for entry in results["checkpoints"]:
+        base = {"step": entry["step"], "tokens_seen": entry["tokens_seen"]}
+        rows.append({**base, "metric": "dense", "layer": "mean", "quantity": "loss",
+                     "value": entry["dense_loss"]})
+        for name, r in entry["results"].items():
+            for quantity in ("ratio", "dead_share"):
+                rows.append({**base, "metric": name, "layer": "mean", "quantity": quantity,
+                             "value": r[quantity]})
+                rows.extend({**base, "metric": name, "layer": i, "quantity": quantity, "value": v}
+                            for i, v in enumerate(r[f"{quantity}_layers"]))
+            for quantity in ("loss", "ppl_ratio"):
+                rows.append({**base, "metric": name, "layer": "mean", "quantity": quantity,
+                             "value": r[quantity]})
+            for n, v in r["chunk_sparsity"].items():
+                rows.append({**base, "metric": name, "layer": "mean",
+                             "quantity": f"chunk_sparsity_L{n}", "value": v})
+            if "cett" in r:
+                rows.append({**base, "metric": name, "layer": "mean", "quantity": "cett",
+                             "value": r["cett"]})
+    return rows
+
+
+def write_results(results: dict, out_path: str | pathlib.Path) -> list[pathlib.Path]:
+    """results.json, results.csv and PNG plots next to it; each file written whole or not at all."""
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        tmp.replace(path)
+        written.append(path)
+
+    atomic(out_path, lambda p: p.write_text(json.dumps(results, indent=1)))
+    rows = tidy_rows(results)
+
+    def write_csv(p: pathlib.Path) -> None:
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "tokens_seen", "metric", "layer", "quantity", "value"])
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic(out_path.with_suffix(".csv"), write_csv)
+    for path, plot in plot_results(results, out_path.with_suffix("")).items():
+        written.append(path)
+    return written
+
+
+def plot_results(results: dict, stem: pathlib.Path) -> dict[pathlib.Path, object]:
+    """Ratio vs tokens per metric, per-layer heat maps, chunk sparsity vs chunk length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = results["checkpoints"]
+    names = [m for m in results["metrics"] if any(m in e["results"] for e in entries)]
+    figures = {}
+    if not names:
+        return figures
+    title = f"{results['config_name']} ({results['activation']})"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        pts = [(e["tokens_seen"], e["results"][name]["ratio"] * 100) for e in entries if name in e["results"]]
+        ax.plot(*zip(*pts), "o-", label=_label(name, entries))
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("activation ratio (%)")
+    ax.set_title(f"{title}: activation ratio vs training tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figures[_save(fig, stem, "ratio_vs_tokens")] = fig
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [e for e in entries if name in e["results"]]
+        grid = np.array([e["results"][name]["ratio_layers"] for e in rows]).T * 100
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(rows)), [str(e["step"]) for e in rows], rotation=60, fontsize=7)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel("layer")
+        ax.set_title(_label(name, entries), fontsize=9)
+        fig.colorbar(im, ax=ax, label="activation ratio (%)")
+    fig.suptitle(f"{title}: per-layer activation ratio")
+    fig.tight_layout()
+    figures[_save(fig, stem, "layers")] = fig
+
+    last = entries[-1]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (name, r) in enumerate(last["results"].items()):
+        lens = [int(n) for n in r["chunk_sparsity"]]
+        ax.plot(lens, [v * 100 for v in r["chunk_sparsity"].values()], "o-", color=f"C{i}",
+                label=f"{_label(name, entries)}: measured")
+        ax.plot(lens, [v * 100 for v in r["chunk_sparsity_independent"].values()], "--",
+                color=f"C{i}", alpha=0.7, label=f"{name}: independent-neuron prediction")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunk length L (tokens)")
+    ax.set_ylabel("chunk-level sparsity (%)")
+    ax.set_title(f"{title}: neurons inactive for a whole chunk (step {last['step']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figures[_save(fig, stem, "chunk_sparsity")] = fig
+    for fig in figures.values():
+        plt.close(fig)
+    return figures
+
+
+def _label(name: str, entries: list[dict]) -> str:
+    for e in entries:
+        r = e["results"].get(name)
+        if r is None:
+            continue
+        if name == "fat":
+            return f"FAT-ε={r['eps']:g}"
+        if name == "topk":
+            return f"top-k (k={r['k']})"
+        if name == "cett":
+            return f"CETT={r['cett']:g}"
+        if name == "cett_ppl":
+            return f"CETT-PPL-{r['p']:g}%"
+    return name
+
+
+def _save(fig, stem: pathlib.Path, suffix: str) -> pathlib.Path:
+    path = stem.with_name(f"{stem.name}_{suffix}.png")
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
+
+
+def summary_table(results: dict) -> str:
+    """A plain-text table of the last checkpoint (what eval.py prints)."""
+    last = results["checkpoints"][-1]
+    lines = [f"{results['config_name']} step {last['step']} ({last['tokens_seen']:.3g} tokens), "
+             f"{results['eval_tokens']} eval tokens, dense loss {last['dense_loss']:.4f}",
+             f"{'metric':<16}{'ratio %':>9}{'ppl ratio':>11}{'dead %':>8}{'CLS@8 %':>9}"]
+    for name, r in last["results"].items():
+        lines.append(f"{_label(name, [last]):<16}{r['ratio'] * 100:>9.2f}{r['ppl_ratio']:>11.4f}"
+                     f"{r['dead_share'] * 100:>8.2f}{r['chunk_sparsity']['8'] * 100:>9.2f}")
+    lines.append(f"forward passes: {results['forward_passes']} batches, {results['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def iter_metric(results: dict, name: str) -> Iterable[tuple[int, float, float]]:
+    """(step, tokens seen, mean ratio) of one metric over the evaluated checkpoints."""
+    for e in results["checkpoints"]:
+        if name in e["results"]:
+            yield e["step"], e["tokens_seen"], e["results"][name]["ratio"]

@@ -1,0 +1,270 @@
+"""eval.py / sparsejax.evaluation on a tiny model trained here: sparse passes vs numpy, CETT-PPL."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import config as config_lib, evaluation, metrics, model as model_lib, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg(activation="relu", steps=160):
+    cfg = config_lib.proxy_config("tiny", activation)
+    overrides = ["model.d_model=64", "model.n_layers=2", "model.d_ff=160", "model.n_heads=2",
+                 "train.batch_size=8", "train.seq_len=64", f"train.steps={steps}",
+                 "train.warmup_steps=20", "train.eval_every=1000", "train.checkpoint_every=40",
+                 "train.keep_every=40", "train.keep_last=2", "train.eval_batches=3",
+                 "train.log_every=40"]
+    return config_lib.validate(config_lib.apply_overrides(cfg, overrides))
+
+
+@pytest.fixture(scope="module")
+def relu_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("relu_run")
+    trainer.train(_cfg("relu"), workdir, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def relu_ev(relu_run):
+    run = evaluation.load_run(relu_run)
+    ev = evaluation.Evaluator(run.cfg, evaluation.EvalOptions(cett_ppl_mode="per_checkpoint"))
+    params, _ = ev.restore(run, run.steps[-1])
+    return run, ev, params
+
+
+def _numpy_pass(ev, params, thresholds_NxF=None, target="activation"):
+    """Per-layer (activation, hidden) over the eval set from plain model.apply, as numpy."""
+    m = model_lib.Transformer(ev.cfg.model)
+    acts = [[] for _ in range(ev.n_layers)]
+    hiddens = [[] for _ in range(ev.n_layers)]
+    losses = []
+    for b in ev.batches:
+        kwargs = {} if thresholds_NxF is None else dict(
+            neuron_thresholds_NxF=jnp.asarray(thresholds_NxF), mask_target=target)
+        logits, inter = m.apply({"params": params}, b["inputs"], mutable=["intermediates"], **kwargs)
+        a, h = model_lib.ffn_intermediates(inter, ev.n_layers)
+        for i in range(ev.n_layers):
+            acts[i].append(np.asarray(a[i]))
+            hiddens[i].append(np.asarray(h[i]))
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        losses.append(-np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0])
+    return ([np.concatenate(x) for x in acts], [np.concatenate(x) for x in hiddens],
+            float(np.mean(np.concatenate(losses))))
+
+
+def test_threshold_zero_pass_equals_dense(relu_ev):
+    _, ev, params = relu_ev
+    dense = ev.dense(params)
+    for target in ("activation", "hidden"):
+        sparse = ev.thresholded(params, np.zeros((ev.n_layers, ev.d_ff), np.float32), target)
+        assert sparse.loss == dense.loss
+        assert sparse.tokens == dense.tokens == ev.eval_tokens == 3 * 8 * 64
+        # Nothing is dropped, so every neuron counts as active.
+        assert all(float(r.activation_ratio) == 1.0 for r in sparse.reports)
+
+
+def test_dense_pass_matches_numpy(relu_ev):
+    _, ev, params = relu_ev
+    dense = ev.dense(params)
+    acts, _, loss = _numpy_pass(ev, params)
+    assert math.isclose(dense.loss, loss, rel_tol=1e-5)
+    for report, act in zip(dense.reports, acts):
+        active = act != 0
+        np.testing.assert_allclose(float(report.activation_ratio), active.mean(), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(report.neuron_rate_F), active.mean(axis=(0, 1)), rtol=1e-6)
+        dead = active.mean(axis=(0, 1)) < 1e-3
+        np.testing.assert_array_equal(np.asarray(report.dead_F), dead)
+        # Chunk of 8 consecutive tokens: a neuron is "chunk-inactive" if off for all 8.
+        B, L, F = active.shape
+        chunk_active = active.reshape(B, L // 8, 8, F).any(axis=2)
+        np.testing.assert_allclose(float(report.chunk_sparsity_C[3]), 1 - chunk_active.mean(), rtol=1e-6)
+    assert 0.02 < float(np.mean([r.activation_ratio for r in dense.reports])) < 0.6
+
+
+def test_fat_on_relu_equals_zero_masks(relu_ev):
+    _, ev, params = relu_ev
+    dense, fat0 = ev.dense(params), ev.fat(params, 0.0)
+    assert fat0.loss == dense.loss
+    for a, b in zip(dense.reports, fat0.reports):
+        np.testing.assert_array_equal(np.asarray(a.neuron_rate_F), np.asarray(b.neuron_rate_F))
+        np.testing.assert_array_equal(np.asarray(a.chunk_sparsity_C), np.asarray(b.chunk_sparsity_C))
+
+
+def test_fat_pass_matches_numpy_sequential_pruning(relu_ev):
+    """FAT-ε is a sparse pass: later layers see pruned earlier layers (as in the reference)."""
+    _, ev, params = relu_ev
+    eps = 0.05
+    fat = ev.fat(params, eps)
+    thr = np.full((ev.n_layers, ev.d_ff), np.float32(eps + 1e-18))
+    acts, _, loss = _numpy_pass(ev, params, thr, "activation")
+    assert math.isclose(fat.loss, loss, rel_tol=1e-5)
+    for report, act in zip(fat.reports, acts):
+        np.testing.assert_allclose(float(report.activation_ratio), (np.abs(act) >= thr[0, 0]).mean(),
+                                   rtol=1e-6)
+    dense = ev.dense(params)
+    assert fat.loss != dense.loss  # the pruning did something ...
+    for f, d in zip(fat.reports, dense.reports):  # ... and only drops neurons ReLU left active
+        assert float(f.activation_ratio) < float(d.activation_ratio)
+
+
+def test_topk_pass_keeps_at_most_k(relu_ev):
+    _, ev, params = relu_ev
+    top = ev.topk(params)
+    assert ev.topk_k == 160 - int(160 * 0.7)
+    for r in top.reports:
+        assert 0 < float(r.activation_ratio) <= ev.topk_k / ev.d_ff + 1e-7
+
+
+def test_cett_thresholds_match_reference_search_on_independent_intermediates(relu_ev):
+    _, ev, params = relu_ev
+    dense = ev.dense(params, keep_hidden=True)
+    t_layers, thr_NxF = ev.cett_thresholds(params, dense.hidden, 0.2)
+    _, hiddens, _ = _numpy_pass(ev, params)
+    w_outs = model_lib.w_out_per_layer(params, ev.n_layers)
+    for i in range(ev.n_layers):
+        # The cached intermediates are the model's (up to jit-fusion rounding) ...
+        np.testing.assert_allclose(np.concatenate(dense.hidden.layer(i)),
+                                   hiddens[i].reshape(-1, ev.d_ff), rtol=1e-4, atol=1e-5)
+        # ... and the fast search on them lands on the reference search's threshold exactly.
+        ref = metrics.cett_threshold_reference(dense.hidden.layer(i), w_outs[i], 0.2)
+        assert t_layers[i] == ref.threshold
+        independent = metrics.cett_threshold_reference(hiddens[i].reshape(-1, ev.d_ff), w_outs[i], 0.2)
+        assert math.isclose(t_layers[i], independent.threshold, rel_tol=1e-4)
+        np.testing.assert_allclose(thr_NxF[i], ref.threshold / np.linalg.norm(np.asarray(w_outs[i]), axis=1),
+                                   rtol=1e-6)
+    sparse, _ = ev.cett_pass(params, dense.hidden, 0.2)
+    acts, hid_sparse, loss = _numpy_pass(ev, params, thr_NxF, "hidden")
+    assert math.isclose(sparse.loss, loss, rel_tol=1e-5)
+    for report, h, t in zip(sparse.reports, hid_sparse, thr_NxF):
+        np.testing.assert_allclose(float(report.activation_ratio), (~(np.abs(h) < t)).mean(), rtol=1e-6)
+
+
+def test_spilled_cache_gives_same_thresholds(relu_run):
+    run = evaluation.load_run(relu_run)
+    params = None
+    results = []
+    for gib in (2.0, 0.0):
+        ev = evaluation.Evaluator(run.cfg, evaluation.EvalOptions(max_cache_gib=gib))
+        params = params or ev.restore(run, run.steps[-1])[0]
+        dense = ev.dense(params, keep_hidden=True)
+        assert (dense.hidden.spill_dir is not None) == (gib == 0.0)
+        results.append(ev.cett_thresholds(params, dense.hidden, 0.3)[0])
+    assert results[0] == results[1]
+
+
+def test_cett_ppl_per_checkpoint_converges_to_target(relu_ev):
+    run, ev, params = relu_ev
+    dense = ev.dense(params, keep_hidden=True)
+    before = ev.forward_passes
+    search = evaluation.bisect_cett(
+        lambda c: evaluation.ppl_ratio(ev.cett_pass(params, dense.hidden, c)[0].loss, dense.loss),
+        1.01, 1e-3)
+    assert len(search.evaluations) == 10  # ⌈log2(1 / 1e-3)⌉
+    assert ev.forward_passes - before == 10 * len(ev.batches)  # dense loss cached, 1 pass per step
+    final = evaluation.ppl_ratio(ev.cett_pass(params, dense.hidden, search.cett)[0].loss, dense.loss)
+    assert abs(final / 1.01 - 1) <= 0.002, (search.cett, final)
+    lo = max((c for c, r in search.evaluations if r < 1.01), default=0.0)
+    hi = min((c for c, r in search.evaluations if r >= 1.01), default=1.0)
+    assert hi - lo <= 1e-3 and lo <= search.cett <= hi
+
+
+def test_bisect_cett_on_a_known_curve():
+    search = evaluation.bisect_cett(lambda c: 1 + 0.05 * c ** 2, 1.01, 1e-3)
+    assert abs(search.cett - math.sqrt(0.2)) <= 1e-3
+    assert len(search.evaluations) == 10
+    # Target never reached: c climbs to the top of [0, 1].
+    assert evaluation.bisect_cett(lambda c: 1.0, 1.01).cett > 1 - 1e-3
+
+
+def test_evaluate_run_joint_writes_outputs(relu_run, tmp_path):
+    options = evaluation.EvalOptions(metrics=("zero", "fat", "cett_ppl"), joint_last=3)
+    results = evaluation.evaluate_run(relu_run, options, progress=False)
+    steps = [e["step"] for e in results["checkpoints"]]
+    assert steps == [40, 80, 120, 160]
+    assert results["cett_ppl"]["joint_steps"] == [80, 120, 160]
+    assert results["cett_ppl"]["iterations"] == 10
+    # 3 dense passes + 10 iterations × 3 checkpoints, in batches.
+    assert results["cett_ppl"]["forward_passes"] == (3 + 30) * results["eval_batches"]
+    joint_ratios = [e["results"]["cett_ppl"]["ppl_ratio"] for e in results["checkpoints"][1:]]
+    assert abs(np.mean(joint_ratios) / 1.01 - 1) < 0.01
+    for e in results["checkpoints"]:
+        assert e["results"]["zero"]["ppl_ratio"] == 1.0
+        assert e["tokens_seen"] == e["step"] * 8 * 64
+        assert set(e["results"]["zero"]["chunk_sparsity"]) == {"1", "2", "4", "8", "16", "32"}
+    written = evaluation.write_results(results, tmp_path / "out" / "results.json")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["results.json", "results.csv", "results_ratio_vs_tokens.png",
+                            "results_layers.png", "results_chunk_sparsity.png"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["checkpoints"][0]["step"] == 40
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert rows[0] == "step,tokens_seen,metric,layer,quantity,value"
+    assert len(rows) - 1 == len(evaluation.tidy_rows(results))
+    assert any(r.startswith("160,") and ",zero,1,ratio," in r for r in rows)
+    assert "CETT-PPL-1%" in evaluation.summary_table(results)
+
+
+def test_load_run_errors(tmp_path, relu_run):
+    missing = tmp_path / "nope"
+    with pytest.raises(evaluation.EvalError, match="does not exist"):
+        evaluation.load_run(missing)
+    assert not missing.exists()
+    with pytest.raises(evaluation.EvalError, match="no config.json"):
+        evaluation.load_run(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(evaluation.EvalError, match="not a valid sparsejax config"):
+        evaluation.load_run(tmp_path)
+    with pytest.raises(evaluation.EvalError, match="available"):
+        evaluation.select_steps([40, 80], "40,99")
+    assert evaluation.select_steps([40, 80], "last") == [80]
+    with pytest.raises(evaluation.EvalError, match="metrics"):
+        evaluation.EvalOptions(metrics=("zero", "bogus")).validate()
+    with pytest.raises(evaluation.EvalError, match="cett=1.5"):
+        evaluation.EvalOptions(cett=1.5).validate()
+
+
+def test_cett_ppl_refuses_warmup_only_selection(relu_run, tmp_path):
+    cfg = json.loads((relu_run / "config.json").read_text())
+    assert cfg["train"]["warmup_steps"] == 20
+    # Copy the run with a longer warm-up recorded: every checkpoint is then a warm-up checkpoint.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(relu_run, copy)
+    cfg["train"]["warmup_steps"] = 200
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(evaluation.EvalError, match="after warm-up"):
+        evaluation.evaluate_run(copy, evaluation.EvalOptions(metrics=("cett_ppl",)), progress=False)
+
+
+def test_cli_bad_workdir_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "res" / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path / "missing"),
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+    assert not out.parent.exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path),
+                           "--metrics", "zero,nope"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_cli_end_to_end(relu_run, tmp_path):
+    out = tmp_path / "e" / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(relu_run),
+                           "--checkpoints", "last", "--metrics", "zero,topk,cett", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert [e["step"] for e in results["checkpoints"]] == [160]
+    assert set(results["checkpoints"][0]["results"]) == {"zero", "topk", "cett"}
+    assert "CETT=0.2" in proc.stdout
