@@ -32,8 +32,10 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 import tempfile
 import time
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import flax.linen as nn
@@ -153,9 +155,13 @@ class HiddenStore:
     In memory, or spilled to ``.npy`` files (read back memory-mapped, one layer at a time).
     """
 
-    def __init__(self, n_layers: int, spill_dir: pathlib.Path | None):
+    def __init__(self, n_layers: int, *, spill: bool = False, spill_root: pathlib.Path | None = None):
         self.n_layers = n_layers
-        self.spill_dir = spill_dir
+        self.spill_dir = None
+        if spill:
+            self.spill_dir = pathlib.Path(tempfile.mkdtemp(prefix="hidden_", dir=spill_root))
+            # The files go when the store does, however the evaluation ends.
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         self._layers: list[list] = [[] for _ in range(n_layers)]
 
     def add(self, hidden_NxTxF: np.ndarray) -> None:
@@ -285,11 +291,9 @@ class Evaluator:
         if self._dense_keep is None:
             self._dense_keep = self._compile(model_lib.Transformer(self.cfg.model), "zero", True)
         need_gib = self.eval_tokens * self.d_ff * self.n_layers * 4 / 2**30
-        spill = None
-        if need_gib > self.options.max_cache_gib:
-            spill = pathlib.Path(tempfile.mkdtemp(prefix="hidden_", dir=spill_root))
-        return self._run(self._dense_keep, params, self._no_thresholds(),
-                         HiddenStore(self.n_layers, spill))
+        store = HiddenStore(self.n_layers, spill=need_gib > self.options.max_cache_gib,
+                            spill_root=spill_root)
+        return self._run(self._dense_keep, params, self._no_thresholds(), store)
 
     def thresholded(self, params, thresholds_NxF, target: str) -> PassResult:
         """Sparse pass: neuron i of layer l dropped when |target|_i < thresholds_NxF[l, i]."""

@@ -158,6 +158,10 @@ def test_spilled_cache_gives_same_thresholds(relu_run):
         dense = ev.dense(params, keep_hidden=True)
         assert (dense.hidden.spill_dir is not None) == (gib == 0.0)
         results.append(ev.cett_thresholds(params, dense.hidden, 0.3)[0])
+        spill_dir = dense.hidden.spill_dir
+        del dense
+        if spill_dir is not None:
+            assert not spill_dir.exists()  # spilled files are removed with the store
     assert results[0] == results[1]
 
 
