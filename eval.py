@@ -2,7 +2,7 @@
 """Measure the activation sparsity of a trained run, checkpoint by checkpoint.
 
     python eval.py --workdir runs/tiny_relu [--checkpoints all|last|STEP,...]
-                   [--metrics zero,fat,topk,cett,cett_ppl] [--p 1] [--out results.json]
+                   [--metrics zero,fat,topk,topk_global,cett,cett_ppl] [--p 1] [--out results.json]
 
 Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="run directory written by train.py")
     p.add_argument("--checkpoints", default="all", help="all, last, or comma-separated steps")
     p.add_argument("--metrics", default="zero,fat,cett_ppl",
-                   help="comma-separated subset of zero,fat,topk,cett,cett_ppl")
+                   help="comma-separated subset of zero,fat,topk,topk_global,cett,cett_ppl")
     p.add_argument("--p", type=float, default=1.0, help="CETT-PPL-p%%: perplexity ratio 1 + p/100")
     p.add_argument("--fat-eps", type=float, default=0.01, help="FAT-ε threshold on |σ(gate)|")
     p.add_argument("--topk", type=float, default=0.3, help="top-k: fraction of d_ff (<1) or k")

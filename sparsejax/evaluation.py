@@ -47,7 +47,7 @@ from sparsejax import (activations, checkpointing, config as config_lib, data, f
                        metrics as sparsity, model as model_lib, optim, sharding, step as step_lib)
 from sparsejax.loss import next_token_loss
 
-METRICS = ("zero", "fat", "topk", "cett", "cett_ppl")
+METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
 CETT_PPL_MODES = ("joint", "per_checkpoint")
 CETT_SEARCHES = {"incremental": sparsity.cett_threshold_incremental,
                  "reference": sparsity.cett_threshold_reference}
@@ -219,6 +219,8 @@ class Evaluator:
                            for t in model_lib.MASK_TARGETS}
         topk_model = dataclasses.replace(m, topk=float(self.topk_k), topk_mode="exact", topk_ste=False)
         self._topk = self._compile(model_lib.Transformer(topk_model), "topk", keep_hidden=False)
+        self.topk_fraction = self.topk_k / m.d_ff
+        self._topk_global = self._compile(model_lib.Transformer(m), "topk_global", keep_hidden=False)
         self._state_template = None
 
     # -- compiled passes ---------------------------------------------------------------------
@@ -229,6 +231,9 @@ class Evaluator:
         if rule == "topk":
             flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
             return sparsity.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
+        if rule == "topk_global":
+            flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
+            return sparsity.global_topk_active_TxF(flat, self.topk_fraction).reshape(act_BxLxF.shape)
         measured = act_BxLxF if rule == "activation" else hidden_BxLxF
         # The model keeps |x| >= threshold; written as not(<) like the reference's mask.
         active = ~(jnp.abs(measured) < threshold_F.astype(measured.dtype))
@@ -243,6 +248,8 @@ class Evaluator:
             kwargs = {}
             if rule in model_lib.MASK_TARGETS:
                 kwargs = dict(neuron_thresholds_NxF=thresholds_NxF, mask_target=rule)
+            elif rule == "topk_global":
+                kwargs = dict(global_topk=self.topk_fraction)
             logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"],
                                         **kwargs)
             acts, hiddens = model_lib.ffn_intermediates(inter, n_layers)
@@ -309,6 +316,11 @@ class Evaluator:
     def topk(self, params) -> PassResult:
         """Per-token top-k sparse pass (k = ``self.topk_k`` largest |σ(gate)|)."""
         return self._run(self._topk, params, self._no_thresholds())
+
+    def topk_global(self, params) -> PassResult:
+        """The reference's top-k sparse pass: per layer, the top ``k / d_ff`` share of |σ(gate)|
+        over all tokens × neurons of each evaluation batch (``prune_topk``)."""
+        return self._run(self._topk_global, params, self._no_thresholds())
 
     def cett_thresholds(self, params, hidden: HiddenStore, cett: float
                         ) -> tuple[list[float], np.ndarray]:
@@ -444,7 +456,10 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
                 res["fat"] = _report(ev.fat(params, options.fat_eps), dense.loss, eps=options.fat_eps)
             if "topk" in want:
                 res["topk"] = _report(ev.topk(params), dense.loss, k=ev.topk_k,
-                                      fraction=ev.topk_k / ev.d_ff)
+                                      fraction=ev.topk_fraction)
+            if "topk_global" in want:
+                res["topk_global"] = _report(ev.topk_global(params), dense.loss,
+                                             fraction=ev.topk_fraction)
             if "cett" in want:
                 sparse, t_layers = ev.cett_pass(params, dense.hidden, options.cett)
                 res["cett"] = _report(sparse, dense.loss, cett=options.cett, thresholds=t_layers)
@@ -630,6 +645,8 @@ def _label(name: str, entries: list[dict]) -> str:
             return f"FAT-ε={r['eps']:g}"
         if name == "topk":
             return f"top-k (k={r['k']})"
+        if name == "topk_global":
+            return f"global top {r['fraction']:.0%}"
         if name == "cett":
             return f"CETT={r['cett']:g}"
         if name == "cett_ppl":

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax import activations
+from sparsejax import activations, metrics
 from sparsejax.config import ModelConfig
 
 Array = jax.Array
@@ -97,7 +97,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, neuron_threshold_F: Optional[Array] = None,
-                 mask_target: str = "activation") -> Array:
+                 mask_target: str = "activation", global_topk: float = 0.0) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
         spec = activations.get(cfg.activation)
@@ -141,6 +141,12 @@ class FeedForward(nn.Module):
             measured = activation_BxLxF if mask_target == "activation" else hidden_BxLxF
             hidden_BxLxF = jnp.where(jnp.abs(measured) >= neuron_threshold_F.astype(measured.dtype),
                                      hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
+        if global_topk:
+            # The reference's evaluation top-k (``prune_topk``): keep the top fraction of
+            # |σ(gate)| over all tokens × neurons of this call's batch, per layer.
+            keep_BxLxF = metrics.global_topk_active_TxF(
+                activation_BxLxF.reshape(-1, cfg.d_ff), global_topk).reshape(activation_BxLxF.shape)
+            hidden_BxLxF = jnp.where(keep_BxLxF, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
 
         hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
@@ -185,13 +191,15 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, neuron_threshold_F=None, mask_target="activation"):
+    def __call__(self, x_BxLxD, positions_BxL, neuron_threshold_F=None, mask_target="activation",
+                 global_topk=0.0):
         cfg = self.cfg
         dtype = _dtype(cfg)
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, positions_BxL)
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, neuron_threshold_F, mask_target)
+        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, neuron_threshold_F, mask_target,
+                                                               global_topk)
         return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
 
@@ -203,8 +211,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
                  neuron_thresholds_NxF: Optional[Array] = None,
-                 mask_target: str = "activation") -> Array:
-        """``neuron_thresholds_NxF``: optional per-layer, per-neuron evaluation thresholds."""
+                 mask_target: str = "activation", global_topk: float = 0.0) -> Array:
+        """``neuron_thresholds_NxF``: optional per-layer, per-neuron evaluation thresholds;
+        ``global_topk``: optional evaluation-time global top-k fraction (0 = off)."""
         cfg = self.cfg
         dtype = _dtype(cfg)
         if positions_BxL is None:
@@ -215,7 +224,8 @@ class Transformer(nn.Module):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         for i in range(cfg.n_layers):
             threshold_F = None if neuron_thresholds_NxF is None else neuron_thresholds_NxF[i]
-            x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, threshold_F, mask_target)
+            x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, threshold_F, mask_target,
+                                                    global_topk)
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)

@@ -124,6 +124,32 @@ def test_topk_pass_keeps_at_most_k(relu_ev):
         assert 0 < float(r.activation_ratio) <= ev.topk_k / ev.d_ff + 1e-7
 
 
+def test_global_topk_pass_matches_numpy_per_batch_selection(relu_ev):
+    """The reference's top-k: per layer and batch, the top fraction of |σ(gate)| over all
+    tokens × neurons is kept; later layers see the pruned output."""
+    _, ev, params = relu_ev
+    top = ev.topk_global(params)
+    m = model_lib.Transformer(ev.cfg.model)
+    kept = [[] for _ in range(ev.n_layers)]
+    losses = []
+    for b in ev.batches:
+        logits, inter = m.apply({"params": params}, b["inputs"], global_topk=ev.topk_fraction,
+                                mutable=["intermediates"])
+        acts, _ = model_lib.ffn_intermediates(inter, ev.n_layers)
+        for i, a in enumerate(acts):
+            flat = np.abs(np.asarray(a)).reshape(-1)
+            n_drop = int(flat.size * (1 - ev.topk_fraction))
+            keep = np.ones(flat.size, bool)
+            keep[np.argsort(flat, kind="stable")[:n_drop]] = False
+            kept[i].append((keep & (flat >= np.float32(1e-18))).mean())
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        losses.append(-np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0])
+    assert math.isclose(top.loss, float(np.mean(np.concatenate(losses))), rel_tol=1e-5)
+    for report, ratios in zip(top.reports, kept):
+        np.testing.assert_allclose(float(report.activation_ratio), np.mean(ratios), rtol=1e-6)
+        assert float(report.activation_ratio) <= ev.topk_fraction + 1e-6
+
+
 def test_cett_thresholds_match_reference_search_on_independent_intermediates(relu_ev):
     _, ev, params = relu_ev
     dense = ev.dense(params, keep_hidden=True)
@@ -264,11 +290,12 @@ def test_cli_bad_workdir_exits_2_and_writes_nothing(tmp_path):
 def test_cli_end_to_end(relu_run, tmp_path):
     out = tmp_path / "e" / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(relu_run),
-                           "--checkpoints", "last", "--metrics", "zero,topk,cett", "--out", str(out),
+                           "--checkpoints", "last", "--metrics", "zero,topk,topk_global,cett",
+                           "--out", str(out),
                            "--no-progress"], capture_output=True, text=True, cwd=ROOT,
                           env={**__import__("os").environ, "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert [e["step"] for e in results["checkpoints"]] == [160]
-    assert set(results["checkpoints"][0]["results"]) == {"zero", "topk", "cett"}
+    assert set(results["checkpoints"][0]["results"]) == {"zero", "topk", "topk_global", "cett"}
     assert "CETT=0.2" in proc.stdout
