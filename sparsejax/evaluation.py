@@ -595,11 +595,7 @@ def plot_results(results: dict, stem: pathlib.Path) -> dict[pathlib.Path, object
     for name in names:
         pts = [(e["tokens_seen"], e["results"][name]["ratio"] * 100) for e in entries if name in e["results"]]
         ax.plot(*zip(*pts), "o-", label=_label(name, entries))
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("activation ratio (%)")
-    ax.set_title(f"{title}: activation ratio vs training tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _decorate(ax, "tokens seen", "activation ratio (%)", f"{title}: activation ratio vs training tokens")
     figures[_save(fig, stem, "ratio_vs_tokens")] = fig
 
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.8), squeeze=False)
@@ -625,15 +621,20 @@ def plot_results(results: dict, stem: pathlib.Path) -> dict[pathlib.Path, object
         ax.plot(lens, [v * 100 for v in r["chunk_sparsity_independent"].values()], "--",
                 color=f"C{i}", alpha=0.7, label=f"{name}: independent-neuron prediction")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("chunk length L (tokens)")
-    ax.set_ylabel("chunk-level sparsity (%)")
-    ax.set_title(f"{title}: neurons inactive for a whole chunk (step {last['step']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _decorate(ax, "chunk length L (tokens)", "chunk-level sparsity (%)",
+              f"{title}: neurons inactive for a whole chunk (step {last['step']})")
     figures[_save(fig, stem, "chunk_sparsity")] = fig
     for fig in figures.values():
         plt.close(fig)
     return figures
+
+
+def _decorate(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _label(name: str, entries: list[dict]) -> str:
