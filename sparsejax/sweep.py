@@ -536,7 +536,15 @@ class LawFit:
                 "ci_lo": {k: lo for k, (lo, _) in r.ci.items()} if r and r.ci else None,
                 "ci_hi": {k: hi for k, (_, hi) in r.ci.items()} if r and r.ci else None,
                 "level": r.level if r else None, "n_boot_ok": r.n_boot_ok if r else 0,
+                "bootstrap_block": bootstrap_block(self.metric, len(self.D)),
                 "r2": finite(r.r2) if r else None, "at_bounds": self.at_bounds(), "trend": self.trend()}
+
+
+def bootstrap_block(metric: str, n_points: int) -> int:
+    """Bootstrap block length: the in-graph ratio is logged every few steps and its noise is serially
+    correlated, so it is resampled in ten runs of neighbouring points (moving-block bootstrap); the
+    eval metrics, one point per checkpoint, are resampled point by point."""
+    return max(1, n_points // 10) if metric == "train_activation_ratio" else 1
 
 
 def fit_run_metric(run: ResolvedRun, rows: Sequence[dict], metric: str, law_by_activation: Mapping[str, str],
@@ -554,9 +562,10 @@ def fit_run_metric(run: ResolvedRun, rows: Sequence[dict], metric: str, law_by_a
         skip = f"zero criterion is meaningless for {run.activation} (no exact zeros)"
     if skip:
         return LawFit(run, metric, law, "skipped", skip, D, ratio)
+    block = bootstrap_block(metric, len(D))
     try:
-        result = (laws.bootstrap(law, D, ratio, n_boot=n_boot, level=level, seed=seed) if n_boot
-                  else laws.fit(law, D, ratio, seed=seed))
+        result = (laws.bootstrap(law, D, ratio, n_boot=n_boot, level=level, seed=seed, block=block)
+                  if n_boot else laws.fit(law, D, ratio, seed=seed))
     except ValueError as err:  # too few points, out-of-domain data
         return LawFit(run, metric, law, "failed", str(err), D, ratio)
     return LawFit(run, metric, law, "ok" if result.success else "failed", result.message, D, ratio, result)

@@ -132,6 +132,55 @@ def test_noisy_published_rows_bootstrap_ci_covers_truth(activation, size):
     assert np.all(covered >= 8), dict(zip(laws.LAWS[law].param_names, covered))
 
 
+def test_resample_indices_are_runs_of_consecutive_points():
+    rng = np.random.default_rng(0)
+    iid = laws._resample_indices(rng, 10, 1)
+    assert iid.shape == (10,) and iid.min() >= 0 and iid.max() < 10
+    runs = laws._resample_indices(rng, 10, 4)  # ceil(10/4) = 3 runs of 4, cut to 10
+    assert runs.shape == (10,) and runs.min() >= 0 and runs.max() < 10
+    for start in (0, 4):
+        np.testing.assert_array_equal(np.diff(runs[start:start + 4]), 1)
+    np.testing.assert_array_equal(np.diff(runs[8:]), 1)
+
+
+def test_block_bootstrap_widens_intervals_of_autocorrelated_series():
+    """Per-step training curves carry serially correlated noise; resampling single points ignores it.
+
+    Six seeds of 100 points of the published 0.1B ReLU curve plus AR(1) noise (φ = 0.9): the
+    moving-block CI of A0 (blocks of 10) is wider than the i.i.d. one in every seed and holds the
+    true A0 in ≥ 5 of 6 (measured: 6 of 6, widths 2.3–25× the i.i.d. ones, which hold it in 2 of 6).
+    """
+    law, true_a0 = "relu_ratio", laws.published_params("relu", "0.1B")[3]
+    D = np.geomspace(0.5, 200, 100)
+    clean = laws.published_curve("relu", "0.1B", D)
+    width, covered = {1: [], 10: []}, {1: 0, 10: 0}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        noise = np.zeros(len(D))
+        for i in range(1, len(D)):
+            noise[i] = 0.9 * noise[i - 1] + 5e-4 * rng.standard_normal()
+        for block in (1, 10):
+            result = laws.bootstrap(law, D, clean + noise, n_boot=40, seed=seed, block=block)
+            assert result.success and result.n_boot_ok >= 36
+            lo, hi = result.ci["A0"]
+            width[block].append(hi - lo)
+            covered[block] += lo <= true_a0 <= hi
+    assert np.all(np.array(width[10]) > np.array(width[1])), width
+    assert covered[10] >= 5 and covered[10] > covered[1], covered
+
+
+@pytest.mark.parametrize("law,x,block,match", [
+    ("relu_ratio", D_SERIES := np.geomspace(1, 100, 8), 0, r"block must be in \[1, 8\]"),
+    ("relu_ratio", D_SERIES, 9, r"block must be in \[1, 8\]"),
+    ("chinchilla", np.stack([np.geomspace(1e8, 1e9, 8), np.geomspace(1e10, 1e11, 8)], 1), 2,
+     "one x per point"),
+])
+def test_block_bootstrap_bad_block(law, x, block, match):
+    y = np.full(8, 0.2) if law == "relu_ratio" else 2 + 1e-3 * np.arange(8)
+    with pytest.raises(ValueError, match=match):
+        laws.bootstrap(law, x, y, n_boot=2, block=block)
+
+
 def test_chinchilla_recovery_and_tuple_input():
     ND, loss = _chinchilla_data()
     result = laws.fit("chinchilla", ND, loss)

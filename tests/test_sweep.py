@@ -247,6 +247,7 @@ def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
         np.testing.assert_allclose(fit.result.param_array, true, rtol=1e-4)
         assert fit.result.r2 > 0.9999 and len(fit.D) == len(steps)
         d = fit.to_dict()
+        assert d["bootstrap_block"] == len(steps) // 10  # per-step in-graph points: moving blocks
         assert d["success"] and set(d["ci_lo"]) == set(laws.get_law(fit.law).param_names)
         assert all(d["ci_lo"][k] <= d["params_fit"][k] + 1e-9 <= d["ci_hi"][k] + 2e-9 for k in d["ci_lo"])
     assert fits[0].trend()["direction"] == "falls" and fits[1].trend()["direction"] == "rises"
@@ -390,3 +391,9 @@ def test_limit_plots_use_identified_limits_only(tmp_path):
             "ratio_vs_tokens_silu_train_activation_ratio.png"} <= names  # no train_loss rows: no loss plot
     assert all(p.exists() and p.with_suffix(".pdf").exists() for p in pngs)
     assert "limit_vs_width_depth_silu_train_activation_ratio.png" not in names  # its only A0 is at a bound
+
+
+def test_bootstrap_block_only_for_per_step_series():
+    assert sweep.bootstrap_block("train_activation_ratio", 117) == 11
+    assert sweep.bootstrap_block("train_activation_ratio", 7) == 1
+    assert sweep.bootstrap_block("cett_ppl_ratio", 117) == 1 and sweep.bootstrap_block("zero_ratio", 12) == 1
