@@ -5,7 +5,7 @@ crossing axes of :class:`Point` (activation × size × width/depth × tokens) wi
 
     python -m sparsejax.sweep configs/sweeps/cpu_proxy.py --out runs/cpu_proxy
         [--print-commands] [--skip-eval] [--only RUN,...] [--set key=value ...]
-        [--n-boot 200] [--collect-only] [--no-progress]
+        [--n-boot 200] [--fit-workers N] [--collect-only] [--no-progress]
 
 For each run, ``train.py`` then ``eval.py`` run in subprocesses (workdir ``OUT/runs/<run>``,
 output in ``train.log`` / ``eval.log`` there). Resumable: a run whose training finished (marker
@@ -571,12 +571,34 @@ def fit_run_metric(run: ResolvedRun, rows: Sequence[dict], metric: str, law_by_a
     return LawFit(run, metric, law, "ok" if result.success else "failed", result.message, D, ratio, result)
 
 
+def _fit_job(job) -> LawFit:
+    run, rows, metric, law_by_activation, kwargs = job
+    return fit_run_metric(run, rows, metric, law_by_activation, **kwargs)
+
+
 def fit_runs(rows: Sequence[dict], runs: Sequence[ResolvedRun], law_by_activation: Mapping[str, str],
-             **kwargs) -> list[LawFit]:
+             *, workers: int = 1, **kwargs) -> list[LawFit]:
+    """One fit per run and activation-ratio metric present, in (run, metric) order.
+
+    The bootstrap refits dominate the cost (seconds per fit), so with ``workers`` > 1 the fits run in
+    that many spawned processes (not forked: the parent may hold JAX's threads); results are the
+    same as with one worker, since every fit is seeded.
+    """
     metrics = ratio_metrics(rows)
-    have = {(r["run"], r["metric"]) for r in rows}
-    return [fit_run_metric(run, rows, m, law_by_activation, **kwargs)
-            for run in runs for m in metrics if (run.name, m) in have]
+    jobs = []
+    for run in runs:
+        for metric in metrics:
+            mine = [r for r in rows if r["run"] == run.name and r["metric"] == metric]
+            if mine:
+                jobs.append((run, mine, metric, dict(law_by_activation), kwargs))
+    if workers <= 1 or len(jobs) <= 1:
+        return [_fit_job(job) for job in jobs]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_fit_job, jobs))
 
 
 def format_fit(fit: LawFit) -> str:
@@ -695,11 +717,12 @@ def load_manifest(out: str | pathlib.Path) -> tuple[dict, tuple[ResolvedRun, ...
 
 
 def analyse(out: pathlib.Path, runs: Sequence[ResolvedRun], law_by_activation: Mapping[str, str],
-            plots: Sequence[str] = DEFAULT_PLOTS, *, n_boot: int = 200) -> tuple[list[dict], list[LawFit]]:
+            plots: Sequence[str] = DEFAULT_PLOTS, *, n_boot: int = 200,
+            workers: int = 1) -> tuple[list[dict], list[LawFit]]:
     """Collect, fit and plot a sweep directory; writes results.csv/.json, fits.json and plots/."""
     rows = collect(out, runs)
     write_table(rows, out)
-    fits = fit_runs(rows, runs, law_by_activation, n_boot=n_boot)
+    fits = fit_runs(rows, runs, law_by_activation, n_boot=n_boot, workers=workers)
     _write_json(out / "fits.json", [f.to_dict() for f in fits])
     make_plots(rows, runs, fits, out / "plots", plots)
     return rows, fits
@@ -718,6 +741,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config override applied to every run, after the run's own (repeatable)")
     p.add_argument("--collect-only", action="store_true", help="only collect, fit and plot OUT")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (0: no CIs)")
+    p.add_argument("--fit-workers", type=int, default=os.cpu_count() or 1,
+                   help="processes fitting the laws in parallel (default: one per CPU core)")
     p.add_argument("--train-script", default=str(REPO / "train.py"), help=argparse.SUPPRESS)
     p.add_argument("--eval-script", default=str(REPO / "eval.py"), help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -733,6 +758,8 @@ def main(argv=None) -> int:
         selected = select(runs, args.only)
         if args.n_boot < 0:
             raise SweepError(f"--n-boot={args.n_boot} must be >= 0")
+        if args.fit_workers < 1:
+            raise SweepError(f"--fit-workers={args.fit_workers} must be >= 1")
     except SweepError as err:
         print(f"sweep error: {err}", file=sys.stderr)
         return 2
@@ -758,7 +785,7 @@ def main(argv=None) -> int:
             eval_cmd=lambda run, wd, m, x: eval_command(run, wd, m, x, script=args.eval_script))
         print(f"runs finished in {time.perf_counter() - t0:.0f}s")
     t0 = time.perf_counter()
-    rows, fits = analyse(out, runs, sweep.laws, sweep.plots, n_boot=args.n_boot)
+    rows, fits = analyse(out, runs, sweep.laws, sweep.plots, n_boot=args.n_boot, workers=args.fit_workers)
     missing = sorted({r.name for r in runs} - {row["run"] for row in rows})
     print(f"collected {len(rows)} rows into {out / 'results.csv'}"
           + (f"; no data yet for {missing}" if missing else ""))

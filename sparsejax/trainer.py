@@ -238,13 +238,19 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
                 for leaf in jax.tree.leaves(metrics):
                     leaf.copy_to_host_async()  # start the transfer now; fetched at the next flush
                 pending.append((step_no, metrics))
-                if step_no % t.log_every == 0:
-                    flush(drain=False)
-                if step_no % t.eval_every == 0 or step_no == t.steps:
+                do_eval = step_no % t.eval_every == 0 or step_no == t.steps
+                do_save = step_no % t.checkpoint_every == 0 or step_no == t.steps
+                if do_eval or do_save:
+                    # One draining fetch: a non-draining one just before would leave a window of
+                    # one already-finished step and report a bogus tokens/s for it.
                     flush()
-                    evaluate(step_no)
-                if step_no % t.checkpoint_every == 0 or step_no == t.steps:
-                    save(step_no)
+                    if do_eval:
+                        evaluate(step_no)
+                    if do_save:
+                        save(step_no)
+                    window_start = time.perf_counter()  # tokens/s measures training, not eval/saving
+                elif step_no % t.log_every == 0:
+                    flush(drain=False)
                 if sigterm.raised:
                     save(step_no, force_save=True)
                     ckpt.wait()

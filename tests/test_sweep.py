@@ -251,6 +251,8 @@ def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
         assert d["success"] and set(d["ci_lo"]) == set(laws.get_law(fit.law).param_names)
         assert all(d["ci_lo"][k] <= d["params_fit"][k] + 1e-9 <= d["ci_hi"][k] + 2e-9 for k in d["ci_lo"])
     assert fits[0].trend()["direction"] == "falls" and fits[1].trend()["direction"] == "rises"
+    parallel = sweep.fit_runs(rows, [relu, silu], sweep.DEFAULT_LAWS, n_boot=10, workers=2)
+    assert [f.to_dict() for f in parallel] == [f.to_dict() for f in fits]  # seeded: same fits, same CIs
 
 
 def test_noisy_fit_has_ci_covering_the_limit():

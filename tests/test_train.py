@@ -73,6 +73,10 @@ def test_short_run_learns_and_writes_outputs(tmp_path):
     assert len(last["activation_ratio_layers"]) == 2 and 0 < last["activation_ratio"] < 1
     assert {"grad_norm", "learning_rate", "tokens_seen", "tokens_per_s", "mfu", "perplexity"} <= set(last)
     assert last["tokens_seen"] == 120 * 8 * 32
+    # Steps 60 and 120 end a logging window and also evaluate and checkpoint: their throughput must
+    # come from a whole window, not from one step that had already finished (that read ~400x high).
+    tps = np.array([r["tokens_per_s"] for r in rows if "loss" in r])
+    assert np.all(np.isfinite(tps) & (tps > 0)) and tps.max() < 5 * np.median(tps), (tps.max(), np.median(tps))
     assert any("eval_loss" in r for r in rows)
     assert "final activation ratio (mean over layers):" in proc.stdout
     assert (tmp_path / "activation_ratio.png").stat().st_size > 10_000
