@@ -346,20 +346,26 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return validate(cfg)
 
 
-def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
-    """Load ``get_config()`` from a config file, apply overrides and validate."""
+def call_file_function(path: str | pathlib.Path, function: str, expected: type, error: type[Exception],
+                       what: str):
+    """Run ``function()`` of the Python file ``path`` (a config or sweep file) and check its type."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"sparsejax_config_{path.stem}", path)
+        raise error(f"{what} file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"sparsejax_{what}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-    cfg = module.get_config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected Config")
-    return apply_overrides(cfg, overrides)
+    if not hasattr(module, function):
+        raise error(f"{what} file {str(path)!r} defines no {function}()")
+    value = getattr(module, function)()
+    if not isinstance(value, expected):
+        raise error(f"{path}: {function}() returned {type(value).__name__}, expected {expected.__name__}")
+    return value
+
+
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
+    """Load ``get_config()`` from a config file, apply overrides and validate."""
+    return apply_overrides(call_file_function(path, "get_config", Config, ConfigError, "config"), overrides)
 
 
 def to_dict(cfg: Config) -> dict:

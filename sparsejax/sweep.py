@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -198,18 +197,7 @@ class ResolvedRun:
 
 
 def load_sweep(path: str | pathlib.Path) -> Sweep:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"sparsejax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        raise SweepError(f"sweep file {str(path)!r} defines no get_sweep()")
-    sweep = module.get_sweep()
-    if not isinstance(sweep, Sweep):
-        raise SweepError(f"{path}: get_sweep() returned {type(sweep).__name__}, expected Sweep")
-    return sweep
+    return config_lib.call_file_function(path, "get_sweep", Sweep, SweepError, "sweep")
 
 
 def _config_path(config: str) -> pathlib.Path:

@@ -399,3 +399,14 @@ def test_bootstrap_block_only_for_per_step_series():
     assert sweep.bootstrap_block("train_activation_ratio", 117) == 11
     assert sweep.bootstrap_block("train_activation_ratio", 7) == 1
     assert sweep.bootstrap_block("cett_ppl_ratio", 117) == 1 and sweep.bootstrap_block("zero_ratio", 12) == 1
+
+
+def test_load_sweep_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(sweep.SweepError, match="sweep file .*nope.py' does not exist"):
+        sweep.load_sweep(tmp_path / "nope.py")
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(sweep.SweepError, match=r"defines no get_sweep\(\)"):
+        sweep.load_sweep(tmp_path / "empty.py")
+    (tmp_path / "wrong.py").write_text("def get_sweep():\n    return [1, 2]\n")
+    with pytest.raises(sweep.SweepError, match=r"get_sweep\(\) returned list, expected Sweep"):
+        sweep.load_sweep(tmp_path / "wrong.py")
