@@ -693,10 +693,10 @@ def bootstrap(
     full-data solution (the multi-start only if that fails). With ``block`` > 1 it is a moving-block
     bootstrap (Künsch 1989): points sorted by x are drawn as runs of ``block`` neighbours, which
     keeps serial correlation inside a resample; use it for dense, autocorrelated series such as
-    per-step training statistics, where resampling single points gives too-narrow intervals. Resamples with fewer distinct points
-    than parameters + 1, or whose refit fails, are skipped; ``n_boot_ok`` counts the rest. ``ci``
-    gets the ((1 − level)/2, (1 + level)/2) percentiles of the successful refits; it is None (and
-    the message says why) when fewer than 2 refits succeeded.
+    per-step training statistics, where resampling single points gives too-narrow intervals.
+    Resamples with fewer distinct points than parameters + 1, or whose refit fails, are skipped;
+    ``n_boot_ok`` counts the rest. ``ci`` gets the ((1 − level)/2, (1 + level)/2) percentiles of the
+    successful refits; it is None (and the message says why) when fewer than 2 refits succeeded.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level}")

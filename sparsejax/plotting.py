@@ -46,12 +46,18 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, ke
     if handles:
         ax.legend(handles=handles, fontsize="small")
     if out_path is not None:
-        # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
-        stem = Path(out_path)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for ext in ("png", "pdf"):
-            fig.savefig(f"{stem}.{ext}", dpi=150)
+        save_figure(fig, out_path)
     return fig
+
+
+def save_figure(fig: Figure, out_path) -> Path:
+    """Write ``<out_path>.png`` and ``<out_path>.pdf``; returns the stem."""
+    # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
+    stem = Path(out_path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{stem}.{ext}", dpi=150)
+    return stem
 
 
 def _colours(labels) -> dict[str, str]:

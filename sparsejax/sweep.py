@@ -606,13 +606,6 @@ def format_fit(fit: LawFit) -> str:
 # --------------------------------------------------------------------------------------------
 # Plots (sparsejax.plotting; PNG + PDF)
 # --------------------------------------------------------------------------------------------
-def _save(fig, stem: pathlib.Path) -> pathlib.Path:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{stem}.{ext}", dpi=150)
-    return stem
-
-
 def plot_ratio_fits(fits: Sequence[LawFit], title: str, out_path: pathlib.Path | None = None):
     """Measured points of each fit's run and its fitted law (with bootstrap band) against tokens.
 
@@ -627,7 +620,7 @@ def plot_ratio_fits(fits: Sequence[LawFit], title: str, out_path: pathlib.Path |
     pad = 0.1 * np.ptp(pct) + 0.5
     fig.axes[0].set_ylim(max(0.0, pct.min() - pad), min(100.0 + pad, pct.max() + pad))
     if out_path is not None:
-        _save(fig, out_path)
+        plotting.save_figure(fig, out_path)
     return fig
 
 
