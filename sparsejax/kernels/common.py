@@ -1,0 +1,42 @@
+"""Element-wise pieces shared by the TPU and GPU kernel bodies (pure functions of f32 tiles).
+
+The FFN hidden unit is ``h = σ(g) · τ(u)`` for a gated FFN (g = x·W_gate, u = x·W_in; τ is the
+identity, or σ when the activation is applied to the up projection too, as in dReLU, Song et al.
+2024) and ``h = σ(u)`` for a plain FFN. σ must be element-wise: a blocked kernel sees only
+``block_f`` neurons at a time, so feature-axis normalising activations (PolyNorm) cannot run here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Activation = Callable[[Array], Array]
+
+
+def value_and_slope(act: Activation, z: Array) -> tuple[Array, Array]:
+    """(σ(z), σ'(z)) element-wise, by one forward-mode pass (no transpose needed in a kernel)."""
+    return jax.jvp(act, (z,), (jnp.ones_like(z),))
+
+
+def hidden(act: Activation, u: Array, g: Optional[Array], gate_and_up: bool) -> Array:
+    if g is None:
+        return act(u)
+    return act(g) * (act(u) if gate_and_up else u)
+
+
+def hidden_grads(act: Activation, u: Array, g: Optional[Array], gate_and_up: bool,
+                 dh: Array) -> tuple[Array, Array, Optional[Array]]:
+    """(h, du, dg) for upstream dh; dg is None for a plain FFN."""
+    if g is None:
+        s_u, ds_u = value_and_slope(act, u)
+        return s_u, dh * ds_u, None
+    s_g, ds_g = value_and_slope(act, g)
+    if gate_and_up:
+        t_u, dt_u = value_and_slope(act, u)
+    else:
+        t_u, dt_u = u, jnp.ones_like(u)
+    return s_g * t_u, dh * s_g * dt_u, dh * t_u * ds_g
