@@ -68,9 +68,9 @@ def _hidden_kernel(index_ref, count_ref, x_ref, w_in_ref, *rest, act, gated, gat
             u, g = carry
             chunk = pl.ds(c * block_d, block_d)
             x = x_ref[rows, chunk]
-            u += pl.dot(x, w_in_ref[chunk, cols])
+            u += plgpu.dot(x, w_in_ref[chunk, cols])
             if gated:
-                g += pl.dot(x, w_gate_ref[chunk, cols])
+                g += plgpu.dot(x, w_gate_ref[chunk, cols])
             return u, g
 
         u, g = jax.lax.fori_loop(0, x_ref.shape[1] // block_d, body, (zeros, zeros))
@@ -88,7 +88,7 @@ def _out_kernel(index_ref, count_ref, h_ref, w_out_ref, y_ref, *, block_t, block
 
     def body(k, acc):
         rows = pl.ds(index_ref[n, k] * block_f, block_f)
-        return acc + pl.dot(h_ref[n, k, :, :], w_out_ref[rows, chunk])
+        return acc + plgpu.dot(h_ref[n, k, :, :], w_out_ref[rows, chunk])
 
     acc = jax.lax.fori_loop(0, count_ref[n], body, jnp.zeros((block_t, block_d), jnp.float32))
     y_ref[pl.ds(n * block_t, block_t), chunk] = acc.astype(y_ref.dtype)
