@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from sparsejax import evaluation, metrics, model as model_lib  # noqa: E402
+from sparsejax import cett, evaluation, model as model_lib  # noqa: E402
 
 
 def _time(fn, repeats: int):
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     print("| layer | reference s | incremental s | speed-up | same threshold | evaluations |")
     print("|---|---|---|---|---|---|")
     for name, h, w in cases:
-        metrics.cett_threshold_reference(h, w, args.cett)  # compile both outside the timing
-        metrics.cett_threshold_incremental(h, w, args.cett)
-        t_ref, ref = _time(lambda: metrics.cett_threshold_reference(h, w, args.cett), args.repeats)
-        t_inc, inc = _time(lambda: metrics.cett_threshold_incremental(h, w, args.cett), args.repeats)
+        cett.cett_threshold_reference(h, w, args.cett)  # compile both outside the timing
+        cett.cett_threshold_incremental(h, w, args.cett)
+        t_ref, ref = _time(lambda: cett.cett_threshold_reference(h, w, args.cett), args.repeats)
+        t_inc, inc = _time(lambda: cett.cett_threshold_incremental(h, w, args.cett), args.repeats)
         print(f"| {name} | {t_ref:.3f} | {t_inc:.3f} | {t_ref / t_inc:.2f}x | "
               f"{ref.threshold == inc.threshold} | {ref.num_evaluations} |")
     return 0

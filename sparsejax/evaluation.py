@@ -7,7 +7,7 @@ reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils
   removed inside the FFN (``Transformer(neuron_thresholds_NxF=...)``), so later layers see the
   pruned output, and the activation ratio and loss are measured in that pass;
 * *CETT c*: a dense pass records σ(gate)·up of every layer; each layer gets the CETT threshold t_l
-  of target c (``metrics.cett_threshold_*``, the reference's 65,536-candidate bisection); the
+  of target c (``cett.cett_threshold_*``, the reference's 65,536-candidate bisection); the
   sparse pass drops neuron i when |σ(gate)·up|_i < t_l / ‖W_out[i]‖;
 * *CETT-PPL-p%*: an outer bisection over c in [0, 1] (tolerance 1e-3) for the c at which the
   perplexity ratio exp(loss_sparse − loss_dense) reaches 1 + p/100. The ``joint`` mode searches c
@@ -15,7 +15,7 @@ reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils
   §1) and applies it to every post-warm-up checkpoint, as the paper does for training curves.
 
 Memory (SPEC §1 pools all evaluation tokens for the CETT grid): statistics are reduced in-graph
-per batch (``sparsity.stats_update``), so nothing of size tokens × d_ff × layers is kept for the
+per batch (``metrics.stats_update``), so nothing of size tokens × d_ff × layers is kept for the
 zero/FAT/top-k metrics. CETT needs each layer's pooled σ(gate)·up; they are held in host memory
 when they fit in ``max_cache_gib`` and otherwise spilled to per-(layer, batch) ``.npy`` files read
 back one layer at a time, so at most one layer's tokens × d_ff is in memory at once.
@@ -43,14 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import (activations, checkpointing, config as config_lib, data, flops,
-                       metrics as sparsity, model as model_lib, optim, sharding, step as step_lib)
+from sparsejax import (activations, cett as cett_lib, checkpointing, config as config_lib, data,
+                       flops, metrics as metrics_lib, model as model_lib, optim, sharding,
+                       step as step_lib)
 from sparsejax.loss import next_token_loss
 
 METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
 CETT_PPL_MODES = ("joint", "per_checkpoint")
-CETT_SEARCHES = {"incremental": sparsity.cett_threshold_incremental,
-                 "reference": sparsity.cett_threshold_reference}
+CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
+                 "reference": cett_lib.cett_threshold_reference}
 
 
 class EvalError(ValueError):
@@ -68,7 +69,7 @@ class EvalOptions:
     cett_ppl_mode: str = "joint"
     joint_last: int = 5
     eval_batches: int = 0  # 0: the run's train.eval_batches
-    dead_min_rate: float = sparsity.DEAD_MIN_RATE
+    dead_min_rate: float = metrics_lib.DEAD_MIN_RATE
     cett_search: str = "incremental"
     max_cache_gib: float = 2.0
 
@@ -185,7 +186,7 @@ class PassResult:
 
     loss: float  # mean next-token loss over valid tokens
     tokens: int
-    reports: list[sparsity.SparsityReport]  # per layer
+    reports: list[metrics_lib.SparsityReport]  # per layer
     hidden: HiddenStore | None = None
 
 
@@ -210,9 +211,9 @@ class Evaluator:
         self._trained_topk = 0 < m.topk_k < m.d_ff
         self._exact_zeros = activations.get(m.activation).exact_zeros
         if options.topk < 1:
-            self.topk_k = sparsity.resolve_topk(float(options.topk), m.d_ff)
+            self.topk_k = metrics_lib.resolve_topk(float(options.topk), m.d_ff)
         else:
-            self.topk_k = sparsity.resolve_topk(int(options.topk), m.d_ff)
+            self.topk_k = metrics_lib.resolve_topk(int(options.topk), m.d_ff)
         self._dense = self._compile(model_lib.Transformer(m), "zero", keep_hidden=False)
         self._dense_keep = None
         self._threshold = {t: self._compile(model_lib.Transformer(m), t, keep_hidden=False)
@@ -230,10 +231,10 @@ class Evaluator:
                                         topk=self._trained_topk)
         if rule == "topk":
             flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
-            return sparsity.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
+            return metrics_lib.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
         if rule == "topk_global":
             flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
-            return sparsity.global_topk_active_TxF(flat, self.topk_fraction).reshape(act_BxLxF.shape)
+            return metrics_lib.global_topk_active_TxF(flat, self.topk_fraction).reshape(act_BxLxF.shape)
         measured = act_BxLxF if rule == "activation" else hidden_BxLxF
         # The model keeps |x| >= threshold; written as not(<) like the reference's mask.
         active = ~(jnp.abs(measured) < threshold_F.astype(measured.dtype))
@@ -256,8 +257,8 @@ class Evaluator:
             mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
             valid_BxL = batch["weights"] > 0
             new_stats = [
-                sparsity.stats_update(s, self._active(rule, a, h, thresholds_NxF[i]),
-                                     a if rule == "zero" else None, valid_BxL)
+                metrics_lib.stats_update(s, self._active(rule, a, h, thresholds_NxF[i]),
+                                         a if rule == "zero" else None, valid_BxL)
                 for i, (s, a, h) in enumerate(zip(stats, acts, hiddens))]
             out = (mean_loss * tokens, tokens, new_stats)
             if keep_hidden:
@@ -272,7 +273,7 @@ class Evaluator:
         return jax.jit(wrapper)
 
     def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
-        stats = [sparsity.stats_init(self.d_ff) for _ in range(self.n_layers)]
+        stats = [metrics_lib.stats_init(self.d_ff) for _ in range(self.n_layers)]
         loss_sum, tokens = 0.0, 0.0
         for batch in self.batches:
             out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF)
@@ -284,7 +285,7 @@ class Evaluator:
                 hidden_NxBxLxF = np.asarray(out[3])
                 hidden.add(hidden_NxBxLxF.reshape(self.n_layers, -1, self.d_ff)[:, valid])
         self.forward_passes += len(self.batches)
-        reports = [sparsity.stats_finalize(s, self.options.dead_min_rate) for s in stats]
+        reports = [metrics_lib.stats_finalize(s, self.options.dead_min_rate) for s in stats]
         return PassResult(loss_sum / tokens, int(tokens), reports, hidden)
 
     def _no_thresholds(self):
@@ -310,7 +311,7 @@ class Evaluator:
 
     def fat(self, params, eps: float) -> PassResult:
         """FAT-ε sparse pass: active iff |σ(gate)| ≥ ε + 1e-18 (reference ``prune_fat``)."""
-        threshold = np.float32(eps + sparsity.FAT_FLOOR)
+        threshold = np.float32(eps + metrics_lib.FAT_FLOOR)
         return self.thresholded(params, np.full((self.n_layers, self.d_ff), threshold), "activation")
 
     def topk(self, params) -> PassResult:
@@ -392,7 +393,7 @@ def _report(result: PassResult, dense_loss: float, **params) -> dict:
     reports = result.reports
     ratio_layers = [float(r.activation_ratio) for r in reports]
     dead_layers = [float(r.dead_share) for r in reports]
-    lens = sparsity.CHUNK_LENS
+    lens = metrics_lib.CHUNK_LENS
     chunk = np.mean([np.asarray(r.chunk_sparsity_C) for r in reports], axis=0)
     chunk_ind = np.mean([np.asarray(r.chunk_sparsity_independent_C) for r in reports], axis=0)
     return {"ratio": float(np.mean(ratio_layers)), "ratio_layers": ratio_layers,
@@ -405,8 +406,8 @@ def _report(result: PassResult, dense_loss: float, **params) -> dict:
 
 
 def _histograms(result: PassResult) -> dict:
-    return {"edges": list(sparsity.DEFAULT_HIST_EDGES),
-            "counts_layers": [np.asarray(r.hist_count_H).astype(int).tolist() for r in result.reports]}
+    return {"edges": list(metrics_lib.DEFAULT_HIST_EDGES),
+            "counts_layers": [np.asarray(r.hist_count_S).astype(int).tolist() for r in result.reports]}
 
 
 def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(), *,

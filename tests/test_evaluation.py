@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import config as config_lib, evaluation, metrics, model as model_lib, trainer
+from sparsejax import cett, config as config_lib, evaluation, model as model_lib, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -161,9 +161,9 @@ def test_cett_thresholds_match_reference_search_on_independent_intermediates(rel
         np.testing.assert_allclose(np.concatenate(dense.hidden.layer(i)),
                                    hiddens[i].reshape(-1, ev.d_ff), rtol=1e-4, atol=1e-5)
         # ... and the fast search on them lands on the reference search's threshold exactly.
-        ref = metrics.cett_threshold_reference(dense.hidden.layer(i), w_outs[i], 0.2)
+        ref = cett.cett_threshold_reference(dense.hidden.layer(i), w_outs[i], 0.2)
         assert t_layers[i] == ref.threshold
-        independent = metrics.cett_threshold_reference(hiddens[i].reshape(-1, ev.d_ff), w_outs[i], 0.2)
+        independent = cett.cett_threshold_reference(hiddens[i].reshape(-1, ev.d_ff), w_outs[i], 0.2)
         assert math.isclose(t_layers[i], independent.threshold, rel_tol=1e-4)
         np.testing.assert_allclose(thr_NxF[i], ref.threshold / np.linalg.norm(np.asarray(w_outs[i]), axis=1),
                                    rtol=1e-6)
