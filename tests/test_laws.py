@@ -134,9 +134,9 @@ def test_noisy_published_rows_bootstrap_ci_covers_truth(activation, size):
 
 def test_resample_indices_are_runs_of_consecutive_points():
     rng = np.random.default_rng(0)
-    iid = laws._resample_indices(rng, 10, 1)
+    iid = laws.fitting._resample_indices(rng, 10, 1)
     assert iid.shape == (10,) and iid.min() >= 0 and iid.max() < 10
-    runs = laws._resample_indices(rng, 10, 4)  # ceil(10/4) = 3 runs of 4, cut to 10
+    runs = laws.fitting._resample_indices(rng, 10, 4)  # ceil(10/4) = 3 runs of 4, cut to 10
     assert runs.shape == (10,) and runs.min() >= 0 and runs.max() < 10
     for start in (0, 4):
         np.testing.assert_array_equal(np.diff(runs[start:start + 4]), 1)
