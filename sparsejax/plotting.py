@@ -14,6 +14,8 @@ line and band styles.
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -51,12 +53,25 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, ke
 
 
 def save_figure(fig: Figure, out_path) -> Path:
-    """Write ``<out_path>.png`` and ``<out_path>.pdf``; returns the stem."""
+    """Write ``<out_path>.png`` and ``<out_path>.pdf``; returns the stem.
+
+    Each file is written atomically: rendered to a temporary file in the same directory, then
+    renamed over the target, so a reader (or a crash mid-write) never sees a truncated figure.
+    """
     # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
     stem = Path(out_path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        fig.savefig(f"{stem}.{ext}", dpi=150)
+        # Same directory (a rename is atomic only within one filesystem); a name of its own per
+        # process and call; opened normally, so the file gets the usual umask permissions.
+        tmp = stem.parent / f".{stem.name}.{ext}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(tmp, "xb") as fh:
+                fig.savefig(fh, format=ext, dpi=150)
+            os.replace(tmp, f"{stem}.{ext}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return stem
 
 

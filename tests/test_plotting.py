@@ -26,6 +26,25 @@ def _assert_saved(stem):
     for ext in ("png", "pdf"):
         path = stem.parent / f"{stem.name}.{ext}"
         assert path.is_file() and path.stat().st_size > 1000, path
+    assert not list(stem.parent.glob("*.tmp")), "a temporary file was left behind"
+
+
+def test_save_figure_is_atomic(tmp_path):
+    """A failed write leaves the previous figure intact and no temporary file behind."""
+    fig = plotting.plot_limit_vs_params({"relu": ([0.1, 0.4], [0.06, 0.07])})
+    stem = plotting.save_figure(fig, tmp_path / "limits")
+    _assert_saved(stem)
+    before = (tmp_path / "limits.png").read_bytes()
+
+    def broken_savefig(fh, **kwargs):
+        fh.write(b"half a figure")
+        raise RuntimeError("disk full")
+
+    fig.savefig = broken_savefig
+    with pytest.raises(RuntimeError, match="disk full"):
+        plotting.save_figure(fig, stem)
+    assert (tmp_path / "limits.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["limits.pdf", "limits.png"]
 
 
 def test_ratio_vs_tokens_draws_series_fits_and_bands(tmp_path):
