@@ -7,7 +7,7 @@
 Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
 results.csv (tidy rows) and PNG plots next to it (default: WORKDIR/eval/results.json).
-Definitions: SPEC §1 / the Sparsing Law paper; see sparsejax/evaluation.py.
+Definitions: docs/sparsity_metrics_and_laws.md (Sparsing Law paper); see sparsejax/evaluation.py.
 Exit codes: 0 done, 1 error, 2 bad arguments or a missing/incompatible workdir (nothing written).
 """
 

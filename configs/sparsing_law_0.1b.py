@@ -1,4 +1,7 @@
-"""Sparsing Law paper model "0.1b" (SPEC §4), ReLU; switch with --set model.activation=silu."""
+"""Sparsing Law paper model "0.1b", ReLU; switch with --set model.activation=silu.
+
+Sizes: docs/sparsity_metrics_and_laws.md §Paper models.
+"""
 
 from sparsejax.config import paper_config
 

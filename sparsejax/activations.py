@@ -1,9 +1,9 @@
 """One registry of FFN activation functions and the properties the sparsity metrics need.
 
 Each entry says whether the function outputs exact zeros (ReLU family: the *zero* criterion of
-SPEC §1 applies), which scalar parameters it takes, and whether a gated FFN applies it to the up
-projection too (dReLU). Gated variants (ReGLU, SwiGLU, GeGLU, ReLU²-GLU) are configs:
-``ffn_type="gated"`` with ``activation`` relu / silu / gelu / relu2.
+docs/sparsity_metrics_and_laws.md §Criteria applies), which scalar parameters it takes, and whether
+a gated FFN applies it to the up projection too (dReLU). Gated variants (ReGLU, SwiGLU, GeGLU,
+ReLU²-GLU) are configs: ``ffn_type="gated"`` with ``activation`` relu / silu / gelu / relu2.
 """
 
 from __future__ import annotations

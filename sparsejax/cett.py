@@ -69,7 +69,7 @@ def _check_ffn_shapes(hidden_TxF, w_out_FxD) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def cett_scores_TxF(hidden_TxF: Array, w_out_FxD: Array) -> Array:
-    """CETT neuron scores (SPEC §1): score_i = |σ(gate)_i · up_i| · ‖W_out[:, i]‖₂ = ‖n_i‖₂."""
+    """CETT neuron scores (docs §CETT): score_i = |σ(gate)_i · up_i| · ‖W_out[:, i]‖₂ = ‖n_i‖₂."""
     _check_ffn_shapes(hidden_TxF, w_out_FxD)
     return jnp.abs(as_f32(hidden_TxF)) * jnp.linalg.norm(as_f32(w_out_FxD), axis=1)
 
@@ -94,9 +94,8 @@ def cett_per_token_T(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
     """Per-token CETT at threshold t: ‖Σ_{i∈D} n_i‖₂ / ‖FFN(x)‖₂ with D = {i : score_i ≤ t}.
 
     This is the error of keeping only the neurons with score > t: ‖FFN(x) − kept‖ / ‖FFN(x)‖.
-    (SPEC §1 calls the reference's numerator the "kept" output; in the code it is the output of
-    the tensor whose entries with score > t were zeroed, i.e. of the dropped tail, which matches
-    the formula.) Departures: D uses ≤ t as the reference's search does, where the paper writes
+    (The reference's numerator is the output of the tensor whose entries with score > t were
+    zeroed, i.e. of the dropped tail, which matches the formula.) Departures: D uses ≤ t as the reference's search does, where the paper writes
     < t; a token with ‖FFN(x)‖ = 0 contributes 0 (the reference divides by zero and gets NaN).
     """
     _check_ffn_shapes(hidden_TxF, w_out_FxD)
@@ -108,7 +107,7 @@ def cett_per_token_T(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
 
 
 def cett_at_threshold(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
-    """CETT(t) = mean over tokens of ``cett_per_token_T`` (SPEC §1). To pool batches, sum
+    """CETT(t) = mean over tokens of ``cett_per_token_T`` (docs §CETT). To pool batches, sum
     ``cett_per_token_T`` over them and divide by the total token count."""
     return jnp.mean(cett_per_token_T(hidden_TxF, w_out_FxD, threshold))
 
@@ -312,7 +311,7 @@ def _pooled_cett(tails: Sequence[Array], batches: Sequence[_Batch], n_tokens: in
 
 def cett_threshold_reference(hidden, w_out_FxD: Array, target: float, *,
                              num_candidates: int = CETT_NUM_CANDIDATES) -> CettSearchResult:
-    """The reference CETT threshold search (``calc_thresholds_given_cett``; SPEC §1).
+    """The reference CETT threshold search (``calc_thresholds_given_cett``; docs §Reference procedure).
 
     Candidates from ``cett_candidates_G``; a bisection (see ``_bisect`` for its edges) in which
     each step is one jitted pass per batch: a masked [T, F] @ [F, D] matmul, never a
@@ -320,7 +319,7 @@ def cett_threshold_reference(hidden, w_out_FxD: Array, target: float, *,
 
     CETT is not monotone in t (adding a neuron's vector can shrink a norm), so the result is a
     crossing point, CETT(t*) ≤ target < CETT(next candidate), not necessarily the largest t
-    with CETT(t) ≤ target (SPEC §1).
+    with CETT(t) ≤ target (docs §CETT).
 
     Streaming: ``hidden`` may be a sequence of [T_b, F] batches of one layer (device arrays:
     each is read once per step). Their scores are pooled for the grid's minimum and strided

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Decoder-only transformer shape and FFN sparsity (SPEC §1, §4, §5)."""
+    """Decoder-only transformer shape and FFN sparsity (docs/sparsity_metrics_and_laws.md)."""
 
     vocab_size: int = 256
     d_model: int = 128
@@ -90,7 +90,8 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # Activation-ratio logging: FAT-ε for activations that are not ReLU-family (SPEC §1).
+    # Activation-ratio logging: FAT-ε for activations that are not ReLU-family
+    # (docs/sparsity_metrics_and_laws.md §Criteria).
     fat_eps: float = 1e-2
     log_every: int = 10
     eval_every: int = 100
@@ -133,7 +134,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# The Sparsing Law paper's model sizes (SPEC §4): d_ff = 2.5 d_model, head dim 128, vocab 122,753.
+# The Sparsing Law paper's model sizes (docs/sparsity_metrics_and_laws.md §Paper models):
+# d_ff = 2.5 d_model, head dim 128, vocab 122,753.
 PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
     # name: (d_model, n_layers, d_ff, n_heads)
     "0.1b": (768, 16, 1920, 6),
@@ -147,7 +149,8 @@ PAPER_VOCAB_SIZE = 122_753
 
 
 def paper_config(size: str, activation: str = "relu") -> Config:
-    """Config of one Sparsing Law model size (SPEC §4), gated FFN, sequence 4096.
+    """Config of one Sparsing Law model size (docs/sparsity_metrics_and_laws.md §Paper models),
+    gated FFN, sequence 4096.
 
     Departure from the paper: the paper trains with µP (MiniCPM-style width scaling of
     initialisation and learning rates); sparsejax uses standard parameterisation, so the paper's

@@ -1,7 +1,8 @@
 """Sparsity evaluation of trained runs: zero, top-k, FAT-ε, CETT and CETT-PPL-p% over checkpoints.
 
 Definitions and search procedures are those of the Sparsing Law paper (arXiv 2411.02335) and its
-reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils.py``), SPEC §1:
+reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils.py``); see
+docs/sparsity_metrics_and_laws.md §Reference procedure:
 
 * every criterion except *zero* is applied as a **sparse forward pass**: the dropped neurons are
   removed inside the FFN (``Transformer(neuron_thresholds_NxF=...)``), so later layers see the
@@ -11,10 +12,11 @@ reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils
   sparse pass drops neuron i when |σ(gate)·up|_i < t_l / ‖W_out[i]‖;
 * *CETT-PPL-p%*: an outer bisection over c in [0, 1] (tolerance 1e-3) for the c at which the
   perplexity ratio exp(loss_sparse − loss_dense) reaches 1 + p/100. The ``joint`` mode searches c
-  on the last ``joint_last`` post-warm-up checkpoints together (their mean perplexity ratio, SPEC
-  §1) and applies it to every post-warm-up checkpoint, as the paper does for training curves.
+  on the last ``joint_last`` post-warm-up checkpoints together (their mean perplexity ratio,
+  docs/sparsity_metrics_and_laws.md §CETT-PPL) and applies it to every post-warm-up checkpoint, as
+  the paper does for training curves.
 
-Memory (SPEC §1 pools all evaluation tokens for the CETT grid): statistics are reduced in-graph
+Memory (the reference pools all evaluation tokens for the CETT grid): statistics are reduced in-graph
 per batch (``metrics.stats_update``), so nothing of size tokens × d_ff × layers is kept for the
 zero/FAT/top-k metrics. CETT needs each layer's pooled σ(gate)·up; they are held in host memory
 when they fit in ``max_cache_gib`` and otherwise spilled to per-(layer, batch) ``.npy`` files read
@@ -65,7 +67,7 @@ class EvalOptions:
     topk: float = 0.3  # per-token top-k: a fraction of d_ff (< 1) or a neuron count (>= 1)
     cett: float = 0.2  # target of the fixed-CETT metric
     ppl_p: float = 1.0  # CETT-PPL-p%: perplexity ratio target 1 + p/100 (paper: p = 1)
-    tolerance: float = 1e-3  # outer bisection tolerance on c (SPEC §1)
+    tolerance: float = 1e-3  # outer bisection tolerance on c, as in the paper
     cett_ppl_mode: str = "joint"
     joint_last: int = 5
     eval_batches: int = 0  # 0: the run's train.eval_batches
@@ -368,7 +370,7 @@ def bisect_cett(ppl_ratio_at: Callable[[float], float], target_ratio: float,
     """The reference's outer search (``calc_cett_for_target_ppl_ratio``) on c in [0, 1]:
     c goes up while the perplexity ratio is below the target; returns the bracket midpoint.
 
-    The reference's tolerance is 1e-6 in its code; SPEC §1 and the paper use 1e-3 (10 steps).
+    The reference's tolerance is 1e-6 in its code; the paper uses 1e-3 (10 steps).
     """
     lo, hi = 0.0, 1.0
     evaluations = []
@@ -384,7 +386,8 @@ def bisect_cett(ppl_ratio_at: Callable[[float], float], target_ratio: float,
 
 
 def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
-    """exp(loss_sparse − loss_dense): the sparse/dense perplexity ratio (SPEC §1)."""
+    """exp(loss_sparse − loss_dense): the sparse/dense perplexity ratio
+    (docs/sparsity_metrics_and_laws.md §CETT-PPL)."""
     return math.exp(sparse_loss - dense_loss)
 
 
@@ -505,7 +508,8 @@ def _progress(items, enabled: bool, desc: str):
 
 def _search_joint(ev: Evaluator, run: Run, steps: list[int], target_ratio: float,
                   spill_root: pathlib.Path, say) -> dict:
-    """Bisection on c for the mean perplexity ratio over ``steps`` (SPEC §1, multi-checkpoint)."""
+    """Bisection on c for the mean perplexity ratio over ``steps``
+    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode)."""
     before = ev.forward_passes
     cached = []
     for step_no in steps:

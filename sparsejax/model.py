@@ -9,9 +9,10 @@ caller asks for it (``mutable=["intermediates"]``); otherwise ``sow`` is a no-op
 nothing. Per layer ``i`` the FFN sows
 
 * ``layer_{i}/ffn/activation``: σ(W_gate x) (plain FFN: σ(W_in x)), shape [B, L, F], the quantity
-  the zero / top-k / FAT-ε criteria of SPEC §1 look at;
+  the zero / top-k / FAT-ε criteria of docs/sparsity_metrics_and_laws.md §Criteria look at;
 * ``layer_{i}/ffn/hidden``: σ(gate)·up (plain: σ(W_in x)) after any training-time top-k mask
-  but before an evaluation threshold mask — CETT scores are |hidden|·‖W_out[i]‖ (SPEC §1).
+  but before an evaluation threshold mask — CETT scores are |hidden|·‖W_out[i]‖
+  (docs/sparsity_metrics_and_laws.md §CETT).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def topk_mask(score_TxF: Array, k: int, *, approximate: bool = False, recall: fl
 
 
 class FeedForward(nn.Module):
-    """Gated ``W_out[σ(W_gate x) ⊙ W_in x]`` or plain ``W_out σ(W_in x)`` FFN (SPEC §1)."""
+    """Gated ``W_out[σ(W_gate x) ⊙ W_in x]`` or plain ``W_out σ(W_in x)`` FFN
+    (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
 
     cfg: ModelConfig
 
@@ -130,7 +132,8 @@ class FeedForward(nn.Module):
                 hidden_BxLxF = hidden_BxLxF * keep_BxLxF
 
         # Sown before the evaluation mask below, so an evaluator can tell "dropped by the mask"
-        # from "exactly zero" and measure the activity of a sparse pass itself (SPEC §1).
+        # from "exactly zero" and measure the activity of a sparse pass itself
+        # (docs/sparsity_metrics_and_laws.md §Reference procedure).
         self.sow("intermediates", "activation", activation_BxLxF)
         self.sow("intermediates", "hidden", hidden_BxLxF)
         if neuron_threshold_F is not None:

@@ -1,9 +1,10 @@
 """AdamW with the Sparsing Law paper's warmup-stable-decay (WSD) schedule, or cosine / constant.
 
-WSD (Hu et al. 2024, MiniCPM; used by the Sparsing Law paper, SPEC §4): linear warm-up to the
-peak, constant, then a decay over the last ``decay_fraction`` of the steps to
-``min_lr_ratio × peak``. Departure: MiniCPM decays exponentially; sparsejax decays linearly, so a
-WSD run's learning rate is piecewise linear and easy to reason about.
+WSD (Hu et al. 2024, MiniCPM; used by the Sparsing Law paper, docs/sparsity_metrics_and_laws.md
+§Paper models): linear warm-up to the peak, constant, then a decay over the last
+``decay_fraction`` of the steps to ``min_lr_ratio × peak``. Departure: MiniCPM decays
+exponentially; sparsejax decays linearly, so a WSD run's learning rate is piecewise linear and easy
+to reason about.
 """
 
 from __future__ import annotations

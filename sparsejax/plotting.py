@@ -170,8 +170,8 @@ def plot_limit_vs_width_depth(
 
     ratios: width/depth (d_model / n_layers) per model; limits: A0 in [0, 1] per model. ``fit``
     (typically ``power_offset``) is drawn over the span of ``ratios``, with its band if
-    bootstrapped. Sparsing Law (SPEC §2): the limit rises roughly linearly up to width/depth ≈ 114,
-    then flattens.
+    bootstrapped. Sparsing Law (docs/sparsity_metrics_and_laws.md §Laws): the limit rises roughly linearly
+    up to width/depth ≈ 114, then flattens.
     """
     ratios = np.asarray(ratios, dtype=float)
     fig, ax = _new_axes(title)
@@ -193,7 +193,8 @@ def plot_limit_vs_params(
     """Limit activation ratio A0 (%) against parameters (B), one line per activation.
 
     series: label -> (parameters in billions, A0 in [0, 1]); ci: label -> (lo, hi) arrays of A0,
-    drawn as error bars. The paper's finding: the limit is insensitive to scale (SPEC §2).
+    drawn as error bars. The paper's finding: the limit is insensitive to scale
+    (docs/sparsity_metrics_and_laws.md §Laws).
     """
     ci = ci or {}
     colours = _colours(series)

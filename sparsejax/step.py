@@ -4,10 +4,11 @@ The training state is a plain pytree ``{"params", "opt_state", "step"}``. Its sh
 the parameters' logical axis names (optimizer moments inherit them), so ``jax.jit`` with
 ``in_shardings``/``out_shardings`` runs the same step on one CPU, 8 fake CPU devices or a pod.
 
-Activation statistics (SPEC §1) are reduced inside the step to ``[n_layers]`` ratios and an
-``[n_layers, d_ff]`` count of tokens per neuron, so nothing of size [tokens × d_ff] leaves the
-device: a neuron is active for a token when σ(gate) ≠ 0 (ReLU family, exact zeros) or
-|σ(gate)| ≥ ``train.fat_eps`` (other activations: FAT-ε), and, under top-k, kept by the mask.
+Activation statistics (docs/sparsity_metrics_and_laws.md §Activation ratio) are reduced inside the
+step to ``[n_layers]`` ratios and an ``[n_layers, d_ff]`` count of tokens per neuron, so nothing of
+size [tokens × d_ff] leaves the device: a neuron is active for a token when σ(gate) ≠ 0 (ReLU
+family, exact zeros) or |σ(gate)| ≥ ``train.fat_eps`` (other activations: FAT-ε), and, under
+top-k, kept by the mask.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ and train.py resumes from its checkpoints. A failing run is recorded and the swe
 
 Then OUT gets ``sweep.json`` (the resolved runs), ``results.csv``/``.json`` (tidy: one row per
 run, step and metric, see :data:`COLUMNS`), ``fits.json`` (one Sparsing Law fit per run and
-activation-ratio metric, SPEC §2) and ``plots/`` (PNG + PDF, :mod:`sparsejax.plotting`).
+activation-ratio metric, docs/sparsity_metrics_and_laws.md §Laws) and ``plots/`` (PNG + PDF,
+:mod:`sparsejax.plotting`).
 Exit codes: 0 every run done, 1 a run failed (the summary lists them), 2 bad sweep file/arguments.
 """
 
@@ -43,7 +44,8 @@ from sparsejax import activations, config as config_lib, flops, laws, writers
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MARKER = "sweep_train_done.json"
 COLUMNS = ("run", "activation", "size", "params", "width", "depth", "tokens", "step", "metric", "value")
-TOKENS_PER_D = 1e9  # SPEC §2: the ratio laws take D = training tokens / 1e9
+# The ratio laws take D = training tokens / 1e9 (docs/sparsity_metrics_and_laws.md §Laws).
+TOKENS_PER_D = 1e9
 DEFAULT_LAWS = {"relu": "relu_ratio", "silu": "silu_ratio"}
 DEFAULT_PLOTS = ("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens")
 PLOT_KINDS = DEFAULT_PLOTS + ("limit_vs_width_depth",)
@@ -135,7 +137,8 @@ def proxy_size_point(size: str) -> Point:
 
 
 def paper_size_points(sizes: Sequence[str]) -> list[Point]:
-    """Sparsing Law sizes (SPEC §4) through ``configs/sparsing_law_<size>.py``."""
+    """Sparsing Law sizes (docs/sparsity_metrics_and_laws.md §Paper models) through
+    ``configs/sparsing_law_<size>.py``."""
     points = []
     for size in sizes:
         if size not in config_lib.PAPER_SIZES:
@@ -154,7 +157,8 @@ def steps_points(steps: Sequence[int]) -> list[Point]:
 def depth_for_width(d_model: int, target_non_embedding: int, *, head_dim: int = 128,
                     ffn_ratio: float = 2.5) -> tuple[int, float]:
     """Layers that bring a d_model-wide model (heads of ``head_dim``, d_ff = ffn_ratio·d_model,
-    SPEC §4) closest to ``target_non_embedding`` parameters; returns (depth, relative error)."""
+    docs/sparsity_metrics_and_laws.md §Paper models) closest to ``target_non_embedding``
+    parameters; returns (depth, relative error)."""
     shape = config_lib.ModelConfig(d_model=d_model, n_layers=1, n_heads=max(1, d_model // head_dim),
                                    head_dim=head_dim, d_ff=int(round(ffn_ratio * d_model)))
     per_layer = flops.param_counts(shape).non_embedding - d_model  # the final norm is not per layer
@@ -165,7 +169,8 @@ def depth_for_width(d_model: int, target_non_embedding: int, *, head_dim: int = 
 
 def width_depth_points(widths: Sequence[int], target_non_embedding: int, *, head_dim: int = 128,
                        size: str = "") -> list[Point]:
-    """Width/depth axis at fixed non-embedding parameters (Sparsing Law §width-depth, SPEC §2)."""
+    """Width/depth axis at fixed non-embedding parameters (Sparsing Law width/depth study;
+    docs/sparsity_metrics_and_laws.md §Laws)."""
     points = []
     for d_model in widths:
         depth, _ = depth_for_width(d_model, target_non_embedding, head_dim=head_dim)
@@ -467,7 +472,7 @@ def write_table(rows: Sequence[dict], out: pathlib.Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Fit the Sparsing Law ratio laws (SPEC §2) per run and activation-ratio metric
+# Fit the Sparsing Law ratio laws per run and ratio metric (docs/sparsity_metrics_and_laws.md)
 # --------------------------------------------------------------------------------------------
 def ratio_metrics(rows: Sequence[dict]) -> list[str]:
     """Activation-ratio metrics present in rows: train_activation_ratio and ``<eval metric>_ratio``."""

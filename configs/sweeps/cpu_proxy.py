@@ -11,7 +11,8 @@ Cost on a 2-core CPU: 1,200 steps took 14 min on one machine and 31 min on a ~1.
 Schedule: **constant** LR after a 30-step warm-up, not the paper's WSD. WSD's final decay changes
 the activation ratio in the last 10% of steps (the ratio moves with the learning rate, not with
 data), which would bend the tail that the law's limit A0 is read from; with a constant LR the curve
-reflects data alone. Warm-up steps are excluded from the fits (SPEC §1: drop warm-up checkpoints).
+reflects data alone. Warm-up steps are excluded from the fits, as the paper drops warm-up
+checkpoints (docs/sparsity_metrics_and_laws.md §CETT-PPL).
 
 Checkpoints every 100 steps are all kept (train.keep_every) for eval.py's ratio-vs-tokens curves.
 """

@@ -1,4 +1,4 @@
-"""Sparsing Law scale sweep: paper sizes 0.1B–1.2B × ReLU, SiLU (SPEC §2, §4), for TPU pods.
+"""Sparsing Law scale sweep: paper sizes 0.1B–1.2B × ReLU, SiLU, for TPU pods.
 
 Each run uses ``configs/sparsing_law_<size>.py`` (gated FFN, d_ff = 2.5·d_model, head dim 128,
 sequence 4096, WSD schedule, C4 through TFDS) with its activation switched. Checkpoints are kept

@@ -1,10 +1,10 @@
-"""Sparsing Law width/depth sweep at ~0.1B non-embedding parameters (SPEC §2), for TPU pods.
+"""Sparsing Law width/depth sweep at ~0.1B non-embedding parameters, for TPU pods.
 
 Thirteen hidden sizes from 128 to 2048; each model has heads of 128 (one head at d_model 128),
 d_ff = 2.5·d_model, and the depth that brings its non-embedding parameter count closest to the
 0.1B paper model's (108.6M, ``sweep.depth_for_width``): 2048 hidden / 2 layers up to 128 hidden /
 575 layers, as in the paper. All are within 5% of the target except 2048/2 (−11%: 3 layers would
-be +33%); the paper uses 2048/2 too. The exact list of the paper's 13 widths is not in SPEC, so
+be +33%); the paper uses 2048/2 too. The exact list of the paper's 13 widths is not given here, so
 the widths here are multiples of 128 up to 1280, then 1536, 1792, 2048.
 
 The paper's finding to reproduce: the limit activation ratio rises roughly linearly with
