@@ -14,7 +14,9 @@ Inputs, per layer (callers loop over layers):
 jittable. The searches (``cett_threshold_reference``, ``cett_threshold_incremental``) run a host
 loop of jitted steps over the candidate grid of ``cett_candidates_G``. The reference code is
 thunlp/SparsingLaw ``src/model_utils.py`` (``calc_thresholds_given_cett``, ``set_thresholds`` and
-the sparse forward); each function says where it follows or departs from it.
+the sparse forward); each function says where it follows or departs from it. The module runs a
+little over 450 lines on purpose: the two searches share the batches, grid, bisection and jitted
+steps, and the incremental search is exact only relative to those internals, so they stay together.
 
 ReLU and t = 0: a ReLU layer's minimum score is 0 (its exact zeros), so the grid starts at 0 and
 the search can return t = 0 — when even grid[1] exceeds the target, or when over ~99% of the
@@ -22,7 +24,7 @@ subsampled scores are 0, so that the 0.99 quantile and with it the whole grid ar
 the sparse pass's strict test |σ(gate)·up| < 0 / ‖W_out[i]‖ drops nothing: every neuron counts as
 active, exact zeros included, and the CETT activation ratio reads 1.0 where the *zero* criterion
 reads the true ReLU ratio. This is the reference's behaviour, kept on purpose (docs §Departures);
-read such a CETT ratio next to the *zero* one (``cett_active_TxF`` says how to tell).
+read such a CETT ratio next to the *zero* one.
 
 Shape suffixes (docs §Shape suffixes): T tokens, F d_ff, D d_model, G candidate thresholds,
 P (token, neuron) entries.
@@ -118,7 +120,9 @@ def cett_active_TxF(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
     ``score < t`` by rounding, and from the search's ``score ≤ t`` at equality).
 
     A neuron with a zero output vector is inactive for t > 0; at t = 0 its threshold is NaN and
-    it stays active, as in the reference.
+    it stays active, as in the reference. At t = 0 nothing is inactive at all, exact zeros
+    included, so the ratio is 1.0 (module docstring, "ReLU and t = 0"); any t > 0 makes exact
+    zeros inactive again.
     """
     _check_ffn_shapes(hidden_TxF, w_out_FxD)
     neuron_threshold_F = as_f32(threshold) / jnp.linalg.norm(as_f32(w_out_FxD), axis=1)

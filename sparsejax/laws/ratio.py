@@ -14,6 +14,9 @@ import numpy as np
 from sparsejax.laws.core import LAWS, Law, linear_lstsq, register
 
 SPARSING_LAW = "Luo et al. 2024, Sparsing Law, arXiv 2411.02335"
+# What the two activation-ratio laws share: x is D (tokens / 1e9), y a ratio in [0, 1], LM fit.
+_RATIO_VS_TOKENS = dict(x_names=("D",), x_domains=("positive",), y_name="activation ratio",
+                        y_domain="ratio", method="lm", citation=SPARSING_LAW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,12 +67,7 @@ register(Law(
     # α and b are bounded only to keep exp/pow finite; c ≥ 0 keeps the ratio falling.
     lower=(0.0, -50.0, 0.0, 0.0),
     upper=(10.0, 50.0, math.inf, 1.0),
-    x_names=("D",),
-    x_domains=("positive",),
-    y_name="activation ratio",
-    y_domain="ratio",
-    method="lm",
-    citation=SPARSING_LAW,
+    **_RATIO_VS_TOKENS,
 ))
 
 
@@ -90,6 +88,7 @@ def _silu_ratio_jac(D, alpha, c, A0):
     D_pow = np.power(D, -alpha)
     return np.stack([c * D_pow * np.log(D), -D_pow, np.ones_like(D)], axis=1)
 
+
 def _silu_ratio_guesses(D, ratio):
     """For a grid of α, ``A = A0 − c·D^(−α)`` is linear in (A0, c)."""
     guesses = []
@@ -109,12 +108,7 @@ register(Law(
     initial_guesses=_silu_ratio_guesses,
     lower=(0.0, 0.0, 0.0),
     upper=(10.0, math.inf, 1.0),
-    x_names=("D",),
-    x_domains=("positive",),
-    y_name="activation ratio",
-    y_domain="ratio",
-    method="lm",
-    citation=SPARSING_LAW,
+    **_RATIO_VS_TOKENS,
 ))
 
 
