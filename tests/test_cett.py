@@ -1,28 +1,13 @@
-"""sparsejax.cett against plain-numpy implementations written here (docs/sparsity_metrics_and_laws.md
-§CETT, §Reference procedure, §Departures)."""
+"""sparsejax.cett against plain-numpy implementations written here
+(docs/sparsity_metrics_and_laws.md §CETT, §Reference procedure, §Departures)."""
 
 import math
 
 import numpy as np
 import pytest
 
+from ffn_data import N_LAYERS, random_layers
 from sparsejax import cett, metrics
-
-N_LAYERS = 3
-
-
-def _layers(seed, n_tokens, d_ff, d_model, zeros=0.0):
-    """Per-layer (σ(gate), σ(gate)·up, w_out) with gated-FFN-like magnitudes; ``zeros`` is the share
-    of exact zeros in σ(gate) (ReLU-like)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(N_LAYERS):
-        act = rng.standard_normal((n_tokens, d_ff)).astype(np.float32)
-        act[rng.random((n_tokens, d_ff)) < zeros] = 0.0
-        hidden = (act * rng.standard_normal((n_tokens, d_ff))).astype(np.float32)
-        w = (rng.standard_normal((d_ff, d_model)) / np.sqrt(d_ff)).astype(np.float32)
-        out.append((act, hidden, w))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +110,7 @@ def exact_norm_w(rng, d_ff, d_model):
 # --------------------------------------------------------------------------------------------
 
 def test_cett_scores_per_token_and_activity():
-    for _, hidden, w in _layers(7, 48, 40, d_model=16, zeros=0.3):
+    for _, hidden, w in random_layers(7, 48, 40, d_model=16, zeros=0.3):
         scores = np.asarray(cett.cett_scores_TxF(hidden, w))
         np.testing.assert_allclose(scores, np.abs(hidden) * np.linalg.norm(w, axis=1), rtol=1e-6)
         for t in (0.0, float(np.median(scores)), float(scores.max())):
@@ -177,7 +162,7 @@ def test_reference_search_matches_numpy_bisection_on_full_grid():
 
 def test_reference_search_matches_numpy_on_random_layers():
     for seed in (10, 11):
-        for _, hidden, w in _layers(seed, 96, 64, d_model=24):
+        for _, hidden, w in random_layers(seed, 96, 64, d_model=24):
             for target in (0.15, 0.4):
                 grid, index, values = np_reference_search(hidden, w, target, n=4096)
                 result = cett.cett_threshold_reference(hidden, w, target, num_candidates=4096)
@@ -194,7 +179,7 @@ def test_reference_search_matches_numpy_on_random_layers():
 ])
 def test_incremental_search_equals_reference(seed, shape, zeros):
     n_tokens, d_ff, d_model = shape
-    for _, hidden, w in _layers(seed, n_tokens, d_ff, d_model=d_model, zeros=zeros):
+    for _, hidden, w in random_layers(seed, n_tokens, d_ff, d_model=d_model, zeros=zeros):
         for target in (0.05, 0.2, 0.5):
             ref = cett.cett_threshold_reference(hidden, w, target)
             for fraction in (0.0, cett.CETT_SPARSE_SWITCH_FRACTION, 1.0):
@@ -206,7 +191,7 @@ def test_incremental_search_equals_reference(seed, shape, zeros):
 
 
 def test_searches_pool_batches_like_one_array():
-    _, hidden, w = _layers(15, 200, 80, d_model=20)[0]
+    _, hidden, w = random_layers(15, 200, 80, d_model=20)[0]
     batches = [hidden[:50], hidden[50:51], hidden[51:]]
     for target in (0.1, 0.35):
         whole = cett.cett_threshold_reference(hidden, w, target, num_candidates=8192)
@@ -219,7 +204,7 @@ def test_searches_pool_batches_like_one_array():
 def test_crossing_property_on_random_data():
     """CETT is not monotone, so the search only promises a crossing point."""
     n = 2048
-    for _, hidden, w in _layers(16, 80, 48, d_model=12, zeros=0.2):
+    for _, hidden, w in random_layers(16, 80, 48, d_model=12, zeros=0.2):
         scores = np_scores(hidden, w)
         grid = cett.cett_candidates_G(hidden, w, n)
         for target in (0.02, 0.25, 0.7, 1.0):
@@ -284,7 +269,7 @@ def test_degenerate_inputs():
         ref = cett.cett_threshold_reference(narrow_h, narrow_w, target)
         fast = cett.cett_threshold_incremental(narrow_h, narrow_w, target, sparse_switch_fraction=1.0)
         assert (ref.index, ref.threshold) == (fast.index, fast.threshold)
-    _, hidden, w = _layers(19, 64, 32, d_model=8)[0]
+    _, hidden, w = random_layers(19, 64, 32, d_model=8)[0]
     relu_hidden = np.maximum(hidden, 0)
     for search in (cett.cett_threshold_reference, cett.cett_threshold_incremental):
         # Target 0 on data without zeros: the minimum score alone already exceeds it; clamp.

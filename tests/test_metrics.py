@@ -1,5 +1,6 @@
-"""sparsejax.metrics against plain-numpy implementations written here (docs/sparsity_metrics_and_laws.md
-§Criteria, §Chunk-level sparsity, §Dead neurons). CETT: tests/test_cett.py."""
+"""sparsejax.metrics against plain-numpy implementations written here
+(docs/sparsity_metrics_and_laws.md §Criteria, §Chunk-level sparsity, §Dead neurons).
+CETT: tests/test_cett.py."""
 
 import math
 
@@ -8,25 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ffn_data import N_LAYERS, random_layers
 from sparsejax import metrics
 
-N_LAYERS = 3
 FLOOR32 = np.float32(1e-18)
-
-
-def _layers(seed, n_tokens, d_ff, d_model=None, zeros=0.0):
-    """Per-layer (activation, hidden, w_out) with gated-FFN-like magnitudes; ``zeros`` is the
-    share of exact zeros in the activation (ReLU-like)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(N_LAYERS):
-        act = rng.standard_normal((n_tokens, d_ff)).astype(np.float32)
-        act[rng.random((n_tokens, d_ff)) < zeros] = 0.0
-        hidden = (act * rng.standard_normal((n_tokens, d_ff))).astype(np.float32)
-        w = None if d_model is None else \
-            (rng.standard_normal((d_ff, d_model)) / np.sqrt(d_ff)).astype(np.float32)
-        out.append((act, hidden, w))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,14 +28,14 @@ def np_ratio(mask):
 # --------------------------------------------------------------------------------------------
 
 def test_zero_criterion_and_ratio():
-    for act, _, _ in _layers(0, 64, 48, zeros=0.6):
+    for act, _, _ in random_layers(0, 64, 48, zeros=0.6):
         mask = np.asarray(metrics.zero_active_TxF(jnp.asarray(act)))
         np.testing.assert_array_equal(mask, act != 0)
         assert abs(float(metrics.activation_ratio(mask)) - np_ratio(act != 0)) < 1e-6
 
 
 def test_fat_matches_threshold_and_eps0_vs_zero():
-    for act, _, _ in _layers(1, 64, 48, zeros=0.3):
+    for act, _, _ in random_layers(1, 64, 48, zeros=0.3):
         for eps in (0.0, 0.01, 0.5, 1.0):
             expected = np.abs(act) >= np.float32(eps + 1e-18)
             mask = np.asarray(metrics.fat_active_TxF(jnp.asarray(act), eps))
@@ -64,14 +50,14 @@ def test_fat_matches_threshold_and_eps0_vs_zero():
     np.testing.assert_array_equal(np.asarray(metrics.zero_active_TxF(tiny)),
                                   [[False, True, True, True, True, True]])
     # A traced ε gives the same mask away from the float32 rounding of ε + 1e-18.
-    act = _layers(1, 64, 48)[0][0]
+    act = random_layers(1, 64, 48)[0][0]
     np.testing.assert_array_equal(np.asarray(jax.jit(metrics.fat_active_TxF)(act, 0.3)),
                                   np.abs(act) >= np.float32(0.3))
 
 
 def test_topk_per_token_matches_argsort():
     topk = jax.jit(metrics.topk_active_TxF, static_argnums=1)
-    for act, _, _ in _layers(2, 40, 64):  # continuous: no ties, no zeros
+    for act, _, _ in random_layers(2, 40, 64):  # continuous: no ties, no zeros
         for k in (1, 5, 64, 0.25):
             count = metrics.resolve_topk(k, 64)
             expected = np.zeros(act.shape, bool)
@@ -88,7 +74,7 @@ def test_topk_per_token_matches_argsort():
 
 
 def test_global_topk_matches_numpy_quantile_selection():
-    for act, _, _ in _layers(3, 50, 30, zeros=0.2):
+    for act, _, _ in random_layers(3, 50, 30, zeros=0.2):
         for fraction in (0.05, 0.3, 0.5, 1.0):
             mags = np.abs(act).ravel()
             num_to_zero = int(mags.size * (1 - fraction))
@@ -99,7 +85,7 @@ def test_global_topk_matches_numpy_quantile_selection():
             mask = np.asarray(metrics.global_topk_active_TxF(jnp.asarray(act), fraction))
             np.testing.assert_array_equal(mask, expected)
             assert abs(float(metrics.activation_ratio(mask)) - np_ratio(expected)) < 1e-6
-    act = _layers(3, 50, 30)[0][0]
+    act = random_layers(3, 50, 30)[0][0]
     assert int(np.asarray(metrics.global_topk_active_TxF(act, 0.3)).sum()) == \
         act.size - int(act.size * 0.7)
 
@@ -170,7 +156,7 @@ def test_independent_chunk_density_formula():
 
 def test_activation_histogram_matches_bin_loop():
     edges = metrics.log_bin_edges(1e-3, 10.0, 12)
-    for act, _, _ in _layers(6, 80, 32, zeros=0.3):
+    for act, _, _ in random_layers(6, 80, 32, zeros=0.3):
         counts = np.asarray(jax.jit(metrics.activation_histogram)(act, edges))
         mags = np.abs(act).ravel()
         expected = [np.sum(mags < edges[0])]
