@@ -228,3 +228,11 @@ def test_gradients_match_dense_with_mask(impl, gated, gate_and_up):
         _close(g, w, 1e-5)
     # Token block 0 has an empty list: its rows get no input gradient.
     np.testing.assert_array_equal(got[0][:BT], 0.0)
+
+
+def test_ffn_impl_binds_options_for_a_model_dispatch_point():
+    from sparsejax import kernels
+    x, w_in, w_gate, w_out = _weights(True)
+    fn = kernels.ffn_impl(block_t=BT, block_f=BF, impl="reference")
+    y = jax.jit(lambda x_: fn(x_.reshape(2, T // 2, D), w_in, w_gate, w_out, jax.nn.relu))(x)
+    _close(y.reshape(T, D), ffn.dense(x, w_in, w_gate, w_out, None, jax.nn.relu), 1e-5)

@@ -42,8 +42,10 @@ IMPLS = ("auto", "tpu", "gpu", "reference", "dense")
 # ≈6× of a 10× bound at 10% density on TPU v5e (Pallas sparse-kernel guide), i.e. ≈60% of dense
 # efficiency per computed tile, so a kernel costs ≈ density / 0.6 of the dense FFN and breaks
 # even at density ≈ 0.6. Re-measure with benchmarks/block_sparse_ffn.py on the target chip.
-# The CPU number is measured by that benchmark for the pure-JAX reference (see its docstring).
-DENSE_FALLBACK_DENSITY = {"tpu": 0.6, "gpu": 0.6, "cpu": 0.5}
+# CPU (pure-JAX reference, measured 2026-11-27 on a 2-core CPU sandbox, T=1024, bt=bf=128,
+# forward, k_max = the busiest row): the reference beats dense up to density ≈ 0.62 (0.1B shape)
+# and ≈ 0.57 (1.2B shape); 0.55 is the lower, rounded down.
+DENSE_FALLBACK_DENSITY = {"tpu": 0.6, "gpu": 0.6, "cpu": 0.55}
 
 
 def pick_impl(impl: str = "auto") -> str:
@@ -166,7 +168,9 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
     mask: a :class:`BlockMask` over the (zero-padded) token blocks; if None it is computed from
         |σ(W_gate x)| > threshold (plain FFN: σ(W_in x)) with one dense gate matmul outside the
         gradient, so only W_in and W_out are skipped then; pass a predicted mask to skip all three.
-    k_max: static cap on neuron blocks per token block (None: all M; exact).
+    k_max: static cap on neuron blocks per token block (None: all M; exact). It sets the
+        kernels' grid and the reference's work: the kernels skip slots past a row's count, but
+        the reference computes all k_max slots, so on CPU set it near the busiest row's count.
     gate_and_up: apply σ to the up projection too (dReLU, ``activations.get(name).gate_and_up``).
     impl: "auto" | "tpu" | "gpu" | "reference" | "dense". interpret: run a Pallas kernel in
         interpret mode (CPU tests).
@@ -219,3 +223,16 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
         use_dense = bm.density(mask, m) > dense_fallback_density
         y_TxD = jax.lax.cond(use_dense, dense_fn, sparse_fn, *args)
     return y_TxD[:t].reshape(*lead, d)
+
+
+def ffn_impl(*, block_t: int = 128, block_f: int = 128, k_max: Optional[int] = None,
+             threshold: float = 0.0, impl: str = "auto",
+             dense_fallback_density: Optional[float] = None):
+    """Bind the block-sparse options once; returns ``fn(x, w_in, w_gate|None, w_out, act_fn, *,
+    gate_and_up=False) -> y`` with x of shape [..., D], for a model's FFN dispatch point."""
+    def fn(x, w_in_DxF, w_gate_DxF, w_out_FxD, activation_fn, *, gate_and_up: bool = False):
+        return block_sparse_ffn(x, w_in_DxF, w_gate_DxF, w_out_FxD, activation_fn,
+                                block_t=block_t, block_f=block_f, k_max=k_max, threshold=threshold,
+                                gate_and_up=gate_and_up, impl=impl,
+                                dense_fallback_density=dense_fallback_density)
+    return fn
