@@ -37,9 +37,10 @@ from sparsejax.kernels.block_mask import BlockMask
 Array = jax.Array
 
 # Mosaic's default scoped-VMEM limit (16 MiB on v4/v5e, 32 MiB on v6e) is below what the 1.2B
-# shapes need at bf = 512; above this estimate the kernels ask for more, up to the cap below
-# (all TPU generations since v4 have ≥ 64 MiB of VMEM per core... v4 has 32 MiB, so a request
-# there fails to compile loudly rather than silently spilling).
+# shapes need at large blocks; above it the kernels request their estimate. VMEM per core is
+# 16 MiB on v4, 64 MiB on v5p, 128 MiB on v5e/v6e (``pltpu.get_tpu_info_for_chip``): a request
+# over a chip's capacity fails to compile loudly (the 1.2B f32 backward at bt = 128 on v4 does;
+# bt = 64 fits) rather than spilling.
 _DEFAULT_SCOPED_VMEM = 16 * 2**20
 _VMEM_CAP = 100 * 2**20
 
