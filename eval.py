@@ -8,6 +8,7 @@ Writes results.json (per checkpoint, per metric: mean and per-layer activation r
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
 results.csv (tidy rows) and PNG plots next to it (default: WORKDIR/eval/results.json).
 Definitions: docs/sparsity_metrics_and_laws.md (Sparsing Law paper); see sparsejax/evaluation.py.
+Read-only on the run: safe while its trainer is still writing checkpoints.
 Exit codes: 0 done, 1 error, 2 bad arguments or a missing/incompatible workdir (nothing written).
 """
 
@@ -43,10 +44,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sparsejax import lifecycle
+
+    lifecycle.die_with_parent()  # started by a sweep: end with it
     import pathlib
 
-    from sparsejax import evaluation
+    from sparsejax import evaluation, rundir
 
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
+    try:
+        # Before any compute: a results path that cannot be written fails now, not after the run.
+        if out.is_dir():
+            raise evaluation.EvalError(f"--out {out} is a directory; give a file path such as {out / 'results.json'}")
+        rundir.check_writable_dir(out.parent, "--out directory")
+    except (evaluation.EvalError, rundir.RunDirError) as err:
+        print(f"eval error: {err}", file=sys.stderr)
+        return 2
     try:
         options = evaluation.EvalOptions(
             metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
@@ -62,8 +75,11 @@ def main(argv=None) -> int:
     import jax
 
     if jax.process_index() == 0:
-        out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
-        written = evaluation.write_results(results, out)
+        try:
+            written = evaluation.write_results(results, out)
+        except OSError as err:
+            print(f"eval error: writing {out} failed: {err.strerror or err}", file=sys.stderr)
+            return 1
         print(evaluation.summary_table(results))
         for path in written:
             print(f"wrote {path}")

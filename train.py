@@ -3,14 +3,20 @@
 
     python train.py --config configs/tiny_relu.py --workdir runs/tiny_relu [--set key=value ...]
 
-Resumes automatically from the newest readable checkpoint in --workdir (``--no-resume`` starts
-over); refuses a workdir whose checkpoints come from a different config unless ``--force``.
-Exit codes: 0 done, 1 error, 2 bad config, 143 stopped by SIGTERM after saving a checkpoint.
+Resumes automatically from the newest good checkpoint in --workdir (``--no-resume`` moves an
+earlier run's files to WORKDIR/previous/ and starts over); refuses a workdir whose checkpoints
+come from a different config unless ``--force``, and a workdir another trainer is using.
+Exit codes: 0 done; 1 training failed (divergence, a checkpoint that could not be written, disk
+full); 2 refused before training (bad config or input, workdir unusable or in use; nothing
+written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+Library logging (orbax, absl) goes to WORKDIR/train_debug.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 
 
@@ -32,29 +38,79 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _quiet_exit(workdir: str) -> None:
+    """After the one-line error: send what background threads print at exit (orbax's asyncio
+    tracebacks after a failed write) to the run's debug log instead of the console."""
+    import os
+    import pathlib
+
+    sys.stderr.flush()
+    path = pathlib.Path(workdir) / "train_debug.log"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND) if path.exists() else os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sparsejax import config, sharding, trainer  # after argparse: --help stays fast
+    from sparsejax import lifecycle
+
+    lifecycle.die_with_parent()  # started by a sweep: end with it
+    import signal
+
+    # With `ulimit -f`, an oversized write would kill the process silently; make it an OSError.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Library warnings (absl, orbax, tfds) stay off the console; once the workdir exists they go
+    # to WORKDIR/train_debug.log (trainer._debug_log). Our own messages are printed.
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger().setLevel(logging.ERROR)
+    from sparsejax import config, rundir, sharding, trainer  # after argparse: --help stays fast
 
     try:
         cfg = config.load(args.config, args.overrides)
+        sharding.maybe_initialize_distributed(args.distributed)
     except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {_one_line(err)}", file=sys.stderr)
         return 2
-    sharding.maybe_initialize_distributed(args.distributed)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     import jax
 
     try:
         summary = trainer.train(cfg, args.workdir, resume=args.resume, force=args.force,
                                 progress=args.progress, log_activations=args.log_activations)
-    except trainer.Preempted as stop:
+    except trainer.Stopped as stop:
         print(str(stop), file=sys.stderr)
-        return trainer.PREEMPTED_EXIT_CODE
-    except (trainer.TrainingError, config.ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return stop.exit_code
+    except config.ConfigError as err:
+        print(f"config error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except rundir.RunDirError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except trainer.TrainingError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        _quiet_exit(args.workdir)
+        return 1
+    except OSError as err:  # disk full, file-size limit, permissions changed under the run
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: writing the run failed: {err.strerror or err}{where}", file=sys.stderr)
+        _quiet_exit(args.workdir)
         return 1
     if jax.process_index() == 0:
-        print(f"final step {summary.final_step}: loss {summary.final_loss:.4f}")
+        if summary.steps_run == 0:
+            print(f"nothing to do: {summary.workdir} is already trained to step "
+                  f"{summary.final_step} (train.steps={cfg.train.steps})")
+        if math.isfinite(summary.final_loss):
+            print(f"final step {summary.final_step}: loss {summary.final_loss:.4f}")
         if summary.final_activation_ratio is not None:
             print(f"final activation ratio (mean over layers): {summary.final_activation_ratio:.4f}")
         if summary.plot_path is not None:

@@ -1,10 +1,20 @@
-"""Orbax checkpoints of the train state plus the data-iterator position, with safe restore.
+"""Orbax checkpoints of the train state plus the data-iterator position and the run's config.
 
 Each step directory holds two items: ``state`` (params, optimizer state, step; sharded arrays)
-and ``meta`` (JSON: data-iterator state, tokens seen, RNG seed). Saves are asynchronous; orbax
-writes to a temporary directory and renames it when complete, so a crash mid-save leaves no
-half-written step that looks finished. A finished step that fails to restore (corrupted or
-truncated files) is skipped with a warning and the previous one is used.
+and ``meta`` (JSON: data-iterator state, tokens seen, RNG seed and the run's config, so a run's
+identity travels with its checkpoints even if ``config.json`` is lost).
+
+Two views of one ``checkpoints/`` directory:
+
+* :class:`Checkpointer` is the trainer's. Saves are asynchronous; orbax writes to a temporary
+  directory and renames it when complete, so a crash mid-save leaves no half-written step that
+  looks finished. A save orbax declines, or one that fails in the background, raises
+  :class:`CheckpointError` naming the step. On restore, a step that cannot be read, or whose
+  parameters are not finite, is moved to ``rejected/`` (named in a warning) and the previous
+  step is tried, so the step is written again when training reaches it.
+* :class:`CheckpointReader` is evaluation's: read-only (it never cleans up temporary directories
+  of a trainer that is still writing, never creates or deletes anything) and it restores the
+  parameters alone, without building an optimizer.
 """
 
 from __future__ import annotations
@@ -13,30 +23,99 @@ import logging
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from sparsejax import rundir
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of ``tree`` is finite (reduced on device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return True
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+# The part of an I/O error a user can act on, when orbax buries it in a long message.
+_CAUSES = ("No space left on device", "File too large", "Disk quota exceeded",
+           "Read-only file system", "Permission denied", "Too many open files")
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    for cause in _CAUSES:
+        if cause.lower() in text.lower():
+            return cause
+    first = text.strip().splitlines()
+    return f"{type(err).__name__}: {first[0][:200] if first else ''}"
+
+
+def finished_steps(directory: pathlib.Path) -> list[int]:
+    """Steps whose directories orbax has finalized (renamed from their temporary name)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 class Checkpointer:
+    """The writer's view (hold the run's :class:`~sparsejax.rundir.RunLock` while using it)."""
+
     def __init__(self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last, keep_period=keep_every, create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options,
                                               item_names=("state", "meta"))
+        self.in_flight: int | None = None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        return self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=force)
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Start an asynchronous save of ``step``; raises CheckpointError if orbax declines it."""
+        self.check_for_errors()
+        if self.in_flight is None:
+            self.in_flight = step
+        try:
+            # orbax first waits for the previous asynchronous save: an error raised here is
+            # usually that one's (``in_flight``), so the step is updated only afterwards.
+            saved = self._manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as err:
+            raise self._failed(err) from err
+        self.in_flight = step
+        if not saved:
+            raise CheckpointError(
+                f"orbax declined to save step {step} in {self.directory} (existing steps: "
+                f"{self.all_steps()[-3:]}); the directory holds a newer or equal step")
+
+    def _failed(self, err: BaseException) -> CheckpointError:
+        step = f" of step {self.in_flight}" if self.in_flight is not None else ""
+        return CheckpointError(f"the checkpoint{step} could not be written to {self.directory} "
+                               f"({_describe(err)})")
+
+    def check_for_errors(self) -> None:
+        """Raise CheckpointError if a background save has failed (e.g. the disk is full)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as err:
+            raise self._failed(err) from err
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            raise self._failed(err) from err
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, meta) of one step; raises whatever orbax raises for a damaged step."""
@@ -46,18 +125,69 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, meta) of the newest step that restores cleanly, or None if none does."""
+        """(step, state, meta) of the newest good step, or None if there is none.
+
+        Newer steps that fail to restore or hold non-finite parameters are moved to
+        ``<workdir>/rejected/`` with a warning, so that training writes those steps again.
+        """
         for step in reversed(self.all_steps()):
             try:
                 state, meta = self.restore(step, abstract_state)
+                reason = None if all_finite(state["params"]) else "its parameters are not finite"
             except Exception as err:  # orbax raises many types for damaged files
-                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
-                            "trying the previous one", step, self.directory, type(err).__name__, err)
-                print(f"WARNING: skipping unreadable checkpoint step {step}: {type(err).__name__}")
-                continue
-            return step, state, meta
+                reason = f"it cannot be restored ({_describe(err)})"
+            if reason is None:
+                return step, state, meta
+            self._reject(step, reason)
         return None
 
+    def _reject(self, step: int, reason: str) -> None:
+        self.close()  # the manager caches its step list; reopen it after the move
+        where = rundir.move_aside(self.directory / str(step), self.directory.parent / rundir.REJECTED)
+        log.warning("checkpoint step %d rejected: %s; moved to %s", step, reason, where)
+        print(f"WARNING: checkpoint step {step} rejected, {reason}; moved to {where}", flush=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                              item_names=("state", "meta"))
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+class CheckpointReader:
+    """Read-only access to a run's checkpoints: safe while a trainer is writing the same run."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory).absolute()
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} does not exist")
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False,
+            enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def meta(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+        """(params, meta) of one step; ``abstract_params`` carries shapes, dtypes and shardings.
+
+        Only the ``params`` subtree is read (orbax partial restore): no optimizer is needed.
+        """
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                                    abstract_params)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                         restore_args={"params": restore_args}, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        return restored["state"]["params"], dict(restored["meta"])
+
+    def close(self) -> None:
         self._manager.close()

@@ -349,6 +349,16 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return validate(cfg)
 
 
+def _where(err: BaseException, path: pathlib.Path) -> str:
+    """'TypeError: message (line N)' with the line in ``path`` where it was raised."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__)
+             if pathlib.Path(f.filename).resolve() == path.resolve()]
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}" + (f" (line {lines[-1]})" if lines else "")
+
+
 def call_file_function(path: str | pathlib.Path, function: str, expected: type, error: type[Exception],
                        what: str):
     """Run ``function()`` of the Python file ``path`` (a config or sweep file) and check its type."""
@@ -357,10 +367,20 @@ def call_file_function(path: str | pathlib.Path, function: str, expected: type, 
         raise error(f"{what} file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"sparsejax_{what}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise error(f"{what} file {str(path)!r} line {err.lineno}: SyntaxError: {err.msg}") from None
+    except Exception as err:
+        raise error(f"{what} file {str(path)!r} failed to load: {_where(err, path)}") from None
     if not hasattr(module, function):
         raise error(f"{what} file {str(path)!r} defines no {function}()")
-    value = getattr(module, function)()
+    try:
+        value = getattr(module, function)()
+    except error:
+        raise
+    except Exception as err:
+        raise error(f"{what} file {str(path)!r}: {function}() raised {_where(err, path)}") from None
     if not isinstance(value, expected):
         raise error(f"{path}: {function}() returned {type(value).__name__}, expected {expected.__name__}")
     return value

@@ -224,7 +224,8 @@ def tfds_source(cfg: Config, split: str):
     except Exception as err:  # tfds raises several types for "not prepared"
         raise DataError(
             f"TFDS dataset data.tfds_name={cfg.data.tfds_name!r} split {split!r} is not available "
-            f"under data.tfds_data_dir={cfg.data.tfds_data_dir!r} ({err}). Prepare it first with "
+            f"under data.tfds_data_dir={cfg.data.tfds_data_dir!r} ({type(err).__name__}: "
+            f"{(str(err).strip().splitlines() or [''])[0][:200]}). Prepare it first with "
             f"`tfds build {cfg.data.tfds_name} --file_format=array_record` on a machine with "
             f"internet, or use --set data.source=embedded") from err
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import (activations, cett as cett_lib, checkpointing, config as config_lib, data,
-                       flops, metrics as metrics_lib, model as model_lib, optim, sharding,
+                       flops, metrics as metrics_lib, model as model_lib, rundir, sharding,
                        step as step_lib)
 from sparsejax.loss import next_token_loss
 
@@ -104,30 +104,60 @@ class EvalOptions:
 class Run:
     workdir: pathlib.Path
     cfg: config_lib.Config
-    checkpointer: checkpointing.Checkpointer
+    checkpointer: checkpointing.CheckpointReader
     steps: list[int]
+
+
+def _run_config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:
+    """The run's config: ``config.json``, or the one stored in its newest checkpoint."""
+    config_path = workdir / rundir.CONFIG
+    raw, source = None, config_path
+    if config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise EvalError(f"{config_path} is not valid JSON ({err})") from None
+    elif ckpt_dir.is_dir():
+        raw, source = trainer_config_from_checkpoints(ckpt_dir), "the checkpoints' meta"
+    if raw is None:
+        raise EvalError(f"{workdir} has no config.json: not a run directory written by train.py")
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        return config_lib.from_dict(raw)
+    except (TypeError, KeyError, ValueError, config_lib.ConfigError) as err:
+        raise EvalError(f"{source} is not a valid sparsejax config ({err})") from None
+
+
+def trainer_config_from_checkpoints(ckpt_dir: pathlib.Path) -> dict | None:
+    reader = checkpointing.CheckpointReader(ckpt_dir)
+    try:
+        for s in reversed(reader.all_steps()):
+            try:
+                config = reader.meta(s).get("config")
+            except Exception:  # a damaged step: try the one before
+                continue
+            if isinstance(config, dict):
+                return config
+    finally:
+        reader.close()
+    return None
 
 
 def load_run(workdir: str | pathlib.Path) -> Run:
     """A trained run directory (``config.json`` + ``checkpoints/``); EvalError if it is not one.
 
-    Nothing is created: a missing directory stays missing.
+    Read-only: nothing in the run is created, cleaned up or deleted, so evaluating a run while
+    its trainer is still writing checkpoints is safe.
     """
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
         raise EvalError(f"--workdir {workdir} does not exist or is not a directory")
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise EvalError(f"{workdir} has no config.json: not a run directory written by train.py")
-    try:
-        cfg = config_lib.validate(config_lib.from_dict(json.loads(config_path.read_text())))
-    except (json.JSONDecodeError, TypeError, KeyError, config_lib.ConfigError) as err:
-        raise EvalError(f"{config_path} is not a valid sparsejax config ({err})") from err
-    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir = workdir / rundir.CHECKPOINTS
+    cfg = _run_config(workdir, ckpt_dir)
     if not ckpt_dir.is_dir():
         raise EvalError(f"{workdir} has no checkpoints/ directory: nothing to evaluate")
-    checkpointer = checkpointing.Checkpointer(ckpt_dir, keep_last=cfg.train.keep_last,
-                                              keep_every=cfg.train.keep_every)
+    checkpointer = checkpointing.CheckpointReader(ckpt_dir)
     steps = checkpointer.all_steps()
     if not steps:
         raise EvalError(f"{ckpt_dir} holds no finished checkpoint")
@@ -345,16 +375,16 @@ class Evaluator:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def restore(self, run: Run, step_no: int):
-        """(params, meta) of one checkpoint, sharded as in training."""
+        """(params, meta) of one checkpoint, sharded as in training (no optimizer is built)."""
         if self._state_template is None:
-            fns = step_lib.make_step_functions(self.cfg, self.mesh, optim.make_optimizer(self.cfg.train))
-            self._state_template = fns.abstract_state
+            self._state_template = model_lib.abstract_params(self.cfg.model, self.cfg.train.seq_len,
+                                                             self.mesh, self.cfg.mesh)
         try:
-            state, meta = run.checkpointer.restore(step_no, self._state_template)
+            return run.checkpointer.restore_params(step_no, self._state_template)
         except Exception as err:  # orbax raises many types for damaged or mismatched files
+            first = (str(err).strip().splitlines() or [""])[0][:300]
             raise EvalError(f"checkpoint step {step_no} in {run.checkpointer.directory} cannot be "
-                            f"restored with this run's config ({type(err).__name__}: {err})") from err
-        return state["params"], meta
+                            f"restored with this run's config ({type(err).__name__}: {first})") from err
 
 
 # ------------------------------------------------------------------------------- CETT-PPL search
@@ -562,10 +592,7 @@ def write_results(results: dict, out_path: str | pathlib.Path) -> list[pathlib.P
     written = []
 
     def atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        tmp.replace(path)
-        written.append(path)
+        written.append(rundir.atomic_write(path, write))
 
     atomic(out_path, lambda p: p.write_text(json.dumps(results, indent=1)))
     rows = tidy_rows(results)

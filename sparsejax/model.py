@@ -252,3 +252,18 @@ def w_out_per_layer(params: dict, n_layers: int) -> list[Array]:
     """W_out [F, D] of each layer, unboxed from logical-partitioning metadata."""
     params = nn.meta.unbox(params)
     return [params[f"layer_{i}"]["ffn"]["w_out"]["kernel"] for i in range(n_layers)]
+
+
+def abstract_params(cfg: ModelConfig, seq_len: int, mesh: jax.sharding.Mesh, mesh_cfg) -> dict:
+    """Parameter shapes, dtypes and shardings (``ShapeDtypeStruct``s) without allocating any.
+
+    What a reader of checkpoints needs to restore parameters without building an optimizer.
+    """
+    from sparsejax import sharding  # noqa: PLC0415 - sharding is a leaf; keeps model import-light
+
+    boxed = jax.eval_shape(
+        lambda key: Transformer(cfg).init(key, jnp.zeros((1, seq_len), jnp.int32))["params"],
+        jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, mesh_cfg)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)

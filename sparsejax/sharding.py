@@ -58,6 +58,45 @@ def logical_shardings(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig):
     return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
 
 
+# The config field that sets each logical axis's length (for errors users can act on).
+LOGICAL_AXIS_FIELDS = {"embed": "model.d_model", "mlp": "model.d_ff", "heads": "model.n_heads",
+                       "kv": "model.head_dim", "vocab": "model.vocab_size",
+                       "layers": "model.n_layers", "norm": "model.d_model"}
+
+
+def check_divisible(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig) -> None:
+    """ConfigError naming the config field when a sharded dimension does not divide evenly.
+
+    Without this, XLA reports an ``IndivisibleError`` about an anonymous array shape.
+    """
+    table = dict(rules(mesh_cfg))
+    leaves = jax.tree.leaves(abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for leaf in leaves:
+        names = getattr(leaf, "names", None)
+        if not names:
+            continue
+        shape = nn.meta.unbox(leaf).shape
+        for size, logical in zip(shape, names):
+            target = table.get(logical)
+            axes = (target,) if isinstance(target, str) else tuple(target or ())
+            ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+            if size % ways:
+                field = LOGICAL_AXIS_FIELDS.get(logical, f"the {logical!r} dimension")
+                mesh_desc = " × ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+                raise ConfigError(
+                    f"{field}={size} is not divisible by {mesh_desc} (logical axis {logical!r} is "
+                    f"sharded over {list(axes)}); choose a multiple of {ways}, change the mesh, or "
+                    f"map {logical!r} to None in mesh.rules")
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (grad_accum * ways):
+        raise ConfigError(
+            f"train.batch_size={batch_size} must be divisible by train.grad_accum={grad_accum} × "
+            f"mesh.data × mesh.fsdp = {grad_accum} × {ways}; choose a multiple of {grad_accum * ways}")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are split over data × fsdp and replicated over tensor."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

@@ -68,6 +68,13 @@ def activation_stats(acts: list[jax.Array], hiddens: list[jax.Array], weights_Bx
     return jnp.stack(sums), jnp.stack(counts)
 
 
+def all_finite(*trees) -> jax.Array:
+    """One boolean: every floating-point leaf of ``trees`` is finite (a cheap in-graph check)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
+             if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return jnp.all(jnp.stack(flags))
+
+
 def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
                         *, log_activations: bool = True) -> StepFunctions:
     model = model_lib.Transformer(cfg.model)
@@ -84,6 +91,7 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
 
     # No mesh context for init: Flax would constrain DenseGeneral kernels in their flat init shape.
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    sharding.check_divisible(abstract_boxed, mesh, cfg.mesh)
     state_shardings = sharding.logical_shardings(abstract_boxed, mesh, cfg.mesh)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -125,14 +133,17 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         if cfg.train.fault_nan_at_step:
+            # Only the gradients: the loss of the step stays finite, as in a real divergence
+            # where the parameters break one step before the loss shows it.
             poison = jnp.where(state["step"] + 1 == cfg.train.fault_nan_at_step, jnp.nan, 1.0)
             grads = jax.tree.map(lambda g: g * poison, grads)
-            loss_sum = loss_sum * poison
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-                   "tokens": tokens}
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                   # A checkpoint is written only after steps whose flag is true (trainer.py).
+                   "finite": all_finite(loss, grad_norm, new_params)}
         if log_activations:
             ratio_N = act_sum_N / (denom * d_ff)
             metrics.update(activation_ratio_layers=ratio_N, activation_ratio=jnp.mean(ratio_N),

@@ -23,6 +23,7 @@ Exit codes: 0 every run done, 1 a run failed (the summary lists them), 2 bad swe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -32,6 +33,7 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from sparsejax import activations, config as config_lib, flops, laws, writers
+from sparsejax import activations, config as config_lib, flops, laws, lifecycle, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MARKER = "sweep_train_done.json"
@@ -311,8 +313,17 @@ def tpu_script(sweep: Sweep, runs: Sequence[ResolvedRun], out: str) -> str:
 
 
 def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
+    """The run's training marker exists, is readable and names this config.
+
+    A damaged marker (torn by a crash) counts as not done: training is started again, resumes
+    from the run's checkpoints, and rewrites the marker.
+    """
     marker = workdir / MARKER
-    return marker.exists() and json.loads(marker.read_text()).get("config") == run.config_dict
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and content.get("config") == run.config_dict
 
 
 def eval_done(workdir: pathlib.Path, metrics: Sequence[str]) -> bool:
@@ -343,18 +354,41 @@ def _write_json(path: pathlib.Path, obj) -> None:
     tmp.replace(path)
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM a child's process group (the trainer saves a checkpoint), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _run_logged(cmd: list[str], log_path: pathlib.Path, *, echo: bool, env) -> int:
-    """Run cmd from the repository root; output to log_path (and the console when echo)."""
+    """Run cmd from the repository root; output to log_path (and the console when echo).
+
+    The child gets its own process group and is stopped with the sweep: when the sweep is
+    interrupted or terminated, its SIGTERM reaches the trainer, which checkpoints and exits; if
+    the sweep is killed outright, the kernel sends the child SIGTERM (``lifecycle.die_with_parent``).
+    """
     with log_path.open("a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if echo:
-                print(f"    {line}", end="", flush=True)
-        return proc.wait()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=lifecycle.child_env(dict(env)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo:
+                    print(f"    {line}", end="", flush=True)
+            return proc.wait()
+        finally:
+            stop_process_group(proc)
 
 
 @dataclasses.dataclass
@@ -736,8 +770,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame):
+    # Unwinds through _run_logged, which stops the running child before the sweep exits.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         sweep = load_sweep(args.sweep)
         runs = resolve(sweep, args.overrides)

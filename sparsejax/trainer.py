@@ -1,26 +1,43 @@
-"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly.
+"""The training loop: check, compile, resume, step, log, evaluate, checkpoint, stop cleanly.
+
+``train`` runs in this order, so that every mistake a user can make is caught before anything is
+written and before any parameter is allocated:
+
+1. the workdir is checked (writable, not a file) and, if it exists, locked (``rundir.RunLock``);
+2. mesh, batch and sharding divisibility are checked; the data is loaded;
+3. the state's bytes are checked against the device (or host) memory, then the train step is
+   compiled ahead of time from abstract shapes and its compiled memory is checked too;
+4. the workdir is created and locked; library logging goes to ``train_debug.log`` in it;
+5. the run's identity is checked against its checkpoints' config (``--force`` overrides), or an
+   earlier run is moved aside (``--no-resume``); the newest good checkpoint is restored;
+6. the loop (:class:`_Loop`) runs.
 
 Metrics stay on device as they are produced and are fetched together every ``log_every`` steps
-(and before every checkpoint), so the host never blocks on the step it just dispatched.
-Before any checkpoint is written, the fetched losses are checked: a NaN/Inf loss stops the run
-with an error naming the step and the last good checkpoint, which is never overwritten.
+(and before every checkpoint), so the host never blocks on the step it just dispatched. Every
+step reports an in-graph ``finite`` flag (loss, gradient norm and updated parameters finite);
+a checkpoint is written only after all steps up to it were finite, so a diverged run stops with
+an error naming the step and the last good checkpoint, which stays good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import pathlib
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from sparsejax import checkpointing, config as config_lib, data, flops, optim, sharding, step, writers
+from sparsejax import (checkpointing, config as config_lib, data, flops, optim, resources, rundir,
+                       sharding, step, writers)
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +48,25 @@ RESUMABLE_CHANGES = {
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
 }
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingError(RuntimeError):
-    pass
+    """The run failed while training (divergence, a checkpoint that could not be written)."""
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of ``step`` was written."""
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint of ``step`` was written (or already existed)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after saving a checkpoint at step {step}")
-        self.step = step
+    def __init__(self, step: int, signum: int):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after saving a checkpoint at step {step}" if step
+                         else f"stopped by {name} before the first step; nothing was saved")
+        self.step, self.signum = step, signum
+        self.exit_code = 128 + signum
+
+
+Preempted = Stopped  # the name used before SIGINT was handled too
 
 
 def _flatten(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
@@ -57,7 +81,7 @@ def _flatten(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """Fields that differ between two config dicts and may not change on resume."""
-    a, b = _flatten(old), _flatten(json.loads(json.dumps(new)))
+    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
@@ -69,207 +93,382 @@ class RunSummary:
     final_activation_ratio: float | None
     plot_path: pathlib.Path | None
     resumed_from: int | None
+    steps_run: int = 0
 
 
-class _SigtermFlag:
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            self.raised = True
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker)
-            self._previous = None
+            self.signum = signum
+        for sig in _STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _check_workdir_config(workdir: pathlib.Path, cfg: config_lib.Config, has_checkpoints: bool,
-                          force: bool) -> None:
-    path = workdir / "config.json"
-    new = config_lib.to_dict(cfg)
-    if path.exists() and has_checkpoints:
-        diffs = config_differences(json.loads(path.read_text()), new)
-        if diffs and not force:
-            raise TrainingError(
-                f"{workdir} holds checkpoints of a run with a different config (fields: "
-                f"{', '.join(diffs)}); use another --workdir, or pass --force to resume anyway")
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(new, indent=2))
+@contextlib.contextmanager
+def _debug_log(workdir: pathlib.Path):
+    """Library logging (orbax, absl, warnings) goes to ``train_debug.log``, not the console."""
+    handler = logging.FileHandler(workdir / rundir.DEBUG_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    # Exceptions in library threads (orbax's background writers after a failed write) would
+    # print full tracebacks to stderr; the error that matters is raised in the main thread.
+    hooks = (threading.excepthook, sys.unraisablehook)
+    threading.excepthook = lambda a: logging.getLogger("thread").error(
+        "exception in thread %s", getattr(a.thread, "name", "?"),
+        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    sys.unraisablehook = lambda a: logging.getLogger("unraisable").error(
+        "%s: %r", a.err_msg or "unraisable exception", a.object,
+        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    try:
+        yield
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+        logging.captureWarnings(False)
+        root.handlers, level = saved
+        root.setLevel(level)
+        handler.close()
 
 
-def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
-          force: bool = False, progress: bool = True, log_activations: bool = True) -> RunSummary:
-    workdir = pathlib.Path(workdir)
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    t = cfg.train
+# ------------------------------------------------------------------------------- run identity
+def _checkpoint_config(ckpt_dir: pathlib.Path) -> dict | None:
+    """The config stored in the newest checkpoint whose meta can be read (read-only)."""
+    if not ckpt_dir.is_dir():
+        return None
+    reader = checkpointing.CheckpointReader(ckpt_dir)
+    try:
+        for s in reversed(reader.all_steps()):
+            try:
+                meta = reader.meta(s)
+            except Exception:  # damaged: restore_latest will move it aside
+                continue
+            if isinstance(meta.get("config"), dict):
+                return meta["config"]
+    finally:
+        reader.close()
+    return None
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    tx = optim.make_optimizer(t)
-    fns = step.make_step_functions(cfg, mesh, tx, log_activations=log_activations)
-    dataset = data.Dataset(cfg, jax.process_index(), jax.process_count())
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep_last=t.keep_last,
-                                      keep_every=t.keep_every)
-    _check_workdir_config(workdir, cfg, bool(ckpt.all_steps()), force)
-    writer = writers.MetricsWriter(workdir, enabled=is_main)
 
-    restored = ckpt.restore_latest(fns.abstract_state) if resume else None
-    if restored is not None:
-        start_step, state, meta = restored
-        dataset.train.set_state(meta["data"])
-        tokens_seen = float(meta["tokens_seen"])
-        writer.truncate_after(start_step)
-        print(f"resumed from {ckpt.directory} at step {start_step}")
-    else:
-        if ckpt.all_steps() and resume:
-            raise TrainingError(f"no checkpoint in {ckpt.directory} could be restored")
-        start_step, tokens_seen = 0, 0.0
-        state = fns.init(jax.random.key(t.seed))
-        writer.truncate_after(0)
-    last_good = start_step if restored is not None else None
+def _has_steps(ckpt_dir: pathlib.Path) -> bool:
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
-    # AOT compile: shape or memory problems surface before the first step, not hours in.
-    batch_spec = {
-        "inputs": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=sharding.batch_sharding(mesh)),
-        "targets": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=sharding.batch_sharding(mesh)),
-        "weights": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.float32, sharding=sharding.batch_sharding(mesh)),
-    }
-    t0 = time.perf_counter()
-    train_step = fns.train.lower(fns.abstract_state, batch_spec).compile()
-    compile_s = time.perf_counter() - t0
 
-    flops_per_token = flops.train_flops_per_token(cfg.model, t.seq_len)
-    peak = t.peak_tflops or flops.peak_tflops_for(jax.devices()[0].device_kind)
-    n_devices = jax.device_count()
-    if is_main:
-        counts = flops.param_counts(cfg.model)
-        print(f"{cfg.name}: {counts.total / 1e6:.2f}M parameters ({counts.non_embedding / 1e6:.2f}M "
-              f"non-embedding), mesh {dict(mesh.shape)}, compiled in {compile_s:.1f}s")
+def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -> None:
+    """Refuse to resume checkpoints of a different config (ConfigError) unless ``force``.
 
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
+    The config is read from the checkpoints' meta first, so deleting or damaging
+    ``config.json`` cannot make a ReLU run resume as a SiLU one.
+    """
+    ckpt_dir = workdir / rundir.CHECKPOINTS
+    if not _has_steps(ckpt_dir):
+        return
+    old, source = _checkpoint_config(ckpt_dir), "its checkpoints"
+    if old is None:
+        path, source = workdir / rundir.CONFIG, "config.json"
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            if force:
+                return
+            raise config_lib.ConfigError(
+                f"{workdir} holds checkpoints but their config is unknown ({path.name}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass --force "
+                f"if they are this config's, or --no-resume to move them aside") from None
+    diffs = config_differences(old, config_lib.to_dict(cfg))
+    if diffs and not force:
+        raise config_lib.ConfigError(
+            f"{workdir} holds checkpoints of a run with a different config ({source}; fields: "
+            f"{', '.join(diffs)}); use another --workdir, --no-resume to move that run aside, "
+            f"or --force to resume anyway")
 
-        bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
 
-    pending: list[tuple[int, dict]] = []
-    window_start = time.perf_counter()
-    last_record: dict = {}
+# ------------------------------------------------------------------------------------- the loop
+class _Loop:
+    """One training run's mutable state: the step loop, metric flushes, eval and saves."""
 
-    def flush(drain: bool = True) -> None:
-        """Fetch pending metrics, check them, write them. Raises on NaN/Inf.
+    def __init__(self, cfg, workdir, fns, train_step, dataset, ckpt, writer, mesh, *,
+                 state, start_step, tokens_seen, progress, log_activations):
+        self.cfg, self.t, self.workdir = cfg, cfg.train, workdir
+        self.fns, self.train_step, self.dataset = fns, train_step, dataset
+        self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
+        self.state, self.step_no, self.tokens_seen = state, start_step, tokens_seen
+        self.log_activations = log_activations
+        self.last_good = start_step if start_step else None
+        self.last_saved = start_step if start_step else None
+        self.pending: list[tuple[int, dict]] = []
+        self.window_start = time.perf_counter()
+        self.last_record: dict = {}
+        self.lr_schedule = optim.learning_rate_schedule(self.t)
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, self.t.seq_len)
+        self.peak = self.t.peak_tflops or flops.peak_tflops_for(jax.devices()[0].device_kind)
+        self.bar = None
+        if progress and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.t.steps, initial=start_step, desc=cfg.name, unit="step",
+                            dynamic_ncols=True)
+
+    def _where_good(self) -> str:
+        # From the directory, not from memory: an asynchronous save that failed is not in it.
+        with contextlib.suppress(checkpointing.CheckpointError):
+            self.ckpt.wait()  # a save still in flight finishes first
+        done = [s for s in checkpointing.finished_steps(self.ckpt.directory)
+                if self.last_good is not None and s <= self.last_good]
+        return f"step {done[-1]} in {self.ckpt.directory}" if done else "none"
+
+    def flush(self, drain: bool = True) -> None:
+        """Fetch pending metrics, check them, write them. Raises TrainingError on non-finite.
 
         Without ``drain`` the newest step stays pending, so the device always has a step queued
         while the host waits for the older ones.
         """
-        nonlocal pending, window_start, tokens_seen, last_record
-        ready, rest = (pending, []) if drain else (pending[:-1], pending[-1:])
+        ready, rest = (self.pending, []) if drain else (self.pending[:-1], self.pending[-1:])
         if not ready:
             return
         fetched = jax.device_get([m for _, m in ready])
-        elapsed = time.perf_counter() - window_start
+        elapsed = time.perf_counter() - self.window_start
         tokens_window = sum(float(m["tokens"]) for m in fetched)
         tok_per_s = tokens_window / elapsed if elapsed > 0 else float("nan")
         records = []
         for (step_no, _), m in zip(ready, fetched):
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                where = (f"step {last_good} in {ckpt.directory}" if last_good is not None
-                         else "none (no checkpoint was written)")
-                raise TrainingError(f"loss is {loss} at step {step_no}; stopping without saving. "
-                                    f"Last good checkpoint: {where}")
-            tokens_seen += float(m["tokens"])
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not bool(m["finite"]):
+                self.writer.write(records)  # the good steps before it are kept
+                raise TrainingError(
+                    f"step {step_no} diverged (loss {loss}, gradient norm {grad_norm}; non-finite "
+                    f"values in the loss, gradients or updated parameters); stopping without "
+                    f"saving. Last good checkpoint: {self._where_good()}")
+            self.tokens_seen += float(m["tokens"])
             record = {"step": step_no, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                      "grad_norm": float(m["grad_norm"]),
-                      "learning_rate": float(lr_schedule(step_no - 1)), "tokens_seen": tokens_seen,
-                      "tokens_per_s": tok_per_s,
-                      "mfu": flops.mfu(tok_per_s, flops_per_token, n_devices, peak)}
+                      "grad_norm": grad_norm,
+                      "learning_rate": float(self.lr_schedule(step_no - 1)),
+                      "tokens_seen": self.tokens_seen, "tokens_per_s": tok_per_s,
+                      "mfu": flops.mfu(tok_per_s, self.flops_per_token, jax.device_count(), self.peak)}
             if "activation_ratio" in m:
                 record["activation_ratio"] = float(m["activation_ratio"])
                 record["activation_ratio_layers"] = [float(x) for x in m["activation_ratio_layers"]]
                 record["dead_in_batch_layers"] = [float(x) for x in m["dead_in_batch_layers"]]
             records.append(record)
-        writer.write(records)
-        last_record = records[-1]
-        if bar is not None:
-            bar.update(len(records))
-            postfix = {"loss": f"{last_record['loss']:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
-            if "activation_ratio" in last_record:
-                postfix["act"] = f"{last_record['activation_ratio']:.3f}"
-            bar.set_postfix(postfix)
-        pending = rest
-        window_start = time.perf_counter()
+        self.writer.write(records)
+        self.last_record = records[-1]
+        if self.bar is not None:
+            self.bar.update(len(records))
+            postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
+            if "activation_ratio" in self.last_record:
+                postfix["act"] = f"{self.last_record['activation_ratio']:.3f}"
+            self.bar.set_postfix(postfix)
+        self.pending = rest
+        self.window_start = time.perf_counter()
+        self.check_saves()  # a failed background save surfaces within one log window
 
-    def evaluate(step_no: int) -> None:
-        totals = [fns.evaluate(state, sharding.global_batch(b, mesh)) for b in dataset.validation]
-        totals = jax.device_get(totals)
+    def evaluate(self) -> None:
+        totals = jax.device_get([self.fns.evaluate(self.state, sharding.global_batch(b, self.mesh))
+                                 for b in self.dataset.validation])
         tokens = sum(float(x["tokens"]) for x in totals)
         loss = sum(float(x["loss_sum"]) for x in totals) / tokens
-        record = {"step": step_no, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-        if log_activations:
-            act = np.sum([x["act_sum_layers"] for x in totals], axis=0) / (tokens * cfg.model.d_ff)
+        record = {"step": self.step_no, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        if self.log_activations:
+            act = np.sum([x["act_sum_layers"] for x in totals], axis=0) / (tokens * self.cfg.model.d_ff)
             record["eval_activation_ratio"] = float(np.mean(act))
-        writer.write([record])
-        if bar is not None:
-            bar.write(f"step {step_no}: eval loss {loss:.4f}"
-                      + (f", activation ratio {record['eval_activation_ratio']:.4f}" if log_activations else ""))
+        self.writer.write([record])
+        if self.bar is not None:
+            self.bar.write(f"step {self.step_no}: eval loss {loss:.4f}" + (
+                f", activation ratio {record['eval_activation_ratio']:.4f}" if self.log_activations else ""))
 
-    def save(step_no: int, *, force_save: bool = False) -> None:
-        nonlocal last_good
-        flush()  # NaN check before anything is written
-        meta = {"data": dataset.train.get_state(), "tokens_seen": tokens_seen, "seed": t.seed,
-                "step": step_no}
-        if ckpt.save(step_no, state, meta, force=force_save):
-            last_good = step_no
+    def save(self) -> None:
+        """Checkpoint the current step (once), after checking every step up to it was finite."""
+        self.flush()
+        if self.last_saved == self.step_no:
+            return
+        meta = {"data": self.dataset.train.get_state(), "tokens_seen": self.tokens_seen,
+                "seed": self.t.seed, "step": self.step_no, "config": config_lib.to_dict(self.cfg)}
+        try:
+            self.ckpt.save(self.step_no, self.state, meta)
+        except checkpointing.CheckpointError as err:
+            raise TrainingError(f"{err}. Last good checkpoint: {self._where_good()}") from None
+        self.last_good = self.last_saved = self.step_no
 
-    lr_schedule = optim.learning_rate_schedule(t)
+    def check_saves(self) -> None:
+        try:
+            self.ckpt.check_for_errors()
+        except checkpointing.CheckpointError as err:
+            self.last_good = (self.ckpt.in_flight or 1) - 1  # the failed one is not good
+            raise TrainingError(f"{err}. Last good checkpoint: {self._where_good()}") from None
+
+    def run(self, stop: _StopSignals) -> None:
+        t = self.t
+        for step_no in range(self.step_no + 1, t.steps + 1):
+            if stop.signum is not None:
+                break
+            batch = sharding.global_batch(next(self.dataset.train), self.mesh)
+            self.state, metrics = self.train_step(self.state, batch)
+            self.step_no = step_no
+            for leaf in jax.tree.leaves(metrics):
+                leaf.copy_to_host_async()  # start the transfer now; fetched at the next flush
+            self.pending.append((step_no, metrics))
+            do_eval = step_no % t.eval_every == 0 or step_no == t.steps
+            do_save = step_no % t.checkpoint_every == 0 or step_no == t.steps
+            if do_eval or do_save:
+                # One draining fetch: a non-draining one just before would leave a window of
+                # one already-finished step and report a bogus tokens/s for it.
+                self.flush()
+                if do_eval:
+                    self.evaluate()
+                if do_save:
+                    self.save()
+                self.window_start = time.perf_counter()  # tokens/s measures training only
+            elif step_no % t.log_every == 0:
+                self.flush(drain=False)
+        self.flush()
+        if stop.signum is not None:
+            if self.step_no > 0:
+                self.save()
+                self.wait_saves()
+            raise Stopped(self.step_no, stop.signum)
+
+    def wait_saves(self) -> None:
+        try:
+            self.ckpt.wait()
+        except checkpointing.CheckpointError as err:
+            self.last_good = (self.ckpt.in_flight or 1) - 1
+            raise TrainingError(f"{err}. Last good checkpoint: {self._where_good()}") from None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------ train()
+def _batch_spec(cfg: config_lib.Config, mesh) -> dict:
+    t, shard = cfg.train, sharding.batch_sharding(mesh)
+    return {"inputs": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=shard),
+            "targets": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=shard),
+            "weights": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.float32, sharding=shard)}
+
+
+def _prepare(cfg: config_lib.Config, log_activations: bool):
+    """Everything that can fail on a bad config, with nothing allocated or written."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
+                                   log_activations=log_activations)
+    budget, limit_name = resources.device_budget()
+    resources.check_state_fits(fns.abstract_state, budget, limit_name)
     try:
-        with _SigtermFlag() as sigterm:
-            for step_no in range(start_step + 1, t.steps + 1):
-                batch = sharding.global_batch(next(dataset.train), mesh)
-                state, metrics = train_step(state, batch)
-                for leaf in jax.tree.leaves(metrics):
-                    leaf.copy_to_host_async()  # start the transfer now; fetched at the next flush
-                pending.append((step_no, metrics))
-                do_eval = step_no % t.eval_every == 0 or step_no == t.steps
-                do_save = step_no % t.checkpoint_every == 0 or step_no == t.steps
-                if do_eval or do_save:
-                    # One draining fetch: a non-draining one just before would leave a window of
-                    # one already-finished step and report a bogus tokens/s for it.
-                    flush()
-                    if do_eval:
-                        evaluate(step_no)
-                    if do_save:
-                        save(step_no)
-                    window_start = time.perf_counter()  # tokens/s measures training, not eval/saving
-                elif step_no % t.log_every == 0:
-                    flush(drain=False)
-                if sigterm.raised:
-                    save(step_no, force_save=True)
-                    ckpt.wait()
-                    raise Preempted(step_no)
-            flush()
-    finally:
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        writer.close()
+        dataset = data.Dataset(cfg, jax.process_index(), jax.process_count())
+    except data.DataError as err:
+        raise config_lib.ConfigError(str(err)) from None
+    t0 = time.perf_counter()
+    # AOT compile from abstract shapes: shape or memory problems surface before the first step.
+    train_step = fns.train.lower(fns.abstract_state, _batch_spec(cfg, mesh)).compile()
+    compile_s = time.perf_counter() - t0
+    need = resources.check_compiled_fits(train_step, budget, limit_name)
+    return mesh, fns, dataset, train_step, compile_s, need
 
+
+def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
+          force: bool = False, progress: bool = True, log_activations: bool = True) -> RunSummary:
+    workdir = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    rundir.check_writable_dir(workdir, "--workdir")
+    lock = rundir.RunLock(workdir) if is_main else None
+    # Signals are deferred from here on: one that arrives while compiling stops the run before
+    # its first step, with nothing half-written.
+    with _StopSignals() as stop:
+        try:
+            if lock is not None and workdir.is_dir():
+                lock.acquire()  # a second trainer is refused before it compiles anything
+            mesh, fns, dataset, train_step, compile_s, need = _prepare(cfg, log_activations)
+            workdir.mkdir(parents=True, exist_ok=True)
+            if lock is not None and not lock.held:
+                lock.acquire()
+            with _debug_log(workdir):
+                return _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need,
+                                 stop, resume=resume, force=force, progress=progress,
+                                 log_activations=log_activations)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, stop, *, resume,
+              force, progress, log_activations) -> RunSummary:
+    is_main = jax.process_index() == 0
+    if not resume and is_main:
+        moved = rundir.move_previous_run(workdir)
+        if moved is not None:
+            print(f"--no-resume: moved the previous run's files to {moved}")
+    if resume:
+        check_identity(workdir, cfg, force)
+    t = cfg.train
+    ckpt = checkpointing.Checkpointer(workdir / rundir.CHECKPOINTS, keep_last=t.keep_last,
+                                      keep_every=t.keep_every)
+    writer = writers.MetricsWriter(workdir, enabled=is_main)
+    loop = None
+    try:
+        restored = ckpt.restore_latest(fns.abstract_state) if resume else None
+        if is_main:
+            rundir.atomic_write(workdir / rundir.CONFIG, json.dumps(config_lib.to_dict(cfg), indent=2))
+        if restored is not None:
+            start_step, state, meta = restored
+            dataset.train.set_state(meta["data"])
+            tokens_seen = float(meta["tokens_seen"])
+            print(f"resumed from {ckpt.directory} at step {start_step}")
+        else:
+            start_step, tokens_seen = 0, 0.0
+            state = fns.init(jax.random.key(t.seed))
+        writer.truncate_after(start_step)
+        if is_main:
+            counts = flops.param_counts(cfg.model)
+            mem = f", {resources.human_bytes(need)} per device" if need else ""
+            print(f"{cfg.name}: {counts.total / 1e6:.2f}M parameters ({counts.non_embedding / 1e6:.2f}M "
+                  f"non-embedding), mesh {dict(mesh.shape)}, compiled in {compile_s:.1f}s{mem}",
+                  flush=True)
+        loop = _Loop(cfg, workdir, fns, train_step, dataset, ckpt, writer, mesh, state=state,
+                     start_step=start_step, tokens_seen=tokens_seen, progress=progress,
+                     log_activations=log_activations)
+        loop.run(stop)
+        loop.wait_saves()
+    finally:
+        if loop is not None:
+            loop.close()
+        try:
+            # Save errors were raised by loop.wait_saves(); here they would mask the first error.
+            with contextlib.suppress(checkpointing.CheckpointError):
+                ckpt.close()
+        finally:
+            writer.close()
+    return _summarize(cfg, workdir, loop, restored, is_main, log_activations)
+
+
+def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSummary:
+    records = [r for r in writers.read_jsonl(workdir / rundir.METRICS) if "loss" in r] if (
+        is_main and (workdir / rundir.METRICS).exists()) else []
     plot_path = None
-    final_ratio = last_record.get("activation_ratio")
-    if is_main and log_activations:
-        records = [r for r in writers.read_jsonl(writer.path) if "loss" in r]
-        if records:
-            plot_path = writers.plot_activation_ratio(records, workdir / "activation_ratio.png",
-                                                      title=f"{cfg.name}: FFN activation ratio")
-            final_ratio = records[-1].get("activation_ratio")
-    final_loss = last_record.get("loss", float("nan"))
-    return RunSummary(workdir, t.steps, final_loss, final_ratio, plot_path,
-                      restored[0] if restored is not None else None)
+    if is_main and log_activations and records:
+        plot_path = writers.plot_activation_ratio(records, workdir / rundir.PLOT,
+                                                  title=f"{cfg.name}: FFN activation ratio")
+    last = records[-1] if records else loop.last_record
+    start = restored[0] if restored is not None else 0
+    return RunSummary(workdir, loop.step_no, last.get("loss", float("nan")),
+                      last.get("activation_ratio"), plot_path,
+                      restored[0] if restored is not None else None, loop.step_no - start)

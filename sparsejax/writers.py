@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 from typing import Iterable
 
 import numpy as np
+
+from sparsejax import rundir
 
 
 class MetricsWriter:
     """Appends one JSON object per step; TensorBoard scalars alongside when available."""
 
     def __init__(self, workdir: pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / rundir.METRICS
         self.enabled = enabled
         self._tb = None
         if enabled and tensorboard:
@@ -23,13 +26,24 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps > step (they are recomputed identically after a resume)."""
+        """Drop records of steps > step (they are recomputed identically after a resume).
+
+        Lines that do not parse (a torn write from a crash, a full disk) are dropped with a
+        warning; the damaged file is kept beside it as ``metrics.jsonl.damaged``.
+        """
         if not (self.enabled and self.path.exists()):
             return
-        kept = [json.dumps(r, allow_nan=True) for r in read_jsonl(self.path) if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        records, bad = read_jsonl(self.path, skip_bad=True)
+        bad_inside = [n for n in bad if n != _line_count(self.path)]  # a torn last line is normal
+        if bad_inside:
+            keep = self.path.with_name(self.path.name + ".damaged")
+            shutil.copyfile(self.path, keep)
+            print(f"WARNING: {self.path}: dropped {len(bad_inside)} unreadable line(s) "
+                  f"(line {', '.join(map(str, bad_inside[:5]))}); the original is kept as {keep}",
+                  flush=True)
+        kept = [json.dumps(r, allow_nan=True) for r in records
+                if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
+        rundir.atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, records: Iterable[dict]) -> None:
         if not self.enabled:
@@ -55,17 +69,27 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-    """Records of a metrics file; a torn last line (process killed mid-write) is ignored."""
+def _line_count(path: pathlib.Path) -> int:
+    return len([line for line in pathlib.Path(path).read_text().splitlines() if line.strip()])
+
+
+def read_jsonl(path: pathlib.Path, *, skip_bad: bool = False):
+    """Records of a metrics file; a torn last line (process killed mid-write) is ignored.
+
+    Damage elsewhere raises ``json.JSONDecodeError`` unless ``skip_bad``, in which case the
+    result is ``(records, numbers of the bad lines, 1-based)``.
+    """
     lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-    records = []
+    records, bad = [], []
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
+            if skip_bad:
+                bad.append(i + 1)
+            elif i != len(lines) - 1:
                 raise
-    return records
+    return (records, bad) if skip_bad else records
 
 
 def plot_activation_ratio(records: list[dict], out_path: pathlib.Path, title: str = "") -> pathlib.Path:
@@ -94,6 +118,6 @@ def plot_activation_ratio(records: list[dict], out_path: pathlib.Path, title: st
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out_path = pathlib.Path(out_path)
-    fig.savefig(out_path, dpi=120)
+    rundir.atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return out_path

@@ -250,6 +250,9 @@ def test_load_run_errors(tmp_path, relu_run):
     with pytest.raises(evaluation.EvalError, match="no config.json"):
         evaluation.load_run(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(evaluation.EvalError, match="is not valid JSON"):
+        evaluation.load_run(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": {"activation": "reluu"}}')
     with pytest.raises(evaluation.EvalError, match="not a valid sparsejax config"):
         evaluation.load_run(tmp_path)
     with pytest.raises(evaluation.EvalError, match="available"):

@@ -1,0 +1,180 @@
+"""The run directory: its one layout, its one writer, atomic writes, and moving bad files aside.
+
+Layout of a run directory (``--workdir``)::
+
+    config.json           the run's config (also stored in every checkpoint's meta, see below)
+    checkpoints/<step>/   orbax steps: ``state`` (params, opt_state, step) and ``meta`` (JSON)
+    metrics.jsonl         one JSON line per training step, plus eval lines
+    tensorboard/          the same scalars as TensorBoard events
+    activation_ratio.png  the training plot
+    eval/                 eval.py's results.json, results.csv and plots
+    train_debug.log       library logging (orbax, absl): kept out of the console
+    rejected/             checkpoint steps that could not be restored, moved aside (never deleted)
+    previous/<time>/      an earlier run's files, moved aside by ``train.py --no-resume``
+    .lock                 held (``flock``) by the one process that writes the run
+
+Rules every writer follows:
+
+* **One writer.** :class:`RunLock` takes an exclusive, non-blocking ``flock`` on ``.lock``; a
+  second trainer (or a sweep restarting a run whose trainer is still alive) is refused with the
+  holder's PID and host. The kernel drops the lock when its process dies, however it dies, so a
+  killed run never leaves a stale lock. ``flock`` is advisory and local: on network filesystems
+  (NFS, gcsfuse) it may not exclude a writer on another machine.
+* **Whole files or nothing.** :func:`atomic_write` writes a temporary file in the same directory,
+  fsyncs it and renames it over the target.
+* **Readers change nothing.** Evaluation opens checkpoints through
+  ``checkpointing.CheckpointReader``, which never creates, cleans up or deletes anything here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import tempfile
+import time
+from typing import Callable
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+PLOT = "activation_ratio.png"
+EVAL = "eval"
+DEBUG_LOG = "train_debug.log"
+REJECTED = "rejected"
+PREVIOUS = "previous"
+LOCK = ".lock"
+
+# What belongs to one training run (moved aside together by --no-resume).
+RUN_FILES = (CONFIG, CHECKPOINTS, METRICS, TENSORBOARD, PLOT, EVAL, REJECTED)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (locked by another process, not writable, ...)."""
+
+
+def atomic_write(path: str | pathlib.Path, data: str | bytes | Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` whole.
+
+    The temporary file is in the target's directory (a rename is atomic only within one
+    filesystem) and carries the PID, so two processes never share one.
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def check_writable_dir(path: pathlib.Path, what: str) -> None:
+    """Raise RunDirError unless ``path`` is (or can be created as) a writable directory.
+
+    Leaves nothing: a missing directory is checked through its nearest existing parent, with
+    a probe file that is removed at once.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what} {path} exists and is not a directory; choose another path")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunDirError(f"{what} {path}: {probe} is a file, so the directory cannot be created")
+    # Probe with a real file: permission bits say nothing for root or on read-only mounts.
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_probe.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise RunDirError(f"{what} {path} is not writable ({probe}: {err.strerror}); "
+                          f"choose a directory you can write to") from None
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+
+
+def move_aside(path: pathlib.Path, into: pathlib.Path) -> pathlib.Path:
+    """Rename ``path`` into directory ``into`` under a unique name; returns the new path."""
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / f"{path.name}.{_stamp()}"
+    os.replace(path, target)
+    return target
+
+
+def move_previous_run(workdir: pathlib.Path) -> pathlib.Path | None:
+    """Move every file of an earlier run to ``previous/<time>/`` (``--no-resume``)."""
+    present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+    if not present:
+        return None
+    target = workdir / PREVIOUS / _stamp()
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+class RunLock:
+    """Exclusive ownership of a run directory for the life of this process (see module doc)."""
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.path = pathlib.Path(workdir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunDirError(f"{self.path.parent} is in use by {self.holder()}; "
+                              f"wait for it or stop it, or use another --workdir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> str:
+        """'PID n on host h (since t)', as recorded by the process that holds the lock."""
+        try:
+            info = json.loads(self.path.read_text())
+            return f"PID {info['pid']} on host {info['host']} (since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
