@@ -32,6 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume even if the workdir's config differs from this one")
     p.add_argument("--distributed", default="auto", choices=("auto", "on", "off"),
                    help="call jax.distributed.initialize() (auto: when launched multi-host)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run without a cluster scheduler: the coordinator's address "
+                        "(process 0's host); give with --num-processes and --process-id")
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 … N-1")
+    p.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                   help="abort when a peer process has been unresponsive this long (JAX default 100)")
     p.add_argument("--no-activation-logging", dest="log_activations", action="store_false",
                    help="skip the in-graph activation statistics (for overhead measurements)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -75,7 +82,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = config.load(args.config, args.overrides)
-        sharding.maybe_initialize_distributed(args.distributed)
+        sharding.maybe_initialize_distributed(
+            args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+            process_id=args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
     except config.ConfigError as err:
         print(f"config error: {_one_line(err)}", file=sys.stderr)
         return 2

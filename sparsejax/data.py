@@ -244,7 +244,11 @@ class Dataset:
             valid_tokens = self.tokenizer.encode(valid_text)
             self.train = RandomWindows(train_tokens, t.batch_size, t.seq_len, t.seed,
                                        process_index, process_count)
-            self.validation = sequential_batches(valid_tokens, per_host, t.seq_len, t.eval_batches)
+            # The global batches, then this host's rows: every host sees different rows, and the
+            # global validation set does not depend on the number of hosts.
+            rows = slice(process_index * per_host, (process_index + 1) * per_host)
+            self.validation = [{k: v[rows] for k, v in b.items()} for b in sequential_batches(
+                valid_tokens, t.batch_size, t.seq_len, t.eval_batches)]
             self.train_tokens_available = len(train_tokens)
         else:
             train_source = tfds_source(cfg, cfg.data.tfds_train_split)

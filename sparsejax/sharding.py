@@ -140,10 +140,55 @@ def should_initialize_distributed(flag: str, environ: Mapping[str, str] | None =
     return False
 
 
-def maybe_initialize_distributed(flag: str = "auto") -> bool:
-    """Initialise the JAX distributed runtime when launched as one of several processes."""
-    if should_initialize_distributed(flag):
-        jax.distributed.initialize()
+def check_process_args(coordinator: str | None, num_processes: int | None,
+                       process_id: int | None) -> None:
+    """ConfigError (naming the flag) unless the explicit multi-process flags are all set and sane."""
+    given = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be given with "
+                          f"{', '.join(k for k in given if k not in missing)}; "
+                          f"set all three of --coordinator, --num-processes, --process-id")
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator={coordinator!r} is not HOST:PORT (e.g. localhost:12355)")
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes={num_processes}; allowed values: integers >= 1")
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process-id={process_id}; allowed values: 0 … {num_processes - 1} "
+                          f"(--num-processes={num_processes})")
+
+
+def maybe_initialize_distributed(flag: str = "auto", *, coordinator: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None,
+                                 heartbeat_timeout_s: int | None = None) -> bool:
+    """Initialise the JAX distributed runtime when launched as one of several processes.
+
+    With ``coordinator``/``num_processes``/``process_id`` (``train.py --coordinator HOST:PORT
+    --num-processes N --process-id I``, what ``python -m sparsejax.launch local`` passes) the
+    runtime is started explicitly, e.g. several CPU processes on one machine; otherwise JAX's
+    cluster detection (TPU VM metadata, SLURM, Open MPI, ``JAX_COORDINATOR_ADDRESS``) fills them
+    in. If a peer dies, the coordination service's heartbeat aborts every other process after
+    ``heartbeat_timeout_s`` (JAX's default: 100 s) instead of leaving it blocked in a collective.
+    """
+    check_process_args(coordinator, num_processes, process_id)
+    explicit = coordinator is not None
+    if flag == "off" and explicit:
+        raise ConfigError("--distributed=off contradicts --coordinator/--num-processes/--process-id")
+    if explicit or should_initialize_distributed(flag):
+        kwargs = {}
+        if heartbeat_timeout_s is not None:
+            kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+        if explicit:
+            # Cross-process collectives between CPU devices (the default in jax 0.10; explicit so
+            # a laptop run does not depend on it). TPU and GPU clients ignore this setting.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            kwargs.update(coordinator_address=coordinator, num_processes=num_processes,
+                          process_id=process_id)
+        jax.distributed.initialize(**kwargs)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
         return True
     return False

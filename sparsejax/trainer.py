@@ -121,7 +121,9 @@ class _StopSignals:
 @contextlib.contextmanager
 def _debug_log(workdir: pathlib.Path):
     """Library logging (orbax, absl, warnings) goes to ``train_debug.log``, not the console."""
-    handler = logging.FileHandler(workdir / rundir.DEBUG_LOG)
+    index = jax.process_index()  # one file per process: hosts may share the workdir
+    handler = logging.FileHandler(workdir / (rundir.DEBUG_LOG if index == 0 else
+                                             rundir.DEBUG_LOG.replace(".log", f".{index}.log")))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
@@ -317,7 +319,7 @@ class _Loop:
     def run(self, stop: _StopSignals) -> None:
         t = self.t
         for step_no in range(self.step_no + 1, t.steps + 1):
-            if stop.signum is not None:
+            if self._stop_requested(stop, step_no):
                 break
             batch = sharding.global_batch(next(self.dataset.train), self.mesh)
             self.state, metrics = self.train_step(self.state, batch)
@@ -344,6 +346,21 @@ class _Loop:
                 self.save()
                 self.wait_saves()
             raise Stopped(self.step_no, stop.signum)
+
+    def _stop_requested(self, stop: _StopSignals, step_no: int) -> bool:
+        """One process stops at once. Several stop together, at the first ``log_every`` boundary
+        after any of them got the signal (a tiny all-gather of the flags there): a process that
+        stopped alone would leave the others blocked in the next step's collectives."""
+        if jax.process_count() == 1:
+            return stop.signum is not None
+        if (step_no - 1) % self.t.log_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.int32(stop.signum or 0))))
+        if signum and stop.signum is None:
+            stop.signum = signum  # another process was signalled: save and stop with it
+        return bool(signum)
 
     def wait_saves(self) -> None:
         try:
@@ -420,6 +437,10 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
     if resume:
         check_identity(workdir, cfg, force)
     t = cfg.train
+    rows = getattr(dataset.train, "rows", None)
+    log.info("data: process %d of %d loads rows %s of each global batch of %d",
+             jax.process_index(), jax.process_count(),
+             f"{rows.start}:{rows.stop}" if isinstance(rows, slice) else "(grain shard)", t.batch_size)
     ckpt = checkpointing.Checkpointer(workdir / rundir.CHECKPOINTS, keep_last=t.keep_last,
                                       keep_every=t.keep_every)
     writer = writers.MetricsWriter(workdir, enabled=is_main)
