@@ -47,9 +47,14 @@ def main(argv=None) -> int:
     from sparsejax import lifecycle
 
     lifecycle.die_with_parent()  # started by a sweep: end with it
+    import logging
     import pathlib
 
-    from sparsejax import evaluation, rundir
+    # Library warnings (absl, orbax) stay off the console; our own messages are printed.
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger().setLevel(logging.ERROR)
+
+    from sparsejax import evaluation, plotting, results as results_lib, rundir, trained_run
 
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
     try:
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
         if out.is_dir():
             raise evaluation.EvalError(f"--out {out} is a directory; give a file path such as {out / 'results.json'}")
         rundir.check_writable_dir(out.parent, "--out directory")
-    except (evaluation.EvalError, rundir.RunDirError) as err:
+    except (trained_run.RunError, rundir.RunDirError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     try:
@@ -66,21 +71,22 @@ def main(argv=None) -> int:
             fat_eps=args.fat_eps, topk=args.topk, cett=args.cett, ppl_p=args.p,
             tolerance=args.tolerance, cett_ppl_mode=args.cett_ppl_mode, joint_last=args.joint_last,
             eval_batches=args.eval_batches, cett_search=args.cett_search,
-            max_cache_gib=args.max_cache_gib).validate()
+            max_cache_gib=args.max_cache_gib)
         results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
                                           progress=args.progress)
-    except evaluation.EvalError as err:
+    except trained_run.RunError as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     import jax
 
     if jax.process_index() == 0:
         try:
-            written = evaluation.write_results(results, out)
+            written = results_lib.write_results(results, out)
+            written += plotting.plot_eval_results(results, out.with_suffix(""))
         except OSError as err:
             print(f"eval error: writing {out} failed: {err.strerror or err}", file=sys.stderr)
             return 1
-        print(evaluation.summary_table(results))
+        print(results_lib.summary_table(results))
         for path in written:
             print(f"wrote {path}")
     return 0

@@ -34,7 +34,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax import evaluation, metrics, model as model_lib, sharding  # noqa: E402
+from sparsejax import evaluation, metrics, model as model_lib, sharding, trained_run  # noqa: E402
 
 BLOCK_T = (1, 8, 32, 128)
 BLOCK_F = (128, 256, 512)
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     try:
-        run = evaluation.load_run(args.workdir)
-    except evaluation.EvalError as err:
+        run = trained_run.load(args.workdir)
+    except trained_run.RunError as err:
         print(f"{err}\nTrain a run first: python train.py --config configs/tiny_relu.py "
               f"--workdir {args.workdir} --set train.steps=100 --no-progress", file=sys.stderr)
         return 2
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         return 2
     cfg, m = run.cfg, run.cfg.model
     ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(eval_batches=args.eval_batches))
-    params, _ = ev.restore(run, step)
+    params, _ = run.params(step, ev.mesh)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules(cfg.mesh)
     model = model_lib.Transformer(m)
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from sparsejax import cett, evaluation, model as model_lib  # noqa: E402
+from sparsejax import cett, evaluation, model as model_lib, trained_run  # noqa: E402
 
 
 def _time(fn, repeats: int):
@@ -44,14 +44,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     try:
-        run = evaluation.load_run(args.workdir)
-    except evaluation.EvalError as err:
+        run = trained_run.load(args.workdir)
+    except trained_run.RunError as err:
         print(f"{err}\nTrain a run first: python train.py --config configs/tiny_relu.py "
               f"--workdir {args.workdir}", file=sys.stderr)
         return 2
     options = evaluation.EvalOptions(cett_ppl_mode="per_checkpoint", ppl_p=args.p)
     ev = evaluation.Evaluator(run.cfg, options)
-    params, _ = ev.restore(run, run.steps[-1])
+    params, _ = run.params(run.steps[-1], ev.mesh)
     dense = ev.dense(params, keep_hidden=True)
     ev.dense(params)  # compile the plain dense pass too, outside the timing
 

@@ -191,3 +191,22 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
+    """The config stored in the newest step whose meta can be read (read-only), or None."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return None
+    reader = CheckpointReader(directory)
+    try:
+        for step in reversed(reader.all_steps()):
+            try:
+                config = reader.meta(step).get("config")
+            except Exception:  # a damaged step: try the one before
+                continue
+            if isinstance(config, dict):
+                return config
+    finally:
+        reader.close()
+    return None

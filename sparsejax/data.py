@@ -236,36 +236,53 @@ class Dataset:
 
     def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1):
         t = cfg.train
-        per_host = t.batch_size // process_count
         if cfg.data.source == "embedded":
             train_text, valid_text = split_text(load_corpus_text(), cfg.data.validation_fraction)
             self.tokenizer = make_tokenizer(cfg, [train_text])
             train_tokens = self.tokenizer.encode(train_text)
-            valid_tokens = self.tokenizer.encode(valid_text)
             self.train = RandomWindows(train_tokens, t.batch_size, t.seq_len, t.seed,
                                        process_index, process_count)
-            # The global batches, then this host's rows: every host sees different rows, and the
-            # global validation set does not depend on the number of hosts.
-            rows = slice(process_index * per_host, (process_index + 1) * per_host)
-            self.validation = [{k: v[rows] for k, v in b.items()} for b in sequential_batches(
-                valid_tokens, t.batch_size, t.seq_len, t.eval_batches)]
             self.train_tokens_available = len(train_tokens)
         else:
             train_source = tfds_source(cfg, cfg.data.tfds_train_split)
-            if cfg.data.tokenizer == "sentencepiece":
-                sample = [train_source[i][cfg.data.tfds_text_key] for i in range(min(20_000, len(train_source)))]
-                sample = [s.decode("utf-8") if isinstance(s, bytes) else s for s in sample]
-            else:
-                sample = []
-            self.tokenizer = make_tokenizer(cfg, sample)
+            self.tokenizer = make_tokenizer(cfg, _spm_sample(cfg, train_source))
             self.train = GrainPacked(train_source, cfg.data.tfds_text_key, self.tokenizer,
                                      t.batch_size, t.seq_len, t.seed, process_index, process_count)
-            valid_iter = GrainPacked(tfds_source(cfg, cfg.data.tfds_eval_split), cfg.data.tfds_text_key,
-                                     self.tokenizer, t.batch_size, t.seq_len, seed=0,
-                                     process_index=process_index, process_count=process_count,
-                                     repeat=False)
-            self.validation = [next(valid_iter) for _ in range(t.eval_batches)]
             self.train_tokens_available = None
+        self.validation = validation_batches(cfg, process_index, process_count, self.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                             f"model.vocab_size={cfg.model.vocab_size}")
+
+
+def _spm_sample(cfg: Config, train_source) -> list[str]:
+    """Training text for a SentencePiece model (empty for byte tokens: nothing to train)."""
+    if cfg.data.tokenizer != "sentencepiece":
+        return []
+    sample = [train_source[i][cfg.data.tfds_text_key] for i in range(min(20_000, len(train_source)))]
+    return [s.decode("utf-8") if isinstance(s, bytes) else s for s in sample]
+
+
+def validation_batches(cfg: Config, process_index: int = 0, process_count: int = 1,
+                       tokenizer=None) -> list[dict]:
+    """This host's fixed validation batches (``train.eval_batches`` of them).
+
+    Evaluation calls this alone: with byte tokens (or a cached SentencePiece model) the
+    training split is never tokenized and no training iterator is built.
+    """
+    t = cfg.train
+    per_host = t.batch_size // process_count
+    if cfg.data.source == "embedded":
+        train_text, valid_text = split_text(load_corpus_text(), cfg.data.validation_fraction)
+        tokenizer = tokenizer or make_tokenizer(cfg, [train_text])
+        # The global batches, then this host's rows: every host sees different rows, and the
+        # global validation set does not depend on the number of hosts.
+        rows = slice(process_index * per_host, (process_index + 1) * per_host)
+        return [{k: v[rows] for k, v in b.items()} for b in sequential_batches(
+            tokenizer.encode(valid_text), t.batch_size, t.seq_len, t.eval_batches)]
+    tokenizer = tokenizer or make_tokenizer(
+        cfg, _spm_sample(cfg, tfds_source(cfg, cfg.data.tfds_train_split)))
+    valid_iter = GrainPacked(tfds_source(cfg, cfg.data.tfds_eval_split), cfg.data.tfds_text_key,
+                             tokenizer, t.batch_size, t.seq_len, seed=0, process_index=process_index,
+                             process_count=process_count, repeat=False)
+    return [next(valid_iter) for _ in range(t.eval_batches)]

@@ -29,25 +29,23 @@ passes, which is counted and reported.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import pathlib
 import shutil
 import tempfile
 import time
 import weakref
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import (activations, cett as cett_lib, checkpointing, config as config_lib, data,
-                       flops, metrics as metrics_lib, model as model_lib, rundir, sharding,
-                       step as step_lib)
+from sparsejax import (activations, cett as cett_lib, config as config_lib, data,
+                       flops, metrics as metrics_lib, model as model_lib, results as results_lib,
+                       sharding, step as step_lib, trained_run)
 from sparsejax.loss import next_token_loss
 
 METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
@@ -56,7 +54,7 @@ CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
                  "reference": cett_lib.cett_threshold_reference}
 
 
-class EvalError(ValueError):
+class EvalError(trained_run.RunError):
     """Bad evaluation input: a missing or incompatible run directory, or a bad option."""
 
 
@@ -75,7 +73,12 @@ class EvalOptions:
     cett_search: str = "incremental"
     max_cache_gib: float = 2.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "EvalOptions":
+        """Raise EvalError naming the first field outside its allowed values (run once, at
+        construction)."""
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
             raise EvalError(f"metrics={list(self.metrics)} is not allowed; choose one or more of "
@@ -97,88 +100,6 @@ class EvalOptions:
         if self.topk >= 1 and self.topk != int(self.topk):
             raise EvalError(f"topk={self.topk} must be a fraction < 1 or a whole number of neurons")
         return self
-
-
-# ------------------------------------------------------------------------------------ the run
-@dataclasses.dataclass
-class Run:
-    workdir: pathlib.Path
-    cfg: config_lib.Config
-    checkpointer: checkpointing.CheckpointReader
-    steps: list[int]
-
-
-def _run_config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:
-    """The run's config: ``config.json``, or the one stored in its newest checkpoint."""
-    config_path = workdir / rundir.CONFIG
-    raw, source = None, config_path
-    if config_path.is_file():
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise EvalError(f"{config_path} is not valid JSON ({err})") from None
-    elif ckpt_dir.is_dir():
-        raw, source = trainer_config_from_checkpoints(ckpt_dir), "the checkpoints' meta"
-    if raw is None:
-        raise EvalError(f"{workdir} has no config.json: not a run directory written by train.py")
-    try:
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
-        return config_lib.from_dict(raw)
-    except (TypeError, KeyError, ValueError, config_lib.ConfigError) as err:
-        raise EvalError(f"{source} is not a valid sparsejax config ({err})") from None
-
-
-def trainer_config_from_checkpoints(ckpt_dir: pathlib.Path) -> dict | None:
-    reader = checkpointing.CheckpointReader(ckpt_dir)
-    try:
-        for s in reversed(reader.all_steps()):
-            try:
-                config = reader.meta(s).get("config")
-            except Exception:  # a damaged step: try the one before
-                continue
-            if isinstance(config, dict):
-                return config
-    finally:
-        reader.close()
-    return None
-
-
-def load_run(workdir: str | pathlib.Path) -> Run:
-    """A trained run directory (``config.json`` + ``checkpoints/``); EvalError if it is not one.
-
-    Read-only: nothing in the run is created, cleaned up or deleted, so evaluating a run while
-    its trainer is still writing checkpoints is safe.
-    """
-    workdir = pathlib.Path(workdir)
-    if not workdir.is_dir():
-        raise EvalError(f"--workdir {workdir} does not exist or is not a directory")
-    ckpt_dir = workdir / rundir.CHECKPOINTS
-    cfg = _run_config(workdir, ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise EvalError(f"{workdir} has no checkpoints/ directory: nothing to evaluate")
-    checkpointer = checkpointing.CheckpointReader(ckpt_dir)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise EvalError(f"{ckpt_dir} holds no finished checkpoint")
-    return Run(workdir, cfg, checkpointer, steps)
-
-
-def select_steps(available: Sequence[int], spec: str) -> list[int]:
-    """``all``, ``last`` or a comma-separated list of steps that must all exist."""
-    available = sorted(available)
-    if spec == "all":
-        return available
-    if spec == "last":
-        return available[-1:]
-    try:
-        wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
-    except ValueError:
-        raise EvalError(f"--checkpoints={spec!r}: use all, last or comma-separated step numbers") from None
-    missing = [s for s in wanted if s not in available]
-    if missing or not wanted:
-        raise EvalError(f"--checkpoints: steps {missing or spec!r} not found; available: {available}")
-    return wanted
 
 
 # --------------------------------------------------------------------------- hidden-state store
@@ -227,7 +148,7 @@ class Evaluator:
 
     def __init__(self, cfg: config_lib.Config, options: EvalOptions,
                  batches: list[dict] | None = None):
-        self.cfg, self.options = cfg, options.validate()
+        self.cfg, self.options = cfg, options
         m = cfg.model
         self.n_layers, self.d_ff = m.n_layers, m.d_ff
         self.mesh = sharding.make_mesh(cfg.mesh)
@@ -236,7 +157,7 @@ class Evaluator:
             eval_cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(
                     cfg.train, eval_batches=options.eval_batches or cfg.train.eval_batches))
-            batches = data.Dataset(eval_cfg, jax.process_index(), jax.process_count()).validation
+            batches = data.validation_batches(eval_cfg, jax.process_index(), jax.process_count())
         self.batches = batches
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
@@ -254,7 +175,6 @@ class Evaluator:
         self._topk = self._compile(model_lib.Transformer(topk_model), "topk", keep_hidden=False)
         self.topk_fraction = self.topk_k / m.d_ff
         self._topk_global = self._compile(model_lib.Transformer(m), "topk_global", keep_hidden=False)
-        self._state_template = None
 
     # -- compiled passes ---------------------------------------------------------------------
     def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F):
@@ -373,19 +293,6 @@ class Evaluator:
         t_layers, thresholds_NxF = self.cett_thresholds(params, hidden, cett)
         return self.thresholded(params, thresholds_NxF, "hidden"), t_layers
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def restore(self, run: Run, step_no: int):
-        """(params, meta) of one checkpoint, sharded as in training (no optimizer is built)."""
-        if self._state_template is None:
-            self._state_template = model_lib.abstract_params(self.cfg.model, self.cfg.train.seq_len,
-                                                             self.mesh, self.cfg.mesh)
-        try:
-            return run.checkpointer.restore_params(step_no, self._state_template)
-        except Exception as err:  # orbax raises many types for damaged or mismatched files
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise EvalError(f"checkpoint step {step_no} in {run.checkpointer.directory} cannot be "
-                            f"restored with this run's config ({type(err).__name__}: {first})") from err
-
 
 # ------------------------------------------------------------------------------- CETT-PPL search
 @dataclasses.dataclass
@@ -430,7 +337,7 @@ def _report(result: PassResult, dense_loss: float, **params) -> dict:
     chunk = np.mean([np.asarray(r.chunk_sparsity_C) for r in reports], axis=0)
     chunk_ind = np.mean([np.asarray(r.chunk_sparsity_independent_C) for r in reports], axis=0)
     return {"ratio": float(np.mean(ratio_layers)), "ratio_layers": ratio_layers,
-            "loss": result.loss, "perplexity": math.exp(min(result.loss, 50.0)),
+            "loss": result.loss, "perplexity": results_lib.perplexity(result.loss),
             "ppl_ratio": ppl_ratio(result.loss, dense_loss),
             "dead_share": float(np.mean(dead_layers)), "dead_share_layers": dead_layers,
             "chunk_sparsity": {str(n): float(v) for n, v in zip(lens, chunk)},
@@ -446,10 +353,10 @@ def _histograms(result: PassResult) -> dict:
 def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(), *,
                  checkpoints: str = "all", progress: bool = True,
                  batches: list[dict] | None = None) -> dict:
-    """Evaluate the selected checkpoints of a run; returns the results dict (see ``write_results``)."""
-    options = options.validate()
-    run = load_run(workdir)
-    steps = select_steps(run.steps, checkpoints)
+    """Evaluate the selected checkpoints of a run; returns the results dict (schema:
+    :mod:`sparsejax.results`)."""
+    run = trained_run.load(workdir)
+    steps = trained_run.select_steps(run.steps, checkpoints)
     cfg = run.cfg
     ev = Evaluator(cfg, options, batches)
     t0 = time.perf_counter()
@@ -477,11 +384,11 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
         entries = []
         bar = _progress(steps, progress, "checkpoints")
         for step_no in bar:
-            params, meta = ev.restore(run, step_no)
+            params, meta = run.params(step_no, ev.mesh)
             need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
             entry = {"step": step_no, "tokens_seen": float(meta.get("tokens_seen", float("nan"))),
-                     "dense_loss": dense.loss, "dense_perplexity": math.exp(min(dense.loss, 50.0)),
+                     "dense_loss": dense.loss, "dense_perplexity": results_lib.perplexity(dense.loss),
                      "results": {}, "histograms": _histograms(dense)}
             res = entry["results"]
             if "zero" in want:
@@ -536,14 +443,14 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="ckpt", dynamic_ncols=True)
 
 
-def _search_joint(ev: Evaluator, run: Run, steps: list[int], target_ratio: float,
+def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], target_ratio: float,
                   spill_root: pathlib.Path, say) -> dict:
     """Bisection on c for the mean perplexity ratio over ``steps``
     (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode)."""
     before = ev.forward_passes
     cached = []
     for step_no in steps:
-        params, _ = ev.restore(run, step_no)
+        params, _ = run.params(step_no, ev.mesh)
         dense = ev.dense(params, keep_hidden=True, spill_root=spill_root)
         cached.append((params, dense))
 
@@ -557,159 +464,3 @@ def _search_joint(ev: Evaluator, run: Run, steps: list[int], target_ratio: float
     return {"mode": "joint", "cett": search.cett, "joint_steps": steps,
             "target_ppl_ratio": target_ratio, "iterations": len(search.evaluations),
             "evaluations": search.evaluations, "forward_passes": ev.forward_passes - before}
-
-
-# ------------------------------------------------------------------------------------- outputs
-def tidy_rows(results: dict) -> list[dict]:
-    """One row per (checkpoint, metric, layer or mean, quantity): the CSV's content."""
-    rows = []
-    for entry in results["checkpoints"]:
-        base = {"step": entry["step"], "tokens_seen": entry["tokens_seen"]}
-        rows.append({**base, "metric": "dense", "layer": "mean", "quantity": "loss",
-                     "value": entry["dense_loss"]})
-        for name, r in entry["results"].items():
-            for quantity in ("ratio", "dead_share"):
-                rows.append({**base, "metric": name, "layer": "mean", "quantity": quantity,
-                             "value": r[quantity]})
-                rows.extend({**base, "metric": name, "layer": i, "quantity": quantity, "value": v}
-                            for i, v in enumerate(r[f"{quantity}_layers"]))
-            for quantity in ("loss", "ppl_ratio"):
-                rows.append({**base, "metric": name, "layer": "mean", "quantity": quantity,
-                             "value": r[quantity]})
-            for n, v in r["chunk_sparsity"].items():
-                rows.append({**base, "metric": name, "layer": "mean",
-                             "quantity": f"chunk_sparsity_L{n}", "value": v})
-            if "cett" in r:
-                rows.append({**base, "metric": name, "layer": "mean", "quantity": "cett",
-                             "value": r["cett"]})
-    return rows
-
-
-def write_results(results: dict, out_path: str | pathlib.Path) -> list[pathlib.Path]:
-    """results.json, results.csv and PNG plots next to it; each file written whole or not at all."""
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-        written.append(rundir.atomic_write(path, write))
-
-    atomic(out_path, lambda p: p.write_text(json.dumps(results, indent=1)))
-    rows = tidy_rows(results)
-
-    def write_csv(p: pathlib.Path) -> None:
-        with p.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "tokens_seen", "metric", "layer", "quantity", "value"])
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic(out_path.with_suffix(".csv"), write_csv)
-    for path, plot in plot_results(results, out_path.with_suffix("")).items():
-        written.append(path)
-    return written
-
-
-def plot_results(results: dict, stem: pathlib.Path) -> dict[pathlib.Path, object]:
-    """Ratio vs tokens per metric, per-layer heat maps, chunk sparsity vs chunk length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = results["checkpoints"]
-    names = [m for m in results["metrics"] if any(m in e["results"] for e in entries)]
-    figures = {}
-    if not names:
-        return figures
-    title = f"{results['config_name']} ({results['activation']})"
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        pts = [(e["tokens_seen"], e["results"][name]["ratio"] * 100) for e in entries if name in e["results"]]
-        ax.plot(*zip(*pts), "o-", label=_label(name, entries))
-    _decorate(ax, "tokens seen", "activation ratio (%)", f"{title}: activation ratio vs training tokens")
-    figures[_save(fig, stem, "ratio_vs_tokens")] = fig
-
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        rows = [e for e in entries if name in e["results"]]
-        grid = np.array([e["results"][name]["ratio_layers"] for e in rows]).T * 100
-        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
-        ax.set_xticks(range(len(rows)), [str(e["step"]) for e in rows], rotation=60, fontsize=7)
-        ax.set_xlabel("checkpoint step")
-        ax.set_ylabel("layer")
-        ax.set_title(_label(name, entries), fontsize=9)
-        fig.colorbar(im, ax=ax, label="activation ratio (%)")
-    fig.suptitle(f"{title}: per-layer activation ratio")
-    fig.tight_layout()
-    figures[_save(fig, stem, "layers")] = fig
-
-    last = entries[-1]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for i, (name, r) in enumerate(last["results"].items()):
-        lens = [int(n) for n in r["chunk_sparsity"]]
-        ax.plot(lens, [v * 100 for v in r["chunk_sparsity"].values()], "o-", color=f"C{i}",
-                label=f"{_label(name, entries)}: measured")
-        ax.plot(lens, [v * 100 for v in r["chunk_sparsity_independent"].values()], "--",
-                color=f"C{i}", alpha=0.7, label=f"{name}: independent-neuron prediction")
-    ax.set_xscale("log", base=2)
-    _decorate(ax, "chunk length L (tokens)", "chunk-level sparsity (%)",
-              f"{title}: neurons inactive for a whole chunk (step {last['step']})")
-    figures[_save(fig, stem, "chunk_sparsity")] = fig
-    for fig in figures.values():
-        plt.close(fig)
-    return figures
-
-
-def _decorate(ax, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def _label(name: str, entries: list[dict]) -> str:
-    for e in entries:
-        r = e["results"].get(name)
-        if r is None:
-            continue
-        if name == "fat":
-            return f"FAT-ε={r['eps']:g}"
-        if name == "topk":
-            return f"top-k (k={r['k']})"
-        if name == "topk_global":
-            return f"global top {r['fraction']:.0%}"
-        if name == "cett":
-            return f"CETT={r['cett']:g}"
-        if name == "cett_ppl":
-            return f"CETT-PPL-{r['p']:g}%"
-    return name
-
-
-def _save(fig, stem: pathlib.Path, suffix: str) -> pathlib.Path:
-    path = stem.with_name(f"{stem.name}_{suffix}.png")
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    return path
-
-
-def summary_table(results: dict) -> str:
-    """A plain-text table of the last checkpoint (what eval.py prints)."""
-    last = results["checkpoints"][-1]
-    lines = [f"{results['config_name']} step {last['step']} ({last['tokens_seen']:.3g} tokens), "
-             f"{results['eval_tokens']} eval tokens, dense loss {last['dense_loss']:.4f}",
-             f"{'metric':<16}{'ratio %':>9}{'ppl ratio':>11}{'dead %':>8}{'CLS@8 %':>9}"]
-    for name, r in last["results"].items():
-        lines.append(f"{_label(name, [last]):<16}{r['ratio'] * 100:>9.2f}{r['ppl_ratio']:>11.4f}"
-                     f"{r['dead_share'] * 100:>8.2f}{r['chunk_sparsity']['8'] * 100:>9.2f}")
-    lines.append(f"forward passes: {results['forward_passes']} batches, {results['seconds']:.1f} s")
-    return "\n".join(lines)
-
-
-def iter_metric(results: dict, name: str) -> Iterable[tuple[int, float, float]]:
-    """(step, tokens seen, mean ratio) of one metric over the evaluated checkpoints."""
-    for e in results["checkpoints"]:
-        if name in e["results"]:
-            yield e["step"], e["tokens_seen"], e["results"][name]["ratio"]

@@ -1,4 +1,6 @@
-"""Paper-style figures for the scaling laws of :mod:`sparsejax.laws` (Sparsing Law, arXiv 2411.02335).
+"""All of sparsejax's figures, in one style: the training activation-ratio plot, eval.py's
+plots, and paper-style figures for the scaling laws of :mod:`sparsejax.laws` (Sparsing Law,
+arXiv 2411.02335).
 
 Every function builds a standalone :class:`matplotlib.figure.Figure` (no pyplot state, so it is
 safe under the Agg backend, in tests and in notebooks), styles it the same way — labelled axes
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from sparsejax import laws
+from sparsejax import laws, results as results_lib
 
 _CURVE_POINTS = 200
 _BAND_ALPHA = 0.2
@@ -52,8 +54,8 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, ke
     return fig
 
 
-def save_figure(fig: Figure, out_path) -> Path:
-    """Write ``<out_path>.png`` and ``<out_path>.pdf``; returns the stem.
+def save_figure(fig: Figure, out_path, formats: tuple[str, ...] = ("png", "pdf")) -> Path:
+    """Write ``<out_path>.png`` and ``<out_path>.pdf`` (or ``formats``); returns the stem.
 
     Each file is written atomically: rendered to a temporary file in the same directory, then
     renamed over the target, so a reader (or a crash mid-write) never sees a truncated figure.
@@ -61,7 +63,7 @@ def save_figure(fig: Figure, out_path) -> Path:
     # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
     stem = Path(out_path)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
+    for ext in formats:
         # Same directory (a rename is atomic only within one filesystem); a name of its own per
         # process and call; opened normally, so the file gets the usual umask permissions.
         tmp = stem.parent / f".{stem.name}.{ext}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -252,3 +254,76 @@ def plot_loss_vs_tokens(
     if log_y:
         ax.set_yscale("log")
     return _finish(fig, ax, "training tokens (B)", "loss (nats/token)", log_x, out_path, keys)
+
+
+# --------------------------------------------------------------------------- training and eval
+def plot_activation_ratio(records: list[dict], out_path, title: str = "") -> Path:
+    """Activation ratio vs tokens seen: one thin line per layer, the layer mean in bold.
+
+    ``records`` are ``metrics.jsonl`` training records; writes ``out_path`` (a ``.png`` path).
+    """
+    rows = [r for r in records if "activation_ratio_layers" in r]
+    if not rows:
+        raise ValueError("no activation-ratio records to plot (was activation logging off?)")
+    tokens = np.array([r["tokens_seen"] for r in rows], dtype=np.float64)
+    per_layer = np.array([r["activation_ratio_layers"] for r in rows]) * 100
+    fig, ax = _new_axes(title or "FFN activation ratio during training")
+    colours = [f"C{i % 10}" for i in range(per_layer.shape[1])]
+    for i in range(per_layer.shape[1]):
+        ax.plot(tokens, per_layer[:, i], lw=0.9, alpha=0.7, color=colours[i], label=f"layer {i}")
+    ax.plot(tokens, np.array([r["activation_ratio"] for r in rows]) * 100, lw=2.5, color="black",
+            label="mean over layers")
+    _finish(fig, ax, "tokens seen", "activation ratio (%)", False, None)
+    out_path = Path(out_path)
+    save_figure(fig, out_path.with_suffix(""), formats=("png",))
+    return out_path.with_suffix(".png")
+
+
+def plot_eval_results(results: dict, stem) -> list[Path]:
+    """eval.py's figures: ratio vs tokens per metric, per-layer heat maps, chunk sparsity vs
+    chunk length; ``<stem>_<name>.png`` each."""
+    entries = results["checkpoints"]
+    names = [m for m in results["metrics"] if any(m in e["results"] for e in entries)]
+    if not names:
+        return []
+    stem, title = Path(stem), f"{results['config_name']} ({results['activation']})"
+    label = lambda name: results_lib.metric_label(name, entries)  # noqa: E731
+    written = []
+
+    def save(fig, suffix):
+        saved = save_figure(fig, stem.with_name(f"{stem.name}_{suffix}"), formats=("png",))
+        written.append(Path(f"{saved}.png"))
+
+    fig, ax = _new_axes(f"{title}: activation ratio vs training tokens")
+    for name in names:
+        pts = [(e["tokens_seen"], e["results"][name]["ratio"] * 100) for e in entries if name in e["results"]]
+        ax.plot(*zip(*pts), "o-", label=label(name))
+    _finish(fig, ax, "tokens seen", "activation ratio (%)", False, None)
+    save(fig, "ratio_vs_tokens")
+
+    fig = Figure(figsize=(3.2 * len(names) + 1, 3.8), layout="constrained")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        rows = [e for e in entries if name in e["results"]]
+        grid = np.array([e["results"][name]["ratio_layers"] for e in rows]).T * 100
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(rows)), [str(e["step"]) for e in rows], rotation=60, fontsize=7)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel("layer")
+        ax.set_title(label(name), fontsize=9)
+        fig.colorbar(im, ax=ax, label="activation ratio (%)")
+    fig.suptitle(f"{title}: per-layer activation ratio")
+    save(fig, "layers")
+
+    last = entries[-1]
+    fig, ax = _new_axes(f"{title}: neurons inactive for a whole chunk (step {last['step']})")
+    for i, (name, r) in enumerate(last["results"].items()):
+        lens = [int(n) for n in r["chunk_sparsity"]]
+        ax.plot(lens, [v * 100 for v in r["chunk_sparsity"].values()], "o-", color=f"C{i}",
+                label=f"{label(name)}: measured")
+        ax.plot(lens, [v * 100 for v in r["chunk_sparsity_independent"].values()], "--",
+                color=f"C{i}", alpha=0.7, label=f"{name}: independent-neuron prediction")
+    ax.set_xscale("log", base=2)
+    _finish(fig, ax, "chunk length L (tokens)", "chunk-level sparsity (%)", False, None)
+    save(fig, "chunk_sparsity")
+    return written

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import signal
 import sys
@@ -36,8 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax import (checkpointing, config as config_lib, data, flops, optim, resources, rundir,
-                       sharding, step, writers)
+from sparsejax import (checkpointing, config as config_lib, data, flops, optim, plotting, resources,
+                       results, rundir, sharding, step, writers)
 
 log = logging.getLogger(__name__)
 
@@ -150,24 +149,6 @@ def _debug_log(workdir: pathlib.Path):
 
 
 # ------------------------------------------------------------------------------- run identity
-def _checkpoint_config(ckpt_dir: pathlib.Path) -> dict | None:
-    """The config stored in the newest checkpoint whose meta can be read (read-only)."""
-    if not ckpt_dir.is_dir():
-        return None
-    reader = checkpointing.CheckpointReader(ckpt_dir)
-    try:
-        for s in reversed(reader.all_steps()):
-            try:
-                meta = reader.meta(s)
-            except Exception:  # damaged: restore_latest will move it aside
-                continue
-            if isinstance(meta.get("config"), dict):
-                return meta["config"]
-    finally:
-        reader.close()
-    return None
-
-
 def _has_steps(ckpt_dir: pathlib.Path) -> bool:
     return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
@@ -181,7 +162,7 @@ def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -
     ckpt_dir = workdir / rundir.CHECKPOINTS
     if not _has_steps(ckpt_dir):
         return
-    old, source = _checkpoint_config(ckpt_dir), "its checkpoints"
+    old, source = checkpointing.config_from_checkpoints(ckpt_dir), "its checkpoints"
     if old is None:
         path, source = workdir / rundir.CONFIG, "config.json"
         try:
@@ -260,7 +241,7 @@ class _Loop:
                     f"values in the loss, gradients or updated parameters); stopping without "
                     f"saving. Last good checkpoint: {self._where_good()}")
             self.tokens_seen += float(m["tokens"])
-            record = {"step": step_no, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            record = {"step": step_no, "loss": loss, "perplexity": results.perplexity(loss),
                       "grad_norm": grad_norm,
                       "learning_rate": float(self.lr_schedule(step_no - 1)),
                       "tokens_seen": self.tokens_seen, "tokens_per_s": tok_per_s,
@@ -287,7 +268,7 @@ class _Loop:
                                  for b in self.dataset.validation])
         tokens = sum(float(x["tokens"]) for x in totals)
         loss = sum(float(x["loss_sum"]) for x in totals) / tokens
-        record = {"step": self.step_no, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        record = {"step": self.step_no, "eval_loss": loss, "eval_perplexity": results.perplexity(loss)}
         if self.log_activations:
             act = np.sum([x["act_sum_layers"] for x in totals], axis=0) / (tokens * self.cfg.model.d_ff)
             record["eval_activation_ratio"] = float(np.mean(act))
@@ -486,8 +467,8 @@ def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSum
         is_main and (workdir / rundir.METRICS).exists()) else []
     plot_path = None
     if is_main and log_activations and records:
-        plot_path = writers.plot_activation_ratio(records, workdir / rundir.PLOT,
-                                                  title=f"{cfg.name}: FFN activation ratio")
+        plot_path = plotting.plot_activation_ratio(records, workdir / rundir.PLOT,
+                                                   title=f"{cfg.name}: FFN activation ratio")
     last = records[-1] if records else loop.last_record
     start = restored[0] if restored is not None else 0
     return RunSummary(workdir, loop.step_no, last.get("loss", float("nan")),

@@ -1,4 +1,6 @@
-"""Run outputs: JSONL metrics (one line per step), TensorBoard events and the activation plot."""
+"""Training metrics: ``metrics.jsonl`` (one JSON line per step) and TensorBoard events.
+
+The activation-ratio plot is drawn by :func:`sparsejax.plotting.plot_activation_ratio`."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ import math
 import pathlib
 import shutil
 from typing import Iterable
-
-import numpy as np
 
 from sparsejax import rundir
 
@@ -90,34 +90,3 @@ def read_jsonl(path: pathlib.Path, *, skip_bad: bool = False):
             elif i != len(lines) - 1:
                 raise
     return (records, bad) if skip_bad else records
-
-
-def plot_activation_ratio(records: list[dict], out_path: pathlib.Path, title: str = "") -> pathlib.Path:
-    """Activation ratio vs tokens seen: one thin line per layer, the layer mean in bold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if "activation_ratio_layers" in r]
-    if not rows:
-        raise ValueError("no activation-ratio records to plot (was activation logging off?)")
-    tokens = np.array([r["tokens_seen"] for r in rows], dtype=np.float64)
-    per_layer = np.array([r["activation_ratio_layers"] for r in rows]) * 100
-    mean = np.array([r["activation_ratio"] for r in rows]) * 100
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    cmap = plt.get_cmap("viridis")
-    for i in range(per_layer.shape[1]):
-        ax.plot(tokens, per_layer[:, i], lw=0.9, alpha=0.7, color=cmap(i / max(per_layer.shape[1] - 1, 1)),
-                label=f"layer {i}")
-    ax.plot(tokens, mean, lw=2.5, color="black", label="mean over layers")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("activation ratio (%)")
-    ax.set_title(title or "FFN activation ratio during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out_path = pathlib.Path(out_path)
-    rundir.atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return out_path

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import cett, config as config_lib, evaluation, model as model_lib, trainer
+from sparsejax import (cett, config as config_lib, evaluation, model as model_lib, plotting,
+                       results as results_lib, trained_run, trainer)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,9 @@ def relu_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def relu_ev(relu_run):
-    run = evaluation.load_run(relu_run)
+    run = trained_run.load(relu_run)
     ev = evaluation.Evaluator(run.cfg, evaluation.EvalOptions(cett_ppl_mode="per_checkpoint"))
-    params, _ = ev.restore(run, run.steps[-1])
+    params, _ = run.params(run.steps[-1], ev.mesh)
     return run, ev, params
 
 
@@ -175,12 +176,12 @@ def test_cett_thresholds_match_reference_search_on_independent_intermediates(rel
 
 
 def test_spilled_cache_gives_same_thresholds(relu_run):
-    run = evaluation.load_run(relu_run)
+    run = trained_run.load(relu_run)
     params = None
     results = []
     for gib in (2.0, 0.0):
         ev = evaluation.Evaluator(run.cfg, evaluation.EvalOptions(max_cache_gib=gib))
-        params = params or ev.restore(run, run.steps[-1])[0]
+        params = params or run.params(run.steps[-1], ev.mesh)[0]
         dense = ev.dense(params, keep_hidden=True)
         assert (dense.hidden.spill_dir is not None) == (gib == 0.0)
         results.append(ev.cett_thresholds(params, dense.hidden, 0.3)[0])
@@ -230,34 +231,35 @@ def test_evaluate_run_joint_writes_outputs(relu_run, tmp_path):
         assert e["results"]["zero"]["ppl_ratio"] == 1.0
         assert e["tokens_seen"] == e["step"] * 8 * 64
         assert set(e["results"]["zero"]["chunk_sparsity"]) == {"1", "2", "4", "8", "16", "32"}
-    written = evaluation.write_results(results, tmp_path / "out" / "results.json")
+    written = results_lib.write_results(results, tmp_path / "out" / "results.json")
+    written += plotting.plot_eval_results(results, tmp_path / "out" / "results")
     names = sorted(p.name for p in written)
     assert names == sorted(["results.json", "results.csv", "results_ratio_vs_tokens.png",
                             "results_layers.png", "results_chunk_sparsity.png"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["checkpoints"][0]["step"] == 40
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert rows[0] == "step,tokens_seen,metric,layer,quantity,value"
-    assert len(rows) - 1 == len(evaluation.tidy_rows(results))
+    assert len(rows) - 1 == len(results_lib.tidy_rows(results))
     assert any(r.startswith("160,") and ",zero,1,ratio," in r for r in rows)
-    assert "CETT-PPL-1%" in evaluation.summary_table(results)
+    assert "CETT-PPL-1%" in results_lib.summary_table(results)
 
 
 def test_load_run_errors(tmp_path, relu_run):
     missing = tmp_path / "nope"
-    with pytest.raises(evaluation.EvalError, match="does not exist"):
-        evaluation.load_run(missing)
+    with pytest.raises(trained_run.RunError, match="does not exist"):
+        trained_run.load(missing)
     assert not missing.exists()
-    with pytest.raises(evaluation.EvalError, match="no config.json"):
-        evaluation.load_run(tmp_path)
+    with pytest.raises(trained_run.RunError, match="no config.json"):
+        trained_run.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(evaluation.EvalError, match="is not valid JSON"):
-        evaluation.load_run(tmp_path)
+    with pytest.raises(trained_run.RunError, match="is not valid JSON"):
+        trained_run.load(tmp_path)
     (tmp_path / "config.json").write_text('{"model": {"activation": "reluu"}}')
-    with pytest.raises(evaluation.EvalError, match="not a valid sparsejax config"):
-        evaluation.load_run(tmp_path)
-    with pytest.raises(evaluation.EvalError, match="available"):
-        evaluation.select_steps([40, 80], "40,99")
-    assert evaluation.select_steps([40, 80], "last") == [80]
+    with pytest.raises(trained_run.RunError, match="not a valid sparsejax config"):
+        trained_run.load(tmp_path)
+    with pytest.raises(trained_run.RunError, match="available"):
+        trained_run.select_steps([40, 80], "40,99")
+    assert trained_run.select_steps([40, 80], "last") == [80]
     with pytest.raises(evaluation.EvalError, match="metrics"):
         evaluation.EvalOptions(metrics=("zero", "bogus")).validate()
     with pytest.raises(evaluation.EvalError, match="cett=1.5"):
@@ -302,3 +304,32 @@ def test_cli_end_to_end(relu_run, tmp_path):
     assert [e["step"] for e in results["checkpoints"]] == [160]
     assert set(results["checkpoints"][0]["results"]) == {"zero", "topk", "topk_global", "cett"}
     assert "CETT=0.2" in proc.stdout
+
+
+def _assert_close(new, old, path="", rtol=1e-4):
+    """Recursive comparison of two results dicts: same keys and shapes, floats to ``rtol``."""
+    if isinstance(old, dict):
+        assert set(new) == set(old), (path, set(new) ^ set(old))
+        for k in old:
+            _assert_close(new[k], old[k], f"{path}/{k}", rtol)
+    elif isinstance(old, list):
+        assert len(new) == len(old), path
+        for i, (a, b) in enumerate(zip(new, old)):
+            _assert_close(a, b, f"{path}[{i}]", rtol)
+    elif isinstance(old, float):
+        assert math.isclose(new, old, rel_tol=rtol, abs_tol=1e-9), (path, new, old)
+    else:
+        assert new == old, (path, new, old)
+
+
+def test_results_match_the_golden_file_written_before_the_refactor(relu_run):
+    """tests/golden/eval_results_tiny_relu.json was written by the evaluator as it was before
+    the analysis modules were split (commit ec01682), on this fixture's exact run and options.
+    Every value must still agree; the CETT thresholds differ by < 1e-5 relative because the
+    candidate grid's top is now the reference's float32 quantile (docs/sparsity_metrics_and_laws.md)."""
+    golden = json.loads((ROOT / "tests" / "golden" / "eval_results_tiny_relu.json").read_text())
+    options = evaluation.EvalOptions(metrics=tuple(golden["metrics"]), joint_last=3)
+    results = evaluation.evaluate_run(relu_run, options, progress=False)
+    for key in ("workdir", "seconds"):
+        results.pop(key)
+    _assert_close(json.loads(json.dumps(results)), golden)

@@ -1,0 +1,97 @@
+"""A trained run, read: its config, its finished checkpoint steps, and parameters per step.
+
+Read-only by construction (``checkpointing.CheckpointReader``): nothing in the run directory is
+created, cleaned up or deleted, so a run can be read while its trainer is still writing. The
+parameters are restored alone (orbax partial restore), without building an optimizer or a train
+step. The directory's layout is :mod:`sparsejax.rundir`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jax
+
+from sparsejax import checkpointing, config as config_lib, model as model_lib, rundir
+
+
+class RunError(ValueError):
+    """The run directory cannot be read: missing, not a run, or a step that does not restore."""
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    workdir: pathlib.Path
+    cfg: config_lib.Config
+    reader: checkpointing.CheckpointReader
+    steps: list[int]
+    _abstract: Any = None
+
+    def params(self, step: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
+        """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules."""
+        if self._abstract is None:
+            self._abstract = model_lib.abstract_params(self.cfg.model, self.cfg.train.seq_len,
+                                                       mesh, self.cfg.mesh)
+        try:
+            return self.reader.restore_params(step, self._abstract)
+        except Exception as err:  # orbax raises many types for damaged or mismatched files
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise RunError(f"checkpoint step {step} in {self.reader.directory} cannot be restored "
+                           f"with this run's config ({type(err).__name__}: {first})") from err
+
+
+def _config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:
+    """The run's config: ``config.json``, or the one stored in its newest checkpoint."""
+    config_path = workdir / rundir.CONFIG
+    raw, source = None, config_path
+    if config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"{config_path} is not valid JSON ({err})") from None
+    elif ckpt_dir.is_dir():
+        raw, source = checkpointing.config_from_checkpoints(ckpt_dir), "the checkpoints' meta"
+    if raw is None:
+        raise RunError(f"{workdir} has no config.json: not a run directory written by train.py")
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        return config_lib.from_dict(raw)
+    except (TypeError, KeyError, ValueError, config_lib.ConfigError) as err:
+        raise RunError(f"{source} is not a valid sparsejax config ({err})") from None
+
+
+def load(workdir: str | pathlib.Path) -> TrainedRun:
+    """The run in ``workdir``; RunError (naming what is missing) if it is not a trained run."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        raise RunError(f"--workdir {workdir} does not exist or is not a directory")
+    ckpt_dir = workdir / rundir.CHECKPOINTS
+    cfg = _config(workdir, ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise RunError(f"{workdir} has no checkpoints/ directory: nothing to evaluate")
+    reader = checkpointing.CheckpointReader(ckpt_dir)
+    steps = reader.all_steps()
+    if not steps:
+        raise RunError(f"{ckpt_dir} holds no finished checkpoint")
+    return TrainedRun(workdir, cfg, reader, steps)
+
+
+def select_steps(available: Sequence[int], spec: str) -> list[int]:
+    """``all``, ``last`` or a comma-separated list of steps that must all exist."""
+    available = sorted(available)
+    if spec == "all":
+        return available
+    if spec == "last":
+        return available[-1:]
+    try:
+        wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise RunError(f"--checkpoints={spec!r}: use all, last or comma-separated step numbers") from None
+    missing = [s for s in wanted if s not in available]
+    if missing or not wanted:
+        raise RunError(f"--checkpoints: steps {missing or spec!r} not found; available: {available}")
+    return wanted
