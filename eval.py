@@ -19,24 +19,32 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from sparsejax.eval_options import CETT_PPL_MODES, CETT_SEARCHES, FLAGS, METRICS, EvalOptions
+
+    d = EvalOptions()  # the one place evaluation defaults live
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="run directory written by train.py")
     p.add_argument("--checkpoints", default="all", help="all, last, or comma-separated steps")
-    p.add_argument("--metrics", default="zero,fat,cett_ppl",
-                   help="comma-separated subset of zero,fat,topk,topk_global,cett,cett_ppl")
-    p.add_argument("--p", type=float, default=1.0, help="CETT-PPL-p%%: perplexity ratio 1 + p/100")
-    p.add_argument("--fat-eps", type=float, default=0.01, help="FAT-ε threshold on |σ(gate)|")
-    p.add_argument("--topk", type=float, default=0.3, help="top-k: fraction of d_ff (<1) or k")
-    p.add_argument("--cett", type=float, default=0.2, help="target of the fixed-CETT metric")
-    p.add_argument("--cett-ppl-mode", default="joint", choices=("joint", "per_checkpoint"),
-                   help="joint: one c searched on the last --joint-last checkpoints (paper)")
-    p.add_argument("--joint-last", type=int, default=5)
-    p.add_argument("--tolerance", type=float, default=1e-3, help="CETT-PPL bisection tolerance on c")
-    p.add_argument("--eval-batches", type=int, default=0,
-                   help="validation batches (0: the run's train.eval_batches)")
-    p.add_argument("--cett-search", default="incremental", choices=("incremental", "reference"))
-    p.add_argument("--max-cache-gib", type=float, default=2.0,
-                   help="above this, cached FFN intermediates for CETT spill to disk")
+    helps = {
+        "metrics": (str, f"comma-separated subset of {','.join(METRICS)}", ",".join(d.metrics)),
+        "ppl_p": (float, "CETT-PPL-p%%: perplexity ratio 1 + p/100", d.ppl_p),
+        "fat_eps": (float, "FAT-ε threshold on |σ(gate)|", d.fat_eps),
+        "topk": (float, "top-k: fraction of d_ff (<1) or k", d.topk),
+        "cett": (float, "target of the fixed-CETT metric", d.cett),
+        "cett_ppl_mode": (str, f"{' or '.join(CETT_PPL_MODES)}; joint: one c searched on the last "
+                          "--joint-last checkpoints (paper)", d.cett_ppl_mode),
+        "joint_last": (int, "checkpoints of the joint CETT-PPL search", d.joint_last),
+        "tolerance": (float, "CETT-PPL bisection tolerance on c", d.tolerance),
+        "eval_batches": (int, "validation batches (0: the run's train.eval_batches)", d.eval_batches),
+        "dead_min_rate": (float, "a neuron active on fewer tokens than this share is dead",
+                          d.dead_min_rate),
+        "cett_search": (str, f"{' or '.join(CETT_SEARCHES)} threshold search", d.cett_search),
+        "max_cache_gib": (float, "above this, cached FFN intermediates for CETT spill to disk",
+                          d.max_cache_gib),
+    }
+    for field, flag in FLAGS.items():
+        kind, text, default = helps[field]
+        p.add_argument(flag, dest=field, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument("--out", default=None, help="results JSON path (default WORKDIR/eval/results.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
@@ -54,27 +62,22 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger().setLevel(logging.ERROR)
 
-    from sparsejax import evaluation, plotting, results as results_lib, rundir, trained_run
+    from sparsejax import eval_options, evaluation, plotting, results as results_lib, rundir, trained_run
 
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
     try:
         # Before any compute: a results path that cannot be written fails now, not after the run.
         if out.is_dir():
-            raise evaluation.EvalError(f"--out {out} is a directory; give a file path such as {out / 'results.json'}")
+            raise eval_options.EvalError(f"--out {out} is a directory; give a file path such as {out / 'results.json'}")
         rundir.check_writable_dir(out.parent, "--out directory")
-    except (trained_run.RunError, rundir.RunDirError) as err:
+    except (eval_options.EvalError, rundir.RunDirError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     try:
-        options = evaluation.EvalOptions(
-            metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-            fat_eps=args.fat_eps, topk=args.topk, cett=args.cett, ppl_p=args.p,
-            tolerance=args.tolerance, cett_ppl_mode=args.cett_ppl_mode, joint_last=args.joint_last,
-            eval_batches=args.eval_batches, cett_search=args.cett_search,
-            max_cache_gib=args.max_cache_gib)
+        options = eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS})
         results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
                                           progress=args.progress)
-    except trained_run.RunError as err:
+    except (trained_run.RunError, eval_options.EvalError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     import jax

@@ -15,8 +15,6 @@ import pathlib
 import typing
 from typing import Any, Sequence
 
-from sparsejax import activations
-
 
 class ConfigError(ValueError):
     """A config field has a value outside its allowed set."""
@@ -220,6 +218,8 @@ def validate(cfg: Config) -> Config:
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     _choice("model.ffn_type", m.ffn_type, ("gated", "plain"))
+    from sparsejax import activations  # lazy: config files and sweep specs load without JAX
+
     _choice("model.activation", m.activation, activations.names())
     spec = activations.get(m.activation)
     if m.activation_threshold != 0.0 and "threshold" not in spec.params:

@@ -43,63 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import (activations, cett as cett_lib, config as config_lib, data,
+from sparsejax import (activations, cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
                        sharding, step as step_lib, trained_run)
+from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
 from sparsejax.loss import next_token_loss
 
-METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
-CETT_PPL_MODES = ("joint", "per_checkpoint")
 CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
                  "reference": cett_lib.cett_threshold_reference}
-
-
-class EvalError(trained_run.RunError):
-    """Bad evaluation input: a missing or incompatible run directory, or a bad option."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-    metrics: tuple[str, ...] = ("zero", "fat", "cett_ppl")
-    fat_eps: float = 0.01  # FAT-ε threshold on |σ(gate)| (CATS / ProSparse use 0.01)
-    topk: float = 0.3  # per-token top-k: a fraction of d_ff (< 1) or a neuron count (>= 1)
-    cett: float = 0.2  # target of the fixed-CETT metric
-    ppl_p: float = 1.0  # CETT-PPL-p%: perplexity ratio target 1 + p/100 (paper: p = 1)
-    tolerance: float = 1e-3  # outer bisection tolerance on c, as in the paper
-    cett_ppl_mode: str = "joint"
-    joint_last: int = 5
-    eval_batches: int = 0  # 0: the run's train.eval_batches
-    dead_min_rate: float = metrics_lib.DEAD_MIN_RATE
-    cett_search: str = "incremental"
-    max_cache_gib: float = 2.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "EvalOptions":
-        """Raise EvalError naming the first field outside its allowed values (run once, at
-        construction)."""
-        bad = [m for m in self.metrics if m not in METRICS]
-        if bad or not self.metrics:
-            raise EvalError(f"metrics={list(self.metrics)} is not allowed; choose one or more of "
-                            f"{list(METRICS)}")
-        if self.cett_ppl_mode not in CETT_PPL_MODES:
-            raise EvalError(f"cett_ppl_mode={self.cett_ppl_mode!r}; allowed: {list(CETT_PPL_MODES)}")
-        if self.cett_search not in CETT_SEARCHES:
-            raise EvalError(f"cett_search={self.cett_search!r}; allowed: {sorted(CETT_SEARCHES)}")
-        checks = [("fat_eps", self.fat_eps >= 0, ">= 0"), ("topk", self.topk > 0, "> 0"),
-                  ("cett", 0 <= self.cett <= 1, "in [0, 1]"), ("ppl_p", self.ppl_p > 0, "> 0"),
-                  ("tolerance", 0 < self.tolerance < 1, "in (0, 1)"),
-                  ("joint_last", self.joint_last >= 1, ">= 1"),
-                  ("eval_batches", self.eval_batches >= 0, ">= 0"),
-                  ("dead_min_rate", 0 < self.dead_min_rate < 1, "in (0, 1)"),
-                  ("max_cache_gib", self.max_cache_gib >= 0, ">= 0")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise EvalError(f"{name}={getattr(self, name)!r} is not allowed; must be {allowed}")
-        if self.topk >= 1 and self.topk != int(self.topk):
-            raise EvalError(f"topk={self.topk} must be a fraction < 1 or a whole number of neurons")
-        return self
+assert set(CETT_SEARCHES) == set(eval_options.CETT_SEARCHES)
 
 
 # --------------------------------------------------------------------------- hidden-state store

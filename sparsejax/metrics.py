@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.eval_options import DEAD_MIN_RATE  # one definition, importable without JAX
+
 Array = jax.Array
 
 FAT_FLOOR = 1e-18  # the reference adds it to ε (prune_fat) and uses it as the zero test (prune_topk)
-DEAD_MIN_RATE = 1e-3  # dead = active on < 0.1% of tokens (docs §Dead neurons)
 CHUNK_LENS = (1, 2, 4, 8, 16, 32)
 
 

@@ -39,22 +39,28 @@ def perplexity(loss: float) -> float:
 
 def checkpoint_rows(results: dict) -> Iterator[dict]:
     """Tidy rows of every checkpoint: the dense loss, then per metric its mean and per-layer
-    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and CETT value."""
+    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and CETT value.
+
+    Quantities a results file lacks (a partial or older file) are left out, not invented.
+    """
     for entry in results["checkpoints"]:
         base = {"step": entry["step"], "tokens_seen": entry["tokens_seen"]}
         yield {**base, "metric": "dense", "layer": "mean", "quantity": "loss", "value": entry["dense_loss"]}
         for name, r in entry["results"].items():
+            row = lambda layer, quantity, value: {**base, "metric": name, "layer": layer,  # noqa: E731
+                                                  "quantity": quantity, "value": value}
             for quantity in LAYER_QUANTITIES:
-                yield {**base, "metric": name, "layer": "mean", "quantity": quantity, "value": r[quantity]}
-                for i, v in enumerate(r[f"{quantity}_layers"]):
-                    yield {**base, "metric": name, "layer": i, "quantity": quantity, "value": v}
+                if quantity in r:
+                    yield row("mean", quantity, r[quantity])
+                for i, v in enumerate(r.get(f"{quantity}_layers", ())):
+                    yield row(i, quantity, v)
             for quantity in MEAN_QUANTITIES:
-                yield {**base, "metric": name, "layer": "mean", "quantity": quantity, "value": r[quantity]}
-            for n, v in r["chunk_sparsity"].items():
-                yield {**base, "metric": name, "layer": "mean", "quantity": f"chunk_sparsity_L{n}",
-                       "value": v}
+                if quantity in r:
+                    yield row("mean", quantity, r[quantity])
+            for n, v in r.get("chunk_sparsity", {}).items():
+                yield row("mean", f"chunk_sparsity_L{n}", v)
             if "cett" in r:
-                yield {**base, "metric": name, "layer": "mean", "quantity": "cett", "value": r["cett"]}
+                yield row("mean", "cett", r["cett"])
 
 
 def tidy_rows(results: dict) -> list[dict]:

@@ -190,7 +190,7 @@ from sparsejax import sweep
 def get_sweep():
     runs = (sweep.Run(name="relu", config="configs/tiny_relu.py", overrides={overrides!r},
                       activation="relu"),)
-    return sweep.Sweep(name="kill", runs=runs, eval_metrics=("zero",))
+    return sweep.Sweep(name="kill", runs=runs, eval=sweep.EvalOptions(metrics=("zero",)))
 """
 
 

@@ -1,5 +1,6 @@
 """Sweeps: grid expansion and validation, commands, collect, law fits, resume and failures."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -49,7 +50,7 @@ FAKE_EVAL = textwrap.dedent("""
     for flag in ("--workdir", "--checkpoints", "--metrics", "--out"):
         p.add_argument(flag)
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args()
+    a, _ = p.parse_known_args()
     out = pathlib.Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     ckpts = [{"step": s, "tokens_seen": 1000.0 * s, "dense_loss": 2.0,
               "results": {m: {"ratio": 0.1, "ppl_ratio": 1.0, "dead_share": 0.0} for m in a.metrics.split(",")}}
@@ -77,7 +78,7 @@ def _cli(*args, timeout=120):
 
 def _two_run_sweep(common=("train.steps=8", "train.warmup_steps=2")):
     runs = sweep.cross(sweep.activation_points(["relu", "silu"]), config=TINY, common=common)
-    return sweep.Sweep(name="two", runs=runs, eval_metrics=("zero", "fat"))
+    return sweep.Sweep(name="two", runs=runs, eval=sweep.EvalOptions(metrics=("zero", "fat")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +118,9 @@ def test_resolve_rejects_inconsistent_metadata_and_bad_sweep_fields():
     with pytest.raises(sweep.SweepError, match=r"run 'r': declared width=128 but model.d_model=64"):
         sweep.resolve(wrong)
     runs = sweep.cross(sweep.activation_points(["relu"]), config=TINY)
-    for kwargs, match in (({"eval_metrics": ("zero", "nope")}, "eval_metrics"),
+    with pytest.raises(ValueError, match="metrics="):
+        sweep.Sweep(name="s", runs=runs, eval=sweep.EvalOptions(metrics=("zero", "nope")))
+    for kwargs, match in (({"eval": ("zero",)}, "must be an EvalOptions"),
                           ({"laws": {"relu": "nope"}}, r"laws\['relu'\]"),
                           ({"plots": ("nope",)}, "plots"),
                           ({"runs": runs + runs}, "duplicate run names")):
@@ -240,7 +243,7 @@ def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
     # warm-up points that would wreck both fits if they were used
     rows += [sweep._row(r, s * r.tokens_per_step, s, "train_activation_ratio", 0.99) for r in (relu, silu)
              for s in range(1, 21)]
-    fits = sweep.fit_runs(rows, [relu, silu], sweep.DEFAULT_LAWS, n_boot=10)
+    fits = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=10)
     assert [(f.run.name, f.law, f.status) for f in fits] == [("relu", "relu_ratio", "ok"),
                                                              ("silu", "silu_ratio", "ok")]
     for fit, true in zip(fits, (true_relu, true_silu)):
@@ -251,14 +254,14 @@ def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
         assert d["success"] and set(d["ci_lo"]) == set(laws.get_law(fit.law).param_names)
         assert all(d["ci_lo"][k] <= d["params_fit"][k] + 1e-9 <= d["ci_hi"][k] + 2e-9 for k in d["ci_lo"])
     assert fits[0].trend()["direction"] == "falls" and fits[1].trend()["direction"] == "rises"
-    parallel = sweep.fit_runs(rows, [relu, silu], sweep.DEFAULT_LAWS, n_boot=10, workers=2)
+    parallel = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=10, workers=2)
     assert [f.to_dict() for f in parallel] == [f.to_dict() for f in fits]  # seeded: same fits, same CIs
 
 
 def test_noisy_fit_has_ci_covering_the_limit():
     (relu, _) = sweep.resolve(_two_run_sweep(("train.batch_size=512", "train.seq_len=256")))
     rows = _law_rows(relu, "relu_ratio", (0.5, -1.0, 3.0, 0.07), list(range(25, 5000, 25)), noise=2e-3)
-    (fit,) = sweep.fit_runs(rows, [relu], sweep.DEFAULT_LAWS, n_boot=40)
+    (fit,) = sweep.fit_runs(rows, [relu], laws.PUBLISHED_LAW, n_boot=40)
     lo, hi = fit.result.ci["A0"]
     assert fit.status == "ok" and lo < hi and lo - 0.01 < 0.07 < hi + 0.01
 
@@ -272,7 +275,7 @@ def test_failed_and_skipped_fits_are_reported(tmp_path):
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
     assert status[("relu", "train_activation_ratio")][0] == "skipped"  # no law for relu here
     assert status[("silu", "zero_ratio")][0] == "skipped"
-    fits = sweep.fit_runs(rows, [relu, silu], sweep.DEFAULT_LAWS, n_boot=0)
+    fits = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=0)
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
     assert status[("relu", "train_activation_ratio")][0] == "failed"
     assert "at least 5 points" in status[("relu", "train_activation_ratio")][1]
@@ -296,7 +299,7 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
     relu, silu = sweep.resolve(spec)
     out = tmp_path / "out"
     cmds = {"train_cmd": lambda run, wd: sweep.train_command(run, wd, script=fake_train),
-            "eval_cmd": lambda run, wd, m, x: sweep.eval_command(run, wd, m, x, script=fake_eval)}
+            "eval_cmd": lambda run, wd, o: sweep.eval_command(run, wd, o, script=fake_eval)}
     first = sweep.execute(spec, [relu], out, progress=False, log=lambda _: None, **cmds)
     assert [o.status for o in first] == ["done"]
     marker = out / "runs" / "relu" / sweep.MARKER
@@ -314,7 +317,7 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
     assert marker.stat().st_mtime_ns == mtime
     steps = [json.loads(x)["step"] for x in (out / "runs" / "silu" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
-    assert sweep.eval_done(out / "runs" / "silu", spec.eval_metrics)
+    assert sweep.eval_done(out / "runs" / "silu", spec.eval.metrics)
     # a changed config is not "complete": training runs again
     changed = sweep.resolve(spec, ["train.steps=9"])
     assert [o.status for o in sweep.execute(spec, changed[:1], out, progress=False, log=lambda _: None,
@@ -327,7 +330,7 @@ def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
         def get_sweep():
             runs = sweep.cross(sweep.activation_points(["relu", "silu"]), config="configs/tiny_relu.py",
                                common=("train.steps=30", "train.warmup_steps=2"))
-            return sweep.Sweep(name="fails", runs=runs, eval_metrics=("zero", "fat"))
+            return sweep.Sweep(name="fails", runs=runs, eval=sweep.EvalOptions(metrics=("zero", "fat")))
     """)
     out = tmp_path / "out"
     proc = _cli(path, "--out", out, "--train-script", fake_train, "--eval-script", fake_eval, "--n-boot", "5")
@@ -349,7 +352,7 @@ def test_real_train_and_eval_end_to_end_then_everything_skipped(tmp_path):
         def get_sweep():
             runs = sweep.cross(sweep.activation_points(["relu", "silu"]), config="configs/tiny_relu.py",
                                common={MICRO!r})
-            return sweep.Sweep(name="micro", runs=runs, eval_metrics=("zero", "fat"))
+            return sweep.Sweep(name="micro", runs=runs, eval=sweep.EvalOptions(metrics=("zero", "fat")))
     """)
     out = tmp_path / "out"
     proc = _cli(path, "--out", out, "--n-boot", "5", "--no-progress")
@@ -384,7 +387,7 @@ def test_limit_plots_use_identified_limits_only(tmp_path):
     rows = [row for i, r in enumerate(runs) for row in _law_rows(r, "relu_ratio", (0.5, -1.0, 3.0, 0.05 + 0.01 * i), steps)]
     silu = sweep.resolve(_two_run_sweep(("train.batch_size=512", "train.seq_len=256")))[1]
     rows += _law_rows(silu, "silu_ratio", (0.5, 0.01, 1.0), steps)  # limit at the law's upper bound
-    fits = sweep.fit_runs(rows, [*runs, silu], sweep.DEFAULT_LAWS, n_boot=0)
+    fits = sweep.fit_runs(rows, [*runs, silu], laws.PUBLISHED_LAW, n_boot=0)
     assert [f.at_bounds() for f in fits] == [[], [], [], [], ["A0"]]
     assert "at bound (not identified): A0" in sweep.format_fit(fits[-1])
     pngs = sweep.make_plots(rows, [*runs, silu], fits, tmp_path, sweep.PLOT_KINDS)
@@ -410,3 +413,29 @@ def test_load_sweep_errors_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "wrong.py").write_text("def get_sweep():\n    return [1, 2]\n")
     with pytest.raises(sweep.SweepError, match=r"get_sweep\(\) returned list, expected Sweep"):
         sweep.load_sweep(tmp_path / "wrong.py")
+
+
+def test_sweep_files_load_without_jax_or_scipy():
+    code = ("import sys, pathlib; from sparsejax import sweep\n"
+            "for f in sorted(pathlib.Path('configs/sweeps').glob('*.py')):\n"
+            "    s = sweep.load_sweep(f); assert s.runs and isinstance(s.eval, sweep.EvalOptions)\n"
+            "print(sorted(m for m in ('jax', 'scipy', 'flax', 'optax') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_eval_options_round_trip_through_eval_py_flags():
+    from sparsejax import eval_options
+
+    opts = sweep.EvalOptions(metrics=("zero", "cett_ppl"), ppl_p=2.0, joint_last=3,
+                             cett_ppl_mode="per_checkpoint", topk=64)
+    argv = eval_options.to_argv(opts)
+    sys.path.insert(0, str(REPO))
+    eval_py = importlib.import_module("eval")
+    args = eval_py.parse_args(["--workdir", "w", *argv])
+    assert eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS}) == opts
+    # the parser's defaults are EvalOptions' defaults
+    args = eval_py.parse_args(["--workdir", "w"])
+    assert eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS}) == sweep.EvalOptions()

@@ -30,5 +30,6 @@ def get_sweep() -> sweep.Sweep:
              sweep.shape_point("mini", d_model=96, n_layers=4, n_heads=3, head_dim=32, d_ff=240,
                                config="configs/tiny_relu.py")]
     runs = sweep.cross(sizes, sweep.activation_points(("relu", "silu")), common=COMMON)
-    return sweep.Sweep(name="cpu_proxy", runs=runs, eval_metrics=("zero", "fat", "cett_ppl"),
+    return sweep.Sweep(name="cpu_proxy", runs=runs,
+                       eval=sweep.EvalOptions(metrics=("zero", "fat", "cett_ppl")),
                        plots=("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens"))

@@ -19,6 +19,6 @@ COMMON = ("train.checkpoint_every=4000", "train.keep_every=4000", "train.keep_la
 
 def get_sweep() -> sweep.Sweep:
     runs = sweep.cross(sweep.paper_size_points(SIZES), sweep.activation_points(ACTIVATIONS), common=COMMON)
-    return sweep.Sweep(name="sparsing_law_scale", runs=runs, eval_metrics=("zero", "fat", "cett_ppl"),
-                       laws={"relu": "relu_ratio", "silu": "silu_ratio"},
+    return sweep.Sweep(name="sparsing_law_scale", runs=runs,
+                       eval=sweep.EvalOptions(metrics=("zero", "fat", "cett_ppl")),
                        plots=("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens"))

@@ -28,5 +28,6 @@ def get_sweep() -> sweep.Sweep:
     shapes = sweep.width_depth_points(WIDTHS, target_non_embedding(), size="0.1B")
     runs = sweep.cross(shapes, sweep.activation_points(ACTIVATIONS), config="configs/sparsing_law_0.1b.py",
                        common=COMMON)
-    return sweep.Sweep(name="sparsing_law_width_depth", runs=runs, eval_metrics=("zero", "fat", "cett_ppl"),
+    return sweep.Sweep(name="sparsing_law_width_depth", runs=runs,
+                       eval=sweep.EvalOptions(metrics=("zero", "fat", "cett_ppl")),
                        plots=("ratio_vs_tokens", "limit_vs_width_depth", "loss_vs_tokens"))

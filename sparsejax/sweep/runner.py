@@ -1,0 +1,197 @@
+"""Running a sweep locally: one run after another, resumable, each child stopped with the sweep.
+
+For each run, ``train.py`` then ``eval.py`` run in subprocesses (workdir ``OUT/runs/<run>``,
+output in ``train.log`` / ``eval.log`` there). A run whose training finished (marker
+``sweep_train_done.json``, written only after train.py exits 0, holding the config) and whose
+eval results are newer than the marker is skipped; a half-finished run is started again and
+train.py resumes from its checkpoints. A failing run is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+from sparsejax import lifecycle, rundir
+from sparsejax.eval_options import EvalOptions, to_argv
+from sparsejax.sweep.resolved import REPO, ResolvedRun, config_path
+from sparsejax.sweep.spec import Sweep
+
+MARKER = "sweep_train_done.json"
+
+
+def train_command(run: ResolvedRun, workdir, *, python: str = sys.executable,
+                  script=REPO / "train.py", config: str | None = None) -> list[str]:
+    """train.py's command line for one run (``config``: the config path as the host sees it)."""
+    cmd = [python, str(script), "--config", config or str(config_path(run.config)),
+           "--workdir", str(workdir), "--no-progress"]
+    for override in run.overrides:
+        cmd += ["--set", override]
+    return cmd
+
+
+def eval_command(run: ResolvedRun, workdir, options: EvalOptions, *, python: str = sys.executable,
+                 script=REPO / "eval.py") -> list[str]:
+    """eval.py's command line: every checkpoint, every option spelled out (eval_options.to_argv)."""
+    return [python, str(script), "--workdir", str(workdir), "--checkpoints", "all",
+            *to_argv(options), "--out", f"{workdir}/eval/results.json", "--no-progress"]
+
+
+def tpu_script(sweep: Sweep, runs: Sequence[ResolvedRun], out: str) -> str:
+    """Bash script launching the sweep on a TPU VM; OUT must be a path every host sees."""
+    lines = ["#!/usr/bin/env bash",
+             f"# sweep {sweep.name}: {len(runs)} runs. Set TPU_NAME and ZONE; {out} must be a path",
+             "# every host sees (e.g. a bucket mounted with gcsfuse). Eval runs on worker 0 only.",
+             "set -euo pipefail", ': "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"']
+    for run in runs:
+        workdir = f"{out}/runs/{run.name}"
+        train = train_command(run, workdir, python="python", script="train.py", config=run.config)
+        evaluate = eval_command(run, workdir, sweep.eval, python="python", script="eval.py")
+        for worker, cmd in (("all", train), ("0", evaluate)):
+            lines.append(f'gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker={worker} '
+                         f'--command="cd sparsejax && {shlex.join(cmd)}"')
+    return "\n".join(lines) + "\n"
+
+
+def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
+    """The run's training marker exists, is readable and names this config.
+
+    A damaged marker (torn by a crash) counts as not done: training is started again, resumes
+    from the run's checkpoints, and rewrites the marker.
+    """
+    marker = workdir / MARKER
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and content.get("config") == run.config_dict
+
+
+def eval_done(workdir: pathlib.Path, metrics: Sequence[str]) -> bool:
+    """Eval results exist, are newer than the training marker and hold every wanted metric."""
+    results, marker = workdir / "eval" / "results.json", workdir / MARKER
+    if not (results.exists() and marker.exists()) or results.stat().st_mtime < marker.stat().st_mtime:
+        return False
+    try:
+        return set(metrics) <= set(json.loads(results.read_text()).get("metrics", []))
+    except json.JSONDecodeError:
+        return False
+
+
+def _finite(obj):
+    """JSON-safe copy: NaN/Inf become null (strict JSON readers reject NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    rundir.atomic_write(path, json.dumps(_finite(obj), indent=1, allow_nan=False))
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM a child's process group (the trainer saves a checkpoint), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _run_logged(cmd: list[str], log_path: pathlib.Path, *, echo: bool, env) -> int:
+    """Run cmd from the repository root; output to log_path (and the console when echo).
+
+    The child gets its own process group and is stopped with the sweep: when the sweep is
+    interrupted or terminated, its SIGTERM reaches the trainer, which checkpoints and exits; if
+    the sweep is killed outright, the kernel sends the child SIGTERM (``lifecycle.die_with_parent``).
+    """
+    with log_path.open("a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=lifecycle.child_env(dict(env)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo:
+                    print(f"    {line}", end="", flush=True)
+            return proc.wait()
+        finally:
+            stop_process_group(proc)
+
+
+@dataclasses.dataclass
+class Outcome:
+    run: str
+    status: str  # "done", "skipped" or "failed"
+    seconds: float = 0.0
+    message: str = ""
+
+
+def execute(sweep: Sweep, runs: Sequence[ResolvedRun], out: pathlib.Path, *, skip_eval: bool = False,
+            progress: bool = True, env: Mapping[str, str] | None = None,
+            train_cmd: Callable = train_command, eval_cmd: Callable = eval_command,
+            log: Callable[[str], None] = print) -> list[Outcome]:
+    """Train (and evaluate) each run in turn; a failure is recorded and the next run starts.
+
+    ``train_cmd(run, workdir)`` / ``eval_cmd(run, workdir, options)`` build the commands
+    (injectable for tests).
+    """
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    outcomes, t_sweep = [], time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        workdir = out / "runs" / run.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        head = f"[{i}/{len(runs)}] {run.name}"
+        need_train = not train_done(workdir, run)
+        need_eval = not skip_eval and not eval_done(workdir, sweep.eval.metrics)
+        if not (need_train or need_eval):
+            log(f"{head}: complete, skipped")
+            outcomes.append(Outcome(run.name, "skipped"))
+            continue
+        t_run, failure = time.perf_counter(), ""
+        if need_train:
+            log(f"{head}: training ({run.steps} steps, {run.params / 1e6:.2f}M non-embedding params)")
+            t0 = time.perf_counter()
+            cmd = train_cmd(run, workdir)
+            rc = _run_logged(cmd, workdir / "train.log", echo=progress, env=env)
+            if rc == 0:
+                write_json(workdir / MARKER, {"run": run.name, "config": run.config_dict, "command": cmd,
+                                               "seconds": time.perf_counter() - t0,
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            else:
+                failure = f"train.py exited {rc} (log: {workdir / 'train.log'})"
+        if not failure and need_eval:
+            log(f"{head}: evaluating ({','.join(sweep.eval.metrics)})")
+            cmd = eval_cmd(run, workdir, sweep.eval)
+            rc = _run_logged(cmd, workdir / "eval.log", echo=progress, env=env)
+            if rc != 0:
+                failure = f"eval.py exited {rc} (log: {workdir / 'eval.log'})"
+        seconds = time.perf_counter() - t_run
+        if failure:
+            tail = (workdir / ("eval.log" if "eval.py" in failure else "train.log")).read_text()
+            log(f"{head}: FAILED: {failure}\n" + "".join(f"    | {x}\n" for x in tail.splitlines()[-8:]))
+        log(f"{head}: {'failed' if failure else 'done'} in {seconds:.0f}s "
+            f"(sweep elapsed {time.perf_counter() - t_sweep:.0f}s)")
+        outcomes.append(Outcome(run.name, "failed" if failure else "done", seconds, failure))
+    return outcomes

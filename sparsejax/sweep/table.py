@@ -1,0 +1,72 @@
+"""Collecting a sweep: one tidy table (:data:`COLUMNS`) from every run's metrics and eval results."""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+from typing import Sequence
+
+from sparsejax import results, rundir, writers
+from sparsejax.sweep.resolved import ResolvedRun
+from sparsejax.sweep.runner import write_json
+
+COLUMNS = ("run", "activation", "size", "params", "width", "depth", "tokens", "step", "metric", "value")
+EVAL_QUANTITIES = ("ratio", "ppl_ratio", "dead_share")  # eval.py quantity q of metric m -> "m_q"
+
+
+def _row(run: ResolvedRun, tokens: float, step: int, metric: str, value: float) -> dict:
+    return {"run": run.name, "activation": run.activation, "size": run.size, "params": run.params,
+            "width": run.width, "depth": run.depth, "tokens": float(tokens), "step": int(step),
+            "metric": metric, "value": float(value)}
+
+
+def metrics_rows(run: ResolvedRun, records: Sequence[dict]) -> list[dict]:
+    """train_loss and train_activation_ratio (in-graph: zero-based for the ReLU family, FAT-ε with
+    ε = train.fat_eps otherwise) per logged step, and eval_loss; the last record of a step wins."""
+    train, evals = results.training_records(records)
+    tokens = {s: r.get("tokens_seen", s * run.tokens_per_step) for s, r in train.items()}
+    rows = []
+    for s in sorted(train):
+        rows.append(_row(run, tokens[s], s, "train_loss", train[s]["loss"]))
+        if "activation_ratio" in train[s]:
+            rows.append(_row(run, tokens[s], s, "train_activation_ratio", train[s]["activation_ratio"]))
+    for s in sorted(evals):
+        rows.append(_row(run, tokens.get(s, s * run.tokens_per_step), s, "eval_loss", evals[s]["eval_loss"]))
+    return rows
+
+
+def eval_rows(run: ResolvedRun, results_json: dict) -> list[dict]:
+    """``<metric>_<quantity>`` per checkpoint of eval.py's results.json (the layer means of
+    :func:`sparsejax.results.checkpoint_rows`), plus ``eval_dense_loss``."""
+    rows = []
+    for r in results.checkpoint_rows(results_json):
+        if r["layer"] != "mean":
+            continue
+        if r["metric"] == "dense":
+            rows.append(_row(run, r["tokens_seen"], r["step"], "eval_dense_loss", r["value"]))
+        elif r["quantity"] in EVAL_QUANTITIES and isinstance(r["value"], (int, float)):
+            rows.append(_row(run, r["tokens_seen"], r["step"], f"{r['metric']}_{r['quantity']}", r["value"]))
+    return rows
+
+
+def collect(out: pathlib.Path, runs: Sequence[ResolvedRun]) -> list[dict]:
+    rows = []
+    for run in runs:
+        workdir = out / "runs" / run.name
+        if (workdir / rundir.METRICS).exists():
+            rows += metrics_rows(run, writers.read_jsonl(workdir / rundir.METRICS))
+        if (workdir / rundir.EVAL / "results.json").exists():
+            rows += eval_rows(run, results.load_results(workdir / rundir.EVAL / "results.json"))
+    return rows
+
+
+def write_table(rows: Sequence[dict], out: pathlib.Path) -> None:
+    """OUT/results.csv and OUT/results.json (the same rows), each written whole."""
+    def write_csv(path: pathlib.Path) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    rundir.atomic_write(out / "results.csv", write_csv)
+    write_json(out / "results.json", list(rows))
