@@ -163,11 +163,18 @@ class CheckpointReader:
         self.directory = pathlib.Path(directory).absolute()
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} does not exist")
-        options = ocp.CheckpointManagerOptions(
-            read_only=True, create=False, cleanup_tmp_directories=False,
-            enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        # orbax warns that a read-only manager is read-only (twice): that is the point here.
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False,
+                enable_async_checkpointing=False)
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=("state", "meta"))
+        finally:
+            absl_log.setLevel(level)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
