@@ -54,10 +54,11 @@ def _quiet_exit(workdir: str) -> None:
     """After the one-line error: send what background threads print at exit (orbax's asyncio
     tracebacks after a failed write) to the run's debug log instead of the console."""
     import os
-    import pathlib
+
+    from sparsejax import storage
 
     sys.stderr.flush()
-    path = pathlib.Path(workdir) / "train_debug.log"
+    path = storage.local_log_path(storage.path(workdir), "train_debug.log")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND) if path.exists() else os.open(os.devnull, os.O_WRONLY)
     except OSError:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sparsejax import rundir
+from sparsejax import rundir, storage
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Checkpointer:
     """The writer's view (hold the run's :class:`~sparsejax.rundir.RunLock` while using it)."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)  # local, or gs:// (orbax writes it natively)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last, keep_period=keep_every, create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=True)
@@ -160,7 +160,7 @@ class CheckpointReader:
     """Read-only access to a run's checkpoints: safe while a trainer is writing the same run."""
 
     def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} does not exist")
         # orbax warns that a read-only manager is read-only (twice): that is the point here.
@@ -202,7 +202,7 @@ class CheckpointReader:
 
 def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
     """The config stored in the newest step whose meta can be read (read-only), or None."""
-    directory = pathlib.Path(directory)
+    directory = storage.path(directory)
     if not directory.is_dir():
         return None
     reader = CheckpointReader(directory)

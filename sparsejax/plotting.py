@@ -16,6 +16,7 @@ line and band styles.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from pathlib import Path
@@ -60,6 +61,15 @@ def save_figure(fig: Figure, out_path, formats: tuple[str, ...] = ("png", "pdf")
     Each file is written atomically: rendered to a temporary file in the same directory, then
     renamed over the target, so a reader (or a crash mid-write) never sees a truncated figure.
     """
+    from sparsejax import storage
+
+    if storage.is_remote(out_path):  # an object store: one whole upload per file is atomic
+        stem = storage.path(out_path)
+        for ext in formats:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=150)
+            stem.with_name(f"{stem.name}.{ext}").write_bytes(buf.getvalue())
+        return stem
     # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
     stem = Path(out_path)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +284,9 @@ def plot_activation_ratio(records: list[dict], out_path, title: str = "") -> Pat
     ax.plot(tokens, np.array([r["activation_ratio"] for r in rows]) * 100, lw=2.5, color="black",
             label="mean over layers")
     _finish(fig, ax, "tokens seen", "activation ratio (%)", False, None)
-    out_path = Path(out_path)
+    from sparsejax import storage
+
+    out_path = storage.path(out_path) if storage.is_remote(out_path) else Path(out_path)
     save_figure(fig, out_path.with_suffix(""), formats=("png",))
     return out_path.with_suffix(".png")
 

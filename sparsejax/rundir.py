@@ -39,6 +39,8 @@ import tempfile
 import time
 from typing import Callable
 
+from sparsejax import storage
+
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -62,8 +64,11 @@ def atomic_write(path: str | pathlib.Path, data: str | bytes | Callable[[pathlib
     """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` whole.
 
     The temporary file is in the target's directory (a rename is atomic only within one
-    filesystem) and carries the PID, so two processes never share one.
+    filesystem) and carries the PID, so two processes never share one. In an object store
+    (``gs://``) the whole content is uploaded once instead (:func:`storage.write_atomic`).
     """
+    if storage.is_remote(path):
+        return storage.write_atomic(storage.path(path), data)
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -88,6 +93,11 @@ def check_writable_dir(path: pathlib.Path, what: str) -> None:
     Leaves nothing: a missing directory is checked through its nearest existing parent, with
     a probe file that is removed at once.
     """
+    if storage.is_remote(path):
+        try:
+            return storage.check_writable_dir(storage.path(path), what)
+        except storage.StorageError as err:
+            raise RunDirError(str(err)) from None
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{what} {path} exists and is not a directory; choose another path")
@@ -114,7 +124,7 @@ def move_aside(path: pathlib.Path, into: pathlib.Path) -> pathlib.Path:
     """Rename ``path`` into directory ``into`` under a unique name; returns the new path."""
     into.mkdir(parents=True, exist_ok=True)
     target = into / f"{path.name}.{_stamp()}"
-    os.replace(path, target)
+    path.replace(target)  # os.replace locally; a copy and delete in an object store
     return target
 
 
@@ -126,8 +136,13 @@ def move_previous_run(workdir: pathlib.Path) -> pathlib.Path | None:
     target = workdir / PREVIOUS / _stamp()
     target.mkdir(parents=True)
     for path in present:
-        os.replace(path, target / path.name)
+        path.replace(target / path.name)
     return target
+
+
+def run_lock(workdir) -> "RunLock | storage.ObjectLock":
+    """The run's lock: ``flock`` locally; in an object store only a record (see ``storage``)."""
+    return storage.ObjectLock(storage.path(workdir), LOCK) if storage.is_remote(workdir) else RunLock(workdir)
 
 
 class RunLock:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from sparsejax import (checkpointing, config as config_lib, data, flops, optim, plotting, resources,
-                       results, rundir, sharding, step, writers)
+                       results, rundir, sharding, step, storage, writers)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ class _StopSignals:
 def _debug_log(workdir: pathlib.Path):
     """Library logging (orbax, absl, warnings) goes to ``train_debug.log``, not the console."""
     index = jax.process_index()  # one file per process: hosts may share the workdir
-    handler = logging.FileHandler(workdir / (rundir.DEBUG_LOG if index == 0 else
-                                             rundir.DEBUG_LOG.replace(".log", f".{index}.log")))
+    name = rundir.DEBUG_LOG if index == 0 else rundir.DEBUG_LOG.replace(".log", f".{index}.log")
+    handler = logging.FileHandler(storage.local_log_path(workdir, name))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
@@ -280,6 +280,7 @@ class _Loop:
     def save(self) -> None:
         """Checkpoint the current step (once), after checking every step up to it was finite."""
         self.flush()
+        self.writer.sync()  # metrics up to this step are durable before the checkpoint is
         if self.last_saved == self.step_no:
             return
         meta = {"data": self.dataset.train.get_state(), "tokens_seen": self.tokens_seen,
@@ -385,10 +386,10 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
 
 def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
           force: bool = False, progress: bool = True, log_activations: bool = True) -> RunSummary:
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)  # local, or gs:// (see sparsejax.storage)
     is_main = jax.process_index() == 0
     rundir.check_writable_dir(workdir, "--workdir")
-    lock = rundir.RunLock(workdir) if is_main else None
+    lock = rundir.run_lock(workdir) if is_main else None
     # Signals are deferred from here on: one that arrives while compiling stops the run before
     # its first step, with nothing half-written.
     with _StopSignals() as stop:

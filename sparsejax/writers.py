@@ -10,18 +10,27 @@ import pathlib
 import shutil
 from typing import Iterable
 
-from sparsejax import rundir
+from sparsejax import rundir, storage
 
 
 class MetricsWriter:
-    """Appends one JSON object per step; TensorBoard scalars alongside when available."""
+    """Appends one JSON object per step; TensorBoard scalars alongside when available.
+
+    In an object store (``gs://`` workdir) the file cannot be appended to: it is kept by a
+    :class:`sparsejax.storage.ObjectLog` (whole-object rewrites, at most once a minute, at every
+    :meth:`sync` — the trainer calls it before each checkpoint — and on close).
+    """
 
     def __init__(self, workdir: pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
         self.path = workdir / rundir.METRICS
         self.enabled = enabled
         self._tb = None
+        self._object = storage.ObjectLog(self.path) if enabled and storage.is_remote(self.path) else None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
+
+            if self._object is not None:
+                storage.register_tensorboard()
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -37,21 +46,31 @@ class MetricsWriter:
         bad_inside = [n for n in bad if n != _line_count(self.path)]  # a torn last line is normal
         if bad_inside:
             keep = self.path.with_name(self.path.name + ".damaged")
-            shutil.copyfile(self.path, keep)
+            if self._object is not None:
+                keep.write_bytes(self.path.read_bytes())
+            else:
+                shutil.copyfile(self.path, keep)
             print(f"WARNING: {self.path}: dropped {len(bad_inside)} unreadable line(s) "
                   f"(line {', '.join(map(str, bad_inside[:5]))}); the original is kept as {keep}",
                   flush=True)
         kept = [json.dumps(r, allow_nan=True) for r in records
                 if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
-        rundir.atomic_write(self.path, "".join(line + "\n" for line in kept))
+        text = "".join(line + "\n" for line in kept)
+        if self._object is not None:
+            self._object.replace(text)
+        else:
+            rundir.atomic_write(self.path, text)
 
     def write(self, records: Iterable[dict]) -> None:
         if not self.enabled:
             return
         records = list(records)
-        with self.path.open("a") as f:
-            for record in records:
-                f.write(json.dumps(record, allow_nan=True) + "\n")
+        text = "".join(json.dumps(record, allow_nan=True) + "\n" for record in records)
+        if self._object is not None:
+            self._object.append(text)
+        else:
+            with self.path.open("a") as f:
+                f.write(text)
         if self._tb is not None:
             for record in records:
                 for key, value in record.items():
@@ -64,13 +83,19 @@ class MetricsWriter:
                         self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
 
+    def sync(self) -> None:
+        """Make every record written so far durable (a no-op for local files: appends are)."""
+        if self._object is not None:
+            self._object.sync()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        self.sync()
 
 
 def _line_count(path: pathlib.Path) -> int:
-    return len([line for line in pathlib.Path(path).read_text().splitlines() if line.strip()])
+    return len([line for line in storage.path(path).read_text().splitlines() if line.strip()])
 
 
 def read_jsonl(path: pathlib.Path, *, skip_bad: bool = False):
@@ -79,7 +104,7 @@ def read_jsonl(path: pathlib.Path, *, skip_bad: bool = False):
     Damage elsewhere raises ``json.JSONDecodeError`` unless ``skip_bad``, in which case the
     result is ``(records, numbers of the bad lines, 1-based)``.
     """
-    lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in storage.path(path).read_text().splitlines() if line.strip()]
     records, bad = [], []
     for i, line in enumerate(lines):
         try:
