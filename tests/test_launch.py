@@ -217,6 +217,40 @@ def test_sweep_launch_needs_a_bucket():
                           _done, "m.json")
 
 
+def test_sweep_launch_without_a_gs_backend_is_one_line(monkeypatch):
+    from etils.epath import backend
+
+    class NoGcsfs:
+        def __init__(self, *a, **k):
+            raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, "gcs", NoGcsfs)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    log = []
+    with pytest.raises(cloud.CloudError, match="cannot read --out=gs://b/o .*pip install gcsfs"):
+        jobs.submit_sweep("xpk", "--tpu-type v4-8 --cluster c --image i", "s", _runs(), "gs://b/o",
+                          _done, "m.json", log=log.append)
+    assert log == []
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_sweep_cli_hook(tmp_path):
+    """python -m sparsejax.sweep SPEC --launch xpk: bad engine options and a local --out are
+    one-line errors (exit 2), nothing written."""
+    base = [sys.executable, "-m", "sparsejax.sweep", "configs/sweeps/sparsing_law_scale.py"]
+    p = subprocess.run(base + ["--out", str(tmp_path / "o"), "--launch", "xpk", "--launch-opts",
+                               "--tpu-type v5e-256 --cluster c --image i"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"sweep error: --out={str(tmp_path / 'o')!r} must be a gs:// URL for --launch xpk: every "
+        f"host writes there and the sweep reads the markers from there"]
+    p = subprocess.run(base + ["--out", "gs://b/o", "--launch", "tpu-vm", "--launch-opts", "--tpu-type v5e-16"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "the following arguments are required: --zone" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_job_names():
     assert jobs.job_name("sparsing_law_scale", "0.1b_relu") == "sparsing-law-scale-0-1b-relu"
     long = jobs.job_name("a" * 30, "b" * 30)

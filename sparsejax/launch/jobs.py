@@ -116,6 +116,12 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
             raise cloud.CloudError(f"{tool} is not on PATH; install it, or omit --run to print the commands")
     execute = execute or (lambda argv: subprocess.run(argv).returncode)
     root = storage.path(out)
+    try:  # the markers are read from the bucket: fail before anything is printed or submitted
+        root.exists()
+    except Exception as err:
+        hint = "; pip install gcsfs (and log in: gcloud auth application-default login)"
+        raise cloud.CloudError(f"cannot read --out={out} ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from None
     failed = 0
     log(f"# sweep {sweep_name}: {len(runs)} runs on {engine}, {ns.num_slices} × {sl.accelerator_type} "
         f"({sl.hosts} host(s) × {sl.chips_per_host} chips) each; out {out}")

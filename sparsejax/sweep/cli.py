@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run, after the run's own (repeatable)")
     p.add_argument("--collect-only", action="store_true", help="only collect, fit and plot OUT")
+    p.add_argument("--launch", choices=("local", "tpu-vm", "xpk"), default="local",
+                   help="local: train here, one run after another (default); tpu-vm / xpk: submit "
+                        "one job per unfinished run (OUT a gs:// URL; see sparsejax.launch.jobs)")
+    p.add_argument("--launch-opts", default="", metavar='"--tpu-type ... [--run]"',
+                   help="the engine's options, e.g. --tpu-type v5e-256 --cluster C --image IMG --run")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (0: no CIs)")
     p.add_argument("--fit-workers", type=int, default=os.cpu_count() or 1,
                    help="processes fitting the laws in parallel (default: one per CPU core)")
@@ -113,6 +118,16 @@ def main(argv=None) -> int:
     except SweepError as err:
         print(f"sweep error: {err}", file=sys.stderr)
         return 2
+    if args.launch != "local" and not args.collect_only:
+        from sparsejax.launch import cloud, jobs
+        from sparsejax.sweep.runner import MARKER, train_done
+
+        try:
+            return jobs.submit_sweep(args.launch, args.launch_opts, sweep.name, selected, args.out,
+                                     train_done, MARKER)
+        except cloud.CloudError as err:
+            print(f"sweep error: {err}", file=sys.stderr)
+            return 2
     out = pathlib.Path(args.out).resolve()  # children run from the repository root
     if args.print_commands:
         print(f"# sweep {sweep.name}: {len(selected)} of {len(runs)} runs -> {out}\n# local")
