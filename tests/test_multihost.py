@@ -140,6 +140,35 @@ def test_two_processes_match_one_and_survive_a_kill(single, tmp_path):
     assert sorted(i for r in rows for i in r) == list(range(8))
 
 
+def test_sigterm_to_the_launcher_stops_every_process_at_one_step(tmp_path):
+    """SIGTERM reaches the launcher; it forwards it; the processes agree on a step (at a
+    log_every boundary), save it once and exit 143, and so does the launcher."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                             "--devices-per-process", "4", "--",
+                             *_args(workdir, "train.steps=100000", "train.log_every=5",
+                                    "train.checkpoint_every=1000")],
+                            cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((workdir / "metrics.jsonl").exists() and len(_steps_with_loss(workdir)) >= 6):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    stopped = re.findall(r"^(\[1\] )?stopped by SIGTERM after saving a checkpoint at step (\d+)$", err, re.M)
+    assert len(stopped) == 2 and stopped[0][1] == stopped[1][1], out + err
+    step = int(stopped[0][1])
+    assert step % 5 == 0  # the processes agree before steps 6, 11, ...: they stop after a multiple of 5
+    assert _steps_with_loss(workdir) == list(range(1, step + 1))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [step]
+
+
 def test_host_batches_partition_the_global_batch():
     """Derived independently of the trainer: the hosts' train and validation rows, stacked,
     are the single-host batch (no duplicate, no missing row), for 1, 2 and 4 hosts."""
