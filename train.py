@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     # to WORKDIR/train_debug.log (trainer._debug_log). Our own messages are printed.
     logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger().setLevel(logging.ERROR)
+    logging.captureWarnings(True)  # Python warnings too (e.g. a compilation-cache write failing)
     from sparsejax import config, rundir, sharding, trainer  # after argparse: --help stays fast
 
     try:

@@ -27,16 +27,14 @@ import json
 import logging
 import pathlib
 import signal
-import sys
-import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from sparsejax import (checkpointing, config as config_lib, data, flops, optim, plotting, resources,
-                       results, rundir, sharding, step, storage, writers)
+from sparsejax import (checkpointing, config as config_lib, data, flops, lifecycle, optim, plotting,
+                       resources, results, rundir, sharding, step, storage, writers)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,6 @@ RESUMABLE_CHANGES = {
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
 }
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingError(RuntimeError):
@@ -95,57 +92,10 @@ class RunSummary:
     steps_run: int = 0
 
 
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.signum = signum
-        for sig in _STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-@contextlib.contextmanager
 def _debug_log(workdir: pathlib.Path):
-    """Library logging (orbax, absl, warnings) goes to ``train_debug.log``, not the console."""
     index = jax.process_index()  # one file per process: hosts may share the workdir
     name = rundir.DEBUG_LOG if index == 0 else rundir.DEBUG_LOG.replace(".log", f".{index}.log")
-    handler = logging.FileHandler(storage.local_log_path(workdir, name))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    root.handlers = [handler]
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    # Exceptions in library threads (orbax's background writers after a failed write) would
-    # print full tracebacks to stderr; the error that matters is raised in the main thread.
-    hooks = (threading.excepthook, sys.unraisablehook)
-    threading.excepthook = lambda a: logging.getLogger("thread").error(
-        "exception in thread %s", getattr(a.thread, "name", "?"),
-        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
-    sys.unraisablehook = lambda a: logging.getLogger("unraisable").error(
-        "%s: %r", a.err_msg or "unraisable exception", a.object,
-        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
-    try:
-        yield
-    finally:
-        threading.excepthook, sys.unraisablehook = hooks
-        logging.captureWarnings(False)
-        root.handlers, level = saved
-        root.setLevel(level)
-        handler.close()
+    return lifecycle.debug_log(storage.local_log_path(workdir, name))
 
 
 # ------------------------------------------------------------------------------- run identity
@@ -298,7 +248,7 @@ class _Loop:
             self.last_good = (self.ckpt.in_flight or 1) - 1  # the failed one is not good
             raise TrainingError(f"{err}. Last good checkpoint: {self._where_good()}") from None
 
-    def run(self, stop: _StopSignals) -> None:
+    def run(self, stop: lifecycle.StopSignals) -> None:
         t = self.t
         for step_no in range(self.step_no + 1, t.steps + 1):
             if self._stop_requested(stop, step_no):
@@ -329,7 +279,7 @@ class _Loop:
                 self.wait_saves()
             raise Stopped(self.step_no, stop.signum)
 
-    def _stop_requested(self, stop: _StopSignals, step_no: int) -> bool:
+    def _stop_requested(self, stop: lifecycle.StopSignals, step_no: int) -> bool:
         """One process stops at once. Several stop together, at the first ``log_every`` boundary
         after any of them got the signal (a tiny all-gather of the flags there): a process that
         stopped alone would leave the others blocked in the next step's collectives."""
@@ -392,7 +342,7 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
     lock = rundir.run_lock(workdir) if is_main else None
     # Signals are deferred from here on: one that arrives while compiling stops the run before
     # its first step, with nothing half-written.
-    with _StopSignals() as stop:
+    with lifecycle.StopSignals() as stop:
         try:
             if lock is not None and workdir.is_dir():
                 lock.acquire()  # a second trainer is refused before it compiles anything
