@@ -17,8 +17,6 @@ line and band styles.
 from __future__ import annotations
 
 import io
-import os
-import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -58,32 +56,20 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, ke
 def save_figure(fig: Figure, out_path, formats: tuple[str, ...] = ("png", "pdf")) -> Path:
     """Write ``<out_path>.png`` and ``<out_path>.pdf`` (or ``formats``); returns the stem.
 
-    Each file is written atomically: rendered to a temporary file in the same directory, then
-    renamed over the target, so a reader (or a crash mid-write) never sees a truncated figure.
+    Each file is rendered in memory and written whole (``rundir.atomic_write``: a temporary file
+    renamed over the target, or one upload to an object store), so a reader, or a crash
+    mid-write, never sees a truncated figure.
     """
-    from sparsejax import storage
+    from sparsejax import rundir, storage
 
-    if storage.is_remote(out_path):  # an object store: one whole upload per file is atomic
-        stem = storage.path(out_path)
-        for ext in formats:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=150)
-            stem.with_name(f"{stem.name}.{ext}").write_bytes(buf.getvalue())
-        return stem
     # a stem, not a filename: "fig_0.1B" must not lose ".1B" to a suffix swap
-    stem = Path(out_path)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = storage.path(out_path) if storage.is_remote(out_path) else Path(out_path)
+    if not storage.is_remote(out_path):
+        stem.parent.mkdir(parents=True, exist_ok=True)
     for ext in formats:
-        # Same directory (a rename is atomic only within one filesystem); a name of its own per
-        # process and call; opened normally, so the file gets the usual umask permissions.
-        tmp = stem.parent / f".{stem.name}.{ext}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(tmp, "xb") as fh:
-                fig.savefig(fh, format=ext, dpi=150)
-            os.replace(tmp, f"{stem}.{ext}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150)
+        rundir.atomic_write(f"{stem}.{ext}", buf.getvalue())
     return stem
 
 
