@@ -46,15 +46,24 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    # FFN implementation (registry sparsejax.model.FFN_IMPLS): "reference" (einsum) or
+    # "block_sparse" (sparsejax.kernels tiles of ffn_block_t tokens × ffn_block_f neurons).
+    ffn_impl: str = "reference"
+    ffn_block_t: int = 128
+    ffn_block_f: int = 128
+    # nn.scan over the blocks (parameters stacked on a leading "layers" axis): compile time
+    # independent of depth. Checkpoints of the other layout are converted on read.
+    scan_layers: bool = False
+    # Rematerialisation of each block (sparsejax.model.REMAT_POLICIES): "none", "full",
+    # "minimal", "save_dots_except_ffn_hidden", "save_qkv_proj".
+    remat_policy: str = "none"
 
     @property
     def topk_k(self) -> int:
-        """Number of neurons kept per token, or 0 when top-k is off."""
-        if self.topk <= 0:
-            return 0
-        if self.topk < 1:
-            return max(1, int(round(self.topk * self.d_ff)))
-        return int(self.topk)
+        """Number of neurons kept per token, or 0 when top-k is off (``sparsity.topk_count``)."""
+        from sparsejax import sparsity  # lazy: config files and sweep specs load without JAX
+
+        return sparsity.config_topk_k(self.topk, self.d_ff)
 
 
 @dataclasses.dataclass
@@ -244,6 +253,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.topk={m.topk} must be an integer k in [1, d_ff={m.d_ff}] "
                           f"or a fraction in (0, 1)")
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+    from sparsejax import model as model_lib  # lazy, as activations: the registries live there
+
+    _choice("model.ffn_impl", m.ffn_impl, model_lib.ffn_impl_names())
+    _choice("model.remat_policy", m.remat_policy, model_lib.remat_policy_names())
+    if m.ffn_impl == "block_sparse":
+        _positive("model.ffn_block_t", m.ffn_block_t)
+        _positive("model.ffn_block_f", m.ffn_block_f)
+        if m.d_ff % m.ffn_block_f:
+            raise ConfigError(f"model.ffn_block_f={m.ffn_block_f} must divide model.d_ff={m.d_ff} "
+                              f"for model.ffn_impl='block_sparse'")
+        if m.topk:
+            raise ConfigError(f"model.topk={m.topk} must be 0 with model.ffn_impl='block_sparse' "
+                              f"(a tile mask cannot express a per-token top-k); use 'reference'")
 
     d = cfg.data
     _choice("data.source", d.source, ("embedded", "tfds"))

@@ -5,8 +5,8 @@ reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils
 docs/sparsity_metrics_and_laws.md §Reference procedure:
 
 * every criterion except *zero* is applied as a **sparse forward pass**: the dropped neurons are
-  removed inside the FFN (``Transformer(neuron_thresholds_NxF=...)``), so later layers see the
-  pruned output, and the activation ratio and loss are measured in that pass;
+  removed inside the FFN (``Transformer(sparsity=Sparsity(thresholds=...))``), so later layers
+  see the pruned output, and the activation ratio and loss are measured in that pass;
 * *CETT c*: a dense pass records σ(gate)·up of every layer; each layer gets the CETT threshold t_l
   of target c (``cett.cett_threshold_*``, the reference's 65,536-candidate bisection); the
   sparse pass drops neuron i when |σ(gate)·up|_i < t_l / ‖W_out[i]‖;
@@ -38,14 +38,13 @@ import time
 import weakref
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import (activations, cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
-                       sharding, step as step_lib, trained_run)
+                       sharding, sparsity as sparsity_lib, trained_run)
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
 from sparsejax.loss import next_token_loss
 
@@ -115,49 +114,48 @@ class Evaluator:
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
         self._trained_topk = 0 < m.topk_k < m.d_ff
         self._exact_zeros = activations.get(m.activation).exact_zeros
-        if options.topk < 1:
-            self.topk_k = metrics_lib.resolve_topk(float(options.topk), m.d_ff)
-        else:
-            self.topk_k = metrics_lib.resolve_topk(int(options.topk), m.d_ff)
-        self._dense = self._compile(model_lib.Transformer(m), "zero", keep_hidden=False)
+        # The one fraction -> k rule, the one training uses (sparsity.topk_count).
+        self.topk_k = sparsity_lib.topk_count(
+            float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
+        self._model = model_lib.Model(m, self._rules)
+        self._dense = self._compile(self._model, "zero", keep_hidden=False)
         self._dense_keep = None
-        self._threshold = {t: self._compile(model_lib.Transformer(m), t, keep_hidden=False)
-                           for t in model_lib.MASK_TARGETS}
-        topk_model = dataclasses.replace(m, topk=float(self.topk_k), topk_mode="exact", topk_ste=False)
-        self._topk = self._compile(model_lib.Transformer(topk_model), "topk", keep_hidden=False)
+        self._threshold = {t: self._compile(self._model, t, keep_hidden=False)
+                           for t in sparsity_lib.MASK_TARGETS}
+        # The per-token top-k pass is the training-time top-k of the einsum FFN at k.
+        topk_model = dataclasses.replace(m, topk=float(self.topk_k), topk_mode="exact",
+                                         topk_ste=False, ffn_impl="reference")
+        self._topk = self._compile(model_lib.Model(topk_model, self._rules), "topk",
+                                   keep_hidden=False)
         self.topk_fraction = self.topk_k / m.d_ff
-        self._topk_global = self._compile(model_lib.Transformer(m), "topk_global", keep_hidden=False)
+        self._topk_global = self._compile(self._model, "topk_global", keep_hidden=False)
 
     # -- compiled passes ---------------------------------------------------------------------
     def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F):
+        """The measured mask of a pass, by the one rule of ``sparsity.active``."""
+        keep = sparsity_lib.trained_keep(hidden_BxLxF, self._trained_topk)
         if rule == "zero":
-            return step_lib.active_mask(act_BxLxF, hidden_BxLxF, exact_zeros=True, fat_eps=0.0,
-                                        topk=self._trained_topk)
+            return sparsity_lib.active(act_BxLxF, None, keep)
         if rule == "topk":
             flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
             return metrics_lib.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
         if rule == "topk_global":
             flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
             return metrics_lib.global_topk_active_TxF(flat, self.topk_fraction).reshape(act_BxLxF.shape)
+        # The same rule (and threshold) the model's mask dropped neurons by.
         measured = act_BxLxF if rule == "activation" else hidden_BxLxF
-        # The model keeps |x| >= threshold; written as not(<) like the reference's mask.
-        active = ~(jnp.abs(measured) < threshold_F.astype(measured.dtype))
-        if self._trained_topk:
-            active = active & (hidden_BxLxF != 0)
-        return active
+        return sparsity_lib.active(measured, threshold_F, keep)
 
-    def _compile(self, model: nn.Module, rule: str, keep_hidden: bool):
-        n_layers = self.n_layers
-
+    def _compile(self, model: model_lib.Model, rule: str, keep_hidden: bool):
         def pass_fn(params, batch, stats, thresholds_NxF):
-            kwargs = {}
-            if rule in model_lib.MASK_TARGETS:
-                kwargs = dict(neuron_thresholds_NxF=thresholds_NxF, mask_target=rule)
+            sp = None
+            if rule in sparsity_lib.MASK_TARGETS:
+                sp = sparsity_lib.Sparsity(thresholds=thresholds_NxF, mask_target=rule)
             elif rule == "topk_global":
-                kwargs = dict(global_topk=self.topk_fraction)
-            logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"],
-                                        **kwargs)
-            acts, hiddens = model_lib.ffn_intermediates(inter, n_layers)
+                sp = sparsity_lib.Sparsity(global_topk=self.topk_fraction)
+            logits, inter = model.apply(params, batch["inputs"], sparsity=sp,
+                                        collect=("intermediates",))
+            acts, hiddens = model.ffn_intermediates(inter)
             mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
             valid_BxL = batch["weights"] > 0
             new_stats = [
@@ -170,8 +168,7 @@ class Evaluator:
             return out
 
         def wrapper(*args):
-            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
-                    nn.logical_axis_rules(self._rules):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
                 return pass_fn(*args)
 
         return jax.jit(wrapper)
@@ -201,7 +198,7 @@ class Evaluator:
         if not keep_hidden:
             return self._run(self._dense, params, self._no_thresholds())
         if self._dense_keep is None:
-            self._dense_keep = self._compile(model_lib.Transformer(self.cfg.model), "zero", True)
+            self._dense_keep = self._compile(self._model, "zero", True)
         need_gib = self.eval_tokens * self.d_ff * self.n_layers * 4 / 2**30
         store = HiddenStore(self.n_layers, spill=need_gib > self.options.max_cache_gib,
                             spill_root=spill_root)
@@ -209,13 +206,13 @@ class Evaluator:
 
     def thresholded(self, params, thresholds_NxF, target: str) -> PassResult:
         """Sparse pass: neuron i of layer l dropped when |target|_i < thresholds_NxF[l, i]."""
-        if target not in model_lib.MASK_TARGETS:
-            raise EvalError(f"mask target {target!r}; allowed: {list(model_lib.MASK_TARGETS)}")
+        if target not in sparsity_lib.MASK_TARGETS:
+            raise EvalError(f"mask target {target!r}; allowed: {list(sparsity_lib.MASK_TARGETS)}")
         return self._run(self._threshold[target], params, jnp.asarray(thresholds_NxF, jnp.float32))
 
     def fat(self, params, eps: float) -> PassResult:
         """FAT-ε sparse pass: active iff |σ(gate)| ≥ ε + 1e-18 (reference ``prune_fat``)."""
-        threshold = np.float32(eps + metrics_lib.FAT_FLOOR)
+        threshold = sparsity_lib.fat_threshold(eps)
         return self.thresholded(params, np.full((self.n_layers, self.d_ff), threshold), "activation")
 
     def topk(self, params) -> PassResult:
@@ -232,7 +229,7 @@ class Evaluator:
         """Per-layer CETT thresholds t_l of target ``cett`` and the per-neuron mask thresholds
         t_l / ‖W_out_l[i]‖ of the sparse pass (reference ``set_thresholds``)."""
         search = CETT_SEARCHES[self.options.cett_search]
-        w_outs = [np.asarray(w, np.float32) for w in model_lib.w_out_per_layer(params, self.n_layers)]
+        w_outs = [np.asarray(w, np.float32) for w in self._model.ffn_out_weights(params)]
         t_layers, per_neuron = [], []
         for layer, w_out_FxD in enumerate(w_outs):
             result = search(hidden.layer(layer), w_out_FxD, float(cett))

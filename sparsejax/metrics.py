@@ -38,7 +38,9 @@ from sparsejax.eval_options import DEAD_MIN_RATE  # one definition, importable w
 
 Array = jax.Array
 
-FAT_FLOOR = 1e-18  # the reference adds it to ε (prune_fat) and uses it as the zero test (prune_topk)
+# One rule for "active" and one for fraction -> k, shared with training and evaluation.
+from sparsejax.sparsity import (FAT_FLOOR, active, fat_threshold,  # noqa: E402,F401
+                                global_topk_active, topk_count)
 CHUNK_LENS = (1, 2, 4, 8, 16, 32)
 
 
@@ -70,7 +72,7 @@ def activation_ratio(active_TxF: Array) -> Array:
 def zero_active_TxF(activation_TxF: Array) -> Array:
     """*zero* criterion (docs §Criteria, ReLU family): neuron active iff σ(gate) ≠ 0."""
     require_ndim("activation_TxF", activation_TxF, 2, "tokens, d_ff")
-    return activation_TxF != 0
+    return active(activation_TxF)
 
 
 def fat_active_TxF(activation_TxF: Array, eps) -> Array:
@@ -83,35 +85,15 @@ def fat_active_TxF(activation_TxF: Array, eps) -> Array:
     (0, 1e-18) count as inactive.
     """
     require_ndim("activation_TxF", activation_TxF, 2, "tokens, d_ff")
-    if isinstance(eps, (int, float)):
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        threshold = np.float32(eps + FAT_FLOOR)
-    else:
-        threshold = as_f32(eps) + np.float32(FAT_FLOOR)
-    # Written as not(<) like the reference, so a NaN activation counts as active.
-    return ~(jnp.abs(as_f32(activation_TxF)) < threshold)
+    # not(<) like the reference (sparsity.active), so a NaN activation counts as active.
+    return active(as_f32(activation_TxF), fat_threshold(eps))
 
 
 def resolve_topk(k: int | float, d_ff: int) -> int:
-    """Neurons kept per token: an int k in [1, d_ff], or a float fraction f in (0, 1].
-
-    A fraction keeps ``d_ff − int(d_ff · (1 − f))`` neurons, the count the reference's
-    ``prune_topk`` keeps for fraction f.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)):
-        raise ValueError(f"k must be an int in [1, d_ff={d_ff}] or a float fraction in (0, 1], "
-                         f"got {k!r}")
-    if isinstance(k, (int, np.integer)):
-        if not 1 <= k <= d_ff:
-            raise ValueError(f"k must be an int in [1, d_ff={d_ff}], got {k}")
-        return int(k)
-    if not 0.0 < k <= 1.0:
-        raise ValueError(f"k as a fraction must be in (0, 1], got {k}")
-    count = d_ff - int(d_ff * (1.0 - k))
-    if count < 1:
-        raise ValueError(f"k={k} keeps no neuron of d_ff={d_ff}")
-    return count
+    """Neurons kept per token: an int k in [1, d_ff], or a float fraction f in (0, 1] keeping
+    ``d_ff − int(d_ff · (1 − f))`` (the reference's ``prune_topk`` count; the one rule,
+    :func:`sparsejax.sparsity.topk_count`, that training's ``model.topk`` uses too)."""
+    return topk_count(k, d_ff)
 
 
 def topk_active_TxF(activation_TxF: Array, k: int | float) -> Array:
@@ -127,7 +109,7 @@ def topk_active_TxF(activation_TxF: Array, k: int | float) -> Array:
     _, kept_index = jax.lax.top_k(abs_TxF, resolve_topk(k, d_ff))  # [T, k]
     selected_TxF = jnp.zeros((n_tokens, d_ff), bool).at[
         jnp.arange(n_tokens)[:, None], kept_index].set(True)
-    return selected_TxF & (abs_TxF >= np.float32(FAT_FLOOR))
+    return active(abs_TxF, fat_threshold(0.0), selected_TxF)
 
 
 def global_topk_active_TxF(activation_TxF: Array, fraction: float) -> Array:
@@ -141,14 +123,8 @@ def global_topk_active_TxF(activation_TxF: Array, fraction: float) -> Array:
     batch; pass all of a layer's evaluation tokens to pool them the same way.
     """
     require_ndim("activation_TxF", activation_TxF, 2, "tokens, d_ff")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
-    abs_P = jnp.abs(as_f32(activation_TxF)).reshape(-1)
-    num_to_zero = int(abs_P.size * (1.0 - fraction))
-    dropped_P = jnp.argsort(abs_P, stable=True)[:num_to_zero]
-    keep_P = jnp.ones(abs_P.shape, bool).at[dropped_P].set(False)
-    return (keep_P & (abs_P >= np.float32(FAT_FLOOR))).reshape(activation_TxF.shape)
+    # The same function the model's evaluation-time global top-k mask uses.
+    return global_topk_active(activation_TxF, fraction)
 
 
 def dead_neurons(active_TxF: Array, min_rate: float = DEAD_MIN_RATE) -> tuple[Array, Array]:

@@ -1,35 +1,46 @@
-"""Decoder-only transformer (Flax Linen) with swappable FFN activations and top-k FFN sparsity.
+"""Decoder-only transformer (Flax Linen) with swappable FFN activations, FFN implementations and
+top-k FFN sparsity, optionally scanned over layers and rematerialised.
 
 Pre-norm RMSNorm blocks, RoPE, causal multi-head attention, gated or plain FFN, tied embeddings.
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
-``norm``) that :mod:`sparsejax.sharding` maps to mesh axes by rules, MaxText style.
+``norm``; plus ``layers`` on the stacked parameters of ``model.scan_layers``) that
+:mod:`sparsejax.sharding` maps to mesh axes by rules, MaxText style.
 
-What the sparsity metrics need is sown into the ``intermediates`` collection only when the
-caller asks for it (``mutable=["intermediates"]``); otherwise ``sow`` is a no-op and costs
-nothing. Per layer ``i`` the FFN sows
+The FFN is a dispatch point: :class:`FeedForward` owns its weights and calls the function that
+``model.ffn_impl`` names in :data:`FFN_IMPLS` (``ffn_impl(x, weights, sparsity) -> (y, aux)``);
+a new implementation registers there with :func:`register_ffn_impl` and needs no change to
+:class:`Block` or :class:`Transformer`. What to mask and measure arrives as one
+:class:`sparsejax.sparsity.Sparsity` input.
 
-* ``layer_{i}/ffn/activation``: σ(W_gate x) (plain FFN: σ(W_in x)), shape [B, L, F], the quantity
-  the zero / top-k / FAT-ε criteria of docs/sparsity_metrics_and_laws.md §Criteria look at;
-* ``layer_{i}/ffn/hidden``: σ(gate)·up (plain: σ(W_in x)) after any training-time top-k mask
-  but before an evaluation threshold mask — CETT scores are |hidden|·‖W_out[i]‖
-  (docs/sparsity_metrics_and_laws.md §CETT).
+Collections, filled only when the caller makes them mutable (otherwise ``sow`` is a no-op):
+
+* ``stats`` (training): per layer the active-token count per neuron ``active_count_F`` and its
+  sum ``active_sum``, reduced inside the block when ``sparsity.stats_weights_BxL`` is given;
+* ``intermediates`` (evaluation): ``activation`` σ(W_gate x) (plain FFN: σ(W_in x)), [B, L, F],
+  and ``hidden`` σ(gate)·up after any training-time top-k mask but before an evaluation mask.
+
+Read them, and per-layer weights, through :class:`Model` / :func:`ffn_intermediates` /
+:func:`layer_stats` / :func:`w_out_per_layer`, which handle both layer layouts (``layer_{i}``
+subtrees, or one ``layers`` subtree with a leading [N] axis under ``model.scan_layers``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax import activations, metrics
-from sparsejax.config import ModelConfig
+from sparsejax import activations, sparsity as sparsity_lib
+from sparsejax.config import ConfigError, ModelConfig
+from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
 
 Array = jax.Array
-
-# Evaluation-time neuron masks: which FFN quantity a per-neuron threshold is compared with.
-MASK_TARGETS = ("activation", "hidden")
+PyTree = Any
+SCAN_NAME = "layers"  # the scanned blocks' subtree, and the logical axis of their stacked params
 
 
 def _dtype(cfg: ModelConfig):
@@ -40,18 +51,32 @@ def _init(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
-class Projection(nn.Module):
-    """``einsum(x, w)`` with a float32 weight of the given shape and logical axes, cast to dtype.
+class Kernel(nn.Module):
+    """One float32 weight of the given shape and logical axes, returned cast to ``dtype``.
 
-    Written with ``self.param`` rather than ``nn.DenseGeneral`` so each kernel is created in its
-    final shape: logical sharding constraints then apply to the right rank.
+    A module (not a bare ``self.param``) so parameter paths stay ``<name>/kernel`` — checkpoints
+    of earlier versions restore unchanged and initial values (drawn per path) are the same.
     """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("kernel", _init(self.std, self.axes), self.shape, jnp.float32
+                          ).astype(self.dtype)
+
+
+class Projection(nn.Module):
+    """``einsum(x, w)`` with a float32 weight of the given shape and logical axes, cast to dtype."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     equation: str
     std: float
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -70,91 +95,193 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
     return rotated.astype(x_BxLxHxK.dtype)
 
 
-def topk_mask(score_TxF: Array, k: int, *, approximate: bool = False, recall: float = 0.95) -> Array:
-    """0/1 mask of exactly k entries per row: the k largest scores (ties broken by lower index).
+topk_mask = sparsity_lib.topk_keep  # the training-time top-k mask (kept name for callers)
 
-    ``approximate`` uses ``lax.approx_max_k`` (TPU-friendly partial reduction, Chern et al. 2022)
-    with the given recall target; it still marks exactly k entries per row.
+
+# ------------------------------------------------------------------------------ FFN dispatch
+class FfnWeights(NamedTuple):
+    """One layer's FFN weights, already in the compute dtype (``w_gate`` None for a plain FFN)."""
+
+    w_in_DxF: Array
+    w_gate_DxF: Optional[Array]
+    w_out_FxD: Array
+
+
+class FfnAux(NamedTuple):
+    """What an FFN implementation reports besides its output.
+
+    ``activation``/``hidden`` are full [B, L, F] tensors for evaluation; under jit they cost
+    nothing unless sown into a mutable ``intermediates`` collection (dead code otherwise).
+    ``active_count_F``/``active_sum`` are the in-block statistics (None unless requested).
     """
-    d_ff = score_TxF.shape[-1]
-    if not 1 <= k <= d_ff:
-        raise ValueError(f"top-k k={k} must be in [1, d_ff={d_ff}]")
-    if k == d_ff:
-        return jnp.ones_like(score_TxF)
-    if approximate:
-        _, index_TxK = jax.lax.approx_max_k(score_TxF, k, recall_target=recall)
-    else:
-        _, index_TxK = jax.lax.top_k(score_TxF, k)
-    rows = score_TxF.reshape(-1, d_ff)
-    index_NxK = index_TxK.reshape(-1, k)
-    mask_NxF = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], index_NxK].set(1)
-    return mask_NxF.reshape(score_TxF.shape)
+
+    activation_BxLxF: Array
+    hidden_BxLxF: Array
+    active_count_F: Optional[Array] = None
+    active_sum: Optional[Array] = None
 
 
-class FeedForward(nn.Module):
-    """Gated ``W_out[σ(W_gate x) ⊙ W_in x]`` or plain ``W_out σ(W_in x)`` FFN
-    (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
+FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
+FFN_IMPLS: dict[str, Callable[[ModelConfig], FfnFn]] = {}
 
-    cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x_BxLxD: Array, neuron_threshold_F: Optional[Array] = None,
-                 mask_target: str = "activation", global_topk: float = 0.0) -> Array:
-        cfg = self.cfg
-        dtype = _dtype(cfg)
-        spec = activations.get(cfg.activation)
-        act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                                  alpha=cfg.activation_alpha)
-        def w_in(name):
-            return Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf",
-                              cfg.init_std, dtype, name=name)
+def register_ffn_impl(name: str):
+    """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``."""
+    def deco(factory):
+        FFN_IMPLS[name] = factory
+        return factory
+    return deco
 
-        up_BxLxF = w_in("w_in")(x_BxLxD)
-        if cfg.ffn_type == "gated":
-            activation_BxLxF = act_fn(w_in("w_gate")(x_BxLxD))
+
+def ffn_impl_names() -> list[str]:
+    return sorted(FFN_IMPLS)
+
+
+def _trained_topk(cfg: ModelConfig) -> bool:
+    return 0 < cfg.topk_k < cfg.d_ff
+
+
+def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array) -> Array:
+    if not _trained_topk(cfg):
+        return hidden_BxLxF
+    keep_BxLxF = jax.lax.stop_gradient(sparsity_lib.topk_keep(
+        jnp.abs(activation_BxLxF).astype(jnp.float32), cfg.topk_k,
+        approximate=cfg.topk_mode == "approx", recall=cfg.topk_recall)).astype(hidden_BxLxF.dtype)
+    if cfg.topk_ste:
+        # Q-Sparse straight-through estimator: forward is masked, backward is dense.
+        return hidden_BxLxF + jax.lax.stop_gradient(hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
+    return hidden_BxLxF * keep_BxLxF
+
+
+def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity) -> Array:
+    """Evaluation-time sparse forward: per-neuron thresholds (FAT-ε on |σ(gate)|, CETT on
+    |σ(gate)·up|) and the reference's global top-k, by the one ``sparsity.active`` rule."""
+    if sp.thresholds is not None:
+        measured = activation_BxLxF if sp.mask_target == "activation" else hidden_BxLxF
+        keep = sparsity_lib.active(measured, sp.thresholds)
+        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
+    if sp.global_topk:
+        # The reference's evaluation top-k (``prune_topk``): the top fraction of |σ(gate)| over all
+        # tokens × neurons of this call's batch, per layer.
+        d_ff = activation_BxLxF.shape[-1]
+        keep = sparsity_lib.global_topk_active(activation_BxLxF.reshape(-1, d_ff),
+                                               sp.global_topk).reshape(activation_BxLxF.shape)
+        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
+    return hidden_BxLxF
+
+
+def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
+    if not sp.wants_stats:
+        return FfnAux(activation_BxLxF, hidden_BxLxF)
+    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, _trained_topk(cfg))
+    return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total)
+
+
+@register_ffn_impl("reference")
+def reference_ffn(cfg: ModelConfig) -> FfnFn:
+    """The einsum FFN: ``W_out[σ(W_gate x) ⊙ W_in x]`` or ``W_out σ(W_in x)``, training top-k,
+    evaluation masks (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
+    spec = activations.get(cfg.activation)
+    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
+                              alpha=cfg.activation_alpha)
+
+    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
+        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
+        up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF), "ffn_up")
+        if w.w_gate_DxF is not None:
+            gate_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_gate_DxF), "ffn_gate")
+            activation_BxLxF = act_fn(gate_BxLxF)
             if spec.gate_and_up:
                 up_BxLxF = act_fn(up_BxLxF)
             hidden_BxLxF = activation_BxLxF * up_BxLxF
         else:
             activation_BxLxF = act_fn(up_BxLxF)
             hidden_BxLxF = activation_BxLxF
-
-        k = cfg.topk_k
-        if k and k < cfg.d_ff:
-            keep_BxLxF = jax.lax.stop_gradient(topk_mask(
-                jnp.abs(activation_BxLxF).astype(jnp.float32), k,
-                approximate=cfg.topk_mode == "approx", recall=cfg.topk_recall)).astype(dtype)
-            if cfg.topk_ste:
-                # Q-Sparse straight-through estimator: forward is masked, backward is dense.
-                hidden_BxLxF = hidden_BxLxF + jax.lax.stop_gradient(
-                    hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
-            else:
-                hidden_BxLxF = hidden_BxLxF * keep_BxLxF
-
-        # Sown before the evaluation mask below, so an evaluator can tell "dropped by the mask"
-        # from "exactly zero" and measure the activity of a sparse pass itself
-        # (docs/sparsity_metrics_and_laws.md §Reference procedure).
-        self.sow("intermediates", "activation", activation_BxLxF)
-        self.sow("intermediates", "hidden", hidden_BxLxF)
-        if neuron_threshold_F is not None:
-            # Evaluation-time sparse forward (FAT-ε on |σ(gate)|, CETT on |σ(gate)·up|): neurons
-            # strictly below their threshold are dropped, so a threshold of 0 is the dense model.
-            if mask_target not in MASK_TARGETS:
-                raise ValueError(f"mask_target={mask_target!r}; allowed: {MASK_TARGETS}")
-            measured = activation_BxLxF if mask_target == "activation" else hidden_BxLxF
-            hidden_BxLxF = jnp.where(jnp.abs(measured) >= neuron_threshold_F.astype(measured.dtype),
-                                     hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
-        if global_topk:
-            # The reference's evaluation top-k (``prune_topk``): keep the top fraction of
-            # |σ(gate)| over all tokens × neurons of this call's batch, per layer.
-            keep_BxLxF = metrics.global_topk_active_TxF(
-                activation_BxLxF.reshape(-1, cfg.d_ff), global_topk).reshape(activation_BxLxF.shape)
-            hidden_BxLxF = jnp.where(keep_BxLxF, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
-
+        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF)
+        # Reported before the evaluation mask, so an evaluator can tell "dropped by the mask" from
+        # "exactly zero" (docs/sparsity_metrics_and_laws.md §Reference procedure).
+        aux = _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+        hidden_BxLxF = _apply_eval_masks(activation_BxLxF, hidden_BxLxF, sp)
         hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
+        hidden_BxLxF = checkpoint_name(hidden_BxLxF, "ffn_hidden")
+        return jnp.einsum("blf,fd->bld", hidden_BxLxF, w.w_out_FxD), aux
+
+    return ffn
+
+
+@register_ffn_impl("block_sparse")
+def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
+    """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels` (issue #14).
+
+    The tile mask comes from σ(gate) by the zero rule, so for the ReLU family the output *is* the
+    dense FFN (skipped tiles are exactly zero); the kernel choice (TPU Mosaic, GPU Triton, or the
+    pure-JAX reference on CPU) is ``kernels.pick_impl("auto")``'s. σ(gate) is computed once here,
+    densely and outside the gradient, for the mask and the statistics (the kernels would compute
+    it for their mask anyway). Evaluation masks are element-wise, which a tile mask cannot
+    express: passes with thresholds or global top-k run the reference FFN on the same weights.
+    Training-time top-k is refused by config validation for the same reason.
+    """
+    from sparsejax import kernels  # noqa: PLC0415 - Pallas imports only when this impl is chosen
+    from sparsejax.kernels import block_mask
+
+    spec = activations.get(cfg.activation)
+    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
+                              alpha=cfg.activation_alpha)
+    reference = reference_ffn(cfg)
+    block_t, block_f = cfg.ffn_block_t, cfg.ffn_block_f
+
+    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
+        if sp.thresholds is not None or sp.global_topk:
+            return reference(x_BxLxD, w, sp)
+        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
+        src_DxF = w.w_in_DxF if w.w_gate_DxF is None else w.w_gate_DxF
+        activation_BxLxF = act_fn(jnp.einsum("bld,df->blf", x_BxLxD, src_DxF))
+        act_TxF = jax.lax.stop_gradient(activation_BxLxF).reshape(-1, cfg.d_ff)
+        act_TxF, _ = kernels.ffn.pad_tokens(act_TxF, block_t)  # padded rows are 0: never active
+        mask = jax.tree.map(jax.lax.stop_gradient,
+                            block_mask.from_activations(act_TxF, block_t, block_f))
+        y_BxLxD = kernels.block_sparse_ffn(
+            x_BxLxD, w.w_in_DxF, w.w_gate_DxF, w.w_out_FxD, act_fn, block_t=block_t,
+            block_f=block_f, mask=mask, gate_and_up=spec.gate_and_up, impl="auto")
+        # hidden only for evaluators that sow it (dead code in training: no top-k here).
+        if w.w_gate_DxF is None:
+            hidden_BxLxF = activation_BxLxF
+        else:
+            up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF)
+            hidden_BxLxF = activation_BxLxF * (act_fn(up_BxLxF) if spec.gate_and_up else up_BxLxF)
+        return y_BxLxD, _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+
+    return ffn
+
+
+class FeedForward(nn.Module):
+    """Owns the FFN weights; the computation is ``FFN_IMPLS[cfg.ffn_impl]``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, sparsity: Optional[Sparsity] = None) -> Array:
+        cfg = self.cfg
+        dtype = _dtype(cfg)
+        sp = Sparsity() if sparsity is None else sparsity
+        if cfg.ffn_impl not in FFN_IMPLS:
+            raise ConfigError(f"model.ffn_impl={cfg.ffn_impl!r} is not allowed; allowed values: "
+                              f"{ffn_impl_names()}")
+        w_in = lambda name: Kernel((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std,  # noqa
+                                   dtype, name=name)()
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
-        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "blf,fd->bld", out_std, dtype,
-                          name="w_out")(hidden_BxLxF)
+        weights = FfnWeights(
+            w_in_DxF=w_in("w_in"),
+            w_gate_DxF=w_in("w_gate") if cfg.ffn_type == "gated" else None,
+            w_out_FxD=Kernel((cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, dtype,
+                             name="w_out")())
+        y_BxLxD, aux = FFN_IMPLS[cfg.ffn_impl](cfg)(x_BxLxD, weights, sp)
+        self.sow("intermediates", "activation", aux.activation_BxLxF)
+        self.sow("intermediates", "hidden", aux.hidden_BxLxF)
+        if aux.active_count_F is not None:
+            self.sow("stats", "active_count_F", aux.active_count_F)
+            self.sow("stats", "active_sum", aux.active_sum)
+        return checkpoint_name(y_BxLxD, "ffn_out")
 
 
 class Attention(nn.Module):
@@ -168,18 +295,21 @@ class Attention(nn.Module):
             return Projection((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"),
                               "bld,dhk->blhk", cfg.init_std, dtype, name=name)
 
-        q_BxLxHxK = rope(proj("query")(x_BxLxD), positions_BxL, cfg.rope_theta)
-        k_BxLxHxK = rope(proj("key")(x_BxLxD), positions_BxL, cfg.rope_theta)
-        v_BxLxHxK = proj("value")(x_BxLxD)
+        q_BxLxHxK = rope(checkpoint_name(proj("query")(x_BxLxD), "query"), positions_BxL,
+                         cfg.rope_theta)
+        k_BxLxHxK = rope(checkpoint_name(proj("key")(x_BxLxD), "key"), positions_BxL,
+                         cfg.rope_theta)
+        v_BxLxHxK = checkpoint_name(proj("value")(x_BxLxD), "value")
         out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        return Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
-                          "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
+        out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
+                               "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
+        return checkpoint_name(out_BxLxD, "attn_out")
 
 
 class RMSNorm(nn.Module):
     eps: float
-    dtype: jnp.dtype
+    dtype: Any
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -191,19 +321,56 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm layer. ``scanned``: return ``(x, None)`` as an ``nn.scan`` body must."""
+
     cfg: ModelConfig
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, neuron_threshold_F=None, mask_target="activation",
-                 global_topk=0.0):
+    def __call__(self, x_BxLxD, positions_BxL, sparsity: Sparsity):
         cfg = self.cfg
         dtype = _dtype(cfg)
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, positions_BxL)
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, neuron_threshold_F, mask_target,
-                                                               global_topk)
-        return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, sparsity)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        return (x_BxLxD, None) if self.scanned else x_BxLxD
+
+
+# ----------------------------------------------------------------------------- remat policies
+# MaxText-style names -> the ``jax.checkpoint`` policy of each block ("none": no remat). Tags are
+# the ``checkpoint_name``s above: query/key/value/attn_out, ffn_up/ffn_gate/ffn_hidden/ffn_out.
+_cp = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "none": None,
+    # Save nothing: recompute the whole block in the backward pass (least memory).
+    "full": _cp.nothing_saveable,
+    # Save every matmul output without batch dimensions (all projections; attention's batched
+    # QKᵀ/AV products are recomputed).
+    "minimal": _cp.dots_with_no_batch_dims_saveable,
+    # Save the attention projections and both block outputs; recompute the three [B, L, F]
+    # tensors of the FFN, the largest activations of a 2.5×-wide FFN.
+    "save_dots_except_ffn_hidden": _cp.save_only_these_names(
+        "query", "key", "value", "attn_out", "ffn_out"),
+    # Save only Q, K, V (MaxText "save_qkv_proj").
+    "save_qkv_proj": _cp.save_only_these_names("query", "key", "value"),
+}
+
+
+def remat_policy_names() -> list[str]:
+    return list(REMAT_POLICIES)
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat_policy={cfg.remat_policy!r} is not allowed; allowed "
+                          f"values: {remat_policy_names()}")
+    if cfg.remat_policy == "none":
+        return Block
+    # prevent_cse only matters outside scan (MaxText: prevent_cse = not scan_layers).
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
+                    prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
@@ -213,22 +380,28 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
-                 neuron_thresholds_NxF: Optional[Array] = None,
-                 mask_target: str = "activation", global_topk: float = 0.0) -> Array:
-        """``neuron_thresholds_NxF``: optional per-layer, per-neuron evaluation thresholds;
-        ``global_topk``: optional evaluation-time global top-k fraction (0 = off)."""
+                 sparsity: Optional[Sparsity] = None) -> Array:
+        """``sparsity``: what to mask and measure, with per-layer fields on a leading [N] axis
+        (:class:`sparsejax.sparsity.Sparsity`); None = the dense model, no statistics."""
         cfg = self.cfg
         dtype = _dtype(cfg)
+        sp = Sparsity() if sparsity is None else sparsity
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
         x_BxLxD = embed(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-        for i in range(cfg.n_layers):
-            threshold_F = None if neuron_thresholds_NxF is None else neuron_thresholds_NxF[i]
-            x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, threshold_F, mask_target,
-                                                    global_topk)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0, "intermediates": 0, "stats": 0},
+                split_rngs={"params": True}, in_axes=(nn.broadcast, sp.scan_axes()),
+                length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: SCAN_NAME})
+            x_BxLxD, _ = scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, positions_BxL, sp)
+        else:
+            for i in range(cfg.n_layers):
+                x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
@@ -238,20 +411,121 @@ class Transformer(nn.Module):
         return logits.astype(jnp.float32)
 
 
+# ------------------------------------------------------------------- per-layer accessors
+def _per_layer(tree: dict, n_layers: int) -> list[dict]:
+    """Layer subtrees of a params / collection tree, in either layout."""
+    if SCAN_NAME in tree:
+        stacked = tree[SCAN_NAME]
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
+    return [tree[f"layer_{i}"] for i in range(n_layers)]
+
+
+def _sown(value):
+    # ``sow`` stores a tuple of the values sown; under scan the stacked tuple has one entry too.
+    return value[0] if isinstance(value, tuple) else value
+
+
 def ffn_intermediates(state: dict, n_layers: int) -> tuple[list[Array], list[Array]]:
     """(activation per layer, hidden per layer) from an ``intermediates`` collection."""
-    acts, hiddens = [], []
-    for i in range(n_layers):
-        ffn = state["intermediates"][f"layer_{i}"]["ffn"]
-        acts.append(ffn["activation"][0])
-        hiddens.append(ffn["hidden"][0])
-    return acts, hiddens
+    layers = _per_layer(state["intermediates"], n_layers)
+    return ([_sown(layer["ffn"]["activation"]) for layer in layers],
+            [_sown(layer["ffn"]["hidden"]) for layer in layers])
+
+
+def layer_stats(state: dict, n_layers: int) -> tuple[Array, Array]:
+    """(active sum per layer [N], active-token count per neuron [N, F]) from a ``stats``
+    collection. Ratio of layer l = sum_l / (tokens × d_ff); count 0 = dead in the batch."""
+    stats = state["stats"]
+    if SCAN_NAME in stats:  # already stacked [N, ...]: no per-layer split needed
+        ffn = stats[SCAN_NAME]["ffn"]
+        return _sown(ffn["active_sum"]), _sown(ffn["active_count_F"])
+    layers = _per_layer(stats, n_layers)
+    return (jnp.stack([_sown(layer["ffn"]["active_sum"]) for layer in layers]),
+            jnp.stack([_sown(layer["ffn"]["active_count_F"]) for layer in layers]))
 
 
 def w_out_per_layer(params: dict, n_layers: int) -> list[Array]:
     """W_out [F, D] of each layer, unboxed from logical-partitioning metadata."""
-    params = nn.meta.unbox(params)
-    return [params[f"layer_{i}"]["ffn"]["w_out"]["kernel"] for i in range(n_layers)]
+    return [layer["ffn"]["w_out"]["kernel"] for layer in _per_layer(nn.meta.unbox(params), n_layers)]
+
+
+def is_scanned(params: dict) -> bool:
+    return SCAN_NAME in params
+
+
+def convert_layout(params: dict, n_layers: int, scan_layers: bool) -> dict:
+    """Params (unboxed) in the requested layout: stack ``layer_{i}`` into ``layers`` [N, ...] or
+    split it back. Values are unchanged, so a checkpoint of either layout serves either model."""
+    if is_scanned(params) == scan_layers:
+        return params
+    rest = {k: v for k, v in params.items() if k != SCAN_NAME and not k.startswith("layer_")}
+    if scan_layers:
+        stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                               *[params[f"layer_{i}"] for i in range(n_layers)])
+        return {**rest, SCAN_NAME: stacked}
+    return {**rest, **{f"layer_{i}": layer for i, layer in enumerate(_per_layer(params, n_layers))}}
+
+
+# ------------------------------------------------------------------------------- the façade
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What step, sharding and evaluation need from the model, without calling ``nn.*``.
+
+    ``rules``: logical-axis rules (``sharding.rules(cfg.mesh)``) active while tracing ``apply``
+    so the model's logical constraints resolve; empty: no constraints (single device).
+    """
+
+    cfg: ModelConfig
+    rules: tuple = ()
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.cfg)
+
+    def init_annotated(self, key: Array, seq_len: int) -> PyTree:
+        """Parameters with their logical axis names attached (boxed); see :meth:`logical_specs`."""
+        return self.module.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+    def init(self, key: Array, seq_len: int) -> PyTree:
+        return self.unbox(self.init_annotated(key, seq_len))
+
+    @staticmethod
+    def unbox(tree: PyTree) -> PyTree:
+        """Drop the logical-axis annotations (any tree holding annotated leaves, e.g. opt state)."""
+        return nn.meta.unbox(tree)
+
+    @staticmethod
+    def logical_specs(tree: PyTree) -> PyTree:
+        """Logical ``PartitionSpec`` per leaf of an annotated tree (``PartitionSpec()`` for plain
+        leaves such as a step counter)."""
+        return nn.get_partition_spec(tree)
+
+    def param_specs(self, seq_len: int) -> PyTree:
+        """Logical PartitionSpecs of the parameters, without allocating any."""
+        return self.logical_specs(jax.eval_shape(lambda k: self.init_annotated(k, seq_len),
+                                                 jax.random.key(0)))
+
+    def apply(self, params: PyTree, tokens_BxL: Array, *, sparsity: Optional[Sparsity] = None,
+              collect: tuple[str, ...] = ()) -> tuple[Array, dict]:
+        """(logits, collections): ``collect`` names the collections to fill, ``("stats",)`` in
+        training, ``("intermediates",)`` for evaluation's full tensors."""
+        with nn.logical_axis_rules(self.rules):
+            if collect:
+                return self.module.apply({"params": params}, tokens_BxL, sparsity=sparsity,
+                                         mutable=list(collect))
+            return self.module.apply({"params": params}, tokens_BxL, sparsity=sparsity), {}
+
+    def ffn_intermediates(self, state: dict) -> tuple[list[Array], list[Array]]:
+        return ffn_intermediates(state, self.cfg.n_layers)
+
+    def layer_stats(self, state: dict) -> tuple[Array, Array]:
+        return layer_stats(state, self.cfg.n_layers)
+
+    def ffn_out_weights(self, params: PyTree) -> list[Array]:
+        return w_out_per_layer(params, self.cfg.n_layers)
+
+    def convert_layout(self, params: PyTree) -> PyTree:
+        return convert_layout(params, self.cfg.n_layers, self.cfg.scan_layers)
 
 
 def abstract_params(cfg: ModelConfig, seq_len: int, mesh: jax.sharding.Mesh, mesh_cfg) -> dict:
@@ -261,9 +535,8 @@ def abstract_params(cfg: ModelConfig, seq_len: int, mesh: jax.sharding.Mesh, mes
     """
     from sparsejax import sharding  # noqa: PLC0415 - sharding is a leaf; keeps model import-light
 
-    boxed = jax.eval_shape(
-        lambda key: Transformer(cfg).init(key, jnp.zeros((1, seq_len), jnp.int32))["params"],
-        jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, mesh_cfg)
+    model = Model(cfg)
+    boxed = jax.eval_shape(lambda key: model.init_annotated(key, seq_len), jax.random.key(0))
+    shardings = sharding.logical_shardings(model.logical_specs(boxed), mesh, mesh_cfg)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.meta.unbox(boxed), shardings)
+                        model.unbox(boxed), shardings)

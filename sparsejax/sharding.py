@@ -11,7 +11,6 @@ import logging
 import os
 from typing import Mapping
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -52,10 +51,21 @@ def rules(mesh_cfg: MeshConfig) -> tuple:
     return tuple((logical, mesh_axis) for logical, mesh_axis in mesh_cfg.rules)
 
 
-def logical_shardings(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig):
-    """NamedShardings for a tree of (possibly ``nn.Partitioned``) values, by the logical rules."""
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def mesh_spec(logical: PartitionSpec | tuple, mesh_cfg: MeshConfig) -> PartitionSpec:
+    """Logical axis names (one per dimension, None = replicated) -> mesh PartitionSpec by the
+    rules; a name without a rule is replicated, as Flax's logical rules do."""
+    table = dict(rules(mesh_cfg))
+    return PartitionSpec(*(None if name is None else table.get(name) for name in logical))
+
+
+def logical_shardings(specs_tree, mesh: Mesh, mesh_cfg: MeshConfig):
+    """NamedShardings for a tree of logical PartitionSpecs (``model.Model.logical_specs``)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, mesh_spec(spec, mesh_cfg)), specs_tree,
+                        is_leaf=_is_spec)
 
 
 # The config field that sets each logical axis's length (for errors users can act on).
@@ -64,19 +74,18 @@ LOGICAL_AXIS_FIELDS = {"embed": "model.d_model", "mlp": "model.d_ff", "heads": "
                        "layers": "model.n_layers", "norm": "model.d_model"}
 
 
-def check_divisible(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig) -> None:
+def check_divisible(abstract_tree, specs_tree, mesh: Mesh, mesh_cfg: MeshConfig) -> None:
     """ConfigError naming the config field when a sharded dimension does not divide evenly.
 
+    ``abstract_tree``: arrays or ShapeDtypeStructs; ``specs_tree``: their logical PartitionSpecs.
     Without this, XLA reports an ``IndivisibleError`` about an anonymous array shape.
     """
     table = dict(rules(mesh_cfg))
-    leaves = jax.tree.leaves(abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    for leaf in leaves:
-        names = getattr(leaf, "names", None)
+    specs = jax.tree.leaves(specs_tree, is_leaf=_is_spec)
+    for leaf, names in zip(jax.tree.leaves(abstract_tree), specs):
         if not names:
             continue
-        shape = nn.meta.unbox(leaf).shape
-        for size, logical in zip(shape, names):
+        for size, logical in zip(leaf.shape, names):
             target = table.get(logical)
             axes = (target,) if isinstance(target, str) else tuple(target or ())
             ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
@@ -89,17 +98,33 @@ def check_divisible(abstract_tree, mesh: Mesh, mesh_cfg: MeshConfig) -> None:
                     f"map {logical!r} to None in mesh.rules")
 
 
-def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_axes(mesh_cfg: MeshConfig | None = None) -> tuple[str, ...]:
+    """Mesh axes the ``batch`` logical rule splits batches over (default rules: data, fsdp)."""
+    target = dict(rules(mesh_cfg or MeshConfig())).get("batch")
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def batch_spec(mesh_cfg: MeshConfig | None = None, *, leading: int = 0) -> PartitionSpec:
+    """[B, ...] split by the ``batch`` rule; ``leading`` unsplit axes first (micro-batches)."""
+    axes = batch_axes(mesh_cfg)
+    return PartitionSpec(*([None] * leading), axes or None, None)
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh,
+                mesh_cfg: MeshConfig | None = None) -> None:
+    axes = batch_axes(mesh_cfg)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    names = " × ".join(f"mesh.{a}" for a in axes) or "1"
     if batch_size % (grad_accum * ways):
         raise ConfigError(
             f"train.batch_size={batch_size} must be divisible by train.grad_accum={grad_accum} × "
-            f"mesh.data × mesh.fsdp = {grad_accum} × {ways}; choose a multiple of {grad_accum * ways}")
+            f"{names} = {grad_accum} × {ways}; choose a multiple of {grad_accum * ways}")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches are split over data × fsdp and replicated over tensor."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+def batch_sharding(mesh: Mesh, mesh_cfg: MeshConfig | None = None) -> NamedSharding:
+    """Batches are split by the ``batch`` logical rule (default: data × fsdp), replicated over
+    the other axes."""
+    return NamedSharding(mesh, batch_spec(mesh_cfg))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

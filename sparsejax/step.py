@@ -4,11 +4,15 @@ The training state is a plain pytree ``{"params", "opt_state", "step"}``. Its sh
 the parameters' logical axis names (optimizer moments inherit them), so ``jax.jit`` with
 ``in_shardings``/``out_shardings`` runs the same step on one CPU, 8 fake CPU devices or a pod.
 
-Activation statistics (docs/sparsity_metrics_and_laws.md §Activation ratio) are reduced inside the
-step to ``[n_layers]`` ratios and an ``[n_layers, d_ff]`` count of tokens per neuron, so nothing of
-size [tokens × d_ff] leaves the device: a neuron is active for a token when σ(gate) ≠ 0 (ReLU
-family, exact zeros) or |σ(gate)| ≥ ``train.fat_eps`` (other activations: FAT-ε), and, under
-top-k, kept by the mask.
+Activation statistics (docs/sparsity_metrics_and_laws.md §Activation ratio) are reduced inside
+each block (``sparsity.layer_stats``) to a count of tokens per neuron and its sum, so nothing of
+size [tokens × d_ff] leaves a layer; the step turns them into ``[n_layers]`` ratios. A neuron is
+active for a token by the one rule of :func:`sparsejax.sparsity.active`: σ(gate) ≠ 0 (ReLU
+family, exact zeros) or |σ(gate)| ≥ ``train.fat_eps`` + 1e-18 (other activations: FAT-ε), and,
+under top-k, kept by the mask — the evaluator's *zero* and FAT-ε criteria, tested equal.
+
+The model is reached through :class:`sparsejax.model.Model` only; batch shardings come from the
+``batch`` logical rule (``sharding.batch_spec``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import activations, model as model_lib, sharding
+from sparsejax import activations, model as model_lib, sharding, sparsity as sparsity_lib
 from sparsejax.config import Config
 from sparsejax.loss import next_token_loss
 
@@ -40,32 +43,16 @@ class StepFunctions:
     mesh: jax.sharding.Mesh
 
 
+def stats_threshold(exact_zeros: bool, fat_eps: float):
+    """The training statistics' rule for ``sparsity.active``: zero (None) or FAT-ε."""
+    return None if exact_zeros else sparsity_lib.fat_threshold(fat_eps)
+
+
 def active_mask(activation_BxLxF: jax.Array, hidden_BxLxF: jax.Array, *, exact_zeros: bool,
                 fat_eps: float, topk: bool) -> jax.Array:
     """Which neurons count as active for each token (see module docstring)."""
-    if exact_zeros:
-        active = activation_BxLxF != 0
-    else:
-        active = jnp.abs(activation_BxLxF) >= fat_eps
-    if topk:
-        active = active & (hidden_BxLxF != 0)
-    return active
-
-
-def activation_stats(acts: list[jax.Array], hiddens: list[jax.Array], weights_BxL: jax.Array,
-                     *, exact_zeros: bool, fat_eps: float, topk: bool) -> tuple[jax.Array, jax.Array]:
-    """(active-neuron-token sum per layer [N], active-token count per neuron [N, F]).
-
-    Ratio of layer l = sum_l / (tokens × d_ff); a neuron with count 0 was dead in the batch.
-    """
-    w_BxLx1 = weights_BxL[..., None].astype(jnp.float32)
-    sums, counts = [], []
-    for act, hidden in zip(acts, hiddens):
-        active = active_mask(act, hidden, exact_zeros=exact_zeros, fat_eps=fat_eps, topk=topk)
-        per_neuron_F = jnp.sum(active.astype(jnp.float32) * w_BxLx1, axis=(0, 1))
-        counts.append(per_neuron_F)
-        sums.append(jnp.sum(per_neuron_F))
-    return jnp.stack(sums), jnp.stack(counts)
+    return sparsity_lib.active(activation_BxLxF, stats_threshold(exact_zeros, fat_eps),
+                               sparsity_lib.trained_keep(hidden_BxLxF, topk))
 
 
 def all_finite(*trees) -> jax.Array:
@@ -77,41 +64,39 @@ def all_finite(*trees) -> jax.Array:
 
 def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
                         *, log_activations: bool = True) -> StepFunctions:
-    model = model_lib.Transformer(cfg.model)
+    model = model_lib.Model(cfg.model, sharding.rules(cfg.mesh))
     spec = activations.get(cfg.model.activation)
-    rules = sharding.rules(cfg.mesh)
     n_layers, d_ff, accum = cfg.model.n_layers, cfg.model.d_ff, cfg.train.grad_accum
-    stat_kwargs = dict(exact_zeros=spec.exact_zeros, fat_eps=cfg.train.fat_eps,
-                       topk=0 < cfg.model.topk_k < d_ff)
+    threshold = stats_threshold(spec.exact_zeros, cfg.train.fat_eps)
 
-    def init_boxed(key):
-        tokens = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
-        params = model.init(key, tokens)["params"]
+    def init_annotated(key):
+        params = model.init_annotated(key, cfg.train.seq_len)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     # No mesh context for init: Flax would constrain DenseGeneral kernels in their flat init shape.
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    sharding.check_divisible(abstract_boxed, mesh, cfg.mesh)
-    state_shardings = sharding.logical_shardings(abstract_boxed, mesh, cfg.mesh)
+    abstract_annotated = jax.eval_shape(init_annotated, jax.random.key(0))
+    specs = model.logical_specs(abstract_annotated)
+    abstract_plain = model.unbox(abstract_annotated)
+    sharding.check_divisible(abstract_plain, specs, mesh, cfg.mesh)
+    state_shardings = sharding.logical_shardings(specs, mesh, cfg.mesh)
     abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed), state_shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_plain,
+        state_shardings)
 
     def loss_and_stats(params, batch):
         if log_activations:
-            logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"])
-            acts, hiddens = model_lib.ffn_intermediates(inter, n_layers)
-            act_sum_N, count_NxF = activation_stats(acts, hiddens, batch["weights"], **stat_kwargs)
+            sp = sparsity_lib.Sparsity(stats_weights_BxL=batch["weights"], stats_threshold=threshold)
+            logits, collected = model.apply(params, batch["inputs"], sparsity=sp, collect=("stats",))
+            act_sum_N, count_NxF = model.layer_stats(collected)
         else:
-            logits = model.apply({"params": params}, batch["inputs"])
+            logits, _ = model.apply(params, batch["inputs"])
             act_sum_N, count_NxF = jnp.zeros(n_layers), jnp.zeros((n_layers, d_ff))
         mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
         return mean_loss * tokens, (tokens, act_sum_N, count_NxF)
 
     grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
 
-    micro_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
+    micro_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(cfg.mesh, leading=1))
 
     def train_step(state, batch):
         params = state["params"]
@@ -154,17 +139,18 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
         loss_sum, (tokens, act_sum_N, _) = loss_and_stats(state["params"], batch)
         return {"loss_sum": loss_sum, "tokens": tokens, "act_sum_layers": act_sum_N}
 
-    batch_shard = sharding.batch_sharding(mesh)
+    batch_shard = sharding.batch_sharding(mesh, cfg.mesh)
     rep = sharding.replicated(mesh)
 
     def traced(fn):
-        # Logical constraints inside the model resolve against this mesh and these rules.
+        # Logical constraints inside the model resolve against this mesh (the model's rules are
+        # entered by Model.apply).
         def wrapper(*args):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 return fn(*args)
         return wrapper
 
-    init = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)), out_shardings=state_shardings)
+    init = jax.jit(lambda key: model.unbox(init_annotated(key)), out_shardings=state_shardings)
     train = jax.jit(traced(train_step), in_shardings=(state_shardings, batch_shard),
                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
     evaluate = jax.jit(traced(eval_step), in_shardings=(state_shardings, batch_shard), out_shardings=rep)

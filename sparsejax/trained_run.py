@@ -31,16 +31,37 @@ class TrainedRun:
     _abstract: Any = None
 
     def params(self, step: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
-        """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules."""
+        """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules.
+
+        A checkpoint written with the other ``model.scan_layers`` layout (its own config, kept in
+        its meta, says which) is read in that layout and converted to this config's.
+        """
         if self._abstract is None:
             self._abstract = model_lib.abstract_params(self.cfg.model, self.cfg.train.seq_len,
                                                        mesh, self.cfg.mesh)
+        want_scan = self.cfg.model.scan_layers
         try:
-            return self.reader.restore_params(step, self._abstract)
+            stored = self.reader.meta(step).get("config", {}).get("model", {})
+            stored_scan = bool(stored.get("scan_layers", False))
+        except Exception:  # unreadable meta: the restore below reports the step
+            stored_scan = want_scan
+        abstract = self._abstract
+        if stored_scan != want_scan:
+            abstract = model_lib.abstract_params(
+                dataclasses.replace(self.cfg.model, scan_layers=stored_scan),
+                self.cfg.train.seq_len, mesh, self.cfg.mesh)
+        try:
+            params, meta = self.reader.restore_params(step, abstract)
         except Exception as err:  # orbax raises many types for damaged or mismatched files
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise RunError(f"checkpoint step {step} in {self.reader.directory} cannot be restored "
-                           f"with this run's config ({type(err).__name__}: {first})") from err
+                           f"with this run's config ({type(err).__name__}: {first}; "
+                           f"model.scan_layers={want_scan}, checkpoint's {stored_scan})") from err
+        if stored_scan != want_scan:
+            params = jax.device_put(
+                model_lib.convert_layout(params, self.cfg.model.n_layers, want_scan),
+                jax.tree.map(lambda a: a.sharding, self._abstract))
+        return params, meta
 
 
 def _config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:

@@ -27,10 +27,11 @@ def test_every_config_builds_and_validates(path):
     cfg = config.load(path)
     assert config.validate(cfg) is cfg
     # Build the model abstractly (no memory for the 2.4B one) and check parameter shapes.
-    m = model.Transformer(cfg.model)
-    shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    kernel = shapes["params"]["layer_0"]["ffn"]["w_out"]["kernel"].value
-    assert kernel.shape == (cfg.model.d_ff, cfg.model.d_model)
+    m = model.Model(cfg.model)
+    shapes = jax.eval_shape(lambda k: m.init(k, 8), jax.random.key(0))
+    layer = "layers" if cfg.model.scan_layers else "layer_0"  # scanned: stacked [n_layers, ...]
+    kernel = shapes[layer]["ffn"]["w_out"]["kernel"]
+    assert kernel.shape[-2:] == (cfg.model.d_ff, cfg.model.d_model)
 
 
 def test_paper_table_values():

@@ -13,6 +13,7 @@ import pytest
 
 from sparsejax import (cett, config as config_lib, evaluation, model as model_lib, plotting,
                        results as results_lib, trained_run, trainer)
+from sparsejax.sparsity import Sparsity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,8 @@ def _numpy_pass(ev, params, thresholds_NxF=None, target="activation"):
     hiddens = [[] for _ in range(ev.n_layers)]
     losses = []
     for b in ev.batches:
-        kwargs = {} if thresholds_NxF is None else dict(
-            neuron_thresholds_NxF=jnp.asarray(thresholds_NxF), mask_target=target)
+        kwargs = {} if thresholds_NxF is None else dict(sparsity=Sparsity(
+            thresholds=jnp.asarray(thresholds_NxF), mask_target=target))
         logits, inter = m.apply({"params": params}, b["inputs"], mutable=["intermediates"], **kwargs)
         a, h = model_lib.ffn_intermediates(inter, ev.n_layers)
         for i in range(ev.n_layers):
@@ -134,7 +135,8 @@ def test_global_topk_pass_matches_numpy_per_batch_selection(relu_ev):
     kept = [[] for _ in range(ev.n_layers)]
     losses = []
     for b in ev.batches:
-        logits, inter = m.apply({"params": params}, b["inputs"], global_topk=ev.topk_fraction,
+        logits, inter = m.apply({"params": params}, b["inputs"],
+                                sparsity=Sparsity(global_topk=ev.topk_fraction),
                                 mutable=["intermediates"])
         acts, _ = model_lib.ffn_intermediates(inter, ev.n_layers)
         for i, a in enumerate(acts):

@@ -9,6 +9,7 @@ import pytest
 from sparsejax import activations, model
 from sparsejax.config import ModelConfig
 from sparsejax.loss import next_token_loss
+from sparsejax.sparsity import Sparsity
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=80,
                    max_seq_len=32)
@@ -152,7 +153,7 @@ def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
     v = m.init(jax.random.key(1), tokens)
     dense = m.apply(v, tokens)
-    zero = m.apply(v, tokens, neuron_thresholds_NxF=jnp.zeros((cfg.n_layers, cfg.d_ff)))
+    zero = m.apply(v, tokens, sparsity=Sparsity(thresholds=jnp.zeros((cfg.n_layers, cfg.d_ff))))
     np.testing.assert_array_equal(dense, zero)
     big = jnp.full((cfg.n_layers, cfg.d_ff), 1e9)
     # Every neuron dropped == a model whose W_out is zero.
@@ -161,14 +162,14 @@ def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
     want = m.apply(no_ffn, tokens)
     assert np.abs(np.asarray(want) - np.asarray(dense)).max() > 1e-4  # the FFN matters
     for target in model.MASK_TARGETS:
-        masked, st = m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target=target,
+        masked, st = m.apply(v, tokens, sparsity=Sparsity(thresholds=big, mask_target=target),
                              mutable=["intermediates"])
         np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
         # The sown hidden is taken before the evaluation mask (the evaluator measures activity).
         _, hiddens = model.ffn_intermediates(st, cfg.n_layers)
         assert all(float(jnp.abs(h).max()) > 0 for h in hiddens)
     with pytest.raises(ValueError, match="mask_target"):
-        m.apply(v, tokens, neuron_thresholds_NxF=big, mask_target="bogus")
+        Sparsity(thresholds=big, mask_target="bogus")
 
 
 def test_causality():

@@ -51,6 +51,34 @@ def test_one_device_equals_eight_devices():
     assert l1[-1] < l1[0]
 
 
+def test_scan_and_remat_one_device_equals_eight_devices():
+    """Scanned, rematerialised blocks: stacked params sharded with a replicated "layers" axis."""
+    extra = ("model.scan_layers=true", "model.remat_policy=full")
+    l1, r1, s1 = _run(_cfg(*extra), jax.devices()[:1])
+    l8, r8, s8 = _run(_cfg(*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    np.testing.assert_allclose(r8, r1, atol=1e-6)
+    w8 = s8["params"]["layers"]["ffn"]["w_out"]["kernel"]
+    assert w8.shape[0] == 2 and w8.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    np.testing.assert_allclose(np.asarray(w8), np.asarray(s1["params"]["layers"]["ffn"]["w_out"]["kernel"]),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_batch_sharding_follows_the_batch_rule():
+    cfg = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices())
+    P = jax.sharding.PartitionSpec
+    assert sharding.batch_sharding(mesh, cfg.mesh).spec == P(("data", "fsdp"), None)
+    assert sharding.batch_spec(cfg.mesh, leading=1) == P(None, ("data", "fsdp"), None)
+    rules = tuple((k, "data" if k == "batch" else v) for k, v in cfg.mesh.rules)
+    only_data = config.apply_overrides(cfg, [])
+    only_data.mesh.rules = rules
+    assert sharding.batch_sharding(mesh, only_data.mesh).spec == P("data", None)
+    sharding.check_batch(2, 1, mesh, only_data.mesh)  # 2 rows over data=2: fine
+    with pytest.raises(ConfigError, match=r"train.grad_accum=1 × mesh.data = 1 × 2"):
+        sharding.check_batch(3, 1, mesh, only_data.mesh)
+
+
 def test_gradient_accumulation_matches_full_batch():
     l1, _, _ = _run(_cfg(), jax.devices()[:1])
     l4, _, _ = _run(_cfg("train.grad_accum=4"), jax.devices()[:1])

@@ -1,0 +1,204 @@
+"""The one definition of an *active* FFN neuron, of fraction → k, and the model's sparsity input.
+
+Everything that decides whether a neuron is active goes through :func:`active`: the in-graph
+training statistics (``step``/the FFN's per-layer stats), the model's evaluation-time masks, the
+evaluator's measured masks and the ``metrics.*_active_TxF`` criteria. Everything that turns a
+top-k fraction into a neuron count goes through :func:`topk_count`. Before this module those four
+places compared differently (``>=`` vs ``not <``, with and without the 1e-18 floor) and training
+kept round(f·F) neurons while evaluation kept F − int(F·(1 − f)).
+
+Shape suffixes (docs/sparsity_metrics_and_laws.md §Shape suffixes): B batch, L length, T tokens,
+F d_ff, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# The reference (thunlp/SparsingLaw ``prune_fat``) adds it to ε, and ``prune_topk`` uses it as its
+# zero test; below float32's resolution at any ε ≥ 1e-10, so it only matters at ε = 0.
+FAT_FLOOR = 1e-18
+
+# Evaluation-time neuron masks: which FFN quantity a per-neuron threshold is compared with.
+MASK_TARGETS = ("activation", "hidden")
+
+
+# ------------------------------------------------------------------------------- the rules
+def fat_threshold(eps) -> Array | np.float32:
+    """FAT-ε threshold ε + 1e-18 in float32, as the reference compares it.
+
+    A Python ε is summed in float64 and rounded once (what torch does with ``eps + 1e-18``); a
+    traced ε is summed in float32, which can differ from that by one ulp.
+    """
+    if isinstance(eps, (int, float, np.floating, np.integer)):
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        return np.float32(float(eps) + FAT_FLOOR)
+    return jnp.asarray(eps, jnp.float32) + np.float32(FAT_FLOOR)
+
+
+def active(x: Array, threshold=None, keep: Optional[Array] = None) -> Array:
+    """Boolean mask of active entries of ``x`` (any shape).
+
+    * ``threshold is None``: the *zero* rule, ``x ≠ 0`` (ReLU family, exact zeros);
+    * otherwise: ``not (|x| < threshold)`` — written as the reference writes its mask
+      (``x.abs() < t`` marks the dropped ones), so a NaN counts as active and shows up in the
+      ratio instead of silently disappearing. ``threshold`` broadcasts against ``x`` (a scalar
+      or a per-neuron ``[F]`` vector) and should already hold the floor
+      (:func:`fat_threshold`) where the criterion has one;
+    * ``keep``: an extra boolean mask ANDed in (training-time top-k: only kept neurons are active).
+    """
+    if threshold is None:
+        mask = x != 0
+    else:
+        threshold = jnp.asarray(threshold)
+        mask = ~(jnp.abs(x) < threshold.astype(jnp.promote_types(x.dtype, threshold.dtype)))
+    return mask if keep is None else mask & keep
+
+
+def topk_count(k, d_ff: int) -> int:
+    """Neurons kept: an int k in [1, d_ff], or a float fraction f in (0, 1].
+
+    A fraction keeps ``d_ff − int(d_ff · (1 − f))`` neurons: the count the reference's
+    ``prune_topk`` keeps (``num_to_zero = int(numel · (1 − f))``), so the paper's evaluation
+    numbers are reproduced exactly, and training and evaluation agree on k. This differs from
+    round(f · d_ff) by one where d_ff · (1 − f) lands just below an integer in float64, e.g.
+    f = 0.9, d_ff = 320: 1 − 0.9 = 0.09999999999999998, int(31.999…) = 31, k = 289 (not 288).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)):
+        raise ValueError(f"k must be an int in [1, d_ff={d_ff}] or a float fraction in (0, 1], "
+                         f"got {k!r}")
+    if isinstance(k, (int, np.integer)):
+        if not 1 <= k <= d_ff:
+            raise ValueError(f"k must be an int in [1, d_ff={d_ff}], got {k}")
+        return int(k)
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k as a fraction must be in (0, 1], got {k}")
+    count = d_ff - int(d_ff * (1.0 - float(k)))
+    if count < 1:
+        raise ValueError(f"k={k} keeps no neuron of d_ff={d_ff}")
+    return count
+
+
+def config_topk_k(topk: float, d_ff: int) -> int:
+    """``model.topk`` → k: 0 (off), a fraction in (0, 1) through :func:`topk_count`, else int k."""
+    if topk <= 0:
+        return 0
+    if topk < 1:
+        return topk_count(float(topk), d_ff)
+    return int(topk)
+
+
+def topk_keep(score_TxF: Array, k: int, *, approximate: bool = False,
+              recall: float = 0.95) -> Array:
+    """0/1 mask (score's dtype) of exactly k entries per row: the k largest scores (ties to the
+    lower index). ``approximate`` uses ``lax.approx_max_k`` (Chern et al. 2022) with the given
+    recall target; it still marks exactly k entries per row."""
+    d_ff = score_TxF.shape[-1]
+    if not 1 <= k <= d_ff:
+        raise ValueError(f"top-k k={k} must be in [1, d_ff={d_ff}]")
+    if k == d_ff:
+        return jnp.ones_like(score_TxF)
+    if approximate:
+        _, index_TxK = jax.lax.approx_max_k(score_TxF, k, recall_target=recall)
+    else:
+        _, index_TxK = jax.lax.top_k(score_TxF, k)
+    rows = score_TxF.reshape(-1, d_ff)
+    index_PxK = index_TxK.reshape(-1, k)
+    mask = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], index_PxK].set(1)
+    return mask.reshape(score_TxF.shape)
+
+
+def global_topk_active(activation_TxF: Array, fraction: float) -> Array:
+    """The reference's global top-k (``prune_topk``): keep the top ``fraction`` of |σ(gate)| over
+    all entries; the ``int(numel · (1 − fraction))`` smallest magnitudes are dropped (ties to the
+    lower flat index, stable sort), then the 1e-18 floor applies as everywhere."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
+    abs_P = jnp.abs(jnp.asarray(activation_TxF, jnp.float32)).reshape(-1)
+    num_to_zero = int(abs_P.size * (1.0 - fraction))
+    dropped_P = jnp.argsort(abs_P, stable=True)[:num_to_zero]
+    keep_P = jnp.ones(abs_P.shape, bool).at[dropped_P].set(False)
+    return active(abs_P, fat_threshold(0.0), keep_P).reshape(activation_TxF.shape)
+
+
+def trained_keep(hidden: Array, trained_topk: bool) -> Optional[Array]:
+    """The training-time top-k keep mask as everyone reads it: the hidden value survived the
+    mask. (Kept neurons have σ(gate)·up ≠ 0 almost surely, so this is the mask itself, and it is
+    what an evaluator that only sees ``hidden`` can recompute.)"""
+    return (hidden != 0) if trained_topk else None
+
+
+# --------------------------------------------------------------------------- the model's input
+@flax.struct.dataclass
+class Sparsity:
+    """What the FFNs should mask and measure: one input, Transformer → Block → FeedForward.
+
+    At the Transformer, per-layer fields carry a leading layer axis N; :meth:`layer` slices one
+    layer's, and :meth:`scan_axes` tells ``nn.scan`` to scan them and broadcast the rest.
+
+    thresholds: evaluation-time per-neuron thresholds [N, F] (per layer [F]); neurons with
+        |target| < threshold are dropped (a threshold of 0 is the dense model).
+    mask_target: which quantity the thresholds compare with, one of ``MASK_TARGETS``.
+    global_topk: evaluation-time global top-k fraction of |σ(gate)| per layer (0 = off).
+    stats_weights_BxL: token weights of the in-block statistics; None = no statistics.
+    stats_threshold: the statistics' rule: None = zero rule, else a FAT threshold
+        (:func:`fat_threshold`).
+    coefficients: training-time per-layer coefficients ``name -> [N, ...]`` (e.g. a traced top-k
+        k or FAT threshold) for FFN implementations that read them; scanned like ``thresholds``.
+    """
+
+    thresholds: Optional[Array] = None
+    stats_weights_BxL: Optional[Array] = None
+    coefficients: Mapping[str, Array] = dataclasses.field(default_factory=dict)
+    mask_target: str = flax.struct.field(pytree_node=False, default="activation")
+    global_topk: float = flax.struct.field(pytree_node=False, default=0.0)
+    stats_threshold: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        if self.mask_target not in MASK_TARGETS:
+            raise ValueError(f"mask_target={self.mask_target!r}; allowed: {list(MASK_TARGETS)}")
+        if not 0.0 <= self.global_topk <= 1.0:
+            raise ValueError(f"global_topk={self.global_topk}; allowed: 0 (off) or a fraction in (0, 1]")
+
+    @property
+    def wants_stats(self) -> bool:
+        return self.stats_weights_BxL is not None
+
+    def layer(self, i: int) -> "Sparsity":
+        """Layer i's input: per-layer fields sliced, the rest shared."""
+        return self.replace(
+            thresholds=None if self.thresholds is None else self.thresholds[i],
+            coefficients={k: v[i] for k, v in self.coefficients.items()})
+
+    def scan_axes(self) -> Any:
+        """``nn.scan`` ``in_axes`` prefix for this input: per-layer fields on axis 0, the rest
+        broadcast (the token weights are the same for every layer)."""
+        import flax.linen as nn  # noqa: PLC0415 - keep this module importable without Linen state
+
+        return self.replace(
+            thresholds=None if self.thresholds is None else 0,
+            stats_weights_BxL=None if self.stats_weights_BxL is None else nn.broadcast,
+            coefficients={k: 0 for k in self.coefficients})
+
+
+def layer_stats(activation_BxLxF: Array, hidden_BxLxF: Array, sparsity: Sparsity,
+                trained_topk: bool) -> tuple[Array, Array]:
+    """(active count per neuron [F], active sum []) of one layer over the weighted tokens.
+
+    Reduced where the activations are, so nothing of size [B, L, F] leaves the block in training.
+    """
+    w_BxLx1 = sparsity.stats_weights_BxL[..., None].astype(jnp.float32)
+    mask = active(activation_BxLxF, sparsity.stats_threshold,
+                  trained_keep(hidden_BxLxF, trained_topk))
+    count_F = jnp.sum(mask.astype(jnp.float32) * w_BxLx1, axis=(0, 1))
+    return count_F, jnp.sum(count_F)
