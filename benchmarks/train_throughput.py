@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Train-step throughput with and without the in-graph activation statistics.
+"""Train-step throughput with and without the in-graph activation statistics, and of the
+scanned / rematerialised model layouts beside the default.
 
     python benchmarks/train_throughput.py --config configs/small_relu.py [--steps 20] [--set k=v]
+        [--layouts none,scan,scan+full,minimal]
 
-Both variants are compiled for the same config and mesh, then timed in alternating rounds (so
-drift in machine load hits both alike) on the same batches. Prints tokens/s, step time, MFU
-(needs a known device peak or --peak-tflops) and the overhead of activation logging.
+All variants are compiled for the same config and mesh, then timed in alternating rounds (so
+drift in machine load hits all alike) on the same batches. Prints tokens/s, step time, MFU
+(needs a known device peak or --peak-tflops) and the overhead of activation logging. Layouts:
+``none`` is the config as given; ``scan`` sets model.scan_layers; a remat policy name sets
+model.remat_policy; ``scan+<policy>`` both (all with activation logging on).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and variant")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=0.0)
+    p.add_argument("--layouts", default="scan,scan+full",
+                   help="extra model layouts to time beside the default (comma-separated; '' = none)")
     args = p.parse_args(argv)
 
     cfg = config.load(args.config, args.overrides)
@@ -43,8 +49,14 @@ def main(argv=None) -> None:
     peak = args.peak_tflops or flops.peak_tflops_for(jax.devices()[0].device_kind)
 
     variants = {}
-    for name, log_activations in (("activation logging on", True), ("activation logging off", False)):
-        fns = step.make_step_functions(cfg, mesh, tx, log_activations=log_activations)
+    runs = [("activation logging on", cfg, True), ("activation logging off", cfg, False)]
+    for layout in filter(None, args.layouts.split(",")):
+        extra = []
+        for part in layout.split("+"):
+            extra.append("model.scan_layers=true" if part == "scan" else f"model.remat_policy={part}")
+        runs.append((f"layout {layout}", config.apply_overrides(cfg, extra), True))
+    for name, run_cfg, log_activations in runs:
+        fns = step.make_step_functions(run_cfg, mesh, tx, log_activations=log_activations)
         state = fns.init(jax.random.key(0))
         state, m = fns.train(state, batches[0])  # compile + warm up
         jax.block_until_ready(m)
@@ -63,7 +75,7 @@ def main(argv=None) -> None:
     print(f"config {cfg.name}: {flops.param_counts(cfg.model).total / 1e6:.2f}M params, "
           f"batch {cfg.train.batch_size}x{cfg.train.seq_len}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, {args.rounds} rounds x {args.steps} steps (median)")
-    header = f"{'variant':<24}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'vs off':>9}"
+    header = f"{'variant':<28}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'vs off':>9}"
     print(header)
     print("-" * len(header))
     base = statistics.median(variants["activation logging off"]["times"])
@@ -72,7 +84,7 @@ def main(argv=None) -> None:
         tps = tokens_per_step / t
         mfu = flops.mfu(tps, flops_per_token, jax.device_count(), peak)
         mfu_text = "n/a" if np.isnan(mfu) else f"{mfu:.1%}"
-        print(f"{name:<24}{t * 1e3:>10.1f}{tps:>12,.0f}{mfu_text:>8}{t / base:>9.3f}")
+        print(f"{name:<28}{t * 1e3:>10.1f}{tps:>12,.0f}{mfu_text:>8}{t / base:>9.3f}")
     on = statistics.median(variants["activation logging on"]["times"])
     print(f"activation-logging overhead: {(on / base - 1):+.1%} of step time")
 
