@@ -154,3 +154,15 @@ def test_metrics_file_with_torn_last_line_is_repaired(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(json.JSONDecodeError):  # damage in the middle is not silently dropped
         writers.read_jsonl(path)
+
+
+def test_a_config_saved_before_a_field_existed_still_resumes():
+    from sparsejax import config, trainer
+
+    new = config.to_dict(config.proxy_config("tiny", "relu"))
+    old = json.loads(json.dumps(new))
+    del old["model"]["scan_layers"]  # as written by a version without the field (default False)
+    assert trainer.config_differences(old, new) == []
+    changed = json.loads(json.dumps(new))
+    changed["model"]["scan_layers"] = True
+    assert trainer.config_differences(old, changed) == ["model.scan_layers"]
