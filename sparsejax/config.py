@@ -180,6 +180,20 @@ def paper_config(size: str, activation: str = "relu") -> Config:
     )
 
 
+def paper_pod_config(size: str, *, grad_accum: int, activation: str = "relu") -> Config:
+    """A paper size set up for a TPU pod slice: all devices on the fsdp axis, layers scanned,
+    each block rematerialised in full, and ``train.grad_accum`` so that a device holds 2
+    sequences of 4,096 tokens per micro-batch. Chosen per size by compiling the real train step
+    for the slice its config file names, on CPU (``python benchmarks/tpu_fit.py``, README
+    "Fit on TPU")."""
+    cfg = paper_config(size, activation=activation)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+    cfg.model.scan_layers = True
+    cfg.model.remat_policy = "full"
+    cfg.train.grad_accum = grad_accum
+    return cfg
+
+
 # CPU proxy sizes for laptops and CI: byte-level vocabulary, same 2.5x FFN ratio as the paper.
 PROXY_SIZES: dict[str, tuple[int, int, int, int, int]] = {
     # name: (d_model, n_layers, d_ff, n_heads, head_dim)
