@@ -7,12 +7,11 @@ executed. Needs libtpu (``pip install 'jax[tpu]==<installed jax version>'``); wi
 tests skip locally and fail under ``CI=true``.
 """
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
+from libtpu_guard import require_libtpu
 
 from sparsejax.kernels import ffn
 from sparsejax.kernels import block_mask as bm
@@ -22,12 +21,7 @@ T, D, F, BT, BF, K = 256, 256, 512, 64, 128, 3
 
 @pytest.fixture(scope="module")
 def tpu_device():
-    if importlib.util.find_spec("libtpu") is None:
-        msg = (f"libtpu is not installed; install it with pip install 'jax[tpu]=={jax.__version__}' "
-               "to compile the TPU kernels on CPU")
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_libtpu("compile the TPU kernels")
     from jax.experimental import topologies
     return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
 

@@ -4,13 +4,11 @@ Needs libtpu (``pip install 'jax[tpu]==<jax version>'``): skipped locally withou
 under ``CI=true`` so a CI image without libtpu cannot pass silently.
 """
 
-import importlib.util
-import os
 import pathlib
 import sys
 
-import jax
 import pytest
+from libtpu_guard import require_libtpu
 
 from sparsejax import config, flops
 
@@ -20,12 +18,7 @@ import tpu_fit  # noqa: E402
 
 @pytest.fixture(scope="module")
 def libtpu():
-    if importlib.util.find_spec("libtpu") is None:
-        msg = (f"libtpu is not installed; install it with pip install 'jax[tpu]=={jax.__version__}' "
-               "to compile train steps for TPU on CPU")
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_libtpu("compile train steps for TPU")
 
 
 def test_small_train_step_compiles_for_v5e_2x2_and_fits(libtpu):
