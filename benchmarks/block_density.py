@@ -70,9 +70,10 @@ def main(argv=None) -> int:
         print(f"{err}\nTrain a run first: python train.py --config configs/tiny_relu.py "
               f"--workdir {args.workdir} --set train.steps=100 --no-progress", file=sys.stderr)
         return 2
-    step = run.steps[-1] if args.step == "last" else int(args.step)
-    if step not in run.steps:
-        print(f"step {step} not in {run.steps}", file=sys.stderr)
+    try:
+        (step,) = trained_run.select_steps(run.steps, args.step)
+    except (trained_run.RunError, ValueError):  # its message names eval.py's --checkpoints
+        print(f"--step {args.step}: use 'last' or one step of {run.steps}", file=sys.stderr)
         return 2
     cfg, m = run.cfg, run.cfg.model
     ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(eval_batches=args.eval_batches))

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import (config, evaluation, model, optim, sharding, sparsity, step, trained_run,
-                       trainer)
+from sparsejax import config, evaluation, model, sharding, sparsity, trained_run, trainer
 from sparsejax.config import ConfigError, ModelConfig
 from sparsejax.loss import next_token_loss
+from step_data import random_batches, train_steps
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, head_dim=16, d_ff=64,
                   max_seq_len=32)
@@ -136,43 +136,21 @@ def test_config_errors_name_field_and_allowed_values(overrides, match):
 
 
 # ------------------------------------------------------------------------- block-sparse FFN
-def _batches(cfg, n, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        x = rng.integers(0, 256, size=(cfg.train.batch_size, cfg.train.seq_len + 1)).astype(np.int32)
-        out.append({"inputs": x[:, :-1], "targets": x[:, 1:],
-                    "weights": np.ones((cfg.train.batch_size, cfg.train.seq_len), np.float32)})
-    return out
-
-
-def _train(cfg, n_steps=3):
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
-    state = fns.init(jax.random.key(0))
-    losses, ratios = [], []
-    for batch in _batches(cfg, n_steps):
-        state, m = fns.train(state, sharding.global_batch(batch, mesh))
-        losses.append(float(m["loss"]))
-        ratios.append(np.asarray(m["activation_ratio_layers"]))
-    return np.array(losses), np.array(ratios), state
-
-
 def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
     """ReLU: the zero-criterion tile mask keeps every nonzero, so training with the block-sparse
     FFN (CPU: the kernels' pure-JAX path) follows the einsum FFN; evaluation runs on it."""
     ref_cfg = config.apply_overrides(config.proxy_config("tiny"), MICRO)
     bs_cfg = config.apply_overrides(ref_cfg, ["model.ffn_impl=block_sparse", "model.ffn_block_t=64",
                                               "model.ffn_block_f=32"])
-    l_ref, r_ref, s_ref = _train(ref_cfg)
-    l_bs, r_bs, s_bs = _train(bs_cfg)
+    l_ref, r_ref, s_ref = train_steps(ref_cfg, jax.devices()[:1])
+    l_bs, r_bs, s_bs = train_steps(bs_cfg, jax.devices()[:1])
     np.testing.assert_allclose(l_bs, l_ref, rtol=1e-5)
     np.testing.assert_allclose(r_bs, r_ref, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                  jax.device_get(s_bs["params"]), jax.device_get(s_ref["params"]))
     assert l_ref[-1] < l_ref[0]
 
-    batch = _batches(ref_cfg, 1, seed=5)[0]
+    batch = random_batches(ref_cfg, 1, seed=5)[0]
     reports = {}
     for name, cfg in (("ref", ref_cfg), ("bs", bs_cfg)):
         ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(metrics=("zero", "fat", "topk")),

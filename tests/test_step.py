@@ -5,6 +5,7 @@ import pytest
 
 from sparsejax import config, model, optim, sharding, step
 from sparsejax.config import ConfigError, MeshConfig
+from step_data import random_batches, train_steps
 
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
          "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=2"]
@@ -14,34 +15,12 @@ def _cfg(*extra):
     return config.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
 
 
-def _batches(cfg, n, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        x = rng.integers(0, 256, size=(cfg.train.batch_size, cfg.train.seq_len + 1)).astype(np.int32)
-        out.append({"inputs": x[:, :-1], "targets": x[:, 1:],
-                    "weights": np.ones((cfg.train.batch_size, cfg.train.seq_len), np.float32)})
-    return out
-
-
-def _run(cfg, devices, n_steps=3):
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
-    state = fns.init(jax.random.key(0))
-    losses, ratios = [], []
-    for batch in _batches(cfg, n_steps):
-        state, m = fns.train(state, sharding.global_batch(batch, mesh))
-        losses.append(float(m["loss"]))
-        ratios.append(np.asarray(m["activation_ratio_layers"]))
-    return np.array(losses), np.array(ratios), state
-
-
 def test_one_device_equals_eight_devices():
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
     cfg1 = _cfg()
     cfg8 = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    l1, r1, s1 = _run(cfg1, jax.devices()[:1], n_steps=4)
-    l8, r8, s8 = _run(cfg8, jax.devices(), n_steps=4)
+    l1, r1, s1 = train_steps(cfg1, jax.devices()[:1], n_steps=4)
+    l8, r8, s8 = train_steps(cfg8, jax.devices(), n_steps=4)
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     np.testing.assert_allclose(r8, r1, atol=1e-6)
     w1 = s1["params"]["layer_1"]["ffn"]["w_out"]["kernel"]
@@ -54,8 +33,8 @@ def test_one_device_equals_eight_devices():
 def test_scan_and_remat_one_device_equals_eight_devices():
     """Scanned, rematerialised blocks: stacked params sharded with a replicated "layers" axis."""
     extra = ("model.scan_layers=true", "model.remat_policy=full")
-    l1, r1, s1 = _run(_cfg(*extra), jax.devices()[:1])
-    l8, r8, s8 = _run(_cfg(*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
+    l1, r1, s1 = train_steps(_cfg(*extra), jax.devices()[:1])
+    l8, r8, s8 = train_steps(_cfg(*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), jax.devices())
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     np.testing.assert_allclose(r8, r1, atol=1e-6)
     w8 = s8["params"]["layers"]["ffn"]["w_out"]["kernel"]
@@ -80,8 +59,8 @@ def test_batch_sharding_follows_the_batch_rule():
 
 
 def test_gradient_accumulation_matches_full_batch():
-    l1, _, _ = _run(_cfg(), jax.devices()[:1])
-    l4, _, _ = _run(_cfg("train.grad_accum=4"), jax.devices()[:1])
+    l1, _, _ = train_steps(_cfg(), jax.devices()[:1])
+    l4, _, _ = train_steps(_cfg("train.grad_accum=4"), jax.devices()[:1])
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
 
 
@@ -91,7 +70,7 @@ def test_in_graph_activation_ratio_matches_numpy(activation, topk):
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
     state = fns.init(jax.random.key(1))
-    batch = _batches(cfg, 1, seed=7)[0]
+    batch = random_batches(cfg, 1, seed=7)[0]
     batch["weights"][0, :10] = 0.0  # masked tokens must not count
     params = jax.device_get(state["params"])
     _, inter = model.Transformer(cfg.model).apply({"params": params}, batch["inputs"],
@@ -117,7 +96,7 @@ def test_in_graph_activation_ratio_matches_numpy(activation, topk):
 def test_logging_off_gives_same_loss():
     cfg = _cfg()
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    batch = sharding.global_batch(_batches(cfg, 1)[0], mesh)
+    batch = sharding.global_batch(random_batches(cfg, 1)[0], mesh)
     out = []
     for log_activations in (True, False):
         fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
