@@ -46,7 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
-    # FFN implementation (registry sparsejax.model.FFN_IMPLS): "reference" (einsum) or
+    # FFN implementation (registry sparsejax.ffn.FFN_IMPLS): "reference" (einsum) or
     # "block_sparse" (sparsejax.kernels tiles of ffn_block_t tokens × ffn_block_f neurons).
     ffn_impl: str = "reference"
     ffn_block_t: int = 128
@@ -267,9 +267,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.topk={m.topk} must be an integer k in [1, d_ff={m.d_ff}] "
                           f"or a fraction in (0, 1)")
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-    from sparsejax import model as model_lib  # lazy, as activations: the registries live there
+    from sparsejax import ffn as ffn_lib, model as model_lib  # lazy: the registries live there
 
-    _choice("model.ffn_impl", m.ffn_impl, model_lib.ffn_impl_names())
+    _choice("model.ffn_impl", m.ffn_impl, ffn_lib.ffn_impl_names())
     _choice("model.remat_policy", m.remat_policy, model_lib.remat_policy_names())
     if m.ffn_impl == "block_sparse":
         _positive("model.ffn_block_t", m.ffn_block_t)

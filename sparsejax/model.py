@@ -6,9 +6,9 @@ Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``hea
 ``norm``; plus ``layers`` on the stacked parameters of ``model.scan_layers``) that
 :mod:`sparsejax.sharding` maps to mesh axes by rules, MaxText style.
 
-The FFN is a dispatch point: :class:`FeedForward` owns its weights and calls the function that
-``model.ffn_impl`` names in :data:`FFN_IMPLS` (``ffn_impl(x, weights, sparsity) -> (y, aux)``);
-a new implementation registers there with :func:`register_ffn_impl` and needs no change to
+The FFN is a dispatch point: :class:`FeedForward` owns its weights and calls the implementation
+that ``model.ffn_impl`` names in :data:`sparsejax.ffn.FFN_IMPLS` (``ffn_impl(x, weights,
+sparsity) -> (y, aux)``); a new implementation registers there and needs no change to
 :class:`Block` or :class:`Transformer`. What to mask and measure arrives as one
 :class:`sparsejax.sparsity.Sparsity` input.
 
@@ -22,26 +22,21 @@ Collections, filled only when the caller makes them mutable (otherwise ``sow`` i
 Read them, and per-layer weights, through :class:`Model` / :func:`ffn_intermediates` /
 :func:`layer_stats` / :func:`w_out_per_layer`, which handle both layer layouts (``layer_{i}``
 subtrees, or one ``layers`` subtree with a leading [N] axis under ``model.scan_layers``).
-
-Size: ~540 lines, over the codebase's ~450 guideline. The FFN implementations, the block, the
-scan/remat wrapper and the layout accessors share the FfnWeights / FfnAux types and the two
-registries; the natural next split is the FFN implementations (``reference``, ``block_sparse``,
-their masks) into a module of their own, left for a later change so that this one stays
-reviewable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax import activations, sparsity as sparsity_lib
+from sparsejax import sparsity as sparsity_lib
 from sparsejax.config import ConfigError, ModelConfig
+from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
 
 Array = jax.Array
@@ -102,162 +97,6 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
 
 
 topk_mask = sparsity_lib.topk_keep  # the training-time top-k mask (kept name for callers)
-
-
-# ------------------------------------------------------------------------------ FFN dispatch
-class FfnWeights(NamedTuple):
-    """One layer's FFN weights, already in the compute dtype (``w_gate`` None for a plain FFN)."""
-
-    w_in_DxF: Array
-    w_gate_DxF: Optional[Array]
-    w_out_FxD: Array
-
-
-class FfnAux(NamedTuple):
-    """What an FFN implementation reports besides its output.
-
-    ``activation``/``hidden`` are full [B, L, F] tensors for evaluation; under jit they cost
-    nothing unless sown into a mutable ``intermediates`` collection (dead code otherwise).
-    ``active_count_F``/``active_sum`` are the in-block statistics (None unless requested).
-    """
-
-    activation_BxLxF: Array
-    hidden_BxLxF: Array
-    active_count_F: Optional[Array] = None
-    active_sum: Optional[Array] = None
-
-
-FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
-FFN_IMPLS: dict[str, Callable[[ModelConfig], FfnFn]] = {}
-
-
-def register_ffn_impl(name: str):
-    """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``."""
-    def deco(factory):
-        FFN_IMPLS[name] = factory
-        return factory
-    return deco
-
-
-def ffn_impl_names() -> list[str]:
-    return sorted(FFN_IMPLS)
-
-
-def _trained_topk(cfg: ModelConfig) -> bool:
-    return 0 < cfg.topk_k < cfg.d_ff
-
-
-def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array) -> Array:
-    if not _trained_topk(cfg):
-        return hidden_BxLxF
-    keep_BxLxF = jax.lax.stop_gradient(sparsity_lib.topk_keep(
-        jnp.abs(activation_BxLxF).astype(jnp.float32), cfg.topk_k,
-        approximate=cfg.topk_mode == "approx", recall=cfg.topk_recall)).astype(hidden_BxLxF.dtype)
-    if cfg.topk_ste:
-        # Q-Sparse straight-through estimator: forward is masked, backward is dense.
-        return hidden_BxLxF + jax.lax.stop_gradient(hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
-    return hidden_BxLxF * keep_BxLxF
-
-
-def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity) -> Array:
-    """Evaluation-time sparse forward: per-neuron thresholds (FAT-ε on |σ(gate)|, CETT on
-    |σ(gate)·up|) and the reference's global top-k, by the one ``sparsity.active`` rule."""
-    if sp.thresholds is not None:
-        measured = activation_BxLxF if sp.mask_target == "activation" else hidden_BxLxF
-        keep = sparsity_lib.active(measured, sp.thresholds)
-        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
-    if sp.global_topk:
-        # The reference's evaluation top-k (``prune_topk``): the top fraction of |σ(gate)| over all
-        # tokens × neurons of this call's batch, per layer.
-        d_ff = activation_BxLxF.shape[-1]
-        keep = sparsity_lib.global_topk_active(activation_BxLxF.reshape(-1, d_ff),
-                                               sp.global_topk).reshape(activation_BxLxF.shape)
-        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
-    return hidden_BxLxF
-
-
-def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
-    if not sp.wants_stats:
-        return FfnAux(activation_BxLxF, hidden_BxLxF)
-    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, _trained_topk(cfg))
-    return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total)
-
-
-@register_ffn_impl("reference")
-def reference_ffn(cfg: ModelConfig) -> FfnFn:
-    """The einsum FFN: ``W_out[σ(W_gate x) ⊙ W_in x]`` or ``W_out σ(W_in x)``, training top-k,
-    evaluation masks (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
-    spec = activations.get(cfg.activation)
-    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                              alpha=cfg.activation_alpha)
-
-    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
-        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
-        up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF), "ffn_up")
-        if w.w_gate_DxF is not None:
-            gate_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_gate_DxF), "ffn_gate")
-            activation_BxLxF = act_fn(gate_BxLxF)
-            if spec.gate_and_up:
-                up_BxLxF = act_fn(up_BxLxF)
-            hidden_BxLxF = activation_BxLxF * up_BxLxF
-        else:
-            activation_BxLxF = act_fn(up_BxLxF)
-            hidden_BxLxF = activation_BxLxF
-        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF)
-        # Reported before the evaluation mask, so an evaluator can tell "dropped by the mask" from
-        # "exactly zero" (docs/sparsity_metrics_and_laws.md §Reference procedure).
-        aux = _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
-        hidden_BxLxF = _apply_eval_masks(activation_BxLxF, hidden_BxLxF, sp)
-        hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
-        hidden_BxLxF = checkpoint_name(hidden_BxLxF, "ffn_hidden")
-        return jnp.einsum("blf,fd->bld", hidden_BxLxF, w.w_out_FxD), aux
-
-    return ffn
-
-
-@register_ffn_impl("block_sparse")
-def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
-    """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels` (issue #14).
-
-    The tile mask comes from σ(gate) by the zero rule, so for the ReLU family the output *is* the
-    dense FFN (skipped tiles are exactly zero); the kernel choice (TPU Mosaic, GPU Triton, or the
-    pure-JAX reference on CPU) is ``kernels.pick_impl("auto")``'s. σ(gate) is computed once here,
-    densely and outside the gradient, for the mask and the statistics (the kernels would compute
-    it for their mask anyway). Evaluation masks are element-wise, which a tile mask cannot
-    express: passes with thresholds or global top-k run the reference FFN on the same weights.
-    Training-time top-k is refused by config validation for the same reason.
-    """
-    from sparsejax import kernels  # noqa: PLC0415 - Pallas imports only when this impl is chosen
-    from sparsejax.kernels import block_mask
-
-    spec = activations.get(cfg.activation)
-    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                              alpha=cfg.activation_alpha)
-    reference = reference_ffn(cfg)
-    block_t, block_f = cfg.ffn_block_t, cfg.ffn_block_f
-
-    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
-        if sp.thresholds is not None or sp.global_topk:
-            return reference(x_BxLxD, w, sp)
-        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
-        src_DxF = w.w_in_DxF if w.w_gate_DxF is None else w.w_gate_DxF
-        activation_BxLxF = act_fn(jnp.einsum("bld,df->blf", x_BxLxD, src_DxF))
-        act_TxF = jax.lax.stop_gradient(activation_BxLxF).reshape(-1, cfg.d_ff)
-        act_TxF, _ = kernels.ffn.pad_tokens(act_TxF, block_t)  # padded rows are 0: never active
-        mask = jax.tree.map(jax.lax.stop_gradient,
-                            block_mask.from_activations(act_TxF, block_t, block_f))
-        y_BxLxD = kernels.block_sparse_ffn(
-            x_BxLxD, w.w_in_DxF, w.w_gate_DxF, w.w_out_FxD, act_fn, block_t=block_t,
-            block_f=block_f, mask=mask, gate_and_up=spec.gate_and_up, impl="auto")
-        # hidden only for evaluators that sow it (dead code in training: no top-k here).
-        if w.w_gate_DxF is None:
-            hidden_BxLxF = activation_BxLxF
-        else:
-            up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF)
-            hidden_BxLxF = activation_BxLxF * (act_fn(up_BxLxF) if spec.gate_and_up else up_BxLxF)
-        return y_BxLxD, _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
-
-    return ffn
 
 
 class FeedForward(nn.Module):

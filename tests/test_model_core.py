@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import config, evaluation, model, sharding, sparsity, trained_run, trainer
+from sparsejax import config, evaluation, ffn, model, sharding, sparsity, trained_run, trainer
 from sparsejax.config import ConfigError, ModelConfig
 from sparsejax.loss import next_token_loss
 from step_data import random_batches, train_steps
@@ -98,9 +98,9 @@ def test_remat_policies_leave_loss_and_grads_unchanged(policy, scan):
 
 
 def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
-    @model.register_ffn_impl("halved_for_test")
+    @ffn.register_ffn_impl("halved_for_test")
     def halved(cfg):
-        ref = model.reference_ffn(cfg)
+        ref = ffn.reference_ffn(cfg)
 
         def fn(x, weights, sp):
             y, aux = ref(x, weights, sp)
@@ -116,7 +116,7 @@ def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
             lambda path, x: 0.5 * x if "w_out" in jax.tree_util.keystr(path) else x, p)
         np.testing.assert_allclose(_loss(cfg, p, tokens), _loss(CFG, halved_w, tokens), rtol=1e-5)
     finally:
-        model.FFN_IMPLS.pop("halved_for_test")
+        ffn.FFN_IMPLS.pop("halved_for_test")
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -1,0 +1,183 @@
+"""The FFN implementations behind ``model.ffn_impl``, and their registry.
+
+An implementation is ``ffn_impl(x, weights, sparsity) -> (y, aux)``: it receives one layer's
+weights (:class:`FfnWeights`, owned by :class:`sparsejax.model.FeedForward`) and what to mask and
+measure (:class:`sparsejax.sparsity.Sparsity`), and reports the activations and in-block
+statistics in :class:`FfnAux`. A factory ``factory(cfg) -> ffn_fn`` registers under a name with
+:func:`register_ffn_impl`; ``model.ffn_impl`` picks it, and neither the block nor the transformer
+changes. Two ship: ``reference`` (einsum) and ``block_sparse`` (:mod:`sparsejax.kernels`).
+
+Masks: training-time top-k (optionally with the Q-Sparse straight-through estimator) is part of
+the forward pass; evaluation masks (per-neuron thresholds, the reference's global top-k) apply
+after the statistics are taken, so an evaluator can tell "dropped by the mask" from "exactly
+zero". Both use the one ``sparsity.active`` / ``sparsity.topk_keep`` rule.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from sparsejax import activations, sparsity as sparsity_lib
+from sparsejax.config import ModelConfig
+from sparsejax.sparsity import Sparsity
+
+Array = jax.Array
+
+class FfnWeights(NamedTuple):
+    """One layer's FFN weights, already in the compute dtype (``w_gate`` None for a plain FFN)."""
+
+    w_in_DxF: Array
+    w_gate_DxF: Optional[Array]
+    w_out_FxD: Array
+
+
+class FfnAux(NamedTuple):
+    """What an FFN implementation reports besides its output.
+
+    ``activation``/``hidden`` are full [B, L, F] tensors for evaluation; under jit they cost
+    nothing unless sown into a mutable ``intermediates`` collection (dead code otherwise).
+    ``active_count_F``/``active_sum`` are the in-block statistics (None unless requested).
+    """
+
+    activation_BxLxF: Array
+    hidden_BxLxF: Array
+    active_count_F: Optional[Array] = None
+    active_sum: Optional[Array] = None
+
+
+FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
+FFN_IMPLS: dict[str, Callable[[ModelConfig], FfnFn]] = {}
+
+
+def register_ffn_impl(name: str):
+    """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``."""
+    def deco(factory):
+        FFN_IMPLS[name] = factory
+        return factory
+    return deco
+
+
+def ffn_impl_names() -> list[str]:
+    return sorted(FFN_IMPLS)
+
+
+def _trained_topk(cfg: ModelConfig) -> bool:
+    return 0 < cfg.topk_k < cfg.d_ff
+
+
+def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array) -> Array:
+    if not _trained_topk(cfg):
+        return hidden_BxLxF
+    keep_BxLxF = jax.lax.stop_gradient(sparsity_lib.topk_keep(
+        jnp.abs(activation_BxLxF).astype(jnp.float32), cfg.topk_k,
+        approximate=cfg.topk_mode == "approx", recall=cfg.topk_recall)).astype(hidden_BxLxF.dtype)
+    if cfg.topk_ste:
+        # Q-Sparse straight-through estimator: forward is masked, backward is dense.
+        return hidden_BxLxF + jax.lax.stop_gradient(hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
+    return hidden_BxLxF * keep_BxLxF
+
+
+def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity) -> Array:
+    """Evaluation-time sparse forward: per-neuron thresholds (FAT-ε on |σ(gate)|, CETT on
+    |σ(gate)·up|) and the reference's global top-k, by the one ``sparsity.active`` rule."""
+    if sp.thresholds is not None:
+        measured = activation_BxLxF if sp.mask_target == "activation" else hidden_BxLxF
+        keep = sparsity_lib.active(measured, sp.thresholds)
+        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
+    if sp.global_topk:
+        # The reference's evaluation top-k (``prune_topk``): the top fraction of |σ(gate)| over all
+        # tokens × neurons of this call's batch, per layer.
+        d_ff = activation_BxLxF.shape[-1]
+        keep = sparsity_lib.global_topk_active(activation_BxLxF.reshape(-1, d_ff),
+                                               sp.global_topk).reshape(activation_BxLxF.shape)
+        hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
+    return hidden_BxLxF
+
+
+def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
+    if not sp.wants_stats:
+        return FfnAux(activation_BxLxF, hidden_BxLxF)
+    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, _trained_topk(cfg))
+    return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total)
+
+
+@register_ffn_impl("reference")
+def reference_ffn(cfg: ModelConfig) -> FfnFn:
+    """The einsum FFN: ``W_out[σ(W_gate x) ⊙ W_in x]`` or ``W_out σ(W_in x)``, training top-k,
+    evaluation masks (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
+    spec = activations.get(cfg.activation)
+    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
+                              alpha=cfg.activation_alpha)
+
+    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
+        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
+        up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF), "ffn_up")
+        if w.w_gate_DxF is not None:
+            gate_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_gate_DxF), "ffn_gate")
+            activation_BxLxF = act_fn(gate_BxLxF)
+            if spec.gate_and_up:
+                up_BxLxF = act_fn(up_BxLxF)
+            hidden_BxLxF = activation_BxLxF * up_BxLxF
+        else:
+            activation_BxLxF = act_fn(up_BxLxF)
+            hidden_BxLxF = activation_BxLxF
+        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF)
+        # Reported before the evaluation mask, so an evaluator can tell "dropped by the mask" from
+        # "exactly zero" (docs/sparsity_metrics_and_laws.md §Reference procedure).
+        aux = _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+        hidden_BxLxF = _apply_eval_masks(activation_BxLxF, hidden_BxLxF, sp)
+        hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
+        hidden_BxLxF = checkpoint_name(hidden_BxLxF, "ffn_hidden")
+        return jnp.einsum("blf,fd->bld", hidden_BxLxF, w.w_out_FxD), aux
+
+    return ffn
+
+
+@register_ffn_impl("block_sparse")
+def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
+    """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels` (issue #14).
+
+    The tile mask comes from σ(gate) by the zero rule, so for the ReLU family the output *is* the
+    dense FFN (skipped tiles are exactly zero); the kernel choice (TPU Mosaic, GPU Triton, or the
+    pure-JAX reference on CPU) is ``kernels.pick_impl("auto")``'s. σ(gate) is computed once here,
+    densely and outside the gradient, for the mask and the statistics (the kernels would compute
+    it for their mask anyway). Evaluation masks are element-wise, which a tile mask cannot
+    express: passes with thresholds or global top-k run the reference FFN on the same weights.
+    Training-time top-k is refused by config validation for the same reason. Under a
+    multi-device mesh it runs per shard in ``shard_map`` (:mod:`sparsejax.kernels.sharded`).
+    """
+    from sparsejax import kernels  # noqa: PLC0415 - Pallas imports only when this impl is chosen
+
+    spec = activations.get(cfg.activation)
+    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
+                              alpha=cfg.activation_alpha)
+    reference = reference_ffn(cfg)
+    block_t, block_f = cfg.ffn_block_t, cfg.ffn_block_f
+
+    def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
+        if sp.thresholds is not None or sp.global_topk:
+            return reference(x_BxLxD, w, sp)
+        x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
+        src_DxF = w.w_in_DxF if w.w_gate_DxF is None else w.w_gate_DxF
+        activation_BxLxF = act_fn(jnp.einsum("bld,df->blf", x_BxLxD, src_DxF))
+        # Under a multi-device mesh the mask and kernel run per shard inside shard_map (a Pallas
+        # kernel is opaque to GSPMD); its specs are the hidden activations' logical shardings
+        # resolved by the active rules, so the mesh axes live in mesh.rules only.
+        y_BxLxD = kernels.sharded.block_sparse_ffn(
+            x_BxLxD, jax.lax.stop_gradient(activation_BxLxF), w.w_in_DxF, w.w_gate_DxF,
+            w.w_out_FxD, act_fn, hidden_spec=nn.logical_to_mesh_axes(("batch", "length", "mlp")),
+            block_t=block_t, block_f=block_f, gate_and_up=spec.gate_and_up, impl="auto")
+        # hidden only for evaluators that sow it (dead code in training: no top-k here).
+        if w.w_gate_DxF is None:
+            hidden_BxLxF = activation_BxLxF
+        else:
+            up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF)
+            hidden_BxLxF = activation_BxLxF * (act_fn(up_BxLxF) if spec.gate_and_up else up_BxLxF)
+        return y_BxLxD, _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+
+    return ffn
