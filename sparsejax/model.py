@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from sparsejax import sparsity as sparsity_lib
@@ -85,15 +86,54 @@ class Projection(nn.Module):
         return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
-    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
-    half = x_BxLxHxK.shape[-1] // 2
+def rope_tables(positions_BxL: Optional[Array], seq_len: int, head_dim: int,
+                theta: float) -> tuple[Array, Array]:
+    """(sin, cos) of the rotary angles, [B or 1, L, 1, head_dim/2], computed once per forward pass.
+
+    Default positions (0..L-1) give numpy constants: every layer's rotation then reads a table
+    instead of recomputing sin/cos inside its fusions (XLA duplicates the transcendentals into
+    each consumer; ~5% of a small CPU step).
+    """
+    half = head_dim // 2
+    if positions_BxL is None:
+        freq_K2 = theta ** (-np.arange(half, dtype=np.float64) / half)
+        angle_LxK2 = np.arange(seq_len, dtype=np.float64)[:, None] * freq_K2
+        return (jnp.asarray(np.sin(angle_LxK2), jnp.float32)[None, :, None, :],
+                jnp.asarray(np.cos(angle_LxK2), jnp.float32)[None, :, None, :])
     freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
-    sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
+    return jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
+
+
+def apply_rope(x_BxLxHxK: Array, sin_cos: tuple[Array, Array]) -> Array:
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
+    sin, cos = sin_cos
     x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxLxHxK.dtype)
+
+
+def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+    """RoPE at explicit positions (tests, callers without precomputed tables)."""
+    return apply_rope(x_BxLxHxK, rope_tables(positions_BxL, x_BxLxHxK.shape[1],
+                                             x_BxLxHxK.shape[-1], theta))
+
+
+def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Array:
+    """softmax(q kᵀ / √K, causal) v with float32 scores and softmax, written out as einsums.
+
+    Not ``jax.nn.dot_product_attention``: its XLA path adds a group axis (for GQA) and transposes
+    around it, which on CPU costs a few % of a small step; this form is what nanodo uses. Neither
+    is a fused (flash) kernel: both hold the [B, H, L, L] scores.
+    """
+    length = q_BxLxHxK.shape[1]
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(q_BxLxHxK.shape[-1] ** -0.5, q_BxLxHxK.dtype)
+    scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK,
+                                preferred_element_type=jnp.float32)
+    causal_LxL = np.tril(np.ones((length, length), bool))
+    scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
 
 
 topk_mask = sparsity_lib.topk_keep  # the training-time top-k mask (kept name for callers)
@@ -126,6 +166,8 @@ class FeedForward(nn.Module):
         if aux.active_count_F is not None:
             self.sow("stats", "active_count_F", aux.active_count_F)
             self.sow("stats", "active_sum", aux.active_sum)
+        for name, value in (aux.stats or {}).items():  # recipe terms (sparsejax.ffn.FfnAux)
+            self.sow("stats", name, value)
         return checkpoint_name(y_BxLxD, "ffn_out")
 
 
@@ -133,19 +175,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, positions_BxL: Array) -> Array:
+    def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array]) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
         def proj(name):
             return Projection((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"),
                               "bld,dhk->blhk", cfg.init_std, dtype, name=name)
 
-        q_BxLxHxK = rope(checkpoint_name(proj("query")(x_BxLxD), "query"), positions_BxL,
-                         cfg.rope_theta)
-        k_BxLxHxK = rope(checkpoint_name(proj("key")(x_BxLxD), "key"), positions_BxL,
-                         cfg.rope_theta)
+        q_BxLxHxK = apply_rope(checkpoint_name(proj("query")(x_BxLxD), "query"), rope_sin_cos)
+        k_BxLxHxK = apply_rope(checkpoint_name(proj("key")(x_BxLxD), "key"), rope_sin_cos)
         v_BxLxHxK = checkpoint_name(proj("value")(x_BxLxD), "value")
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+        out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                                "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
@@ -172,11 +212,11 @@ class Block(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, sparsity: Sparsity):
+    def __call__(self, x_BxLxD, rope_sin_cos, sparsity: Sparsity):
         cfg = self.cfg
         dtype = _dtype(cfg)
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, positions_BxL)
+        x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, rope_sin_cos)
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, sparsity)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
@@ -231,8 +271,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
         x_BxLxD = embed(tokens_BxL)
@@ -243,10 +282,10 @@ class Transformer(nn.Module):
                 block, variable_axes={"params": 0, "intermediates": 0, "stats": 0},
                 split_rngs={"params": True}, in_axes=(nn.broadcast, sp.scan_axes()),
                 length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: SCAN_NAME})
-            x_BxLxD, _ = scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, positions_BxL, sp)
+            x_BxLxD, _ = scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, rope_sin_cos, sp)
         else:
             for i in range(cfg.n_layers):
-                x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, sp.layer(i))
+                x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
@@ -287,6 +326,14 @@ def layer_stats(state: dict, n_layers: int) -> tuple[Array, Array]:
     layers = _per_layer(stats, n_layers)
     return (jnp.stack([_sown(layer["ffn"]["active_sum"]) for layer in layers]),
             jnp.stack([_sown(layer["ffn"]["active_count_F"]) for layer in layers]))
+
+
+def layer_stat(state: dict, n_layers: int, name: str) -> Array:
+    """One scalar statistic the FFN blocks sowed into ``stats`` (e.g. ``reg_l1``), per layer [N]."""
+    stats = state["stats"]
+    if SCAN_NAME in stats:
+        return _sown(stats[SCAN_NAME]["ffn"][name])
+    return jnp.stack([_sown(layer["ffn"][name]) for layer in _per_layer(stats, n_layers)])
 
 
 def w_out_per_layer(params: dict, n_layers: int) -> list[Array]:
@@ -365,6 +412,9 @@ class Model:
 
     def layer_stats(self, state: dict) -> tuple[Array, Array]:
         return layer_stats(state, self.cfg.n_layers)
+
+    def layer_stat(self, state: dict, name: str) -> Array:
+        return layer_stat(state, self.cfg.n_layers, name)
 
     def ffn_out_weights(self, params: PyTree) -> list[Array]:
         return w_out_per_layer(params, self.cfg.n_layers)
