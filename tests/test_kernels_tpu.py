@@ -7,23 +7,36 @@ executed. Needs libtpu (``pip install 'jax[tpu]==<installed jax version>'``); wi
 tests skip locally and fail under ``CI=true``.
 """
 
+import os
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 from libtpu_guard import require_libtpu
 
-from sparsejax.kernels import ffn
+from sparsejax import sharding
+from sparsejax.config import MeshConfig
+from sparsejax.kernels import ffn, sharded
 from sparsejax.kernels import block_mask as bm
+
+# Nothing runs on a TPU here, so several compiling processes may share libtpu (its lockfile
+# would otherwise refuse a second one), as in benchmarks/tpu_fit.py.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 T, D, F, BT, BF, K = 256, 256, 512, 64, 128, 3
 
 
 @pytest.fixture(scope="module")
-def tpu_device():
+def tpu_devices():
     require_libtpu("compile the TPU kernels")
     from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+
+
+@pytest.fixture(scope="module")
+def tpu_device(tpu_devices):
+    return tpu_devices[0]
 
 
 def _compile_fwd_bwd(device, dtype, gated, act):
@@ -53,6 +66,31 @@ def test_tpu_kernels_compile_fwd_bwd_on_v5e(tpu_device, dtype, gated, act):
     for kernel in ("block_sparse_ffn_fwd", "block_sparse_ffn_dx", "block_sparse_ffn_dw"):
         assert kernel in text
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_tpu_kernels_compile_per_shard_under_a_mesh(tpu_devices):
+    """The 4 chips of v5e:2x2 as data=2 × tensor=2: shard_map (with varying-axes checks, as in a
+    real run) around the kernels, weights FSDP-style gathered at the boundary."""
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), tpu_devices)
+    spec = lambda shape, p: jax.ShapeDtypeStruct(shape, jnp.float32,  # noqa: E731
+                                                 sharding=NamedSharding(mesh, p))
+
+    def loss(x, w_in, w_gate, w_out):
+        act = jax.nn.relu(jnp.einsum("bld,df->blf", x, w_gate))
+        y = sharded.block_sparse_ffn(x, act, w_in, w_gate, w_out, jax.nn.relu,
+                                     hidden_spec=P(("data", "fsdp"), None, "tensor"), mesh=mesh,
+                                     block_t=BT, block_f=BF, impl="tpu",
+                                     dense_fallback_density=1.0)
+        return jnp.sum(y)
+
+    args = (spec((4, T // 2, D), P("data")), spec((D, 2 * F), P(None, "tensor")),
+            spec((D, 2 * F), P(None, "tensor")), spec((2 * F, D), P("tensor")))
+    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3))).trace(*args).lower().compile().as_text()
+    for kernel in ("block_sparse_ffn_fwd", "block_sparse_ffn_dx", "block_sparse_ffn_dw"):
+        assert kernel in text
+    # y over "tensor" (forward), dx over "tensor", the weight gradients over "data" (combined):
+    # with check_vma=False shard_map would all-reduce dy over "tensor" once more.
+    assert text.count(" all-reduce(") == 3, text[:3000]
 
 
 def test_cpu_backend_still_default_with_libtpu(tpu_device):

@@ -40,3 +40,32 @@ def hidden_grads(act: Activation, u: Array, g: Optional[Array], gate_and_up: boo
     else:
         t_u, dt_u = u, jnp.ones_like(u)
     return s_g * t_u, dh * s_g * dt_u, dh * t_u * ds_g
+
+
+def varying_axes(*operands) -> frozenset:
+    """Mesh axes (inside ``jax.shard_map``) over which any operand varies; empty outside."""
+    axes = frozenset()
+    for a in operands:
+        if a is not None:
+            axes |= jax.typeof(a).manual_axis_type.varying
+    return axes
+
+
+def vary_like(axes: frozenset, tree):
+    """Mark every array of ``tree`` as varying over ``axes`` (a no-op outside ``shard_map``).
+
+    Under ``shard_map(check_vma=True)`` a ``pallas_call`` must state how its outputs vary, and a
+    ``custom_vjp`` must return cotangents typed like its primal inputs. Making all kernel operands
+    vary over the same axes first satisfies both: the outputs vary over those axes, and the
+    transpose of this cast is the ``psum`` that reduces, e.g., the per-shard partial weight
+    gradients over the data-parallel axes.
+    """
+    def cast(a):
+        missing = tuple(sorted(axes - jax.typeof(a).manual_axis_type.varying))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+    return jax.tree.map(cast, tree)
+
+
+def out_struct(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
+    """A ``pallas_call`` output shape that varies over the same mesh axes as ``like``."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)

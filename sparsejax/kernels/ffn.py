@@ -211,8 +211,11 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
     elif impl == "reference":
         sparse_fn = lambda *a: reference(*a, mask, activation_fn, **kw)  # noqa: E731
     else:
-        sparse_fn = lambda *a: _kernel_ffn(*a, mask, impl, activation_fn, gate_and_up,  # noqa
-                                           block_t, block_f, interpret)
+        def sparse_fn(*a):
+            # Inside shard_map: one varying-axes type for all kernel operands (common.vary_like).
+            *a, m_ = common.vary_like(common.varying_axes(*a, *mask), (*a, mask))
+            return _kernel_ffn(*a, m_, impl, activation_fn, gate_and_up, block_t, block_f,
+                               interpret)
     if dense_fallback_density is None:
         dense_fallback_density = DENSE_FALLBACK_DENSITY.get(
             {"reference": jax.default_backend()}.get(impl, impl), 0.6)

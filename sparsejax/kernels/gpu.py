@@ -110,7 +110,7 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
     h_NxKxtxf = pl.pallas_call(
         functools.partial(_hidden_kernel, act=act, gated=gated, gate_and_up=gate_and_up,
                           block_t=block_t, block_f=block_f, block_d=block_d),
-        out_shape=jax.ShapeDtypeStruct((n, k, block_t, block_f), x_TxD.dtype),
+        out_shape=common.out_struct((n, k, block_t, block_f), x_TxD.dtype, x_TxD),
         grid=(n, k), in_specs=[whole(a) for a in ins],
         out_specs=pl.BlockSpec((n, k, block_t, block_f), lambda *_: (0, 0, 0, 0)),
         compiler_params=params, interpret=interpret, name="block_sparse_ffn_hidden",
@@ -118,7 +118,7 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
     ins = (mask.index_NxK, mask.count_N, h_NxKxtxf, w_out_FxD)
     return pl.pallas_call(
         functools.partial(_out_kernel, block_t=block_t, block_f=block_f, block_d=block_d),
-        out_shape=jax.ShapeDtypeStruct((t, d), x_TxD.dtype),
+        out_shape=common.out_struct((t, d), x_TxD.dtype, x_TxD),
         grid=(n, d // block_d), in_specs=[whole(a) for a in ins],
         out_specs=pl.BlockSpec((t, d), lambda *_: (0, 0)),
         compiler_params=params, interpret=interpret, name="block_sparse_ffn_out",

@@ -131,7 +131,7 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
     weights = (w_in_DxF, w_gate_DxF, w_out_FxD) if gated else (w_in_DxF, w_out_FxD)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, act=act, gated=gated, gate_and_up=gate_and_up),
-        out_shape=jax.ShapeDtypeStruct((t, d), x_TxD.dtype),
+        out_shape=common.out_struct((t, d), x_TxD.dtype, x_TxD),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(n, k), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((block_t, d), jnp.float32)]),
@@ -224,7 +224,7 @@ def backward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_F
     dx_bytes = 2 * item * (3 * block_t * d + n_w * d * block_f) + 4 * block_t * d
     dx_TxD = pl.pallas_call(
         functools.partial(_dx_kernel, **kw),
-        out_shape=jax.ShapeDtypeStruct((t, d), x_TxD.dtype),
+        out_shape=common.out_struct((t, d), x_TxD.dtype, x_TxD),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(n, k), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((block_t, d), jnp.float32)]),
@@ -236,7 +236,7 @@ def backward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_F
     col = pl.BlockSpec((d, block_f), lambda m_, j_, idx, cnt: (0, m_))
     row = pl.BlockSpec((block_f, d), lambda m_, j_, idx, cnt: (m_, 0))
     w_specs = [col] + ([col] if gated else []) + [row]
-    out_shapes = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+    out_shapes = [common.out_struct(w.shape, w.dtype, x_TxD) for w in weights]
     scratch = [pltpu.VMEM((d, block_f), jnp.float32)] * (n_w - 1) + [
         pltpu.VMEM((block_f, d), jnp.float32)]
     dw_bytes = 2 * item * (2 * block_t * d + 2 * n_w * d * block_f) + 4 * n_w * d * block_f
