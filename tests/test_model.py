@@ -227,3 +227,23 @@ def test_rope_preserves_norm_and_relative_position():
     rq_shift = model.rope(q, pos + 3, 10_000.0)
     np.testing.assert_allclose(jnp.einsum("blhk,bmhk->blmh", rq, rq),
                                jnp.einsum("blhk,bmhk->blmh", rq_shift, rq_shift), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_equals_jax_dot_product_attention():
+    """The written-out einsum attention against JAX's own causal implementation."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 9, 3, 8)) for i in range(3))
+    ours = model.causal_attention(q, k, v)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    # Causality: a change in the last position leaves every earlier output unchanged.
+    v2 = v.at[:, -1].add(1.0)
+    np.testing.assert_allclose(model.causal_attention(q, k, v2)[:, :-1], ours[:, :-1], atol=1e-6)
+
+
+def test_rope_constant_tables_equal_the_traced_tables_at_default_positions():
+    """Default positions use numpy constants; explicit positions compute in-graph: same angles."""
+    x = jax.random.normal(jax.random.key(0), (2, 17, 3, 8))
+    pos = jnp.broadcast_to(jnp.arange(17), (2, 17))
+    const = model.apply_rope(x, model.rope_tables(None, 17, 8, 10_000.0))
+    traced = model.apply_rope(x, model.rope_tables(pos, 17, 8, 10_000.0))
+    np.testing.assert_allclose(const, traced, rtol=1e-5, atol=1e-5)
