@@ -15,6 +15,8 @@ import pathlib
 import typing
 from typing import Any, Sequence
 
+from sparsejax.schedules import Schedule
+
 
 class ConfigError(ValueError):
     """A config field has a value outside its allowed set."""
@@ -109,6 +111,38 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up in flops.PEAK_TFLOPS
     # Failure injection for tests of the NaN guard: the gradients of this step become NaN (0 = off).
     fault_nan_at_step: int = 0
+    # Warm start (ProSparse's activation substitution, e.g. a SiLU run into a ReLU config): a run
+    # directory or its checkpoints/ directory; a fresh run starts from the parameters of its
+    # newest checkpoint, with a new optimizer state and step 0 (sparsejax.warm_start). Ignored
+    # when this run resumes from its own checkpoints. "" = off.
+    warm_start: str = ""
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """Training-time sparsity recipe (docs/recipes.md): each term follows a schedule of the step
+    (sparsejax.schedules), computed in-graph, so stage changes never recompile and a resumed run
+    continues exactly. A schedule left at its default (constant 0) turns its term off.
+
+    Set from the command line as ``recipe.l1.kind=sine_stages``, ``recipe.l1.values=0,1e-4``,
+    ``recipe.l1.boundaries=0,200`` (comma-separated).
+    """
+
+    # λ of the L1 penalty on σ(gate) (ProSparse): per token, summed over neurons and layers.
+    l1: Schedule = dataclasses.field(default_factory=Schedule)
+    # λ of the chunk-level penalty (BlockFFN-style, objectives.chunk_penalty), per token.
+    chunk: Schedule = dataclasses.field(default_factory=Schedule)
+    # Per-token top-k k (Q-Sparse), in the convention of model.topk: 0 = dense, a fraction in
+    # (0, 1), or an integer k in [1, d_ff]. Values become neuron counts by the one fraction -> k
+    # rule, and k is interpolated in counts and rounded. STE: model.topk_ste.
+    topk: Schedule = dataclasses.field(default_factory=Schedule)
+    # The `threshold` parameter of model.activation (fatrelu, shifted_relu) over training, e.g.
+    # ProSparse's final FATReLU stage; replaces model.activation_threshold (keep that at 0).
+    activation_threshold: Schedule = dataclasses.field(default_factory=Schedule)
+    # Chunk length (tokens) of the chunk penalty and of the logged training chunk sparsity.
+    chunk_len: int = 8
+    # Temperature τ of the chunk penalty's soft "active in the chunk": u = 1 − exp(−Σ|a| / τ).
+    chunk_tau: float = 0.1
 
 
 @dataclasses.dataclass
@@ -138,6 +172,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +357,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
 
+    _validate_recipe(cfg)
+
     for name in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, name)
         if size != -1 and size < 1:
@@ -331,10 +368,56 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_recipe(cfg: Config) -> None:
+    """The recipe section: well-formed schedules, values in range, compatible with the model."""
+    from sparsejax import activations, schedules  # lazy, as above
+
+    r, m = cfg.recipe, cfg.model
+    for name in ("l1", "chunk", "topk", "activation_threshold"):
+        s = getattr(r, name)
+        if not isinstance(s, Schedule):
+            raise ConfigError(f"recipe.{name} must be a Schedule, got {type(s).__name__}")
+        try:
+            schedules.validate(s, f"recipe.{name}")
+        except schedules.ScheduleError as err:
+            raise ConfigError(str(err)) from None
+        if any(v < 0 for v in s.values):
+            raise ConfigError(f"recipe.{name}.values={tuple(s.values)!r} must all be >= 0")
+    for v in r.topk.values:
+        if v >= 1 and (v != int(v) or v > m.d_ff):
+            raise ConfigError(f"recipe.topk.values: {v!r} is not allowed; allowed: 0 (dense), a "
+                              f"fraction in (0, 1), or an integer k in [1, d_ff={m.d_ff}]")
+    _positive("recipe.chunk_len", r.chunk_len)
+    _positive("recipe.chunk_tau", r.chunk_tau)
+    on = [n for n in ("l1", "chunk", "topk", "activation_threshold")
+          if not schedules.is_default(getattr(r, n))]
+    if on and m.ffn_impl != "reference":
+        raise ConfigError(f"recipe.{on[0]} needs model.ffn_impl='reference' (got {m.ffn_impl!r}): "
+                          f"the block-sparse kernels take no traced top-k, threshold or penalty")
+    if "topk" in on and m.topk:
+        raise ConfigError(f"recipe.topk and model.topk={m.topk} are both set; set model.topk=0 "
+                          f"(the recipe's schedule replaces it)")
+    if "activation_threshold" in on:
+        users = [n for n in activations.names() if "threshold" in activations.get(n).params]
+        if m.activation not in users:
+            raise ConfigError(f"recipe.activation_threshold is only used by model.activation in "
+                              f"{users}, not {m.activation!r} (FATReLU with threshold 0 is ReLU)")
+        if m.activation_threshold:
+            raise ConfigError(f"recipe.activation_threshold replaces model.activation_threshold="
+                              f"{m.activation_threshold}; set that to 0")
+    if "chunk" in on and cfg.train.seq_len % r.chunk_len:
+        raise ConfigError(f"recipe.chunk_len={r.chunk_len} must divide train.seq_len="
+                          f"{cfg.train.seq_len} for the chunk penalty")
+
+
 # --------------------------------------------------------------------------------------------
 def _parse_value(path: str, text: str, annotation: Any) -> Any:
     """Parse override text to the field's declared type (annotations are strings here)."""
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if kind in ("tuple[float, ...]", "tuple[int, ...]"):
+        # Comma-separated: recipe.l1.values=0,1e-4,5e-4 (empty text: the empty tuple).
+        item = kind[len("tuple["):-len(", ...]")]
+        return tuple(_parse_value(path, part.strip(), item) for part in text.split(",") if part.strip())
     if kind == "bool":
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -366,23 +449,30 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         path, text = item.split("=", 1)
-        parts = path.strip().split(".")
-        target: Any = cfg
-        for depth, part in enumerate(parts):
-            names = [f.name for f in dataclasses.fields(target)]
-            if part not in names:
-                where = ".".join(parts[:depth]) or "config"
-                raise ConfigError(f"unknown field {path!r}: {where} has fields {names}")
-            if depth == len(parts) - 1:
-                field = next(f for f in dataclasses.fields(target) if f.name == part)
-                if dataclasses.is_dataclass(getattr(target, part)):
-                    raise ConfigError(f"{path!r} is a section; set one of its fields")
-                setattr(target, part, _parse_value(path, text, field.type))
-            else:
-                target = getattr(target, part)
-                if not dataclasses.is_dataclass(target):
-                    raise ConfigError(f"{'.'.join(parts[:depth + 1])!r} is not a section")
+        cfg = _set_path(cfg, path.strip(), path.strip().split("."), text)
     return validate(cfg)
+
+
+def _set_path(target: Any, path: str, parts: list[str], text: str, depth: int = 0) -> Any:
+    """``target`` with the field at ``parts[depth:]`` set from ``text``, rebuilt with
+    ``dataclasses.replace`` along the path (nested sections such as a recipe's frozen
+    Schedules are values, not mutated in place)."""
+    part = parts[depth]
+    names = [f.name for f in dataclasses.fields(target)]
+    if part not in names:
+        where = ".".join(parts[:depth]) or "config"
+        raise ConfigError(f"unknown field {path!r}: {where} has fields {names}")
+    current = getattr(target, part)
+    if depth == len(parts) - 1:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"{path!r} is a section; set one of its fields")
+        field = next(f for f in dataclasses.fields(target) if f.name == part)
+        value = _parse_value(path, text, field.type)
+    else:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])!r} is not a section")
+        value = _set_path(current, path, parts, text, depth + 1)
+    return dataclasses.replace(target, **{part: value})
 
 
 def _where(err: BaseException, path: pathlib.Path) -> str:
@@ -438,6 +528,22 @@ def _lists_to_tuples(value: Any) -> Any:
     return value
 
 
+def _build(cls: type, raw: dict) -> Any:
+    """``cls`` from a dict of its fields, nested dataclasses (a recipe's schedules) included;
+    fields the class no longer has are dropped."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value, kind = raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            kwargs[f.name] = _build(kind, value)
+        else:
+            kwargs[f.name] = _lists_to_tuples(value)
+    return cls(**kwargs)
+
+
 def from_dict(raw: dict) -> Config:
     """Inverse of to_dict (used to compare a run directory's config with a new one)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -446,9 +552,7 @@ def from_dict(raw: dict) -> Config:
         if key not in sections:
             raise ConfigError(f"unknown config section {key!r}")
         if isinstance(value, dict):
-            cls = typing.get_type_hints(Config)[key]
-            fields = {f.name for f in dataclasses.fields(cls)}
-            kwargs[key] = cls(**{k: _lists_to_tuples(v) for k, v in value.items() if k in fields})
+            kwargs[key] = _build(typing.get_type_hints(Config)[key], value)
         else:
             kwargs[key] = value
     return validate(Config(**kwargs))

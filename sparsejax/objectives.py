@@ -21,6 +21,9 @@ Shape suffixes: B batch, L sequence length, F d_ff, Q chunks per sequence, C chu
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -34,11 +37,24 @@ def _abs(x: Array) -> Array:
     return jnp.sign(x) * x
 
 
+def token_count(weights_BxL: Array) -> Array:
+    """The L1 penalty's divisor: the (weighted) number of valid tokens, as the LM loss counts."""
+    return jnp.sum(weights_BxL.astype(jnp.float32))
+
+
+def chunk_token_count(weights_BxL: Array, chunk_len: int) -> Array:
+    """The chunk penalty's divisor: whole valid chunks × ``chunk_len`` (a function of the token
+    weights alone, so the train step knows it for the whole batch before any micro-batch)."""
+    b, l = weights_BxL.shape
+    whole_BxQ = jnp.all(weights_BxL.reshape(b, l // chunk_len, chunk_len) > 0, axis=-1)
+    return jnp.sum(whole_BxQ.astype(jnp.float32)) * chunk_len
+
+
 def l1_penalty(act_BxLxF: Array, weights_BxL: Array) -> tuple[Array, Array]:
     """(Σ over valid tokens of Σ_F |a|, number of valid tokens)."""
     w_BxL = weights_BxL.astype(jnp.float32)
     per_token_BxL = jnp.sum(_abs(act_BxLxF), axis=-1)
-    return jnp.sum(per_token_BxL * w_BxL), jnp.sum(w_BxL)
+    return jnp.sum(per_token_BxL * w_BxL), token_count(w_BxL)
 
 
 def chunk_penalty(act_BxLxF: Array, weights_BxL: Array, chunk_len: int,
@@ -58,4 +74,22 @@ def chunk_penalty(act_BxLxF: Array, weights_BxL: Array, chunk_len: int,
     mass_BxQxF = jnp.sum(_abs(act_BxLxF).reshape(b, q, chunk_len, f), axis=2)
     union_BxQ = jnp.mean(1.0 - jnp.exp(-mass_BxQxF / tau), axis=-1)
     whole_BxQ = jnp.all(weights_BxL.reshape(b, q, chunk_len) > 0, axis=-1).astype(jnp.float32)
-    return jnp.sum(union_BxQ * whole_BxQ) * chunk_len, jnp.sum(whole_BxQ) * chunk_len
+    return jnp.sum(union_BxQ * whole_BxQ) * chunk_len, chunk_token_count(weights_BxL, chunk_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regulariser:
+    """One penalty as the FFN block and the step use it.
+
+    ``layer_sum(act_BxLxF, weights_BxL, chunk_len, tau)``: the layer's sum, reduced in the block;
+    ``count(weights_BxL, chunk_len)``: its divisor, from the token weights alone.
+    """
+
+    layer_sum: Callable[[Array, Array, int, float], Array]
+    count: Callable[[Array, int], Array]
+
+
+REGULARISERS: dict[str, Regulariser] = {
+    "l1": Regulariser(lambda a, w, c, tau: l1_penalty(a, w)[0], lambda w, c: token_count(w)),
+    "chunk": Regulariser(lambda a, w, c, tau: chunk_penalty(a, w, c, tau)[0], chunk_token_count),
+}

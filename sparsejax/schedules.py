@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
-
 KINDS = ("constant", "piecewise", "linear", "sine_stages")
 
 
@@ -36,6 +34,11 @@ class Schedule:
 
 class ScheduleError(ValueError):
     pass
+
+
+def is_default(s: Schedule) -> bool:
+    """The default schedule (constant 0): the recipe term it drives is off, not merely zero."""
+    return s == Schedule()
 
 
 def validate(s: Schedule, field: str = "schedule") -> Schedule:
@@ -59,6 +62,8 @@ def validate(s: Schedule, field: str = "schedule") -> Schedule:
 
 def value(s: Schedule, step):
     """The schedule's value at ``step`` (a Python int or a traced integer scalar), float32."""
+    import jax.numpy as jnp  # noqa: PLC0415 - lazy: config files hold Schedules and load without JAX
+
     t = jnp.asarray(step, jnp.float32)
     v = jnp.asarray(s.values, jnp.float32)
     if s.kind == "constant":

@@ -63,3 +63,14 @@ def test_chunk_penalty_errors():
         objectives.chunk_penalty(jnp.asarray(act), jnp.asarray(w), 3)
     with pytest.raises(ValueError, match="tau=0"):
         objectives.chunk_penalty(jnp.asarray(act), jnp.asarray(w), 4, tau=0)
+
+
+def test_registry_counts_are_the_penalties_own_and_depend_on_weights_alone():
+    act, w = _data()
+    for name, reg in objectives.REGULARISERS.items():
+        total = reg.layer_sum(jnp.asarray(act), jnp.asarray(w), 4, 0.1)
+        want_total, want_count = (objectives.l1_penalty(jnp.asarray(act), jnp.asarray(w)) if name == "l1"
+                                  else objectives.chunk_penalty(jnp.asarray(act), jnp.asarray(w), 4, 0.1))
+        assert float(total) == float(want_total)
+        assert float(reg.count(jnp.asarray(w), 4)) == float(want_count)
+    assert float(objectives.chunk_token_count(jnp.asarray(w), 4)) == 3 * 4  # padded chunk left out

@@ -58,3 +58,36 @@ def test_other_kinds_by_hand(kind, values, bounds, checks):
 def test_malformed_schedules_name_the_field(bad, match):
     with pytest.raises(ScheduleError, match=match):
         schedules.validate(bad, "recipe.l1")
+
+
+def test_a_recipe_evaluates_its_schedules_in_graph_by_hand():
+    """recipes.coefficients at boundaries and midpoints; top-k values become neuron counts by the
+    one fraction -> k rule (float64, on the host) and k is interpolated in counts, rounded."""
+    from sparsejax import config, recipes
+
+    cfg = config.apply_overrides(config.proxy_config("tiny"), [  # d_ff = 320
+        "recipe.topk.kind=linear", "recipe.topk.values=0,0.9,32", "recipe.topk.boundaries=10,20,30",
+        "recipe.l1.kind=sine_stages", "recipe.l1.values=0,1e-4,3e-4", "recipe.l1.boundaries=0,100,200"])
+    r = recipes.of(cfg)
+    # 0 -> dense 320; 0.9 -> 320 - int(320 * 0.09999999999999998) = 289 (not round(288.0))
+    assert r.schedules["topk"].values == (320.0, 289.0, 32.0)
+    at = jax.jit(lambda t: recipes.coefficients(r, t))
+    want_k = {1: 320, 10: 320, 15: 304, 20: 289, 25: 160, 30: 32, 10**6: 32}  # 304.5 -> 304 (even)
+    for t, k in want_k.items():
+        got = at(jnp.int32(t))
+        assert int(got["topk"]) == k and got["topk"].dtype == jnp.int32, (t, int(got["topk"]))
+    assert float(at(jnp.int32(50))["l1"]) == pytest.approx(0.5e-4, rel=1e-5)  # stage 1 midpoint
+    assert float(at(jnp.int32(150))["l1"]) == pytest.approx(2e-4, rel=1e-5)  # stage 2 midpoint
+    assert float(at(jnp.int32(100))["l1"]) == pytest.approx(1e-4, rel=1e-6)  # boundary
+    assert set(recipes.of(config.proxy_config("tiny")).schedules) == set()  # defaults: all off
+
+
+def test_schedules_are_set_from_the_command_line():
+    from sparsejax import config
+
+    cfg = config.apply_overrides(config.proxy_config("tiny"), [
+        "recipe.chunk.kind=piecewise", "recipe.chunk.values=0, 0.1", "recipe.chunk.boundaries=0,5e1"])
+    assert cfg.recipe.chunk == Schedule("piecewise", (0.0, 0.1), (0, 50))
+    assert config.proxy_config("tiny").recipe.chunk == Schedule()  # the base is untouched
+    with pytest.raises(config.ConfigError, match=r"recipe.chunk.boundaries='2.5': expected a int"):
+        config.apply_overrides(config.proxy_config("tiny"), ["recipe.chunk.boundaries=2.5"])
