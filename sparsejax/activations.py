@@ -155,9 +155,12 @@ def get(name: str) -> ActivationSpec:
 
 
 def make(name: str, *, threshold: float = 0.0, alpha: float = 0.0) -> Callable[[Array], Array]:
-    """Return x -> σ(x) with the spec's declared parameters bound from the given values."""
+    """Return x -> σ(x) with the spec's declared parameters bound from the given values.
+
+    A parameter may be a traced scalar (a recipe's scheduled threshold, changing every step
+    without recompiling); only Python numbers are checked here."""
     spec = get(name)
     given = {"threshold": threshold, "alpha": alpha}
-    if not all(math.isfinite(v) for v in given.values()):
+    if not all(math.isfinite(v) for v in given.values() if isinstance(v, (int, float))):
         raise ValueError(f"activation parameters must be finite, got {given}")
     return functools.partial(spec.fn, **{p: given[p] for p in spec.params})

@@ -44,7 +44,7 @@ import numpy as np
 
 from sparsejax import (activations, cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
-                       sharding, sparsity as sparsity_lib, trained_run)
+                       recipes, sharding, sparsity as sparsity_lib, trained_run)
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
 from sparsejax.loss import next_token_loss
 
@@ -112,7 +112,11 @@ class Evaluator:
         self.batches = batches
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
-        self._trained_topk = 0 < m.topk_k < m.d_ff
+        # A recipe's scheduled top-k k / threshold (sparsejax.recipes) are part of the trained
+        # model: every pass runs with their values at the checkpoint's step (``at_step``).
+        self._recipe = recipes.of(cfg)
+        self._coefs: dict = {}
+        self._trained_topk = 0 < m.topk_k < m.d_ff or self._recipe.topk
         self._exact_zeros = activations.get(m.activation).exact_zeros
         # The one fraction -> k rule, the one training uses (sparsity.topk_count).
         self.topk_k = sparsity_lib.topk_count(
@@ -146,13 +150,20 @@ class Evaluator:
         measured = act_BxLxF if rule == "activation" else hidden_BxLxF
         return sparsity_lib.active(measured, threshold_F, keep)
 
+    def at_step(self, step: int) -> None:
+        """Evaluate the checkpoint of ``step``: the recipe's model coefficients at that step."""
+        if self._recipe.active:
+            self._coefs = recipes.model_coefficients(
+                self._recipe, recipes.coefficients(self._recipe, step))
+
     def _compile(self, model: model_lib.Model, rule: str, keep_hidden: bool):
-        def pass_fn(params, batch, stats, thresholds_NxF):
-            sp = None
+        def pass_fn(params, batch, stats, thresholds_NxF, coefs):
+            sp = sparsity_lib.Sparsity(coefficients=coefs) if coefs else None
             if rule in sparsity_lib.MASK_TARGETS:
-                sp = sparsity_lib.Sparsity(thresholds=thresholds_NxF, mask_target=rule)
+                sp = sparsity_lib.Sparsity(thresholds=thresholds_NxF, mask_target=rule,
+                                           coefficients=coefs)
             elif rule == "topk_global":
-                sp = sparsity_lib.Sparsity(global_topk=self.topk_fraction)
+                sp = sparsity_lib.Sparsity(global_topk=self.topk_fraction, coefficients=coefs)
             logits, inter = model.apply(params, batch["inputs"], sparsity=sp,
                                         collect=("intermediates",))
             acts, hiddens = model.ffn_intermediates(inter)
@@ -177,7 +188,8 @@ class Evaluator:
         stats = [metrics_lib.stats_init(self.d_ff) for _ in range(self.n_layers)]
         loss_sum, tokens = 0.0, 0.0
         for batch in self.batches:
-            out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF)
+            out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF,
+                     self._coefs)
             loss_b, tokens_b, stats = out[:3]
             loss_sum += float(loss_b)
             tokens += float(tokens_b)
@@ -334,6 +346,7 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
         bar = _progress(steps, progress, "checkpoints")
         for step_no in bar:
             params, meta = run.params(step_no, ev.mesh)
+            ev.at_step(step_no)
             need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
             entry = {"step": step_no, "tokens_seen": float(meta.get("tokens_seen", float("nan"))),
@@ -400,11 +413,16 @@ def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], 
     cached = []
     for step_no in steps:
         params, _ = run.params(step_no, ev.mesh)
+        ev.at_step(step_no)
         dense = ev.dense(params, keep_hidden=True, spill_root=spill_root)
-        cached.append((params, dense))
+        cached.append((step_no, params, dense))
+
+    def ratio_at(step_no, p, d, c):
+        ev.at_step(step_no)
+        return ppl_ratio(ev.cett_pass(p, d.hidden, c)[0].loss, d.loss)
 
     def mean_ratio(c: float) -> float:
-        ratios = [ppl_ratio(ev.cett_pass(p, d.hidden, c)[0].loss, d.loss) for p, d in cached]
+        ratios = [ratio_at(s, p, d, c) for s, p, d in cached]
         value = float(np.mean(ratios))
         say(f"  c={c:.4f}: perplexity ratio {value:.5f} (target {target_ratio:.4f})")
         return value

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax import activations, sparsity as sparsity_lib
+from sparsejax import activations, objectives, sparsity as sparsity_lib
 from sparsejax.config import ModelConfig
 from sparsejax.sparsity import Sparsity
 
@@ -42,12 +42,15 @@ class FfnAux(NamedTuple):
     ``activation``/``hidden`` are full [B, L, F] tensors for evaluation; under jit they cost
     nothing unless sown into a mutable ``intermediates`` collection (dead code otherwise).
     ``active_count_F``/``active_sum`` are the in-block statistics (None unless requested).
+    ``stats``: further in-block scalars by name (``reg_<name>`` regulariser sums, differentiable;
+    ``chunk_active``/``chunks`` chunk statistics), sown into ``stats`` as they are.
     """
 
     activation_BxLxF: Array
     hidden_BxLxF: Array
     active_count_F: Optional[Array] = None
     active_sum: Optional[Array] = None
+    stats: Optional[dict] = None
 
 
 FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
@@ -66,16 +69,26 @@ def ffn_impl_names() -> list[str]:
     return sorted(FFN_IMPLS)
 
 
-def _trained_topk(cfg: ModelConfig) -> bool:
-    return 0 < cfg.topk_k < cfg.d_ff
+def _trained_topk(cfg: ModelConfig, sp: Optional[Sparsity] = None) -> bool:
+    """A training-time top-k mask is part of the forward pass: ``model.topk``, or a traced k
+    from the recipe (``sp.coefficients["topk_k"]``)."""
+    return 0 < cfg.topk_k < cfg.d_ff or (sp is not None and "topk_k" in sp.coefficients)
 
 
-def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array) -> Array:
-    if not _trained_topk(cfg):
+def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array,
+                         sp: Optional[Sparsity] = None) -> Array:
+    if not _trained_topk(cfg, sp):
         return hidden_BxLxF
-    keep_BxLxF = jax.lax.stop_gradient(sparsity_lib.topk_keep(
-        jnp.abs(activation_BxLxF).astype(jnp.float32), cfg.topk_k,
-        approximate=cfg.topk_mode == "approx", recall=cfg.topk_recall)).astype(hidden_BxLxF.dtype)
+    score_BxLxF = jnp.abs(activation_BxLxF).astype(jnp.float32)
+    keep_BxLxF = jnp.ones_like(score_BxLxF)
+    if 0 < cfg.topk_k < cfg.d_ff:
+        keep_BxLxF = sparsity_lib.topk_keep(score_BxLxF, cfg.topk_k,
+                                            approximate=cfg.topk_mode == "approx",
+                                            recall=cfg.topk_recall)
+    if sp is not None and "topk_k" in sp.coefficients:
+        # A scheduled k (recipe.topk): rank-vs-k, so k changes between steps without recompiling.
+        keep_BxLxF = keep_BxLxF * sparsity_lib.topk_keep_traced(score_BxLxF, sp.coefficients["topk_k"])
+    keep_BxLxF = jax.lax.stop_gradient(keep_BxLxF).astype(hidden_BxLxF.dtype)
     if cfg.topk_ste:
         # Q-Sparse straight-through estimator: forward is masked, backward is dense.
         return hidden_BxLxF + jax.lax.stop_gradient(hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
@@ -102,8 +115,27 @@ def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity
 def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
     if not sp.wants_stats:
         return FfnAux(activation_BxLxF, hidden_BxLxF)
-    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, _trained_topk(cfg))
-    return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total)
+    trained_topk = _trained_topk(cfg, sp)
+    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, trained_topk)
+    stats = {}
+    for name in sp.regularisers:
+        # Reduced here, so the objective's terms never need a [B, L, F] tensor out of the block.
+        stats[f"reg_{name}"] = objectives.REGULARISERS[name].layer_sum(
+            activation_BxLxF, sp.stats_weights_BxL, sp.chunk_len, sp.chunk_tau)
+    if sp.chunk_len:
+        mask = sparsity_lib.active(activation_BxLxF, sp.stats_threshold,
+                                   sparsity_lib.trained_keep(hidden_BxLxF, trained_topk))
+        stats["chunk_active"], stats["chunks"] = sparsity_lib.chunk_stats(
+            mask, sp.stats_weights_BxL, sp.chunk_len)
+    return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total, stats or None)
+
+
+def _activation_fn(cfg: ModelConfig, sp: Sparsity, static_fn):
+    """σ with the recipe's traced threshold when ``sp`` carries one, else the static σ."""
+    if "activation_threshold" not in sp.coefficients:
+        return static_fn
+    return activations.make(cfg.activation, threshold=sp.coefficients["activation_threshold"],
+                            alpha=cfg.activation_alpha)
 
 
 @register_ffn_impl("reference")
@@ -111,10 +143,11 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
     """The einsum FFN: ``W_out[σ(W_gate x) ⊙ W_in x]`` or ``W_out σ(W_in x)``, training top-k,
     evaluation masks (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
     spec = activations.get(cfg.activation)
-    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                              alpha=cfg.activation_alpha)
+    static_act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
+                                     alpha=cfg.activation_alpha)
 
     def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
+        act_fn = _activation_fn(cfg, sp, static_act_fn)
         x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
         up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF), "ffn_up")
         if w.w_gate_DxF is not None:
@@ -126,7 +159,7 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
         else:
             activation_BxLxF = act_fn(up_BxLxF)
             hidden_BxLxF = activation_BxLxF
-        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF)
+        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF, sp)
         # Reported before the evaluation mask, so an evaluator can tell "dropped by the mask" from
         # "exactly zero" (docs/sparsity_metrics_and_laws.md §Reference procedure).
         aux = _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)

@@ -117,6 +117,41 @@ def topk_keep(score_TxF: Array, k: int, *, approximate: bool = False,
     return mask.reshape(score_TxF.shape)
 
 
+def topk_keep_traced(score_TxF: Array, k) -> Array:
+    """0/1 mask (score's dtype) of the k largest scores per row for a *traced* k (a top-k schedule
+    of the recipe), so k can change between steps without recompiling.
+
+    It is the rank-vs-k mask: an entry is kept iff its rank in its row (descending, ties to the
+    lower index, as :func:`topk_keep`) is below k, so both masks are equal at every fixed k.
+    Computed without materialising ranks (a double argsort was ~7x slower on CPU): with t the
+    k-th largest score of the row (one value sort), keep every score > t, and of the scores
+    equal to t the first k − #(> t) by index (a cumulative count).
+    """
+    k = jnp.asarray(k, jnp.int32)
+    descending_TxF = -jnp.sort(-score_TxF, axis=-1)
+    index = jnp.broadcast_to(k - 1, score_TxF.shape[:-1] + (1,))
+    kth_Tx1 = jnp.take_along_axis(descending_TxF, index, axis=-1)
+    above_TxF = score_TxF > kth_Tx1
+    n_above_Tx1 = jnp.sum(above_TxF, axis=-1, keepdims=True, dtype=jnp.int32)
+    tied_TxF = score_TxF == kth_Tx1
+    tied_before_TxF = jnp.cumsum(tied_TxF, axis=-1, dtype=jnp.int32) - tied_TxF
+    keep_TxF = above_TxF | (tied_TxF & (tied_before_TxF < k - n_above_Tx1))
+    return keep_TxF.astype(score_TxF.dtype)
+
+
+def chunk_stats(active_BxLxF: Array, weights_BxL: Array, chunk_len: int) -> tuple[Array, Array]:
+    """(active (chunk, neuron) pairs, counted chunks) of one layer: the in-block form of
+    ``metrics.chunk_sparsity`` (consecutive chunks from position 0, the ragged tail and chunks
+    holding a padded token not counted), reduced where the activations are."""
+    b, l, f = active_BxLxF.shape
+    q = l // chunk_len
+    used = q * chunk_len
+    union_BxQxF = jnp.any(active_BxLxF[:, :used].reshape(b, q, chunk_len, f), axis=2)
+    whole_BxQ = jnp.all(weights_BxL[:, :used].reshape(b, q, chunk_len) > 0, axis=2)
+    pairs = jnp.sum(union_BxQxF & whole_BxQ[..., None], dtype=jnp.float32)
+    return pairs, jnp.sum(whole_BxQ, dtype=jnp.float32)
+
+
 def global_topk_active(activation_TxF: Array, fraction: float) -> Array:
     """The reference's global top-k (``prune_topk``): keep the top ``fraction`` of |σ(gate)| over
     all entries; the ``int(numel · (1 − fraction))`` smallest magnitudes are dropped (ties to the
@@ -153,8 +188,17 @@ class Sparsity:
     stats_weights_BxL: token weights of the in-block statistics; None = no statistics.
     stats_threshold: the statistics' rule: None = zero rule, else a FAT threshold
         (:func:`fat_threshold`).
-    coefficients: training-time per-layer coefficients ``name -> [N, ...]`` (e.g. a traced top-k
-        k or FAT threshold) for FFN implementations that read them; scanned like ``thresholds``.
+    coefficients: training-time per-layer coefficients ``name -> [N, ...]`` for FFN
+        implementations that read them; scanned like ``thresholds``. The reference FFN reads
+        ``topk_k`` (a traced top-k k: rank-vs-k mask, :func:`topk_keep_traced`) and
+        ``activation_threshold`` (the activation's ``threshold`` parameter, traced); a name's
+        presence is static (pytree structure), so it decides what is compiled
+        (:mod:`sparsejax.recipes`).
+    regularisers: names in ``objectives.REGULARISERS`` whose per-layer sums each block reduces
+        over the ``stats_weights_BxL`` tokens and reports (differentiably) as ``reg_<name>``.
+    chunk_len: chunk length of the chunk penalty and of the per-layer chunk statistics
+        (``chunk_active``, ``chunks``: :func:`chunk_stats` by the statistics' rule); 0 = none.
+    chunk_tau: the chunk penalty's temperature.
     """
 
     thresholds: Optional[Array] = None
@@ -163,6 +207,9 @@ class Sparsity:
     mask_target: str = flax.struct.field(pytree_node=False, default="activation")
     global_topk: float = flax.struct.field(pytree_node=False, default=0.0)
     stats_threshold: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+    regularisers: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+    chunk_len: int = flax.struct.field(pytree_node=False, default=0)
+    chunk_tau: float = flax.struct.field(pytree_node=False, default=0.1)
 
     def __post_init__(self):
         if self.mask_target not in MASK_TARGETS:

@@ -24,11 +24,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import activations, model as model_lib, sharding, sparsity as sparsity_lib
+from sparsejax import (activations, model as model_lib, objectives, recipes, sharding,
+                       sparsity as sparsity_lib)
 from sparsejax.config import Config
 from sparsejax.loss import next_token_loss
 
 PyTree = Any
+# Regulariser -> its metric (the LM loss keeps the name ``loss``; docs/recipes.md §Metrics).
+REGULARISER_METRICS = {"l1": "l1", "chunk": "chunk_loss"}
+# Every metric a recipe adds to the step's (trainer.py writes those present).
+RECIPE_METRICS = ("objective", *REGULARISER_METRICS.values(), *recipes.METRIC_NAMES.values(),
+                  "train_chunk_sparsity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,27 +89,70 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_plain,
         state_shardings)
 
-    def loss_and_stats(params, batch):
-        if log_activations:
-            sp = sparsity_lib.Sparsity(stats_weights_BxL=batch["weights"], stats_threshold=threshold)
+    # The training-time sparsity recipe (docs/recipes.md). With none configured every branch
+    # below is skipped at trace time and the step is exactly the plain LM step.
+    recipe = recipes.of(cfg)
+    # Regularisers are reduced over the token weights inside the blocks, so they need them.
+    stats_on = log_activations or bool(recipe.regularisers)
+    chunk_len = recipe.chunk_len if recipe.active else 0
+
+    def loss_and_stats(params, batch, coefs=None, scales=None):
+        """(objective sum, aux): the objective is ``Σ_tokens LM loss + Σ_r λ_r · scale_r · R_r``
+        (R_r: regulariser r's sum over tokens and layers); dividing it by the batch's token count
+        gives the per-token objective. ``scale_r`` = tokens / (r's own count), known for the
+        whole batch up front (it depends on the token weights only), so that micro-batch sums
+        add up exactly under gradient accumulation."""
+        model_coefs = recipes.model_coefficients(recipe, coefs) if recipe.active else {}
+        collected = None
+        if stats_on:
+            sp = sparsity_lib.Sparsity(
+                stats_weights_BxL=batch["weights"], stats_threshold=threshold,
+                coefficients=model_coefs, regularisers=recipe.regularisers, chunk_len=chunk_len,
+                chunk_tau=recipe.chunk_tau)
             logits, collected = model.apply(params, batch["inputs"], sparsity=sp, collect=("stats",))
             act_sum_N, count_NxF = model.layer_stats(collected)
         else:
-            logits, _ = model.apply(params, batch["inputs"])
+            sp = sparsity_lib.Sparsity(coefficients=model_coefs) if model_coefs else None
+            logits, _ = model.apply(params, batch["inputs"], sparsity=sp)
             act_sum_N, count_NxF = jnp.zeros(n_layers), jnp.zeros((n_layers, d_ff))
         mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
-        return mean_loss * tokens, (tokens, act_sum_N, count_NxF)
+        loss_sum = mean_loss * tokens
+        aux = {"tokens": tokens, "act_sum_N": act_sum_N, "count_NxF": count_NxF}
+        if not recipe.active:
+            return loss_sum, aux
+        objective = loss_sum
+        aux["loss_sum"] = loss_sum
+        for name in recipe.regularisers:
+            total = jnp.sum(model.layer_stat(collected, f"reg_{name}"))
+            aux[f"reg_{name}"] = total
+            objective = objective + coefs[name] * scales[name] * total
+        if chunk_len and collected is not None:
+            aux["chunk_active"] = jnp.sum(model.layer_stat(collected, "chunk_active"))
+            aux["chunks"] = jnp.sum(model.layer_stat(collected, "chunks"))
+        return objective, aux
 
     grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
 
     micro_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(cfg.mesh, leading=1))
 
+    def regulariser_counts(weights_BxL):
+        """Each regulariser's divisor over the whole batch, from the token weights alone."""
+        return {name: objectives.REGULARISERS[name].count(weights_BxL, recipe.chunk_len)
+                for name in recipe.regularisers}
+
     def train_step(state, batch):
         params = state["params"]
+        coefs, scales, counts = None, None, {}
+        if recipe.active:
+            # Step t (1-based) trains with the schedules' values at t: in-graph, from the state.
+            coefs = recipes.coefficients(recipe, state["step"] + 1)
+            counts = regulariser_counts(batch["weights"])
+            all_tokens = jnp.maximum(objectives.token_count(batch["weights"]), 1.0)
+            scales = {name: all_tokens / jnp.maximum(c, 1.0) for name, c in counts.items()}
         if accum == 1:
             # No accumulation loop: a one-trip scan still costs a zero-filled gradient buffer and
             # an add per parameter, and keeps XLA from fusing across the loop boundary.
-            (loss_sum, (tokens, act_sum_N, count_NxF)), grad_sum = grad_fn(params, batch)
+            (objective_sum, aux), grad_sum = grad_fn(params, batch, coefs, scales)
         else:
             # Micro-batch j takes rows j, j + accum, ...: every micro-batch spans all batch shards.
             micro = jax.tree.map(
@@ -112,15 +161,17 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
                     micro_sharding), batch)
 
             def accumulate(carry, mb):
-                (loss_sum, (tokens, act_sum, counts)), grads = grad_fn(params, mb)
-                g_acc, l_acc, t_acc, a_acc, c_acc = carry
-                return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens,
-                        a_acc + act_sum, c_acc + counts), None
+                (objective_sum, aux), grads = grad_fn(params, mb, coefs, scales)
+                g_acc, o_acc, aux_acc = carry
+                return (jax.tree.map(jnp.add, g_acc, grads), o_acc + objective_sum,
+                        jax.tree.map(jnp.add, aux_acc, aux)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0, jnp.zeros(n_layers),
-                     jnp.zeros((n_layers, d_ff)))
-            (grad_sum, loss_sum, tokens, act_sum_N, count_NxF), _ = jax.lax.scan(
-                accumulate, zeros, micro)
+            aux_shape = jax.eval_shape(lambda mb: loss_and_stats(params, mb, coefs, scales)[1],
+                                       jax.tree.map(lambda x: x[0], micro))
+            zeros = (jax.tree.map(jnp.zeros_like, params), 0.0,
+                     jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
+            (grad_sum, objective_sum, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+        tokens, act_sum_N, count_NxF = aux["tokens"], aux["act_sum_N"], aux["count_NxF"]
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         if cfg.train.fault_nan_at_step:
@@ -131,19 +182,43 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        # ``loss`` is the LM loss alone, with or without a recipe (comparable across runs).
+        loss_sum = aux["loss_sum"] if recipe.active else objective_sum
         loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                    # A checkpoint is written only after steps whose flag is true (trainer.py).
                    "finite": all_finite(loss, grad_norm, new_params)}
+        if recipe.active:
+            metrics.update(recipe_metrics(coefs, counts, aux, objective_sum / denom))
         if log_activations:
             ratio_N = act_sum_N / (denom * d_ff)
             metrics.update(activation_ratio_layers=ratio_N, activation_ratio=jnp.mean(ratio_N),
                            dead_in_batch_layers=jnp.mean(count_NxF == 0, axis=1))
         return new_state, metrics
 
+    def recipe_metrics(coefs, counts, aux, objective):
+        """The objective, each regulariser per its own count (``l1``: per token, summed over
+        neurons and layers; ``chunk_loss``: per chunk token, summed over layers), each term's
+        current value, and the training chunk sparsity (this batch, recipe.chunk_len, the
+        statistics' active rule)."""
+        out = {"objective": objective}
+        for name in recipe.regularisers:
+            out[REGULARISER_METRICS[name]] = aux[f"reg_{name}"] / jnp.maximum(counts[name], 1.0)
+        for field, value in coefs.items():
+            out[recipes.METRIC_NAMES[field]] = value
+        if "chunk_active" in aux:
+            out["train_chunk_sparsity"] = 1.0 - aux["chunk_active"] / jnp.maximum(
+                aux["chunks"] * d_ff, 1.0)
+        return out
+
     def eval_step(state, batch):
-        loss_sum, (tokens, act_sum_N, _) = loss_and_stats(state["params"], batch)
-        return {"loss_sum": loss_sum, "tokens": tokens, "act_sum_layers": act_sum_N}
+        # The model as trained at its last step: the recipe's values at that step.
+        coefs = recipes.coefficients(recipe, state["step"]) if recipe.active else None
+        scales = ({name: jnp.float32(0.0) for name in recipe.regularisers}
+                  if recipe.active else None)  # evaluation reports the LM loss alone
+        objective_sum, aux = loss_and_stats(state["params"], batch, coefs, scales)
+        loss_sum = aux.get("loss_sum", objective_sum)
+        return {"loss_sum": loss_sum, "tokens": aux["tokens"], "act_sum_layers": aux["act_sum_N"]}
 
     batch_shard = sharding.batch_sharding(mesh, cfg.mesh)
     rep = sharding.replicated(mesh)
