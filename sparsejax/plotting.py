@@ -253,10 +253,13 @@ def plot_loss_vs_tokens(
 
 
 # --------------------------------------------------------------------------- training and eval
-def plot_activation_ratio(records: list[dict], out_path, title: str = "") -> Path:
+def plot_activation_ratio(records: list[dict], out_path, title: str = "",
+                          stages: tuple[int, ...] | list[int] = ()) -> Path:
     """Activation ratio vs tokens seen: one thin line per layer, the layer mean in bold.
 
     ``records`` are ``metrics.jsonl`` training records; writes ``out_path`` (a ``.png`` path).
+    ``stages``: steps where a training recipe's stage begins (``recipes.stage_boundaries``),
+    drawn as dashed vertical lines at the tokens seen by then.
     """
     rows = [r for r in records if "activation_ratio_layers" in r]
     if not rows:
@@ -269,6 +272,11 @@ def plot_activation_ratio(records: list[dict], out_path, title: str = "") -> Pat
         ax.plot(tokens, per_layer[:, i], lw=0.9, alpha=0.7, color=colours[i], label=f"layer {i}")
     ax.plot(tokens, np.array([r["activation_ratio"] for r in rows]) * 100, lw=2.5, color="black",
             label="mean over layers")
+    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    inside = [b for b in stages if steps[0] <= b <= steps[-1]]
+    for i, b in enumerate(inside):
+        ax.axvline(float(np.interp(b, steps, tokens)), color="grey", ls="--", lw=1,
+                   label="recipe stage boundary" if i == 0 else None)
     _finish(fig, ax, "tokens seen", "activation ratio (%)", False, None)
     from sparsejax import storage
 

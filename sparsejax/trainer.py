@@ -34,7 +34,8 @@ import jax
 import numpy as np
 
 from sparsejax import (checkpointing, config as config_lib, data, flops, lifecycle, optim, plotting,
-                       resources, results, rundir, sharding, step, storage, writers)
+                       recipes, resources, results, rundir, sharding, step, storage, warm_start,
+                       writers)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,9 @@ class _Loop:
                 record["activation_ratio"] = float(m["activation_ratio"])
                 record["activation_ratio_layers"] = [float(x) for x in m["activation_ratio_layers"]]
                 record["dead_in_batch_layers"] = [float(x) for x in m["dead_in_batch_layers"]]
+            for key in step.RECIPE_METRICS:  # the objective, its terms and their current values
+                if key in m:
+                    record[key] = int(m[key]) if key == "topk_k" else float(m[key])
             records.append(record)
         self.writer.write(records)
         self.last_record = records[-1]
@@ -324,6 +328,8 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     """Everything that can fail on a bad config, with nothing allocated or written."""
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    # A warm start whose shapes do not fit is refused here (metadata only), before compiling.
+    warm = warm_start.plan(cfg, mesh)
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
                                    log_activations=log_activations)
     budget, limit_name = resources.device_budget()
@@ -337,7 +343,7 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     train_step = fns.train.lower(fns.abstract_state, _batch_spec(cfg, mesh)).compile()
     compile_s = time.perf_counter() - t0
     need = resources.check_compiled_fits(train_step, budget, limit_name)
-    return mesh, fns, dataset, train_step, compile_s, need
+    return mesh, fns, dataset, train_step, compile_s, need, warm
 
 
 def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
@@ -352,21 +358,21 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
         try:
             if lock is not None and workdir.is_dir():
                 lock.acquire()  # a second trainer is refused before it compiles anything
-            mesh, fns, dataset, train_step, compile_s, need = _prepare(cfg, log_activations)
+            mesh, fns, dataset, train_step, compile_s, need, warm = _prepare(cfg, log_activations)
             workdir.mkdir(parents=True, exist_ok=True)
             if lock is not None and not lock.held:
                 lock.acquire()
             with _debug_log(workdir):
                 return _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need,
                                  stop, resume=resume, force=force, progress=progress,
-                                 log_activations=log_activations)
+                                 log_activations=log_activations, warm=warm)
         finally:
             if lock is not None:
                 lock.release()
 
 
 def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, stop, *, resume,
-              force, progress, log_activations) -> RunSummary:
+              force, progress, log_activations, warm=None) -> RunSummary:
     is_main = jax.process_index() == 0
     if not resume and is_main:
         moved = rundir.move_previous_run(workdir)
@@ -395,6 +401,12 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
         else:
             start_step, tokens_seen = 0, 0.0
             state = fns.init(jax.random.key(t.seed))
+            if warm is not None:
+                # Parameters only: the optimizer state (zero moments) and step 0 stay fresh.
+                state["params"] = warm_start.load(warm, cfg, fns.state_shardings["params"])
+                print(f"warm start: parameters of {warm.directory} step {warm.step} "
+                      f"({warm.source_cfg.name}, model.activation="
+                      f"{warm.source_cfg.model.activation!r})", flush=True)
         writer.truncate_after(start_step)
         if is_main:
             counts = flops.param_counts(cfg.model)
@@ -425,7 +437,8 @@ def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSum
     plot_path = None
     if is_main and log_activations and records:
         plot_path = plotting.plot_activation_ratio(records, workdir / rundir.PLOT,
-                                                   title=f"{cfg.name}: FFN activation ratio")
+                                                   title=f"{cfg.name}: FFN activation ratio",
+                                                   stages=recipes.stage_boundaries(cfg))
     last = records[-1] if records else loop.last_record
     start = restored[0] if restored is not None else 0
     return RunSummary(workdir, loop.step_no, last.get("loss", float("nan")),
