@@ -210,6 +210,76 @@ def plot_limit_vs_params(
     return _finish(fig, ax, "parameters (B)", "limit activation ratio (%)", log_x, out_path)
 
 
+def plot_ratio_vs_width_depth(
+    ratios,
+    values,
+    line=None,
+    *,
+    fit_range: tuple[float, float] | None = None,
+    log_x: bool = True,
+    ylabel: str = "activation ratio (%)",
+    title: str = "Activation ratio vs width/depth at fixed parameters",
+    out_path=None,
+) -> Figure:
+    """Measured activation ratios (%) against width/depth, with a fitted straight line and its band.
+
+    ratios: width/depth per run (several runs, e.g. seeds, may share one); values: ratio in [0, 1]
+    per run, drawn as points, with the mean of each width/depth as a marker. ``line``: a
+    :class:`sparsejax.laws.analysis.LineFit` of ratio (fraction) on width/depth, drawn over
+    ``fit_range`` (default: the span of ``ratios``) with its confidence band. Sparsing Law: the
+    ratio rises roughly linearly with width/depth below a bottleneck (≈114 at 0.1B).
+    """
+    ratios, values = np.asarray(ratios, dtype=float), np.asarray(values, dtype=float)
+    fig, ax = _new_axes(title)
+    ax.scatter(ratios, values * 100, s=16, color="C0", alpha=0.6, label="runs (seeds)")
+    uniq = np.unique(ratios)
+    ax.plot(uniq, [values[ratios == u].mean() * 100 for u in uniq], "D", color="C0", label="mean")
+    if line is not None:
+        lo, hi = fit_range if fit_range is not None else (ratios.min(), ratios.max())
+        grid = _grid(lo, hi, log_x)
+        band_lo, band_hi = line.band(grid)
+        ax.fill_between(grid, band_lo * 100, band_hi * 100, color="C1", alpha=_BAND_ALPHA, linewidth=0,
+                        label=f"{line.level:.0%} CI of the line")
+        ax.plot(grid, line.predict(grid) * 100, color="C1", label="least-squares line")
+    return _finish(fig, ax, "width / depth (d_model / layers)", ylabel, log_x, out_path)
+
+
+def plot_convergence_vs_params(
+    series: Mapping[str, tuple],
+    *,
+    log_x: bool = True,
+    title: str = "Tokens until the activation ratio settles vs parameters",
+    out_path=None,
+) -> Figure:
+    """Tokens (B) a run's activation ratio takes to settle against parameters (B), one line per
+    activation. series: label -> (parameters in billions, tokens in billions). Sparsing Law: smaller
+    models converge to their limit faster."""
+    colours = _colours(series)
+    fig, ax = _new_axes(title)
+    for label, (n_params, tokens) in series.items():
+        ax.plot(n_params, tokens, "o-", color=colours[label], label=label)
+    return _finish(fig, ax, "parameters (B)", "tokens until settled (B)", log_x, out_path)
+
+
+def plot_ratio_vs_loss(
+    points: Mapping[str, tuple],
+    *,
+    title: str = "Activation ratio vs loss per activation",
+    ratio_label: str = "activation ratio at CETT-PPL-1% (%)",
+    out_path=None,
+) -> Figure:
+    """One labelled point per activation: final loss (x) against activation ratio (%, y), with
+    error bars. points: label -> (loss, loss spread, ratio in [0, 1], ratio spread). ReLU² Wins /
+    Sparsing Law: ReLU-family activations are much sparser than SiLU/GELU at about the same loss."""
+    colours = _colours(points)
+    fig, ax = _new_axes(title)
+    for label, (loss, loss_err, ratio, ratio_err) in points.items():
+        ax.errorbar([loss], [ratio * 100], xerr=[loss_err], yerr=[ratio_err * 100], fmt="o", capsize=3,
+                    color=colours[label], label=label)
+        ax.annotate(label, (loss, ratio * 100), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    return _finish(fig, ax, "final eval loss (nats/token)", ratio_label, False, out_path)
+
+
 def plot_loss_vs_tokens(
     series: Mapping[str, tuple],
     fits: Mapping[str, laws.FitResult | tuple[laws.FitResult, float]] | None = None,

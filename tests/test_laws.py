@@ -306,3 +306,102 @@ def test_failed_fit_reports_instead_of_returning_numbers():
     assert not boot.success and boot.ci is None
     with pytest.raises(laws.FitError, match="failed broken fit"):
         laws.predict(result, D)
+
+
+# ------------------------------------------------------------------ laws.analysis (sweep read-outs)
+from scipy import optimize as _optimize, stats as _stats  # noqa: E402
+
+from sparsejax.laws import analysis  # noqa: E402
+
+
+def test_fit_line_matches_scipy_linregress_and_t_intervals():
+    rng = np.random.default_rng(3)
+    x = np.array([3.2, 8.0, 24.0, 64.0, 100.0, 150.0])
+    y = 0.002 * x + 0.1 + rng.normal(0, 0.01, x.size)
+    got = analysis.fit_line(x, y)
+    ref = _stats.linregress(x, y)
+    np.testing.assert_allclose([got.slope, got.intercept, got.slope_se, got.intercept_se, got.r2],
+                               [ref.slope, ref.intercept, ref.stderr, ref.intercept_stderr, ref.rvalue**2],
+                               rtol=1e-10)
+    t = _stats.t.ppf(0.975, x.size - 2)
+    np.testing.assert_allclose(got.slope_ci, (ref.slope - t * ref.stderr, ref.slope + t * ref.stderr), rtol=1e-10)
+    # The line's band at x = 0 is the intercept's interval; it is narrowest at the mean of x.
+    np.testing.assert_allclose(np.ravel(got.band([0.0])), got.intercept_ci, rtol=1e-10)
+    widths = np.subtract(*got.band(x)[::-1])
+    assert np.argmin(np.r_[widths, np.subtract(*got.band([x.mean()])[::-1])]) == x.size
+    assert got.slope_excludes_zero()
+
+
+def test_fit_line_interval_covers_the_true_slope_at_its_level():
+    """Monte Carlo coverage of the 90% slope interval over 2,000 noisy lines (not a formula check)."""
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 10, 5)
+    covered = 0
+    for _ in range(2000):
+        y = -0.3 * x + 2.0 + rng.normal(0, 0.5, x.size)
+        lo, hi = analysis.fit_line(x, y, level=0.9).slope_ci
+        covered += lo <= -0.3 <= hi
+    assert 0.88 <= covered / 2000 <= 0.92
+
+
+def test_fit_line_rejects_unidentified_input():
+    with pytest.raises(ValueError, match=">= 3 points"):
+        analysis.fit_line([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="constant"):
+        analysis.fit_line([2, 2, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        analysis.fit_line([1, 2, 3], [1, np.nan, 3])
+
+
+def test_mean_spread_is_mean_and_half_range():
+    assert analysis.mean_spread([0.2, 0.3]) == pytest.approx((0.25, 0.05))
+    assert analysis.mean_spread([5.0]) == (5.0, 0.0)
+
+
+def _first_settled(x, y, final, band):
+    """Brute force: the first x from which every later y is within band of final."""
+    for i in range(len(x)):
+        if all(abs(v - final) <= band for v in y[i:]):
+            return x[i]
+
+
+def test_converged_tokens_matches_brute_force_and_orders_fast_and_slow_curves():
+    x = np.linspace(0, 10, 201)
+    fast, slow = np.exp(-x) + 0.1, np.exp(-x / 3) + 0.1
+    for y in (fast, slow):
+        final = y[-20:].mean()  # tail 0.1 of 201 points
+        expected = _first_settled(x, y, final, 0.1 * abs(y[0] - final))
+        assert analysis.converged_tokens(x, y, tol=0.1, window=1) == expected
+    # e^(−x) has settled at 10 (final level ≈ A0): it reaches 10% of its start at x = ln 10.
+    assert analysis.converged_tokens(x, fast, window=1) == pytest.approx(np.log(10), abs=0.06)
+    assert analysis.converged_tokens(x, fast, window=1) < analysis.converged_tokens(x, slow, window=1)
+    # Shuffled input is sorted by tokens first; a rising curve is handled like a falling one.
+    perm = np.random.default_rng(1).permutation(x.size)
+    assert analysis.converged_tokens(x[perm], 1 - fast[perm], window=1) == analysis.converged_tokens(x, fast, window=1)
+
+
+def test_converged_tokens_smoothing_ignores_single_noise_spikes():
+    x = np.arange(100.0)
+    y = np.where(x < 20, 1.0, 0.0)
+    y[80] = 0.5  # one noisy point late in the run
+    assert analysis.converged_tokens(x, y, window=1) == 81.0
+    assert analysis.converged_tokens(x, y, window=10) < 81.0
+
+
+@pytest.mark.parametrize("act,size", [("relu", "0.1B"), ("relu", "1.2B"), ("silu", "0.4B")])
+def test_limit_approach_D_solves_the_law_numerically(act, size):
+    params = laws.PUBLISHED[(act, size)]
+    law = laws.PUBLISHED_LAW[act]
+    D = analysis.limit_approach_D(law, params, frac=0.1)
+    p = laws.published_params(act, size)
+    gap = lambda d: abs(laws.LAWS[law](np.array([d]), *p)[0] - params["A0"]) - 0.1 * params["A0"]  # noqa: E731
+    root = _optimize.brentq(gap, 1e-6, 1e8, xtol=1e-12, rtol=1e-12)
+    assert D == pytest.approx(root, rel=1e-6)
+
+
+def test_limit_approach_D_edge_cases():
+    # Transient already below frac·A0 at D -> 0: converged from the start.
+    assert analysis.limit_approach_D("relu_ratio", {"alpha": 1, "b": -10, "c": 1, "A0": 0.5}) == 0.0
+    assert analysis.limit_approach_D("silu_ratio", {"alpha": 1, "c": 0.0, "A0": 0.4}) == np.inf
+    with pytest.raises(ValueError, match="unknown"):
+        analysis.limit_approach_D("chinchilla", {"alpha": 1, "c": 1, "A0": 1})

@@ -14,9 +14,12 @@ units the caller fits them in (predictions must use the same units).
 Modules: :mod:`.core` (the :class:`Law` record, the registry, input validation), :mod:`.ratio`
 (the activation-ratio laws, ``power_offset`` and the published coefficients), :mod:`.loss`
 (Chinchilla, Q-Sparse) and :mod:`.fitting` (:func:`fit`, :func:`bootstrap`, :func:`predict`,
-:func:`predict_band`). Each law is one block in its module — function, Jacobian, initial guesses
-and ``register(Law(...))`` — so adding a law is adding one block; everything public is
-re-exported here, so ``from sparsejax import laws; laws.fit(...)`` is the interface.
+:func:`predict_band`); :mod:`.analysis` reads sweeps against the findings (a least-squares line with
+t intervals, mean ± spread over seeds, tokens until a ratio settles, D at which a fitted law nears
+its limit) and is imported as ``from sparsejax.laws import analysis``. Each law is one block in
+its module — function, Jacobian, initial guesses and ``register(Law(...))`` — so adding a law is
+adding one block; everything public is re-exported here, so
+``from sparsejax import laws; laws.fit(...)`` is the interface.
 
 Fitting (:func:`fit`) follows the papers: Levenberg–Marquardt least squares
 (``scipy.optimize.curve_fit(method="lm")``) for the ratio laws, Chinchilla and ``power_offset``;

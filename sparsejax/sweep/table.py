@@ -70,3 +70,34 @@ def write_table(rows: Sequence[dict], out: pathlib.Path) -> None:
 
     rundir.atomic_write(out / "results.csv", write_csv)
     write_json(out / "results.json", list(rows))
+
+
+def load_table(out) -> list[dict]:
+    """The tidy rows a sweep wrote (OUT/results.json, as :func:`write_table`)."""
+    import json
+
+    path = pathlib.Path(out) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the sweep (python -m sparsejax.sweep ...) first")
+    return json.loads(path.read_text())
+
+
+def series(rows: Sequence[dict], run: str, metric: str, *, after_step: int = -1):
+    """(tokens, values) of one run and metric, by step, steps > ``after_step`` (NumPy arrays;
+    null values, written for NaN, are dropped)."""
+    import numpy as np
+
+    pts = sorted((r["step"], r["tokens"], r["value"]) for r in rows
+                 if r["run"] == run and r["metric"] == metric and r["step"] > after_step
+                 and r["value"] is not None)
+    return np.array([p[1] for p in pts], dtype=float), np.array([p[2] for p in pts], dtype=float)
+
+
+def final_value(rows: Sequence[dict], run: str, metric: str, *, tail: float = 0.0) -> float | None:
+    """A run's metric at its last step, or (``tail`` > 0) the mean over the last ``tail`` share of
+    its points (at least one); None when the run has no such rows."""
+    _, values = series(rows, run, metric)
+    if not len(values):
+        return None
+    k = max(1, int(round(tail * len(values))))
+    return float(values[-k:].mean())
