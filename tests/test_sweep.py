@@ -354,6 +354,34 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
                                             **cmds)] == ["done"]
 
 
+def test_marker_from_older_code_still_counts_as_done(tmp_path):
+    """A marker written before a config field existed (the field missing from its saved config) is
+    read with that field's default and still names the run; a different value, a section this code
+    does not know or a torn marker do not."""
+    relu = sweep.resolve(_two_run_sweep())[0]
+    workdir = tmp_path / "relu"
+    workdir.mkdir()
+
+    def write(cfg):
+        (workdir / sweep.MARKER).write_text(json.dumps({"run": "relu", "config": cfg}))
+
+    older = json.loads(json.dumps(relu.config_dict))
+    del older["recipe"]  # as written before recipes existed
+    del older["train"]["warm_start"]
+    write(older)
+    assert sweep.train_done(workdir, relu)
+    changed = json.loads(json.dumps(relu.config_dict))
+    changed["train"]["steps"] += 1
+    write(changed)
+    assert not sweep.train_done(workdir, relu)
+    write({**relu.config_dict, "optimiser": {}})
+    assert not sweep.train_done(workdir, relu)
+    write({**relu.config_dict, "train": {**relu.config_dict["train"], "steps": "eight"}})
+    assert not sweep.train_done(workdir, relu)
+    (workdir / sweep.MARKER).write_text('{"run": "relu", "config": {"mod')
+    assert not sweep.train_done(workdir, relu)
+
+
 def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     fake_train, fake_eval = _fake_scripts(tmp_path, fail=("relu",))
     path = _sweep_file(tmp_path, """

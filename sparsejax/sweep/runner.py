@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
+from sparsejax import config as config_lib
 from sparsejax import lifecycle, rundir
 from sparsejax.eval_options import EvalOptions, to_argv
 from sparsejax.sweep.resolved import REPO, ResolvedRun, config_path
@@ -67,14 +68,22 @@ def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
     """The run's training marker exists, is readable and names this config.
 
     A damaged marker (torn by a crash) counts as not done: training is started again, resumes
-    from the run's checkpoints, and rewrites the marker.
+    from the run's checkpoints, and rewrites the marker. The saved config is read back through
+    ``config.from_dict`` first, so a field added to the code since (with its default) does not make
+    a finished run look different and train again.
     """
     marker = workdir / MARKER
     try:
         content = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(content, dict) and content.get("config") == run.config_dict
+    if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+        return False
+    try:
+        saved = json.loads(json.dumps(config_lib.to_dict(config_lib.from_dict(content["config"]))))
+    except (config_lib.ConfigError, TypeError, ValueError):
+        return False  # a config this code cannot read is not this run's
+    return saved == run.config_dict
 
 
 def eval_done(workdir: pathlib.Path, metrics: Sequence[str]) -> bool:
