@@ -305,12 +305,18 @@ def test_failed_and_skipped_fits_are_reported(tmp_path):
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
     assert status[("relu", "train_activation_ratio")][0] == "skipped"  # no law for relu here
     assert status[("silu", "zero_ratio")][0] == "skipped"
+    # fat_ratio of relu: values outside [0, 1] make the law's data check fail
+    rows += [sweep._row(relu, 1000 * s, s, "fat_ratio", 1.5) for s in range(20, 25)]
     fits = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=0)
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
-    assert status[("relu", "train_activation_ratio")][0] == "failed"
-    assert "at least 5 points" in status[("relu", "train_activation_ratio")][1]
-    d = next(f for f in fits if f.metric == "train_activation_ratio").to_dict()
-    assert d["success"] is False and d["params_fit"] is None and "FAILED" in sweep.format_fit(fits[0])
+    # 3 points after warm-up where the ReLU law has 4 parameters: not fitted, and said why
+    assert status[("relu", "train_activation_ratio")] == (
+        "skipped", "3 point(s) after warm-up; the relu_ratio law needs 5 (evaluate more checkpoints to "
+        "fit this metric)")
+    assert status[("relu", "fat_ratio")][0] == "failed"
+    failed = next(f for f in fits if (f.run.name, f.metric) == ("relu", "fat_ratio"))
+    d = failed.to_dict()
+    assert d["success"] is False and d["params_fit"] is None and "FAILED" in sweep.format_fit(failed)
 
 
 # ---------------------------------------------------------------------------------------------
