@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -45,12 +46,25 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, log_x: bool, out_path, ke
     ax.set_ylabel(ylabel)
     if log_x:
         ax.set_xscale("log")
+        # Matplotlib labels every minor tick of an axis spanning a decade or two, and labels such as
+        # "3×10⁻⁵" then run into each other: label only the 2s and 5s between the decades.
+        lo, hi = ax.get_xlim()
+        if 0 < lo < hi and np.log10(hi / lo) < 3:
+            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
     handles = ax.get_legend_handles_labels()[0] + list(key_handles)
     if handles:
         ax.legend(handles=handles, fontsize="small")
     if out_path is not None:
         save_figure(fig, out_path)
     return fig
+
+
+def _minor_log_label(x: float, _pos=None) -> str:
+    if not np.isfinite(x) or x <= 0:
+        return ""
+    exponent = int(np.floor(np.log10(x) + 1e-9))
+    mantissa = round(x / 10.0**exponent, 6)
+    return f"${mantissa:g}\\times10^{{{exponent}}}$" if mantissa in (2.0, 5.0) else ""
 
 
 def save_figure(fig: Figure, out_path, formats: tuple[str, ...] = ("png", "pdf")) -> Path:

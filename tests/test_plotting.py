@@ -117,3 +117,24 @@ def test_loss_vs_tokens_with_chinchilla_at_fixed_n(tmp_path):
     _assert_saved(tmp_path / "loss")
     with pytest.raises(ValueError, match="takes"):
         plotting.plot_loss_vs_tokens(series, {"bad": chinchilla_fit})
+
+
+def _minor_labels(fig) -> list[str]:
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    return [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text() and t.get_visible()
+            and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+
+
+def test_log_axis_over_a_decade_labels_only_twos_and_fives():
+    """Over 1.4 decades matplotlib's default labels every minor tick (3×10⁻⁵, 4×10⁻⁵, ... overlap);
+    only the 2s and 5s are labelled. Over many decades the default (no minor labels) stays."""
+    params = np.array([2.4e-5, 8e-5, 1.9e-4, 6.4e-4])
+    fig = plotting.plot_limit_vs_params({"relu": (params, np.array([0.33, 0.28, 0.18, 0.06]))})
+    labels = _minor_labels(fig)
+    assert labels and all(("2\\times" in t) or ("5\\times" in t) for t in labels), labels
+    assert len(labels) <= 4
+    wide = plotting.plot_limit_vs_params({"relu": (np.array([1e-6, 1e-3, 1.0]), np.array([0.3, 0.2, 0.1]))})
+    assert not [t for t in _minor_labels(wide) if "times" in t and not t.startswith("$\\mathdefault{10")]
+    assert plotting._minor_log_label(5e-4) == "$5\\times10^{-4}$"
+    assert plotting._minor_log_label(3e-4) == "" and plotting._minor_log_label(0.0) == ""
