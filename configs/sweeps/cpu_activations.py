@@ -15,8 +15,8 @@ checkpoint alone is kept and evaluated (FAT-0.01 and CETT-PPL-1%, the paper's me
 to every activation alike). notebooks/sparsing_law_findings.ipynb compares the CETT-PPL-1% ratio
 and the final loss per variant (mean ± spread over the seeds).
 
-Cost: 1.5–2 CPU-minutes per run (train + eval, measured on a 2-core sandbox, 2026-11-27);
-wall time depends on how contended the machine is.
+Cost, measured on a quiet 2-core sandbox on 2026-11-27: 15 min in all, of which 13 min train + eval
+(42–70 s per run) and 2 min of the sweep's fits.
 """
 
 from sparsejax import sweep

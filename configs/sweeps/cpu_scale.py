@@ -12,8 +12,8 @@ in-graph ratio (every 10 steps) carries the curve the ratio laws are fitted to; 
 checkpoint alone is kept and evaluated (CETT-PPL-1%). notebooks/sparsing_law_findings.ipynb fits
 A0 per run, A0 against log parameters, and the tokens each ratio takes to settle.
 
-Cost: 1–2 CPU-minutes per run (train + eval, measured on a 2-core sandbox, 2026-11-27);
-wall time depends on how contended the machine is.
+Cost, measured on a quiet 2-core sandbox on 2026-11-27: 11 min in all, of which 8 min train + eval
+(36–104 s per run) and 2.5 min of the sweep's fits.
 """
 
 from sparsejax import sweep
