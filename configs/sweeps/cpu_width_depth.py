@@ -13,8 +13,9 @@ cpu_proxy.py, so the ratio reflects data, not the LR schedule). Only the final c
 and evaluated (zero and CETT-PPL-1%); the ratio-vs-tokens curve is the in-graph ratio logged every
 10 steps. notebooks/sparsing_law_findings.ipynb fits a line of the ratio on width/depth.
 
-Cost, measured on a quiet 2-core sandbox on 2026-11-27: 24 min in all, of which 17 min train + eval
-(54–166 s per run, the 15-layer shape slowest) and 7 min of the sweep's fits (200 bootstrap resamples).
+Cost, measured on a 2-core sandbox on 2026-11-27: at most 24 min in all, of which 17 min train + eval
+(54–166 s per run, the 15-layer shape slowest; other test runs shared the cores for ~10 of those
+minutes) and 7 min of the sweep's fits (200 bootstrap resamples).
 """
 
 from sparsejax import sweep
