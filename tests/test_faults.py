@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sparsejax import writers
+from run_wait import wait_for, wait_for_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
@@ -96,22 +97,6 @@ def _params_finite(step_dir) -> bool:
     return all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
 
 
-def _wait_for(pred, proc, timeout=120, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended before {what}: {proc.stderr.read() if proc.stderr else ''}")
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached in {timeout}s")
-
-
-def _reached(workdir, step):
-    path = workdir / "metrics.jsonl"
-    return lambda: path.exists() and path.stat().st_size and (_loss_steps(workdir) or [0])[-1] >= step
-
-
 # ---------------------------------------------------------------- 1. NaN is never checkpointed
 def test_divergence_never_leaves_a_non_finite_checkpoint(tmp_path):
     # The reproduction: a learning rate that blows the parameters up, checkpoint every step.
@@ -158,7 +143,7 @@ def test_eval_changes_nothing_in_the_run_and_a_live_trainer_survives_it(tmp_path
     trainer = _start(live, "train.steps=400", "train.checkpoint_every=5", "train.log_every=1",
                      "train.keep_last=100")
     try:
-        _wait_for(lambda: len(_steps(live)) >= 2, trainer, what="two checkpoints")
+        wait_for(lambda: len(_steps(live)) >= 2, trainer, what="two checkpoints")
         for _ in range(2):
             _ok(_eval("--workdir", live, "--checkpoints", "last", "--metrics", "zero",
                       "--out", tmp_path / "live.json"))
@@ -174,7 +159,7 @@ def test_eval_changes_nothing_in_the_run_and_a_live_trainer_survives_it(tmp_path
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
     first = _start(tmp_path, "train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
     try:
-        _wait_for(_reached(tmp_path, 1), first, what="step 1")
+        wait_for_step(tmp_path, 1, first)
         second = _train(tmp_path, "train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
         _one_line_error(second, 2, f"in use by PID {first.pid}", "--workdir")
         _, err = first.communicate(timeout=300)
@@ -207,7 +192,7 @@ def test_killing_a_sweep_stops_its_trainer_and_a_restart_finishes_the_run(tmp_pa
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(_reached(workdir, 25), proc, timeout=180, what="step 25")
+        wait_for_step(workdir, 25, proc, timeout=180)
         trainer_pid = json.loads((workdir / ".lock").read_text())["pid"]
         proc.send_signal(signal.SIGKILL)  # the sweep dies at once; its trainer must not live on
         proc.wait()
@@ -275,7 +260,7 @@ def test_signal_on_a_checkpoint_step_saves_once_and_exits_cleanly(tmp_path, sig,
     # Every step is a checkpoint step, so the signal always lands on one that was just saved.
     common = ["train.steps=400", "train.log_every=1", "train.checkpoint_every=1", "train.keep_last=2"]
     proc = _start(tmp_path, *common)
-    _wait_for(_reached(tmp_path, 5), proc, what="step 5")
+    wait_for_step(tmp_path, 5, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err

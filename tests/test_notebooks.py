@@ -10,6 +10,24 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SPARSING_LAW_FIGURES = ("relu_ratio_vs_tokens", "silu_ratio_vs_tokens", "limit_vs_params")
 
 
+def _execute(name, tmp_path, figures):
+    """Execute notebooks/<name> from notebooks/ as Jupyter would (the kernel inherits the
+    environment the test set), check each figure was saved as PNG and PDF, return the notebook."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()  # raises CellExecutionError, with the failing cell, on any error
+    for stem in figures:
+        for ext in ("png", "pdf"):
+            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
+    return notebook
+
+
+def _text(notebook) -> str:
+    return "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+
+
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_is_committed_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
@@ -22,15 +40,7 @@ def test_notebook_is_committed_without_outputs(path):
 def test_sparsing_law_fits_notebook_executes_and_saves_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEJAX_SMALL", "1")
     monkeypatch.setenv("SPARSEJAX_OUT", str(tmp_path))
-    notebook = nbformat.read(NOTEBOOKS / "sparsing_law_fits.ipynb", as_version=4)
-    # Run from notebooks/ as Jupyter would; the kernel inherits the environment set above.
-    client = NotebookClient(
-        notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
-    client.execute()  # raises CellExecutionError, with the failing cell, on any error
-    for stem in SPARSING_LAW_FIGURES:
-        for ext in ("png", "pdf"):
-            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
+    notebook = _execute("sparsing_law_fits.ipynb", tmp_path, SPARSING_LAW_FIGURES)
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == len(SPARSING_LAW_FIGURES)
 
@@ -43,16 +53,8 @@ def test_cpu_proxy_sweep_notebook_trains_a_miniature_sweep_and_saves_figures(tmp
     monkeypatch.setenv("SPARSEJAX_OUT", str(tmp_path))
     monkeypatch.delenv("SPARSEJAX_SWEEP_DIR", raising=False)
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the miniature runs train on one CPU device
-    notebook = nbformat.read(NOTEBOOKS / "cpu_proxy_sweep.ipynb", as_version=4)
-    client = NotebookClient(
-        notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
-    client.execute()
-    for stem in CPU_PROXY_FIGURES:
-        for ext in ("png", "pdf"):
-            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
+    text = _text(_execute("cpu_proxy_sweep.ipynb", tmp_path, CPU_PROXY_FIGURES))
     assert (tmp_path / "mini_sweep" / "results.csv").exists()
-    text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "Sparsing Law trend (ReLU falls, SiLU rises)" in text
     assert "ReLU: ratio falls with data in" in text and "SiLU: ratio rises with data in" in text
 
@@ -71,15 +73,7 @@ def test_sparsing_law_findings_notebook_recovers_the_planted_findings(tmp_path, 
     monkeypatch.setenv("SPARSEJAX_OUT", str(tmp_path))
     for var in ("SPARSEJAX_WIDTH_DEPTH_DIR", "SPARSEJAX_SCALE_DIR", "SPARSEJAX_ACTIVATIONS_DIR"):
         monkeypatch.delenv(var, raising=False)
-    notebook = nbformat.read(NOTEBOOKS / "sparsing_law_findings.ipynb", as_version=4)
-    client = NotebookClient(
-        notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
-    client.execute()
-    for stem in FINDINGS_FIGURES:
-        for ext in ("png", "pdf"):
-            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
-    text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    text = _text(_execute("sparsing_law_findings.ipynb", tmp_path, FINDINGS_FIGURES))
     # Finding 1: the planted slope (0.1 pp per unit width/depth) is recovered, with an interval above 0.
     m = re.search(r"Finding 1 \(width/depth\): ratio vs width/depth below 114: slope ([+-][\d.]+) pp/unit "
                   r"\[([+-][\d.]+), ([+-][\d.]+)\] -> holds", text)

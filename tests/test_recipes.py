@@ -12,7 +12,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparsejax import (config, data, ffn, metrics, model, objectives, optim, plotting, recipes,
+from sparsejax import (config, data, ffn, metrics, model, optim, plotting, recipes,
                        sharding, sparsity, step, trainer, warm_start, writers)
 from sparsejax.config import ConfigError
 from sparsejax.sparsity import Sparsity
+from run_wait import wait_for_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
@@ -274,12 +274,7 @@ def test_sigkill_and_resume_across_a_stage_boundary_is_bitwise_identical(tmp_pat
     proc = subprocess.Popen(_cmd(killed, *common), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            path = killed / "metrics.jsonl"
-            if path.exists() and path.stat().st_size and (_records(killed) or [{}])[-1].get("step", 0) >= 31:
-                break
-            time.sleep(0.02)
+        wait_for_step(killed, 31, proc, timeout=900)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

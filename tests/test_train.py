@@ -9,12 +9,12 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from sparsejax import writers
+from run_wait import wait_for_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
@@ -50,20 +50,6 @@ def _losses(workdir):
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
-def _wait_for_step(workdir, step, proc, timeout=60):
-    path = workdir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()}")
-        if path.exists():
-            steps, _ = _losses(workdir) if path.stat().st_size else ([], [])
-            if steps and steps[-1] >= step:
-                return steps[-1]
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def test_short_run_learns_and_writes_outputs(tmp_path):
     proc = _run(tmp_path, "train.steps=120", "train.log_every=10", "train.eval_every=60",
                 "train.checkpoint_every=60", "train.learning_rate=3e-3")
@@ -95,7 +81,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     proc = subprocess.Popen(_cmd(killed, *common), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        reached = _wait_for_step(killed, 100, proc)
+        reached = wait_for_step(killed, 100, proc, timeout=60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -113,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tmp_path):
               "train.eval_every=1000"]
     proc = subprocess.Popen(_cmd(tmp_path, *common), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
-    _wait_for_step(tmp_path, 30, proc)
+    wait_for_step(tmp_path, 30, proc, timeout=60)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
