@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import pathlib
 import typing
@@ -519,6 +520,12 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_json_dict(cfg: Config) -> dict:
+    """``to_dict`` as it reads back from JSON (tuples become lists): the form that config.json
+    and sweep markers hold, so a config compares equal to one read from disk."""
+    return json.loads(json.dumps(to_dict(cfg)))
 
 
 def _lists_to_tuples(value: Any) -> Any:

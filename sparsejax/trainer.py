@@ -83,7 +83,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
     default value, so adding a config field does not lock users out of their running runs.
     """
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-    defaults = _flatten(json.loads(json.dumps(config_lib.to_dict(config_lib.Config()))))
+    defaults = _flatten(config_lib.to_json_dict(config_lib.Config()))
     a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 

@@ -97,9 +97,9 @@ def fit_run_metric(run: ResolvedRun, rows: Sequence[dict], metric: str, law_by_a
         skip = f"no law for activation {run.activation!r} (sweep laws: {dict(law_by_activation)})"
     elif metric == "zero_ratio" and not activations.get(run.activation).exact_zeros:
         skip = f"zero criterion is meaningless for {run.activation} (no exact zeros)"
-    elif len(D) <= laws.get_law(law).n_params:
+    elif len(D) <= (n_params := laws.get_law(law).n_params):
         # e.g. a sweep that evaluates only its final checkpoint: one point, a curve needs more
-        skip = (f"{len(D)} point(s) after warm-up; the {law} law needs {laws.get_law(law).n_params + 1} "
+        skip = (f"{len(D)} point(s) after warm-up; the {law} law needs {n_params + 1} "
                 f"(evaluate more checkpoints to fit this metric)")
     if skip:
         return LawFit(run, metric, law, "skipped", skip, D, ratio)

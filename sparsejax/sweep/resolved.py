@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Mapping, Sequence
@@ -87,7 +86,7 @@ def resolve(sweep: Sweep, global_overrides: Sequence[str] = ()) -> tuple[Resolve
             size=run.size, width=m.d_model, depth=m.n_layers,
             params=flops.param_counts(m).non_embedding, tokens_per_step=t.batch_size * t.seq_len,
             steps=t.steps, warmup_steps=t.warmup_steps,
-            config_dict=json.loads(json.dumps(config_lib.to_dict(cfg)))))
+            config_dict=config_lib.to_json_dict(cfg)))
     return tuple(resolved)
 
 

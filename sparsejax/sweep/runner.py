@@ -80,7 +80,7 @@ def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
     if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
         return False
     try:
-        saved = json.loads(json.dumps(config_lib.to_dict(config_lib.from_dict(content["config"]))))
+        saved = config_lib.to_json_dict(config_lib.from_dict(content["config"]))
     except (config_lib.ConfigError, TypeError, ValueError):
         return False  # a config this code cannot read is not this run's
     return saved == run.config_dict
