@@ -1,4 +1,5 @@
-"""eval.py / sparsejax.evaluation on a tiny model trained here: sparse passes vs numpy, CETT-PPL."""
+"""eval.py / sparsejax.evaluation on the golden fixture run (frozen checkpoints of a tiny ReLU
+model): sparse passes vs numpy, CETT-PPL, the CLI."""
 
 import json
 import math
@@ -11,28 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import (cett, config as config_lib, evaluation, model as model_lib, plotting,
-                       results as results_lib, trained_run, trainer)
+import golden_run
+
+from sparsejax import (cett, evaluation, model as model_lib, plotting,
+                       results as results_lib, trained_run)
 from sparsejax.sparsity import Sparsity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cfg(activation="relu", steps=160):
-    cfg = config_lib.proxy_config("tiny", activation)
-    overrides = ["model.d_model=64", "model.n_layers=2", "model.d_ff=160", "model.n_heads=2",
-                 "train.batch_size=8", "train.seq_len=64", f"train.steps={steps}",
-                 "train.warmup_steps=20", "train.eval_every=1000", "train.checkpoint_every=40",
-                 "train.keep_every=40", "train.keep_last=2", "train.eval_batches=3",
-                 "train.log_every=40"]
-    return config_lib.validate(config_lib.apply_overrides(cfg, overrides))
-
-
 @pytest.fixture(scope="module")
 def relu_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("relu_run")
-    trainer.train(_cfg("relu"), workdir, progress=False)
-    return workdir
+    """The golden fixture's run (frozen checkpoints of a 160-step run of ``golden_run.config()``):
+    the same run on every machine, and no training in this module."""
+    return golden_run.build_run(tmp_path_factory.mktemp("relu_run") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -306,39 +299,3 @@ def test_cli_end_to_end(relu_run, tmp_path):
     assert [e["step"] for e in results["checkpoints"]] == [160]
     assert set(results["checkpoints"][0]["results"]) == {"zero", "topk", "topk_global", "cett"}
     assert "CETT=0.2" in proc.stdout
-
-
-def _assert_close(new, old, path="", rtol=1e-4):
-    """Recursive comparison of two results dicts: same keys and shapes, floats to ``rtol``."""
-    if isinstance(old, dict):
-        assert set(new) == set(old), (path, set(new) ^ set(old))
-        for k in old:
-            _assert_close(new[k], old[k], f"{path}/{k}", rtol)
-    elif isinstance(old, list):
-        assert len(new) == len(old), path
-        for i, (a, b) in enumerate(zip(new, old)):
-            _assert_close(a, b, f"{path}[{i}]", rtol)
-    elif isinstance(old, float):
-        assert math.isclose(new, old, rel_tol=rtol, abs_tol=1e-9), (path, new, old)
-    else:
-        assert new == old, (path, new, old)
-
-
-def test_results_match_the_golden_file_written_before_the_refactor(relu_run):
-    """tests/golden/eval_results_tiny_relu.json holds the evaluator's results on this fixture's
-    exact run and options; every value must agree to 1e-4 relative.
-
-    History: written before the analysis modules were split (commit ec01682) and matched by the
-    split evaluator (CETT thresholds to < 1e-5: the candidate grid's top became the reference's
-    float32 quantile). Regenerated 2026-11-27 when RoPE tables and the written-out attention
-    changed float32 rounding: on the same parameters the new model's logits and gradients agree
-    with the old one's to 6e-7 (test_model.py checks both forms against each other), but 160
-    training steps amplify that: of 849 values the median moved 2.5e-5 relative, the joint CETT
-    threshold 8% and dead-neuron shares by up to 9 of 160 neurons. Written as the test runs it
-    (8 fake CPU devices: the data-parallel reduction order is part of the numbers)."""
-    golden = json.loads((ROOT / "tests" / "golden" / "eval_results_tiny_relu.json").read_text())
-    options = evaluation.EvalOptions(metrics=tuple(golden["metrics"]), joint_last=3)
-    results = evaluation.evaluate_run(relu_run, options, progress=False)
-    for key in ("workdir", "seconds"):
-        results.pop(key)
-    _assert_close(json.loads(json.dumps(results)), golden)
