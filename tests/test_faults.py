@@ -23,6 +23,8 @@ import pytest
 from sparsejax import writers
 from run_wait import wait_for, wait_for_step
 
+pytestmark = pytest.mark.slow  # real training processes killed and restarted
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
          "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=5",

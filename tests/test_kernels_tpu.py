@@ -20,6 +20,8 @@ from sparsejax.config import MeshConfig
 from sparsejax.kernels import ffn, sharded
 from sparsejax.kernels import block_mask as bm
 
+pytestmark = pytest.mark.slow  # compiles for TPU with libtpu
+
 # Nothing runs on a TPU here, so several compiling processes may share libtpu (its lockfile
 # would otherwise refuse a second one), as in benchmarks/tpu_fit.py.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

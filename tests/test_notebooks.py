@@ -6,6 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # executes notebooks
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SPARSING_LAW_FIGURES = ("relu_ratio_vs_tokens", "silu_ratio_vs_tokens", "limit_vs_params")
 

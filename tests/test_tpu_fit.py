@@ -15,6 +15,8 @@ from sparsejax import config, flops
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import tpu_fit  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles paper configs for TPU with libtpu
+
 
 @pytest.fixture(scope="module")
 def libtpu():
