@@ -275,6 +275,7 @@ def test_cett_ppl_refuses_warmup_only_selection(relu_run, tmp_path):
         evaluation.evaluate_run(copy, evaluation.EvalOptions(metrics=("cett_ppl",)), progress=False)
 
 
+@pytest.mark.slow
 def test_cli_bad_workdir_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "res" / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path / "missing"),
@@ -287,6 +288,7 @@ def test_cli_bad_workdir_exits_2_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and "nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(relu_run, tmp_path):
     out = tmp_path / "e" / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(relu_run),

@@ -79,6 +79,7 @@ def sparse_path_only(monkeypatch):
     monkeypatch.setitem(kffn.DENSE_FALLBACK_DENSITY, "cpu", 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_block_sparse_training_equals_one_device_einsum_ffn(mesh, sparse_path_only):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"

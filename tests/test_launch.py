@@ -98,6 +98,7 @@ def _cli(*argv, env=None):
                           capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_cli_dry_runs_end_to_end(tmp_path):
     args = _train_args("sparsing_law_0.1b.py")
     p = _cli("tpu-vm", "--tpu-type", "v5e-16", "--name", "sj-01b", "--zone", "us-west4-a", "--", *args)
@@ -137,6 +138,7 @@ def test_cli_bad_config_and_missing_workdir(capsys):
     assert "model.activation='reluu'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_run_without_the_tool_runs_nothing(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))  # no gcloud, no xpk
     p = _cli("tpu-vm", "--tpu-type", "v4-8", "--name", "x", "--zone", "z", "--run", "--",
@@ -234,6 +236,7 @@ def test_sweep_launch_without_a_gs_backend_is_one_line(monkeypatch):
     backend.fsspec_backend._get_filesystem.cache_clear()
 
 
+@pytest.mark.slow
 def test_sweep_cli_hook(tmp_path):
     """python -m sparsejax.sweep SPEC --launch xpk: bad engine options and a local --out are
     one-line errors (exit 2), nothing written."""
@@ -258,6 +261,7 @@ def test_job_names():
     assert jobs.job_name("1x", "y")[0].isalpha()
 
 
+@pytest.mark.slow
 def test_job_writes_the_marker_on_host_zero_only(tmp_path):
     """The job wrapper around a real 2-step train.py: marker = the config train.py wrote."""
     overrides = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",

@@ -143,6 +143,7 @@ def test_resample_indices_are_runs_of_consecutive_points():
     np.testing.assert_array_equal(np.diff(runs[8:]), 1)
 
 
+@pytest.mark.slow
 def test_block_bootstrap_widens_intervals_of_autocorrelated_series():
     """Per-step training curves carry serially correlated noise; resampling single points ignores it.
 

@@ -196,6 +196,7 @@ def test_every_parameter_has_logical_axes():
             assert set(leaf.names) <= {"vocab", "embed", "mlp", "heads", "kv", "norm"}
 
 
+@pytest.mark.slow
 def test_golden_initial_loss_is_log_vocab():
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=160,
                       max_seq_len=64, activation="relu")

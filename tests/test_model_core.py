@@ -28,6 +28,7 @@ def _loss(cfg, params, tokens, sp=None):
     return next_token_loss(logits, tokens[:, 1:])[0]
 
 
+@pytest.mark.slow
 def test_scan_layers_same_loss_grads_and_accessors_as_unrolled():
     """The same (converted) parameters give the same loss, gradients, statistics, intermediates
     and per-layer weights in both layouts; conversion round-trips exactly."""
@@ -84,6 +85,7 @@ def test_scan_layers_evaluation_thresholds_per_layer():
     np.testing.assert_allclose(l_u, _loss(CFG, no_ffn1, tokens), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [p for p in model.remat_policy_names() if p != "none"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_leave_loss_and_grads_unchanged(policy, scan):
@@ -136,6 +138,7 @@ def test_config_errors_name_field_and_allowed_values(overrides, match):
 
 
 # ------------------------------------------------------------------------- block-sparse FFN
+@pytest.mark.slow
 def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
     """ReLU: the zero-criterion tile mask keeps every nonzero, so training with the block-sparse
     FFN (CPU: the kernels' pure-JAX path) follows the einsum FFN; evaluation runs on it."""
@@ -166,6 +169,7 @@ def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
 
 
 # --------------------------------------------------------------------- checkpoint layouts
+@pytest.mark.slow
 def test_checkpoint_of_the_other_layout_converts_for_reading_and_refuses_resume(tmp_path):
     cfg = config.apply_overrides(config.proxy_config("tiny"), MICRO + [
         "train.steps=2", "train.checkpoint_every=2", "train.eval_every=1000", "train.log_every=1",
@@ -189,6 +193,7 @@ def test_checkpoint_of_the_other_layout_converts_for_reading_and_refuses_resume(
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_scanned_remat_run_evaluates_end_to_end_as_the_unrolled_model(tmp_path):
     """Train with scan + full remat, run the whole evaluation (zero, FAT, top-k, CETT-PPL) on its
     checkpoint, then evaluate the same checkpoint as the unrolled model (config edited, layout

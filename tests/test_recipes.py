@@ -92,6 +92,7 @@ def test_l1_gradient_equals_the_analytic_gradient_on_a_toy_ffn():
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_objective_terms_normalisation_and_grad_accumulation():
     """Every term reported on its own; the same per-token values with 1 and 4 micro-batches;
     the in-graph chunk sparsity equals metrics.chunk_sparsity on the model's activations."""
@@ -121,12 +122,14 @@ def test_objective_terms_normalisation_and_grad_accumulation():
     assert float(m["l1"]) == pytest.approx(want_l1, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_without_a_recipe_the_step_reports_no_recipe_metrics():
     ms, *_ = _train(_cfg(), 1)
     assert not set(step.RECIPE_METRICS) & set(ms[0])
 
 
 # -------------------------------------------------------------- effects on the tiny config
+@pytest.mark.slow
 def test_prosparse_l1_lowers_the_activation_ratio_at_a_bounded_loss_cost():
     """Same seed, data and steps: the sine-staged L1 (then FATReLU 0.01) against λ = 0.
     Bound: the LM loss (mean of the last 5 steps) rises by less than 0.15 nats."""
@@ -141,6 +144,7 @@ def test_prosparse_l1_lowers_the_activation_ratio_at_a_bounded_loss_cost():
     assert prosparse[-1]["activation_threshold"] == np.float32(0.01)
 
 
+@pytest.mark.slow
 def test_topk_schedule_ends_at_exactly_k_active_per_token():
     cfg = _cfg("model.activation=silu", "model.topk_ste=true",
                *_sched("topk", "linear", (0, 16), (2, 6)))
@@ -158,6 +162,7 @@ def test_topk_schedule_ends_at_exactly_k_active_per_token():
         assert (np.count_nonzero(np.asarray(h), axis=-1) == 16).all()
 
 
+@pytest.mark.slow
 def test_chunk_loss_raises_chunk_level_sparsity():
     base = ["train.steps=60", "recipe.chunk_len=8"]
     # λ = 0 on a schedule that is not the default: the term is on (so chunk sparsity is logged)
@@ -264,6 +269,7 @@ ALL_TERMS = (["model.activation=fatrelu", "model.topk_ste=true", "recipe.chunk_l
              + _sched("activation_threshold", "piecewise", (0.0, 0.01), (0, 45)))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_across_a_stage_boundary_is_bitwise_identical(tmp_path):
     """Every recipe term at once; killed after step 30 (checkpoints every 15), resumed from a
     checkpoint before the threshold (45), top-k (50) and L1 (40, 70) stage boundaries."""
@@ -301,6 +307,7 @@ def silu_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_warm_start_across_activations_and_layouts(silu_run, tmp_path):
     # Source params read by orbax alone, independently of sparsejax's readers.
     src = ocp.PyTreeCheckpointer().restore(silu_run / "checkpoints" / "12" / "state")["params"]
@@ -326,6 +333,7 @@ def test_warm_start_across_activations_and_layouts(silu_run, tmp_path):
         np.testing.assert_array_equal(params["embed"]["embedding"], src["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_warm_start_with_mismatched_shapes_is_refused_before_anything_is_written(silu_run, tmp_path):
     workdir = tmp_path / "wider"
     proc = _run(workdir, "model.d_ff=192", f"train.warm_start={silu_run}", check=False)

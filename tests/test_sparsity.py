@@ -31,6 +31,7 @@ def test_active_rules_against_literal_values():
     assert float(sparsity.fat_threshold(jnp.float32(0.0))) == np.float32(1e-18)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d_ff", PAPER_D_FF)
 def test_training_and_evaluation_topk_keep_the_same_k(d_ff):
     """ModelConfig.topk (training), metrics.resolve_topk / topk_active_TxF and the evaluator's k
@@ -99,6 +100,7 @@ def _batch(cfg, seed=3):
     return {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": weights}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation, n_layers, criterion", [("relu", 2, "zero"),
                                                             ("silu", 1, "fat")])
 def test_in_graph_training_ratio_equals_evaluation_ratio(activation, n_layers, criterion):

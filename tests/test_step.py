@@ -15,6 +15,7 @@ def _cfg(*extra):
     return config.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices():
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
     cfg1 = _cfg()
@@ -30,6 +31,7 @@ def test_one_device_equals_eight_devices():
     assert l1[-1] < l1[0]
 
 
+@pytest.mark.slow
 def test_scan_and_remat_one_device_equals_eight_devices():
     """Scanned, rematerialised blocks: stacked params sharded with a replicated "layers" axis."""
     extra = ("model.scan_layers=true", "model.remat_policy=full")
@@ -58,12 +60,14 @@ def test_batch_sharding_follows_the_batch_rule():
         sharding.check_batch(3, 1, mesh, only_data.mesh)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch():
     l1, _, _ = train_steps(_cfg(), jax.devices()[:1])
     l4, _, _ = train_steps(_cfg("train.grad_accum=4"), jax.devices()[:1])
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation, topk", [("relu", 0), ("silu", 0), ("silu", 40)])
 def test_in_graph_activation_ratio_matches_numpy(activation, topk):
     cfg = _cfg(f"model.activation={activation}", f"model.topk={topk}", "train.fat_eps=0.05")
@@ -93,6 +97,7 @@ def test_in_graph_activation_ratio_matches_numpy(activation, topk):
     assert 0 < np.mean(want_ratio) < 1
 
 
+@pytest.mark.slow
 def test_logging_off_gives_same_loss():
     cfg = _cfg()
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])

@@ -186,6 +186,7 @@ def test_cpu_finding_sweeps_resolve_to_their_documented_grids():
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_print_commands_lists_local_and_tpu_commands_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
     proc = _cli(REPO / "configs/sweeps/cpu_proxy.py", "--out", out, "--print-commands", "--set", "train.steps=50")
@@ -208,6 +209,7 @@ def test_print_commands_lists_local_and_tpu_commands_and_runs_nothing(tmp_path):
     assert local.count("train.py") == 1 and "eval.py" not in local
 
 
+@pytest.mark.slow
 def test_cli_bad_override_exits_2_naming_run_and_field(tmp_path):
     proc = _cli(REPO / "configs/sweeps/cpu_proxy.py", "--out", tmp_path, "--set", "train.shedule=wsd")
     assert proc.returncode == 2 and "run 'tiny_relu'" in proc.stderr and "train.shedule" in proc.stderr
@@ -264,6 +266,7 @@ def _law_rows(run, law, params, steps, noise=0.0, seed=0):
     return [sweep._row(run, d * 1e9, s, "train_activation_ratio", v) for s, d, v in zip(steps, D, ratio)]
 
 
+@pytest.mark.slow
 def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
     relu, silu = sweep.resolve(_two_run_sweep(("train.warmup_steps=20", "train.batch_size=512",
                                                "train.seq_len=256")))
@@ -329,6 +332,7 @@ def _fake_scripts(tmp_path, fail=()):
     return train, evaluate
 
 
+@pytest.mark.slow
 def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
     fake_train, fake_eval = _fake_scripts(tmp_path)
     spec = _two_run_sweep()
@@ -360,6 +364,7 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
                                             **cmds)] == ["done"]
 
 
+@pytest.mark.slow
 def test_marker_from_older_code_still_counts_as_done(tmp_path):
     """A marker written before a config field existed (the field missing from its saved config) is
     read with that field's default and still names the run; a different value, a section this code
@@ -388,6 +393,7 @@ def test_marker_from_older_code_still_counts_as_done(tmp_path):
     assert not sweep.train_done(workdir, relu)
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     fake_train, fake_eval = _fake_scripts(tmp_path, fail=("relu",))
     path = _sweep_file(tmp_path, """
@@ -411,6 +417,7 @@ def test_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     assert manifest["name"] == "fails" and [r.name for r in runs] == ["relu", "silu"]
 
 
+@pytest.mark.slow
 def test_real_train_and_eval_end_to_end_then_everything_skipped(tmp_path):
     path = _sweep_file(tmp_path, f"""
         def get_sweep():
@@ -441,6 +448,7 @@ def test_real_train_and_eval_end_to_end_then_everything_skipped(tmp_path):
     assert (out / "runs" / "relu" / "train.log").read_text() == train_log
 
 
+@pytest.mark.slow
 def test_limit_plots_use_identified_limits_only(tmp_path):
     shapes = [sweep.shape_point(f"w{w}", d_model=w, n_layers=l, n_heads=1, head_dim=32, d_ff=int(2.5 * w))
               for w, l in ((64, 8), (96, 4), (128, 2), (192, 1))]
@@ -479,6 +487,7 @@ def test_load_sweep_errors_name_the_file_and_the_problem(tmp_path):
         sweep.load_sweep(tmp_path / "wrong.py")
 
 
+@pytest.mark.slow
 def test_sweep_files_load_without_jax_or_scipy():
     code = ("import sys, pathlib; from sparsejax import sweep\n"
             "for f in sorted(pathlib.Path('configs/sweeps').glob('*.py')):\n"
