@@ -250,3 +250,118 @@ def test_text_source_config_fields():
         _cfg("data.source=text")
     with pytest.raises(config.ConfigError, match="allowed values: .*'text'"):
         _cfg("data.source=txt")
+
+
+# ------------------------------------------------------------------------ existing tokenizers
+def _save_sentencepiece(tmp_path, vocab_size=400) -> str:
+    import sentencepiece as spm
+
+    lines = data.load_corpus_text()[:100_000].splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(line for line in lines if line),
+                                   model_prefix=str(tmp_path / "tok"), vocab_size=vocab_size,
+                                   model_type="unigram", byte_fallback=True, minloglevel=2)
+    return str(tmp_path / "tok.model")
+
+
+def _save_hf_tokenizer(tmp_path) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(data.load_corpus_text()[:100_000].splitlines(), trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return str(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
+def test_existing_tokenizer_sets_the_vocabulary(tmp_path, kind):
+    path = _save_sentencepiece(tmp_path) if kind == "sentencepiece" else _save_hf_tokenizer(tmp_path)
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        reference = spm.SentencePieceProcessor(model_file=path)
+        size, encode = reference.get_piece_size(), reference.encode
+    else:
+        import tokenizers
+
+        reference = tokenizers.Tokenizer.from_file(path)
+        size, encode = reference.get_vocab_size(), lambda s: reference.encode(s).ids
+    assert size not in (256, 4096)  # differs from every default, so "taken from it" is visible
+    cfg = _cfg(f"data.tokenizer_path={path}", "model.vocab_size=0", "train.batch_size=4",
+               "train.seq_len=32", "train.eval_batches=1")
+    assert cfg.model.vocab_size == size  # model.vocab_size=0: the tokenizer's size
+    ds = data.Dataset(cfg)
+    sample = "Speak, speak. We know't, we know't."
+    assert ds.tokenizer.vocab_size == size
+    assert list(ds.tokenizer.encode(sample)) == list(encode(sample))
+    assert ds.tokenizer.decode(ds.tokenizer.encode(sample)) == sample
+    assert next(ds.train)["inputs"].max() < size
+    with pytest.raises(config.ConfigError) as err:
+        _cfg(f"data.tokenizer_path={path}", "model.vocab_size=4096")
+    assert f"model.vocab_size=4096 disagrees with the {size}-token vocabulary of " \
+           f"data.tokenizer_path='{path}'" in str(err.value)
+
+
+def test_bad_tokenizer_paths_are_one_line(tmp_path):
+    bad = _write(tmp_path / "broken.model", b"not a sentencepiece model")
+    for value, needle in [(tmp_path / "none.model", "does not exist or is not a readable file"),
+                          (_write(tmp_path / "vocab.txt", "a\nb\n"), "allowed suffixes: ['.json', '.model']"),
+                          (bad, "could not be loaded as SentencePieceModel")]:
+        with pytest.raises(config.ConfigError) as err:
+            _cfg(f"data.tokenizer_path={value}", "model.vocab_size=0")
+        assert f"data.tokenizer_path='{value}'" in str(err.value) and needle in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ TFDS (ArrayRecord)
+@pytest.fixture(scope="module")
+def marked_tfds(tmp_path_factory):
+    """A real TFDS dataset on disk: 60 training and 12 validation documents with markers."""
+    from sparsejax import tfds_build
+
+    docs = {"train": [f"<{i}>" + "tr" * (3 + i % 11) + "\n" for i in range(60)],
+            "validation": [f"<{100 + i}>" + "va" * (3 + i) + "\n" for i in range(12)]}
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds_build.build(docs, data_dir, name="marked_docs")
+    return data_dir, docs
+
+
+def _tfds_cfg(data_dir, *overrides):
+    return _cfg("data.source=tfds", "data.tfds_name=marked_docs", f"data.tfds_data_dir={data_dir}",
+                "train.batch_size=4", "train.seq_len=16", "train.eval_batches=2", *overrides)
+
+
+def test_tfds_dataset_packs_its_documents(marked_tfds):
+    data_dir, docs = marked_tfds
+    ds = data.Dataset(_tfds_cfg(data_dir))
+    tok = data.ByteTokenizer()
+    pieces = re.findall(r"<(\d+)>([^<]*)", tok.decode(_stream(ds.train, 20)))
+    seen = [int(i) for i, _ in pieces]
+    assert set(seen[:60]) == set(range(60))  # 20 x 4 x 17 tokens > one epoch of 60 documents
+    for i, body in pieces[:-1]:
+        assert f"<{i}>{body}" == docs["train"][int(i)]
+    valid = tok.decode(np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).reshape(-1)
+                                       for b in ds.validation]))
+    assert {int(i) for i in re.findall(r"<(\d+)>", valid)} <= set(range(100, 112))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.tfds_eval_split=test", "data.tfds_eval_split='test': TFDS dataset 'marked_docs' has no "
+                                  "split 'test'; its splits: ['train', 'validation']"),
+    ("data.tfds_train_split=train[:50%]+extra", "data.tfds_train_split='train[:50%]+extra': TFDS "
+                                                "dataset 'marked_docs' has no split 'extra'"),
+    ("data.tfds_text_key=content", "data.tfds_text_key='content' is not a feature of TFDS dataset "
+                                   "'marked_docs'; its features: ['text']"),
+    ("data.tfds_name=other_docs", "data.tfds_name='other_docs' split 'train' is not available"),
+])
+def test_tfds_missing_split_or_key_names_the_field_and_what_exists(marked_tfds, override, needle):
+    with pytest.raises(data.DataError) as err:
+        data.Dataset(_tfds_cfg(marked_tfds[0], override))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tfds_split_slices_are_allowed(marked_tfds):
+    ds = data.Dataset(_tfds_cfg(marked_tfds[0], "data.tfds_train_split=train[:50%]"))
+    assert ds.train.shard == "records 0::1 of 30"
