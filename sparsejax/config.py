@@ -71,13 +71,25 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "embedded"  # "embedded" (offline default corpus) or "tfds"
+    """Where the training text comes from and how it becomes tokens (README "Data")."""
+
+    # "embedded" (offline default corpus), "tfds" (a prepared TFDS dataset, ArrayRecord) or
+    # "text" (local files: data.text_files).
+    source: str = "embedded"
+    # data.source="text": files, directories (their .txt / .jsonl files) or glob patterns; on the
+    # command line comma-separated (data.text_files=notes/*.txt,web.jsonl). A .txt file is one
+    # document, each line of a .jsonl file one (its data.text_key field).
+    text_files: tuple[str, ...] = ()
+    text_key: str = "text"
     tfds_name: str = "lm1b"
     tfds_data_dir: str = ""
     tfds_text_key: str = "text"
     tfds_train_split: str = "train"
     tfds_eval_split: str = "validation"  # lm1b has "test" only
     tokenizer: str = "byte"  # "byte" or "sentencepiece" (trained on the corpus and cached)
+    # An existing tokenizer, replacing data.tokenizer: a SentencePiece .model or a Hugging Face
+    # tokenizer.json. model.vocab_size must equal its vocabulary size, or be 0 to take it from it.
+    tokenizer_path: str = ""
     sentencepiece_vocab_size: int = 4096
     cache_dir: str = ".cache/sparsejax"
     validation_fraction: float = 0.05
@@ -269,6 +281,8 @@ def _positive(path: str, value: float, *, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the field and its allowed values; return cfg unchanged."""
     m = cfg.model
+    if cfg.data.tokenizer_path:
+        _check_tokenizer_vocab(cfg)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.rope_theta", m.rope_theta)
@@ -318,14 +332,21 @@ def validate(cfg: Config) -> Config:
                               f"(a tile mask cannot express a per-token top-k); use 'reference'")
 
     d = cfg.data
-    _choice("data.source", d.source, ("embedded", "tfds"))
+    _choice("data.source", d.source, ("embedded", "tfds", "text"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "sentencepiece"))
-    if d.tokenizer == "byte" and m.vocab_size < 256:
+    if not isinstance(d.text_files, (tuple, list)) or not all(isinstance(f, str) for f in d.text_files):
+        raise ConfigError(f"data.text_files={d.text_files!r} must be a list of paths or glob patterns")
+    if d.source == "text" and not d.text_files:
+        raise ConfigError("data.text_files is empty; data.source='text' needs .txt / .jsonl files, "
+                          "directories or glob patterns (data.text_files=docs/*.txt,more.jsonl)")
+    if not d.text_key:
+        raise ConfigError("data.text_key='' must name the JSONL field that holds the text")
+    if d.tokenizer == "byte" and not d.tokenizer_path and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for data.tokenizer='byte'")
     if d.sentencepiece_vocab_size < 512:
         raise ConfigError(f"data.sentencepiece_vocab_size={d.sentencepiece_vocab_size} must be >= 512 "
                           f"(byte fallback reserves 256 pieces)")
-    if d.tokenizer == "sentencepiece" and d.sentencepiece_vocab_size > m.vocab_size:
+    if d.tokenizer == "sentencepiece" and not d.tokenizer_path and d.sentencepiece_vocab_size > m.vocab_size:
         raise ConfigError(
             f"data.sentencepiece_vocab_size={d.sentencepiece_vocab_size} exceeds "
             f"model.vocab_size={m.vocab_size}")
@@ -367,6 +388,36 @@ def validate(cfg: Config) -> Config:
     if sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg
+
+
+def _tokenizer_file_vocab(cfg: Config) -> int:
+    from sparsejax import data  # lazy: config files and sweep specs load without the tokenizers
+
+    try:
+        return data.tokenizer_file_vocab_size(cfg.data.tokenizer_path)
+    except data.DataError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_tokenizer_vocab(cfg: Config) -> None:
+    """With an existing tokenizer the embedding has exactly its vocabulary (0 = resolve first)."""
+    size, m = _tokenizer_file_vocab(cfg), cfg.model
+    if m.vocab_size == 0:
+        raise ConfigError(f"model.vocab_size=0 (take it from data.tokenizer_path) is resolved by "
+                          f"config.load / config.apply_overrides; set it to {size}")
+    if m.vocab_size != size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} disagrees with the {size}-token vocabulary of "
+            f"data.tokenizer_path={cfg.data.tokenizer_path!r}; set model.vocab_size={size} (or 0 "
+            f"to take it from the tokenizer)")
+
+
+def resolve_vocab_size(cfg: Config) -> Config:
+    """``model.vocab_size=0`` with ``data.tokenizer_path``: the tokenizer's vocabulary size."""
+    if cfg.model.vocab_size != 0 or not cfg.data.tokenizer_path:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=_tokenizer_file_vocab(cfg)))
 
 
 def _validate_recipe(cfg: Config) -> None:
@@ -415,7 +466,7 @@ def _validate_recipe(cfg: Config) -> None:
 def _parse_value(path: str, text: str, annotation: Any) -> Any:
     """Parse override text to the field's declared type (annotations are strings here)."""
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    if kind in ("tuple[float, ...]", "tuple[int, ...]"):
+    if kind in ("tuple[float, ...]", "tuple[int, ...]", "tuple[str, ...]"):
         # Comma-separated: recipe.l1.values=0,1e-4,5e-4 (empty text: the empty tuple).
         item = kind[len("tuple["):-len(", ...]")]
         return tuple(_parse_value(path, part.strip(), item) for part in text.split(",") if part.strip())
@@ -451,7 +502,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         path, text = item.split("=", 1)
         cfg = _set_path(cfg, path.strip(), path.strip().split("."), text)
-    return validate(cfg)
+    return validate(resolve_vocab_size(cfg))
 
 
 def _set_path(target: Any, path: str, parts: list[str], text: str, depth: int = 0) -> Any:

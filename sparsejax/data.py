@@ -12,13 +12,22 @@ would.
 * ``tfds``: ``tfds.data_source`` (ArrayRecord, random access) + grain: shard by host, shuffle,
   tokenize, pack documents into fixed-length rows (``ConcatThenSplitIterDataset``), batch. Packed
   rows may span document boundaries; attention is not masked across them (as in nanodo).
+* ``text``: local ``.txt`` / ``.jsonl`` files (:class:`TextDocuments`), split into training and
+  validation documents, then the same grain pipeline as ``tfds``.
+
+Tokens: bytes, a SentencePiece model trained on the training text, or an existing tokenizer file
+(``data.tokenizer_path``: a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json``).
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
+import json
+import os
 import pathlib
+import re
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -51,7 +60,67 @@ class ByteTokenizer:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
-class SentencePieceTokenizer:
+class SentencePieceModel:
+    """An existing SentencePiece ``.model`` file."""
+
+    def __init__(self, model_path: str | pathlib.Path):
+        import sentencepiece as spm
+
+        self.model_path = pathlib.Path(model_path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer:
+    """An existing Hugging Face ``tokenizer.json`` (the ``tokenizers`` package), no special tokens
+    added: documents are packed back to back as with the other tokenizers."""
+
+    def __init__(self, path: str | pathlib.Path):
+        import tokenizers
+
+        self.model_path = pathlib.Path(path)
+        self._tok = tokenizers.Tokenizer.from_file(str(self.model_path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# data.tokenizer_path suffix -> loader.
+TOKENIZER_FILES = {".model": SentencePieceModel, ".json": HuggingFaceTokenizer}
+
+
+def load_tokenizer_file(path: str):
+    """The tokenizer in ``path``; DataError (one line naming ``data.tokenizer_path``) if unusable."""
+    where = f"data.tokenizer_path={path!r}"
+    loader = TOKENIZER_FILES.get(pathlib.Path(path).suffix)
+    if loader is None:
+        raise DataError(f"{where} is not a tokenizer file; allowed suffixes: {sorted(TOKENIZER_FILES)} "
+                        f"(SentencePiece .model, Hugging Face tokenizer.json)")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise DataError(f"{where} does not exist or is not a readable file")
+    try:
+        return loader(path)
+    except Exception as err:  # each library raises its own types for a damaged file
+        text = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{where} could not be loaded as {loader.__name__} "
+                        f"({type(err).__name__}: {text})") from None
+
+
+def tokenizer_file_vocab_size(path: str) -> int:
+    return load_tokenizer_file(path).vocab_size
+
+
+class SentencePieceTokenizer(SentencePieceModel):
     """A SentencePiece unigram model trained on the corpus once and cached by content hash."""
 
     def __init__(self, texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path):
@@ -73,15 +142,7 @@ class SentencePieceTokenizer:
             # Rename last so a crash mid-training never leaves a half-written cached model.
             tmp_prefix.with_suffix(".vocab").replace(prefix.with_suffix(".vocab"))
             tmp_prefix.with_suffix(".model").replace(prefix.with_suffix(".model"))
-        self.model_path = prefix.with_suffix(".model")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
-        self.vocab_size = self._sp.get_piece_size()
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._sp.encode(text), dtype=np.int32)
-
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        super().__init__(prefix.with_suffix(".model"))
 
 
 def load_corpus_text() -> str:
@@ -96,6 +157,8 @@ def split_text(text: str, validation_fraction: float) -> tuple[str, str]:
 
 
 def make_tokenizer(cfg: Config, train_text_for_spm: list[str]):
+    if cfg.data.tokenizer_path:
+        return load_tokenizer_file(cfg.data.tokenizer_path)
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
     return SentencePieceTokenizer(train_text_for_spm, cfg.data.sentencepiece_vocab_size,
@@ -171,6 +234,11 @@ class GrainPacked:
         if global_batch % process_count:
             raise DataError(f"train.batch_size={global_batch} is not divisible by the "
                             f"{process_count} processes")
+        if len(source) < process_count:
+            raise DataError(f"the data source has {len(source)} records, fewer than the "
+                            f"{process_count} processes that each read their own share")
+        # Each process reads every process_count-th record: disjoint shares of the source.
+        self.shard = f"records {process_index}::{process_count} of {len(source)}"
 
         def tokenize(record):
             text = record[text_key] if isinstance(record, dict) else record
@@ -214,20 +282,217 @@ def _untuple(value):
     return value
 
 
-def tfds_source(cfg: Config, split: str):
-    """A random-access TFDS source; needs the dataset prepared under data.tfds_data_dir."""
+def _split_names(split: str) -> list[str]:
+    """The split names in a TFDS split spec: "train[:90%]+validation" -> [train, validation]."""
+    return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
+
+
+def tfds_source(cfg: Config, split: str, field: str):
+    """A random-access TFDS source; needs the dataset prepared under data.tfds_data_dir.
+
+    ``field`` is the config field that named ``split``: a split or text key the dataset lacks is
+    one line naming that field and what the dataset has.
+    """
     import tensorflow_datasets as tfds
 
+    d = cfg.data
     try:
-        return tfds.data_source(cfg.data.tfds_name, split=split,
-                                data_dir=cfg.data.tfds_data_dir or None, download=False)
+        builder = tfds.builder(d.tfds_name, data_dir=d.tfds_data_dir or None)
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"no prepared dataset under {builder.data_dir}")
     except Exception as err:  # tfds raises several types for "not prepared"
         raise DataError(
-            f"TFDS dataset data.tfds_name={cfg.data.tfds_name!r} split {split!r} is not available "
-            f"under data.tfds_data_dir={cfg.data.tfds_data_dir!r} ({type(err).__name__}: "
+            f"TFDS dataset data.tfds_name={d.tfds_name!r} split {split!r} is not available "
+            f"under data.tfds_data_dir={d.tfds_data_dir!r} ({type(err).__name__}: "
             f"{(str(err).strip().splitlines() or [''])[0][:200]}). Prepare it first with "
-            f"`tfds build {cfg.data.tfds_name} --file_format=array_record` on a machine with "
-            f"internet, or use --set data.source=embedded") from err
+            f"`tfds build {d.tfds_name} --file_format=array_record` on a machine with "
+            f"internet (or, for local text, `python -m sparsejax.tfds_build`), or use "
+            f"--set data.source=embedded") from err
+    splits = sorted(builder.info.splits.keys())
+    missing = [name for name in _split_names(split) if name not in splits]
+    if missing:
+        raise DataError(f"{field}={split!r}: TFDS dataset {d.tfds_name!r} has no split "
+                        f"{missing[0]!r}; its splits: {splits}")
+    features = sorted(builder.info.features.keys())
+    if d.tfds_text_key not in features:
+        raise DataError(f"data.tfds_text_key={d.tfds_text_key!r} is not a feature of TFDS dataset "
+                        f"{d.tfds_name!r}; its features: {features}")
+    try:
+        return builder.as_data_source(split=split)
+    except Exception as err:  # e.g. prepared in TFRecord format: no random access
+        raise DataError(
+            f"TFDS dataset data.tfds_name={d.tfds_name!r} split {split!r} cannot be read with random "
+            f"access ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}); "
+            f"prepare it with --file_format=array_record") from err
+
+
+# ------------------------------------------------------------------------------ local text files
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def resolve_text_files(patterns) -> list[pathlib.Path]:
+    """Files named by ``data.text_files``: paths, directories (their .txt / .jsonl files, searched
+    recursively) and glob patterns, in sorted order without repeats."""
+    files: list[pathlib.Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise DataError(f"data.text_files pattern {pattern!r} matches no file")
+        elif os.path.isdir(expanded):
+            matches = sorted(str(p) for p in pathlib.Path(expanded).rglob("*")
+                             if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not matches:
+                raise DataError(f"data.text_files directory {pattern!r} holds no "
+                                f"{' or '.join(TEXT_SUFFIXES)} file")
+        elif os.path.exists(expanded):
+            matches = [expanded]
+        else:
+            raise DataError(f"data.text_files: {pattern!r} does not exist")
+        for match in matches:
+            path = pathlib.Path(match)
+            if path.is_dir():
+                continue  # a glob such as docs/** also yields directories
+            if not path.is_file():
+                raise DataError(f"data.text_files: {match} is not a regular file")
+            if path.suffix not in TEXT_SUFFIXES:
+                raise DataError(f"data.text_files: {match} is not a text file; allowed suffixes: "
+                                f"{list(TEXT_SUFFIXES)}")
+            if path not in files:
+                files.append(path)
+    return files
+
+
+class TextDocuments:
+    """The documents of local text files, random access (a grain source).
+
+    A ``.txt`` file is one document; each non-blank line of a ``.jsonl`` file is one (its
+    ``text_key`` field). Every file is read and checked once here (readable, UTF-8, JSON with the
+    text field), so a bad file is an error before training, naming it; documents are read again on
+    access, so memory holds only their offsets.
+    """
+
+    def __init__(self, files: list[pathlib.Path], text_key: str):
+        self.files, self.text_key = [str(f) for f in files], text_key
+        refs = []  # (file index, byte start, byte end) per non-empty document
+        for index, path in enumerate(files):
+            try:
+                raw = pathlib.Path(path).read_bytes()
+            except OSError as err:
+                raise DataError(f"data.text_files: cannot read {path} ({err.strerror or err})") from None
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = raw.count(b"\n", 0, err.start) + 1
+                raise DataError(f"data.text_files: {path} is not UTF-8 text (line {line}, byte "
+                                f"{err.start}: {err.reason})") from None
+            if pathlib.Path(path).suffix == ".txt":
+                if raw.strip():
+                    refs.append((index, 0, len(raw)))
+                continue
+            start = 0
+            for number, line in enumerate(raw.split(b"\n"), start=1):
+                end = start + len(line)
+                if line.strip() and self._parse(line, path, number):
+                    refs.append((index, start, end))
+                start = end + 1
+        if not refs:
+            raise DataError(f"data.text_files: {len(files)} file(s) hold no non-empty document")
+        self.refs = np.asarray(refs, dtype=np.int64)
+
+    def _parse(self, line: bytes, path, number: int) -> str:
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"data.text_files: {path} line {number} is not JSON ({err})") from None
+        if not isinstance(record, dict) or self.text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"data.text_key={self.text_key!r} is not in {path} line {number}; "
+                            f"it has {keys}")
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise DataError(f"data.text_key={self.text_key!r} in {path} line {number} is a "
+                            f"{type(text).__name__}, not a string")
+        return text
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> str:
+        file_index, start, end = (int(x) for x in self.refs[index])
+        path = self.files[file_index]
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        if path.endswith(".jsonl"):
+            return json.loads(raw)[self.text_key]
+        return raw.decode("utf-8")
+
+
+class Subset:
+    """Records ``indices`` of a random-access source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
+
+
+def split_documents(n_documents: int, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) document indices: a fixed random ``validation_fraction`` of the
+    documents (at least one) is held out. The permutation's seed is fixed, not train.seed, so
+    runs with different seeds validate on the same documents."""
+    if n_documents < 2:
+        raise DataError(f"data.text_files hold {n_documents} document; a validation split by "
+                        f"document needs at least 2 (a .txt file is one document, a .jsonl line one)")
+    n_valid = min(n_documents - 1, max(1, round(n_documents * validation_fraction)))
+    order = np.random.default_rng(0).permutation(n_documents)
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+
+_TEXT_CACHE: dict = {}
+
+
+def text_sources(cfg: Config) -> tuple[Subset, Subset]:
+    """(train, validation) documents of data.text_files. The files are indexed once per process
+    (training and validation both ask) unless one changed since (size or mtime)."""
+    files = resolve_text_files(cfg.data.text_files)
+    key = (tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+           cfg.data.text_key, cfg.data.validation_fraction)
+    if key not in _TEXT_CACHE:
+        documents = TextDocuments(files, cfg.data.text_key)
+        train, valid = split_documents(len(documents), cfg.data.validation_fraction)
+        _TEXT_CACHE.clear()  # one corpus at a time: the offsets of a large one are not small
+        _TEXT_CACHE[key] = Subset(documents, train), Subset(documents, valid)
+    return _TEXT_CACHE[key]
+
+
+# ---------------------------------------------------------------------------- record sources
+class RecordSource(Protocol):
+    """What a grain-packed data.source provides: random-access records of one split."""
+
+    def __call__(self, cfg: Config, split: str) -> tuple[object, str]: ...
+
+
+def _tfds_records(cfg: Config, split: str):
+    field = {"train": "data.tfds_train_split", "validation": "data.tfds_eval_split"}[split]
+    name = cfg.data.tfds_train_split if split == "train" else cfg.data.tfds_eval_split
+    return tfds_source(cfg, name, field), cfg.data.tfds_text_key
+
+
+def _text_records(cfg: Config, split: str):
+    train, valid = text_sources(cfg)
+    return (train if split == "train" else valid), None
+
+
+# data.source -> (cfg, "train" | "validation") -> (random-access source, text key of its records
+# or None when records are strings). "embedded" is not here: it samples windows (RandomWindows).
+RECORD_SOURCES: dict[str, RecordSource] = {"tfds": _tfds_records, "text": _text_records}
 
 
 # ------------------------------------------------------------------------------------- factory
@@ -244,10 +509,10 @@ class Dataset:
                                        process_index, process_count)
             self.train_tokens_available = len(train_tokens)
         else:
-            train_source = tfds_source(cfg, cfg.data.tfds_train_split)
-            self.tokenizer = make_tokenizer(cfg, _spm_sample(cfg, train_source))
-            self.train = GrainPacked(train_source, cfg.data.tfds_text_key, self.tokenizer,
-                                     t.batch_size, t.seq_len, t.seed, process_index, process_count)
+            train_source, text_key = RECORD_SOURCES[cfg.data.source](cfg, "train")
+            self.tokenizer = make_tokenizer(cfg, _spm_sample(cfg, train_source, text_key))
+            self.train = GrainPacked(train_source, text_key, self.tokenizer, t.batch_size,
+                                     t.seq_len, t.seed, process_index, process_count)
             self.train_tokens_available = None
         self.validation = validation_batches(cfg, process_index, process_count, self.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -255,20 +520,22 @@ class Dataset:
                             f"model.vocab_size={cfg.model.vocab_size}")
 
 
-def _spm_sample(cfg: Config, train_source) -> list[str]:
-    """Training text for a SentencePiece model (empty for byte tokens: nothing to train)."""
-    if cfg.data.tokenizer != "sentencepiece":
+def _spm_sample(cfg: Config, train_source, text_key: str | None) -> list[str]:
+    """Training text for a SentencePiece model (empty when there is nothing to train)."""
+    if cfg.data.tokenizer != "sentencepiece" or cfg.data.tokenizer_path:
         return []
-    sample = [train_source[i][cfg.data.tfds_text_key] for i in range(min(20_000, len(train_source)))]
+    sample = [train_source[i] for i in range(min(20_000, len(train_source)))]
+    sample = [s[text_key] if text_key is not None else s for s in sample]
     return [s.decode("utf-8") if isinstance(s, bytes) else s for s in sample]
 
 
 def validation_batches(cfg: Config, process_index: int = 0, process_count: int = 1,
                        tokenizer=None) -> list[dict]:
-    """This host's fixed validation batches (``train.eval_batches`` of them).
+    """This host's fixed validation batches (``train.eval_batches`` of them, fewer if the split
+    is shorter).
 
-    Evaluation calls this alone: with byte tokens (or a cached SentencePiece model) the
-    training split is never tokenized and no training iterator is built.
+    Evaluation calls this alone: with byte tokens, an existing tokenizer or a cached SentencePiece
+    model the training split is never tokenized and no training iterator is built.
     """
     t = cfg.train
     per_host = t.batch_size // process_count
@@ -280,9 +547,21 @@ def validation_batches(cfg: Config, process_index: int = 0, process_count: int =
         rows = slice(process_index * per_host, (process_index + 1) * per_host)
         return [{k: v[rows] for k, v in b.items()} for b in sequential_batches(
             tokenizer.encode(valid_text), t.batch_size, t.seq_len, t.eval_batches)]
-    tokenizer = tokenizer or make_tokenizer(
-        cfg, _spm_sample(cfg, tfds_source(cfg, cfg.data.tfds_train_split)))
-    valid_iter = GrainPacked(tfds_source(cfg, cfg.data.tfds_eval_split), cfg.data.tfds_text_key,
-                             tokenizer, t.batch_size, t.seq_len, seed=0, process_index=process_index,
-                             process_count=process_count, repeat=False)
-    return [next(valid_iter) for _ in range(t.eval_batches)]
+    records = RECORD_SOURCES[cfg.data.source]
+    if tokenizer is None:
+        train_source, text_key = records(cfg, "train")
+        tokenizer = make_tokenizer(cfg, _spm_sample(cfg, train_source, text_key))
+    valid_source, text_key = records(cfg, "validation")
+    valid_iter = GrainPacked(valid_source, text_key, tokenizer, t.batch_size, t.seq_len, seed=0,
+                             process_index=process_index, process_count=process_count, repeat=False)
+    batches = []
+    for _ in range(t.eval_batches):
+        try:
+            batches.append(next(valid_iter))
+        except StopIteration:
+            break
+    if not batches:
+        raise DataError(f"validation split has fewer tokens than one batch of this process "
+                        f"({per_host} x {t.seq_len + 1}); lower train.batch_size or train.seq_len, "
+                        f"or add validation documents")
+    return batches

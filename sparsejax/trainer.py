@@ -243,7 +243,8 @@ class _Loop:
         self.writer.sync()  # metrics up to this step are durable before the checkpoint is
         if self.last_saved == self.step_no:
             return
-        meta = {"data": self.dataset.train.get_state(), "tokens_seen": self.tokens_seen,
+        states = _all_process_states(self.dataset.train.get_state())
+        meta = {"data": states[0], "data_processes": states, "tokens_seen": self.tokens_seen,
                 "seed": self.t.seed, "step": self.step_no, "config": config_lib.to_dict(self.cfg)}
         try:
             self.ckpt.save(self.step_no, self.state, meta)
@@ -316,6 +317,38 @@ class _Loop:
             self.bar.close()
 
 
+def _all_process_states(state: dict) -> list[dict]:
+    """Every process's data-iterator state, in process order (all processes call this).
+
+    Process 0 alone writes the checkpoint's meta, but a grain iterator's state is its own
+    process's: each packs a different share of the documents, so a resumed process needs its own.
+    """
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(blobs[i, :sizes[i]])) for i in range(len(sizes))]
+
+
+def _own_data_state(meta: dict, cfg: config_lib.Config) -> dict:
+    """This process's data-iterator state from a checkpoint's meta."""
+    states = meta.get("data_processes")
+    if states is None:  # written before per-process states were kept
+        return meta["data"]
+    if len(states) != jax.process_count() and cfg.data.source != "embedded":
+        # Embedded-corpus states are the step on every process; grain shards records by process.
+        raise config_lib.ConfigError(
+            f"the checkpoint's data iterators are those of {len(states)} processes; "
+            f"data.source={cfg.data.source!r} shards its records by process, so resume with "
+            f"{len(states)} processes, not {jax.process_count()}")
+    return states[min(jax.process_index(), len(states) - 1)]
+
+
 # ------------------------------------------------------------------------------------ train()
 def _batch_spec(cfg: config_lib.Config, mesh) -> dict:
     t, shard = cfg.train, sharding.batch_sharding(mesh)
@@ -384,7 +417,8 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
     rows = getattr(dataset.train, "rows", None)
     log.info("data: process %d of %d loads rows %s of each global batch of %d",
              jax.process_index(), jax.process_count(),
-             f"{rows.start}:{rows.stop}" if isinstance(rows, slice) else "(grain shard)", t.batch_size)
+             f"{rows.start}:{rows.stop}" if isinstance(rows, slice)
+             else f"(grain shard: {getattr(dataset.train, 'shard', '?')})", t.batch_size)
     ckpt = checkpointing.Checkpointer(workdir / rundir.CHECKPOINTS, keep_last=t.keep_last,
                                       keep_every=t.keep_every)
     writer = writers.MetricsWriter(workdir, enabled=is_main)
@@ -395,7 +429,7 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
             rundir.atomic_write(workdir / rundir.CONFIG, json.dumps(config_lib.to_dict(cfg), indent=2))
         if restored is not None:
             start_step, state, meta = restored
-            dataset.train.set_state(meta["data"])
+            dataset.train.set_state(_own_data_state(meta, cfg))
             tokens_seen = float(meta["tokens_seen"])
             print(f"resumed from {ckpt.directory} at step {start_step}")
         else:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,3 +111,257 @@ def test_missing_tfds_dataset_gives_actionable_error(tmp_path):
     cfg = _cfg("data.source=tfds", "data.tfds_name=lm1b", f"data.tfds_data_dir={tmp_path}")
     with pytest.raises(data.DataError, match="tfds build lm1b"):
         data.Dataset(cfg)
+
+
+# ------------------------------------------------------------------------- data.source=text
+def _stream(it, batches):
+    """The packed token stream of ``batches`` batches: every row is seq_len + 1 consecutive
+    tokens (inputs, then the last target), rows in order."""
+    rows = []
+    for _ in range(batches):
+        b = next(it)
+        rows += [np.concatenate([i, t[-1:]]) for i, t in zip(b["inputs"], b["targets"])]
+    return np.concatenate(rows)
+
+
+def test_packed_rows_are_whole_documents_back_to_back():
+    docs = [f"<{i}>" + "ab" * (i % 17 + 1) + "\n" for i in range(30)]
+    tok = data.ByteTokenizer()
+    text = tok.decode(_stream(data.GrainPacked(docs, None, tok, 4, 15, seed=1), 12))
+    pieces = re.findall(r"<(\d+)>([^<]*)", text)
+    # One epoch is every document once, each exactly its source text, in a shuffled order.
+    first_epoch = [int(i) for i, _ in pieces[:30]]
+    assert sorted(first_epoch) == list(range(30)) and first_epoch != list(range(30))
+    for i, body in pieces[:-1]:  # the last one may be cut by the end of the last row
+        assert f"<{i}>{body}" == docs[int(i)]
+
+
+def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def test_text_files_documents_from_txt_and_jsonl(tmp_path):
+    _write(tmp_path / "a" / "one.txt", "First file.\nStill the first document.\n")
+    _write(tmp_path / "a" / "two.txt", "Second — ünïcode.\n")
+    _write(tmp_path / "b" / "rows.jsonl",
+           '{"body": "row one", "id": 1}\n\n{"body": "row \\u00e9 two"}\n{"body": ""}\n')
+    _write(tmp_path / "a" / "skip.md", "not a text file")
+    files = data.resolve_text_files([str(tmp_path / "a"), str(tmp_path / "b" / "*.jsonl"),
+                                     str(tmp_path / "a" / "one.txt")])
+    assert [f.name for f in files] == ["one.txt", "two.txt", "rows.jsonl"]  # sorted, no repeats
+    docs = data.TextDocuments(files, "body")
+    # Blank lines and empty texts are not documents.
+    assert [docs[i] for i in range(len(docs))] == [
+        "First file.\nStill the first document.\n", "Second — ünïcode.\n", "row one", "row é two"]
+
+
+def test_validation_split_is_by_document_and_fixed():
+    train, valid = data.split_documents(100, 0.05)
+    assert len(valid) == 5 and len(train) == 95
+    assert sorted(np.concatenate([train, valid])) == list(range(100))
+    again = data.split_documents(100, 0.05)
+    np.testing.assert_array_equal(again[1], valid)
+    assert len(data.split_documents(3, 0.05)[1]) == 1 and len(data.split_documents(2, 0.9)[0]) == 1
+    with pytest.raises(data.DataError, match="at least 2"):
+        data.split_documents(1, 0.05)
+
+
+def test_text_dataset_trains_validates_and_shards_by_document(tmp_path):
+    for i in range(40):
+        _write(tmp_path / f"doc{i:02d}.txt", f"<{i}>" + "xy" * (5 + i) + "\n")
+    cfg = _cfg("data.source=text", f"data.text_files={tmp_path}/*.txt", "train.batch_size=4",
+               "train.seq_len=16", "train.eval_batches=2", "data.validation_fraction=0.1")
+    assert cfg.data.text_files == (f"{tmp_path}/*.txt",)
+    tok = data.ByteTokenizer()
+    _, valid_idx = data.split_documents(40, 0.1)
+
+    def ids(stream):
+        return {int(i) for i in re.findall(r"<(\d+)>", tok.decode(stream))}
+
+    ds = data.Dataset(cfg)
+    train_ids = ids(_stream(ds.train, 30))
+    assert train_ids == set(range(40)) - set(valid_idx.tolist())  # 30 x 4 x 17 > one epoch
+    valid_stream = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).reshape(-1)
+                                   for b in ds.validation])
+    assert ids(valid_stream) <= set(valid_idx.tolist()) and len(ds.validation) == 2
+    # Resumable: a new iterator set to a saved state continues with the same batches.
+    state = json.loads(json.dumps(ds.train.get_state()))
+    want = [next(ds.train)["inputs"] for _ in range(3)]
+    again = data.Dataset(cfg)
+    again.train.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(again.train)["inputs"], w)
+    # Two processes read disjoint documents that together are the training split.
+    shards = [ids(_stream(data.Dataset(cfg, p, 2).train, 30)) for p in range(2)]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == train_ids
+
+
+@pytest.mark.parametrize("case", ["empty_glob", "missing", "empty_dir", "suffix", "not_utf8",
+                                  "not_json", "no_key", "not_string", "unreadable", "broken_link",
+                                  "one_document", "all_empty"])
+def test_bad_text_files_are_one_line_naming_the_file(tmp_path, case):
+    good = _write(tmp_path / "good.txt", "a good document\n")
+    key = "text"
+    if case == "empty_glob":
+        files, needle = [str(tmp_path / "nothing" / "*.txt")], "matches no file"
+    elif case == "missing":
+        files, needle = [str(tmp_path / "gone.txt")], "gone.txt' does not exist"
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        files, needle = [str(tmp_path / "empty")], "holds no .txt or .jsonl file"
+    elif case == "suffix":
+        files, needle = [str(_write(tmp_path / "x.csv", "a,b"))], "x.csv is not a text file"
+    elif case == "not_utf8":
+        files = [str(good), str(_write(tmp_path / "latin1.txt", "ok\ncaf\xe9\n".encode("latin-1")))]
+        needle = "latin1.txt is not UTF-8 text (line 2, byte 6"
+    elif case == "not_json":
+        files, needle = [str(_write(tmp_path / "r.jsonl", '{"text": "a"}\n{"text": \n'))], "r.jsonl line 2 is not JSON"
+    elif case == "no_key":
+        files, key = [str(_write(tmp_path / "r.jsonl", '{"body": "a", "id": 3}\n'))], "text"
+        needle = "data.text_key='text' is not in " + str(tmp_path / "r.jsonl") + " line 1; it has ['body', 'id']"
+    elif case == "not_string":
+        files, needle = [str(_write(tmp_path / "r.jsonl", '{"text": 5}\n'))], "line 1 is a int, not a string"
+    elif case == "unreadable":
+        # A regular file whose read fails (EIO) even for root, unlike a chmod 000 file.
+        (tmp_path / "mem.txt").symlink_to("/proc/self/mem")
+        files, needle = [str(tmp_path / "mem.txt")], "cannot read " + str(tmp_path / "mem.txt")
+    elif case == "broken_link":
+        (tmp_path / "dangling.txt").symlink_to(tmp_path / "nowhere")
+        files, needle = [str(tmp_path / "*.txt")], "dangling.txt is not a regular file"
+    elif case == "one_document":
+        files, needle = [str(good)], "1 document; a validation split by document needs at least 2"
+    else:
+        files, needle = [str(_write(tmp_path / "blank.txt", "\n \n"))], "hold no non-empty document"
+    cfg = _cfg("data.source=text", f"data.text_files={','.join(files)}", f"data.text_key={key}")
+    with pytest.raises(data.DataError) as err:
+        data.Dataset(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_source_config_fields():
+    cfg = _cfg("data.text_files=a/*.txt, b.jsonl ,c")
+    assert cfg.data.text_files == ("a/*.txt", "b.jsonl", "c")
+    with pytest.raises(config.ConfigError, match="data.text_files is empty"):
+        _cfg("data.source=text")
+    with pytest.raises(config.ConfigError, match="allowed values: .*'text'"):
+        _cfg("data.source=txt")
+
+
+# ------------------------------------------------------------------------ existing tokenizers
+def _save_sentencepiece(tmp_path, vocab_size=400) -> str:
+    import sentencepiece as spm
+
+    lines = data.load_corpus_text()[:100_000].splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(line for line in lines if line),
+                                   model_prefix=str(tmp_path / "tok"), vocab_size=vocab_size,
+                                   model_type="unigram", byte_fallback=True, minloglevel=2)
+    return str(tmp_path / "tok.model")
+
+
+def _save_hf_tokenizer(tmp_path) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(data.load_corpus_text()[:100_000].splitlines(), trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return str(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
+def test_existing_tokenizer_sets_the_vocabulary(tmp_path, kind):
+    path = _save_sentencepiece(tmp_path) if kind == "sentencepiece" else _save_hf_tokenizer(tmp_path)
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        reference = spm.SentencePieceProcessor(model_file=path)
+        size, encode = reference.get_piece_size(), reference.encode
+    else:
+        import tokenizers
+
+        reference = tokenizers.Tokenizer.from_file(path)
+        size, encode = reference.get_vocab_size(), lambda s: reference.encode(s).ids
+    assert size not in (256, 4096)  # differs from every default, so "taken from it" is visible
+    cfg = _cfg(f"data.tokenizer_path={path}", "model.vocab_size=0", "train.batch_size=4",
+               "train.seq_len=32", "train.eval_batches=1")
+    assert cfg.model.vocab_size == size  # model.vocab_size=0: the tokenizer's size
+    ds = data.Dataset(cfg)
+    sample = "Speak, speak. We know't, we know't."
+    assert ds.tokenizer.vocab_size == size
+    assert list(ds.tokenizer.encode(sample)) == list(encode(sample))
+    assert ds.tokenizer.decode(ds.tokenizer.encode(sample)) == sample
+    assert next(ds.train)["inputs"].max() < size
+    with pytest.raises(config.ConfigError) as err:
+        _cfg(f"data.tokenizer_path={path}", "model.vocab_size=4096")
+    assert f"model.vocab_size=4096 disagrees with the {size}-token vocabulary of " \
+           f"data.tokenizer_path='{path}'" in str(err.value)
+
+
+def test_bad_tokenizer_paths_are_one_line(tmp_path):
+    bad = _write(tmp_path / "broken.model", b"not a sentencepiece model")
+    for value, needle in [(tmp_path / "none.model", "does not exist or is not a readable file"),
+                          (_write(tmp_path / "vocab.txt", "a\nb\n"), "allowed suffixes: ['.json', '.model']"),
+                          (bad, "could not be loaded as SentencePieceModel")]:
+        with pytest.raises(config.ConfigError) as err:
+            _cfg(f"data.tokenizer_path={value}", "model.vocab_size=0")
+        assert f"data.tokenizer_path='{value}'" in str(err.value) and needle in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ TFDS (ArrayRecord)
+@pytest.fixture(scope="module")
+def marked_tfds(tmp_path_factory):
+    """A real TFDS dataset on disk: 60 training and 12 validation documents with markers."""
+    from sparsejax import tfds_build
+
+    docs = {"train": [f"<{i}>" + "tr" * (3 + i % 11) + "\n" for i in range(60)],
+            "validation": [f"<{100 + i}>" + "va" * (3 + i) + "\n" for i in range(12)]}
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds_build.build(docs, data_dir, name="marked_docs")
+    return data_dir, docs
+
+
+def _tfds_cfg(data_dir, *overrides):
+    return _cfg("data.source=tfds", "data.tfds_name=marked_docs", f"data.tfds_data_dir={data_dir}",
+                "train.batch_size=4", "train.seq_len=16", "train.eval_batches=2", *overrides)
+
+
+def test_tfds_dataset_packs_its_documents(marked_tfds):
+    data_dir, docs = marked_tfds
+    ds = data.Dataset(_tfds_cfg(data_dir))
+    tok = data.ByteTokenizer()
+    pieces = re.findall(r"<(\d+)>([^<]*)", tok.decode(_stream(ds.train, 20)))
+    seen = [int(i) for i, _ in pieces]
+    assert set(seen[:60]) == set(range(60))  # 20 x 4 x 17 tokens > one epoch of 60 documents
+    for i, body in pieces[:-1]:
+        assert f"<{i}>{body}" == docs["train"][int(i)]
+    valid = tok.decode(np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).reshape(-1)
+                                       for b in ds.validation]))
+    assert {int(i) for i in re.findall(r"<(\d+)>", valid)} <= set(range(100, 112))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.tfds_eval_split=test", "data.tfds_eval_split='test': TFDS dataset 'marked_docs' has no "
+                                  "split 'test'; its splits: ['train', 'validation']"),
+    ("data.tfds_train_split=train[:50%]+extra", "data.tfds_train_split='train[:50%]+extra': TFDS "
+                                                "dataset 'marked_docs' has no split 'extra'"),
+    ("data.tfds_text_key=content", "data.tfds_text_key='content' is not a feature of TFDS dataset "
+                                   "'marked_docs'; its features: ['text']"),
+    ("data.tfds_name=other_docs", "data.tfds_name='other_docs' split 'train' is not available"),
+])
+def test_tfds_missing_split_or_key_names_the_field_and_what_exists(marked_tfds, override, needle):
+    with pytest.raises(data.DataError) as err:
+        data.Dataset(_tfds_cfg(marked_tfds[0], override))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tfds_split_slices_are_allowed(marked_tfds):
+    ds = data.Dataset(_tfds_cfg(marked_tfds[0], "data.tfds_train_split=train[:50%]"))
+    assert ds.train.shard == "records 0::1 of 30"
