@@ -198,6 +198,10 @@ def test_kernel_tiling_errors():
         gpu.check_tiling(768, 16, 128, 512)
 
 
+# jax >= 0.11 (Python >= 3.12) lowers Pallas-Triton only against a real or abstract GPU target
+# ("No supported GPU devices found"); the check runs with the Python 3.11 pin (jax 0.10.2).
+@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+                    reason="jax >= 0.11 needs a GPU target to lower Triton kernels")
 def test_gpu_kernel_lowers_to_triton():
     x, w_in, w_gate, w_out = _weights(True)
     mask = _masks()["random"]
