@@ -411,3 +411,65 @@ def test_a_full_disk_is_one_line_and_leaves_no_finished_looking_checkpoint(tmp_p
     assert len(proc.stdout.splitlines()) < 10
     for s in _steps(tmp_path):  # whatever orbax finalized must restore
         assert _params_finite(tmp_path / "checkpoints" / str(s))
+
+
+# --------------------------------------- 7. live runs, damaged sources, signals while starting
+def _damage(step_dir):
+    """Truncate the array data of a saved step to nothing (a disk that lost the tail of a copy)."""
+    files = [f for f in pathlib.Path(step_dir, "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(b"")
+
+
+def test_eval_skips_a_step_the_trainer_deleted_and_names_it(tmp_path, monkeypatch, capsys):
+    """A live trainer's keep_last cleanup deletes a step between eval listing the steps and
+    reading it (the real deletion, at a fixed moment): ``all`` skips it with a note naming it;
+    an explicit step list fails with one message naming it, not blaming the config."""
+    import shutil
+
+    from sparsejax import evaluation, trained_run
+    from sparsejax.eval_options import EvalOptions
+
+    run = tmp_path / "run"
+    _ok(_train(run, "train.steps=15", "train.checkpoint_every=5"))
+    real_load = trained_run.load
+
+    def load_then_delete(workdir):
+        loaded = real_load(workdir)
+        shutil.rmtree(run / "checkpoints" / "10")  # what orbax's max_to_keep cleanup does
+        return loaded
+
+    monkeypatch.setattr(trained_run, "load", load_then_delete)
+    res = evaluation.evaluate_run(run, EvalOptions(metrics=("zero",)), checkpoints="all", progress=False)
+    assert [e["step"] for e in res["checkpoints"]] == [5, 15]
+    assert res["vanished_steps"] == [10]
+    assert "note: checkpoint step 10" in capsys.readouterr().err
+
+    # A fresh run with step 10 again; asked for by number, its deletion is an error naming it.
+    _ok(_train(run, "train.steps=15", "train.checkpoint_every=5", extra=["--no-resume"]))
+    with pytest.raises(trained_run.StepVanished, match="step 10 .* was deleted while it was being read"):
+        evaluation.evaluate_run(run, EvalOptions(metrics=("zero",)), checkpoints="10,15", progress=False)
+
+
+@pytest.mark.slow
+def test_eval_of_a_live_run_that_keeps_two_steps_finishes(tmp_path):
+    """The issue's reproduction: eval --checkpoints all|last while the trainer (keep_last=2)
+    deletes old steps. Each eval finishes; every step it skipped is named in a note."""
+    live = tmp_path / "live"
+    trainer = _start(live, "train.steps=100000", "train.checkpoint_every=5", "train.log_every=1",
+                     "train.keep_last=2")
+    try:
+        wait_for(lambda: len(_steps(live)) >= 2, trainer, what="two checkpoints")
+        for spec in ("all", "last", "all"):
+            out = tmp_path / f"{spec}.json"
+            proc = _ok(_eval("--workdir", live, "--checkpoints", spec, "--metrics", "zero", "--out", out))
+            res = json.loads(out.read_text())
+            notes = [int(n) for n in __import__("re").findall(r"note: checkpoint step (\d+) ", proc.stderr)]
+            assert res["vanished_steps"] == sorted(set(notes)), proc.stderr
+            evaluated = [e["step"] for e in res["checkpoints"]]
+            assert evaluated and all(s % 5 == 0 for s in evaluated) and not set(evaluated) & set(notes)
+            assert "cannot be restored" not in proc.stderr
+    finally:
+        trainer.kill()
+        trainer.communicate()
