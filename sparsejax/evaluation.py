@@ -396,7 +396,7 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
             "eval_tokens": ev.eval_tokens, "eval_batches": len(ev.batches),
             "metrics": [m for m in METRICS if m in want], "options": dataclasses.asdict(options),
             "cett_ppl": cett_ppl, "forward_passes": ev.forward_passes, "seconds": elapsed,
-            "vanished_steps": sorted(set(vanished)), "checkpoints": entries}
+            **({"vanished_steps": sorted(set(vanished))} if vanished else {}), "checkpoints": entries}
 
 
 # A live run whose trainer keeps few steps can delete every step eval picked, several times over.
