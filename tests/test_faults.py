@@ -207,13 +207,40 @@ def test_killing_a_sweep_stops_its_trainer_and_a_restart_finishes_the_run(tmp_pa
     assert not os.path.exists(f"/proc/{trainer_pid}") or "zombie" in pathlib.Path(
         f"/proc/{trainer_pid}/status").read_text(), "the trainer outlived its sweep"
     assert not sweep.train_done(workdir, sweep.resolve(sweep.load_sweep(spec))[0])
-    # The trainer checkpointed on its way out (SIGTERM from the dying parent).
+    # The trainer checkpointed on its way out (SIGTERM from the dying parent), and said so in
+    # its log although the sweep that started it was gone.
     assert _steps(workdir) and _steps(workdir)[-1] >= 25
+    assert f"stopped by SIGTERM after saving a checkpoint at step {_steps(workdir)[-1]}" in (
+        workdir / "train.log").read_text()
     (workdir / sweep.MARKER).write_text('{"run": "relu", "conf')  # a marker torn by a crash
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _loss_steps(workdir) == list(range(1, 301))
     assert json.loads((workdir / sweep.MARKER).read_text())["run"] == "relu"
+
+
+@pytest.mark.slow
+def test_a_terminated_sweep_logs_its_trainers_stop_line(tmp_path):
+    overrides = tuple(MICRO) + ("train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
+    spec = tmp_path / "term_sweep.py"
+    spec.write_text(textwrap.dedent(SWEEP.format(overrides=overrides)))
+    out = tmp_path / "out"
+    workdir = out / "runs" / "relu"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.sweep", str(spec), "--out", str(out),
+                             "--skip-eval", "--n-boot", "0"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(workdir, 10, proc, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    saved = _steps(workdir)
+    assert saved and saved[-1] >= 10
+    line = f"stopped by SIGTERM after saving a checkpoint at step {saved[-1]}"
+    assert line in (workdir / "train.log").read_text()
+    assert line in stdout  # echoed to the console as well (read back from the log)
 
 
 # ---------------------------------------------------------------- 4. --no-resume never mixes
