@@ -297,10 +297,35 @@ def test_train_rejects_bad_process_flags(tmp_path, flags, needle):
     (["local", "--processes", "0", "--", "--config", "x"], "--processes=0; allowed values"),
     (["local", "--devices-per-process", "0", "--", "--config", "x"], "--devices-per-process=0"),
     (["local", "--", "--config", "x", "--process-id", "1"], "--process-id is set by the launcher"),
+    (["local", "--heartbeat-timeout", "-5", "--", "--config", "x"], "--heartbeat-timeout=-5; allowed"),
+    (["local", "--grace", "-1", "--", "--config", "x"], "--grace=-1.0; allowed values: seconds > 0"),
+    (["local", "--grace", "nan", "--", "--config", "x"], "--grace=nan"),
+    (["local", "--port", "70000", "--", "--config", "x"], "--port=70000; allowed values: 1 … 65535"),
 ])
 def test_launcher_rejects_bad_input(argv, needle, capsys):
     from sparsejax.launch import cli
 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_launcher_type_errors_are_one_line(capsys):
+    from sparsejax.launch import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["local", "--grace", "abc", "--", "--config", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: argument --grace: invalid float value: 'abc'"]
+
+
+def test_train_rejects_a_heartbeat_timeout_below_one_second(tmp_path):
+    """JAX aborts (SIGABRT, a C++ stack) on it; train.py refuses it in one line first."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *_args(workdir),
+                           "--heartbeat-timeout", "-5"],
+                          cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--heartbeat-timeout=-5" in lines[0], proc.stderr
+    assert not workdir.exists()
