@@ -55,14 +55,18 @@ def main(argv=None) -> int:
     from sparsejax import lifecycle
 
     lifecycle.die_with_parent()  # started by a sweep: end with it
+    lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
     import logging
     import pathlib
 
-    # Library warnings (absl, orbax) stay off the console; our own messages are printed.
+    # Library warnings (absl, orbax) stay off the console; our own messages are printed. So do
+    # the tracebacks orbax's background tasks print after a damaged checkpoint failed to read.
     logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger().setLevel(logging.ERROR)
+    lifecycle.library_errors_to_logging()
 
-    from sparsejax import eval_options, evaluation, plotting, results as results_lib, rundir, trained_run
+    from sparsejax import (config, eval_options, evaluation, plotting, results as results_lib, rundir,
+                           trained_run)
 
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
     try:
@@ -79,6 +83,10 @@ def main(argv=None) -> int:
                                           progress=args.progress)
     except (trained_run.RunError, eval_options.EvalError) as err:
         print(f"eval error: {err}", file=sys.stderr)
+        return 2
+    except config.ConfigError as err:  # e.g. the run's mesh needs more devices than this host has
+        print(f"eval error: the run's config does not fit this machine: {str(err).splitlines()[0]}",
+              file=sys.stderr)
         return 2
     import jax
 

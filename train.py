@@ -70,7 +70,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from sparsejax import lifecycle
 
-    lifecycle.die_with_parent()  # started by a sweep: end with it
+    # Until the trainer handles them (from before its first write), SIGTERM / SIGINT during the
+    # imports, the config and joining the other processes end the process with one line.
+    with lifecycle.stop_before_start():
+        cfg = _setup(args, lifecycle)
+    if isinstance(cfg, int):
+        return cfg
+    return _train(args, cfg)
+
+
+def _setup(args, lifecycle):
+    """The config, with the process ready to train; or an exit code after a one-line error."""
+    lifecycle.die_with_parent()  # started by a sweep or the local launcher: end with it
+    lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
     import signal
 
     # With `ulimit -f`, an oversized write would kill the process silently; make it an OSError.
@@ -80,7 +92,8 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger().setLevel(logging.ERROR)
     logging.captureWarnings(True)  # Python warnings too (e.g. a compilation-cache write failing)
-    from sparsejax import config, rundir, sharding, trainer  # after argparse: --help stays fast
+    lifecycle.library_errors_to_logging()  # e.g. orbax's closed-event-loop tracebacks
+    from sparsejax import config, sharding
 
     try:
         cfg = config.load(args.config, args.overrides)
@@ -93,7 +106,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+    from sparsejax import trainer  # noqa: F401  (imported here, under the early signal handler)
+
+    return cfg
+
+
+def _train(args, cfg) -> int:
     import jax
+
+    from sparsejax import config, rundir, trainer
 
     try:
         summary = trainer.train(cfg, args.workdir, resume=args.resume, force=args.force,

@@ -179,6 +179,11 @@ class CheckpointReader:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def refresh(self) -> list[int]:
+        """The finished steps now (a live trainer adds new ones and deletes old ones)."""
+        self._manager.reload()
+        return self.all_steps()
+
     def meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])

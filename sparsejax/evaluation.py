@@ -33,6 +33,7 @@ import dataclasses
 import math
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -327,6 +328,7 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
     say = print if progress else (lambda *a, **k: None)
     spill_root = None
 
+    vanished: list[int] = []  # steps a live trainer deleted while they were being read
     with tempfile.TemporaryDirectory(prefix="sparsejax_eval_") as scratch:
         spill_root = pathlib.Path(scratch)
         cett_ppl = None
@@ -338,14 +340,14 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
             if options.cett_ppl_mode == "joint":
                 joint = post_warmup[-options.joint_last:]
                 say(f"CETT-PPL-{options.ppl_p:g}%: searching c jointly on steps {joint}")
-                cett_ppl = _search_joint(ev, run, joint, target_ratio, spill_root, say)
+                cett_ppl = _search_joint(ev, run, joint, target_ratio, spill_root, say, vanished)
             else:
                 cett_ppl = {"mode": "per_checkpoint"}
 
         entries = []
-        bar = _progress(steps, progress, "checkpoints")
-        for step_no in bar:
-            params, meta = run.params(step_no, ev.mesh)
+        bar = _progress(_readable(run, steps, checkpoints, ev.mesh, vanished), progress, "checkpoints",
+                        total=len(steps))
+        for step_no, params, meta in bar:
             ev.at_step(step_no)
             need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
@@ -394,25 +396,69 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
             "eval_tokens": ev.eval_tokens, "eval_batches": len(ev.batches),
             "metrics": [m for m in METRICS if m in want], "options": dataclasses.asdict(options),
             "cett_ppl": cett_ppl, "forward_passes": ev.forward_passes, "seconds": elapsed,
-            "checkpoints": entries}
+            **({"vanished_steps": sorted(set(vanished))} if vanished else {}), "checkpoints": entries}
 
 
-def _progress(items, enabled: bool, desc: str):
+# A live run whose trainer keeps few steps can delete every step eval picked, several times over.
+MAX_VANISHED = 20
+
+
+def _vanished_note(err: trained_run.StepVanished, vanished: list[int]) -> None:
+    vanished.append(err.step)
+    print(f"note: {err}; skipped", file=sys.stderr, flush=True)
+    if len(vanished) >= MAX_VANISHED:
+        raise trained_run.RunError(f"{len(vanished)} checkpoints were deleted while being read "
+                                   f"(steps {vanished}); evaluate the run after its trainer has "
+                                   f"finished, or train it with a larger train.keep_last") from None
+
+
+def _readable(run: trained_run.TrainedRun, steps: list[int], spec: str, mesh, vanished: list[int]):
+    """(step, params, meta) of each selected step that can still be read.
+
+    With ``--checkpoints all`` or ``last`` on a live run, a step deleted by the trainer's
+    ``keep_last`` cleanup while it is read is skipped with a note (and, if none of the selected
+    steps is left, the newest step now is taken instead); steps named explicitly must all be read.
+    """
+    queue, done = list(steps), 0
+    while queue:
+        step_no = queue.pop(0)
+        try:
+            params, meta = run.params(step_no, mesh)
+        except trained_run.StepVanished as err:
+            if spec not in ("all", "last"):
+                raise
+            _vanished_note(err, vanished)
+            if not queue and not done:
+                queue = [s for s in run.reader.refresh() if s > step_no][-1:]
+            continue
+        done += 1
+        yield step_no, params, meta
+    if not done:
+        raise trained_run.RunError(f"no selected checkpoint of {run.workdir} could be read: steps "
+                                   f"{vanished} were deleted while being read")
+
+
+def _progress(items, enabled: bool, desc: str, total: int | None = None):
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="ckpt", dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="ckpt", dynamic_ncols=True, total=total)
 
 
 def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], target_ratio: float,
-                  spill_root: pathlib.Path, say) -> dict:
+                  spill_root: pathlib.Path, say, vanished: list[int]) -> dict:
     """Bisection on c for the mean perplexity ratio over ``steps``
-    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode)."""
+    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode). Steps a live trainer deletes
+    meanwhile are left out of the search (noted)."""
     before = ev.forward_passes
     cached = []
     for step_no in steps:
-        params, _ = run.params(step_no, ev.mesh)
+        try:
+            params, _ = run.params(step_no, ev.mesh)
+        except trained_run.StepVanished as err:
+            _vanished_note(err, vanished)
+            continue
         ev.at_step(step_no)
         dense = ev.dense(params, keep_hidden=True, spill_root=spill_root)
         cached.append((step_no, params, dense))
@@ -427,6 +473,10 @@ def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], 
         say(f"  c={c:.4f}: perplexity ratio {value:.5f} (target {target_ratio:.4f})")
         return value
 
+    if not cached:
+        raise trained_run.RunError(f"CETT-PPL joint search: steps {steps} were all deleted while "
+                                   f"being read")
+    steps = [s for s, _, _ in cached]
     search = bisect_cett(mean_ratio, target_ratio, ev.options.tolerance)
     return {"mode": "joint", "cett": search.cett, "joint_steps": steps,
             "target_ppl_ratio": target_ratio, "iterations": len(search.evaluations),

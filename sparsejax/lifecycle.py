@@ -5,6 +5,9 @@
 * :func:`debug_log`: library logging (orbax, absl, warnings, tracebacks of library threads) goes
   to a file in the run directory, not to the console.
 * :func:`die_with_parent`: a sweep's child processes end with their parent (below).
+* :func:`cpu_unless_accelerator`: on a machine without a TPU or GPU, JAX uses the CPU without
+  first initialising libtpu (installed for the TPU compile tests), whose failed TPU probe
+  otherwise prints C++ errors (``TPU_WORKER_HOSTNAMES``) on the console.
 
 Child processes that end with their parent (a sweep's train.py / eval.py):
 
@@ -51,7 +54,71 @@ def die_with_parent() -> bool:
     return True
 
 
+# PCI ids of Google TPU chips (vendor 0x1ae0), as jax._src.hardware_utils lists them; the
+# vendor's other devices (e.g. the gVNIC network card) are not TPUs.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def _tpu_attached() -> bool:
+    import glob
+
+    if glob.glob("/dev/accel[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if open(vendor).read().strip() != _GOOGLE_PCI_VENDOR:
+                continue
+            if open(os.path.join(os.path.dirname(vendor), "device")).read().strip() in _TPU_PCI_DEVICES:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def cpu_unless_accelerator(environ=None) -> bool:
+    """Set ``JAX_PLATFORMS=cpu`` (before jax is imported) when no ``JAX_PLATFORMS`` is given and
+    this machine has no TPU chip (PCI, as on TPU VMs and GKE TPU nodes) and no GPU device. True if
+    it was set. ``TPU_*`` variables are no sign of a TPU: importing libtpu sets some of them
+    (``TPU_LIBRARY_PATH``, ``TPU_SKIP_MDS_QUERY``) and child processes inherit them."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS"):
+        return False
+    if any(os.path.exists(f) for f in _GPU_DEVICE_FILES) or _tpu_attached():
+        return False
+    env["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_before_start(what: str = "training started"):
+    """While active, SIGTERM / SIGINT end the process at once with one line and 128 + signal.
+
+    For the seconds before the trainer's :class:`StopSignals` take over (importing jax, loading
+    the config, joining the other processes): nothing has been written yet, so there is nothing
+    to save, but the default action would kill the process silently. ``os.write``/``os._exit``:
+    the handler may interrupt a print or an import, where Python-level I/O could fail.
+    """
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        os.write(2, f"stopped by {name} before {what}; nothing was written\n".encode())
+        os._exit(128 + signum)
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class StopSignals:
@@ -76,6 +143,25 @@ class StopSignals:
             signal.signal(sig, previous)
 
 
+def library_errors_to_logging() -> tuple:
+    """Exceptions in library threads and coroutines go to logging, not to stderr; returns the
+    previous (threading.excepthook, sys.unraisablehook).
+
+    orbax/TensorStore, after a failed read or write, finish their background work on a closed
+    event loop and print hundreds of lines of ``RuntimeError: Event loop is closed`` tracebacks
+    (``Exception ignored in coroutine``); the error that matters is raised in the main thread and
+    reported there in one line. Exceptions of the main thread are not affected.
+    """
+    hooks = (threading.excepthook, sys.unraisablehook)
+    threading.excepthook = lambda a: logging.getLogger("thread").error(
+        "exception in thread %s", getattr(a.thread, "name", "?"),
+        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    sys.unraisablehook = lambda a: logging.getLogger("unraisable").error(
+        "%s: %r", a.err_msg or "unraisable exception", a.object,
+        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    return hooks
+
+
 @contextlib.contextmanager
 def debug_log(path):
     """While active, library logging (orbax, absl, warnings) goes to the file ``path``."""
@@ -86,15 +172,7 @@ def debug_log(path):
     root.handlers = [handler]
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    # Exceptions in library threads (orbax's background writers after a failed write) would
-    # print full tracebacks to stderr; the error that matters is raised in the main thread.
-    hooks = (threading.excepthook, sys.unraisablehook)
-    threading.excepthook = lambda a: logging.getLogger("thread").error(
-        "exception in thread %s", getattr(a.thread, "name", "?"),
-        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
-    sys.unraisablehook = lambda a: logging.getLogger("unraisable").error(
-        "%s: %r", a.err_msg or "unraisable exception", a.object,
-        exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    hooks = library_errors_to_logging()
     try:
         yield
     finally:

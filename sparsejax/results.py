@@ -5,6 +5,7 @@
     {workdir, config_name, activation, ffn_type, d_model, n_layers, d_ff,
      params: {total, non_embedding}, eval_tokens, eval_batches, metrics: [names],
      options: {EvalOptions}, cett_ppl: {mode, cett, ...} | null, forward_passes, seconds,
+     vanished_steps: [steps a live trainer deleted while eval read them, skipped; only if any],
      checkpoints: [{step, tokens_seen, dense_loss, dense_perplexity,
                     histograms: {edges, counts_layers},
                     results: {metric: {ratio, ratio_layers, loss, perplexity, ppl_ratio,

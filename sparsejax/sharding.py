@@ -200,6 +200,9 @@ def maybe_initialize_distributed(flag: str = "auto", *, coordinator: str | None 
     ``heartbeat_timeout_s`` (JAX's default: 100 s) instead of leaving it blocked in a collective.
     """
     check_process_args(coordinator, num_processes, process_id)
+    if heartbeat_timeout_s is not None and heartbeat_timeout_s < 1:
+        # JAX aborts the process (SIGABRT, a C++ stack) on a value below 1.
+        raise ConfigError(f"--heartbeat-timeout={heartbeat_timeout_s}; allowed values: seconds >= 1")
     explicit = coordinator is not None
     if flag == "off" and explicit:
         raise ConfigError("--distributed=off contradicts --coordinator/--num-processes/--process-id")

@@ -22,6 +22,15 @@ class RunError(ValueError):
     """The run directory cannot be read: missing, not a run, or a step that does not restore."""
 
 
+class StepVanished(RunError):
+    """A step was deleted while it was being read: a live trainer's cleanup (``train.keep_last``)."""
+
+    def __init__(self, step: int, directory):
+        super().__init__(f"checkpoint step {step} in {directory} was deleted while it was being read "
+                         f"(the run's trainer keeps only its newest train.keep_last steps)")
+        self.step = step
+
+
 @dataclasses.dataclass
 class TrainedRun:
     workdir: pathlib.Path
@@ -53,15 +62,31 @@ class TrainedRun:
         try:
             params, meta = self.reader.restore_params(step, abstract)
         except Exception as err:  # orbax raises many types for damaged or mismatched files
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise RunError(f"checkpoint step {step} in {self.reader.directory} cannot be restored "
-                           f"with this run's config ({type(err).__name__}: {first}; "
-                           f"model.scan_layers={want_scan}, checkpoint's {stored_scan})") from err
+            if _vanishing(self.reader.directory / str(step)):
+                raise StepVanished(step, self.reader.directory) from None
+            first = (str(err).strip().splitlines() or [""])[0][:240]
+            raise RunError(f"checkpoint step {step} in {self.reader.directory} cannot be restored: "
+                           f"its files are damaged, or they do not match this run's config "
+                           f"(model.scan_layers={want_scan}, checkpoint's {stored_scan}); "
+                           f"{type(err).__name__}: {first}") from None
         if stored_scan != want_scan:
             params = jax.device_put(
                 model_lib.convert_layout(params, self.cfg.model.n_layers, want_scan),
                 jax.tree.map(lambda a: a.sharding, self._abstract))
         return params, meta
+
+
+def _vanishing(step_dir, wait_s: float = 1.0) -> bool:
+    """True if ``step_dir`` is gone, now or within ``wait_s`` (a trainer's cleanup that was
+    deleting it while it was read: the read fails on missing files before the directory goes)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while step_dir.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:

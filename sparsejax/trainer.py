@@ -7,7 +7,8 @@ written and before any parameter is allocated:
 2. mesh, batch and sharding divisibility are checked; the data is loaded;
 3. the state's bytes are checked against the device (or host) memory, then the train step is
    compiled ahead of time from abstract shapes and its compiled memory is checked too;
-4. the workdir is created and locked; library logging goes to ``train_debug.log`` in it;
+4. a warm start's parameters are read (a fresh run's); then the workdir is created and locked;
+   library logging goes to ``train_debug.log`` in it;
 5. the run's identity is checked against its checkpoints' config (``--force`` overrides), or an
    earlier run is moved aside (``--no-resume``); the newest good checkpoint is restored;
 6. the loop (:class:`_Loop`) runs.
@@ -392,20 +393,25 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
             if lock is not None and workdir.is_dir():
                 lock.acquire()  # a second trainer is refused before it compiles anything
             mesh, fns, dataset, train_step, compile_s, need, warm = _prepare(cfg, log_activations)
+            warm_params = None
+            if warm is not None and not (resume and _has_steps(workdir / rundir.CHECKPOINTS)):
+                # A fresh run: its parameters must load before anything of it is written.
+                warm_params = warm_start.load(warm, cfg, fns.state_shardings["params"])
             workdir.mkdir(parents=True, exist_ok=True)
             if lock is not None and not lock.held:
                 lock.acquire()
             with _debug_log(workdir):
                 return _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need,
                                  stop, resume=resume, force=force, progress=progress,
-                                 log_activations=log_activations, warm=warm)
+                                 log_activations=log_activations, warm=warm,
+                                 warm_params=warm_params)
         finally:
             if lock is not None:
                 lock.release()
 
 
 def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, stop, *, resume,
-              force, progress, log_activations, warm=None) -> RunSummary:
+              force, progress, log_activations, warm=None, warm_params=None) -> RunSummary:
     is_main = jax.process_index() == 0
     if not resume and is_main:
         moved = rundir.move_previous_run(workdir)
@@ -437,7 +443,8 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
             state = fns.init(jax.random.key(t.seed))
             if warm is not None:
                 # Parameters only: the optimizer state (zero moments) and step 0 stay fresh.
-                state["params"] = warm_start.load(warm, cfg, fns.state_shardings["params"])
+                state["params"] = (warm_params if warm_params is not None else
+                                   warm_start.load(warm, cfg, fns.state_shardings["params"]))
                 print(f"warm start: parameters of {warm.directory} step {warm.step} "
                       f"({warm.source_cfg.name}, model.activation="
                       f"{warm.source_cfg.model.activation!r})", flush=True)

@@ -7,7 +7,8 @@ state and the step start fresh, as a new run's. The source may have the other la
 
 Everything that can be wrong is found by :func:`plan`, from the source's config and shapes alone
 (nothing is read but metadata, nothing is written), so ``train.py`` refuses a bad warm start
-with a one-line error and exit 2 before it creates the workdir; :func:`load` then reads the arrays.
+with a one-line error and exit 2 before it creates the workdir; :func:`load` then reads the arrays,
+also before the workdir is created (a damaged source is the same one-line error, nothing written).
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ def plan(cfg: config_lib.Config, mesh: jax.sharding.Mesh) -> WarmStart | None:
     reader = checkpointing.CheckpointReader(directory)
     try:
         step = reader.all_steps()[-1]
-        raw = reader.meta(step).get("config")
+        where = f"train.warm_start={text!r} (step {step})"
+        try:
+            raw = reader.meta(step).get("config")
+        except Exception as err:  # orbax raises many types for damaged files
+            raise _unreadable(where, directory, step, err) from None
     finally:
         reader.close()
-    where = f"train.warm_start={text!r} (step {step})"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the checkpoint's meta holds no config")
     try:
@@ -89,11 +93,22 @@ def plan(cfg: config_lib.Config, mesh: jax.sharding.Mesh) -> WarmStart | None:
     return WarmStart(directory, step, source_cfg, source_abstract)
 
 
+def _unreadable(where: str, directory, step: int, err: BaseException) -> ConfigError:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return ConfigError(f"{where}: the checkpoint cannot be read, its files are damaged "
+                       f"({type(err).__name__}: {first}); move {directory / str(step)} aside to "
+                       f"start from the step before it, or warm-start from another run")
+
+
 def load(warm: WarmStart, cfg: config_lib.Config, param_shardings: Any) -> Any:
-    """The source's parameters in ``cfg``'s layout, placed with ``param_shardings``."""
+    """The source's parameters in ``cfg``'s layout, placed with ``param_shardings``.
+    ConfigError (one line) if the source's files cannot be read."""
     reader = checkpointing.CheckpointReader(warm.directory)
     try:
         params, _ = reader.restore_params(warm.step, warm.source_abstract)
+    except Exception as err:  # orbax raises many types for damaged files
+        where = f"train.warm_start={cfg.train.warm_start!r} (step {warm.step})"
+        raise _unreadable(where, warm.directory, warm.step, err) from None
     finally:
         reader.close()
     params = model_lib.convert_layout(params, warm.source_cfg.model.n_layers, cfg.model.scan_layers)

@@ -209,13 +209,40 @@ def test_killing_a_sweep_stops_its_trainer_and_a_restart_finishes_the_run(tmp_pa
     assert not os.path.exists(f"/proc/{trainer_pid}") or "zombie" in pathlib.Path(
         f"/proc/{trainer_pid}/status").read_text(), "the trainer outlived its sweep"
     assert not sweep.train_done(workdir, sweep.resolve(sweep.load_sweep(spec))[0])
-    # The trainer checkpointed on its way out (SIGTERM from the dying parent).
+    # The trainer checkpointed on its way out (SIGTERM from the dying parent), and said so in
+    # its log although the sweep that started it was gone.
     assert _steps(workdir) and _steps(workdir)[-1] >= 25
+    assert f"stopped by SIGTERM after saving a checkpoint at step {_steps(workdir)[-1]}" in (
+        workdir / "train.log").read_text()
     (workdir / sweep.MARKER).write_text('{"run": "relu", "conf')  # a marker torn by a crash
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _loss_steps(workdir) == list(range(1, 301))
     assert json.loads((workdir / sweep.MARKER).read_text())["run"] == "relu"
+
+
+@pytest.mark.slow
+def test_a_terminated_sweep_logs_its_trainers_stop_line(tmp_path):
+    overrides = tuple(MICRO) + ("train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
+    spec = tmp_path / "term_sweep.py"
+    spec.write_text(textwrap.dedent(SWEEP.format(overrides=overrides)))
+    out = tmp_path / "out"
+    workdir = out / "runs" / "relu"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.sweep", str(spec), "--out", str(out),
+                             "--skip-eval", "--n-boot", "0"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(workdir, 10, proc, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    saved = _steps(workdir)
+    assert saved and saved[-1] >= 10
+    line = f"stopped by SIGTERM after saving a checkpoint at step {saved[-1]}"
+    assert line in (workdir / "train.log").read_text()
+    assert line in stdout  # echoed to the console as well (read back from the log)
 
 
 # ---------------------------------------------------------------- 4. --no-resume never mixes
@@ -413,3 +440,146 @@ def test_a_full_disk_is_one_line_and_leaves_no_finished_looking_checkpoint(tmp_p
     assert len(proc.stdout.splitlines()) < 10
     for s in _steps(tmp_path):  # whatever orbax finalized must restore
         assert _params_finite(tmp_path / "checkpoints" / str(s))
+
+
+# --------------------------------------- 7. live runs, damaged sources, signals while starting
+def _damage(step_dir):
+    """Truncate the array data of a saved step to nothing (a disk that lost the tail of a copy)."""
+    files = [f for f in pathlib.Path(step_dir, "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(b"")
+
+
+def test_eval_skips_a_step_the_trainer_deleted_and_names_it(tmp_path, monkeypatch, capsys):
+    """A live trainer's keep_last cleanup deletes a step between eval listing the steps and
+    reading it (the real deletion, at a fixed moment): ``all`` skips it with a note naming it;
+    an explicit step list fails with one message naming it, not blaming the config."""
+    import shutil
+
+    from sparsejax import evaluation, trained_run
+    from sparsejax.eval_options import EvalOptions
+
+    run = tmp_path / "run"
+    _ok(_train(run, "train.steps=15", "train.checkpoint_every=5"))
+    real_load = trained_run.load
+
+    def load_then_delete(workdir):
+        loaded = real_load(workdir)
+        shutil.rmtree(run / "checkpoints" / "10")  # what orbax's max_to_keep cleanup does
+        return loaded
+
+    monkeypatch.setattr(trained_run, "load", load_then_delete)
+    res = evaluation.evaluate_run(run, EvalOptions(metrics=("zero",)), checkpoints="all", progress=False)
+    assert [e["step"] for e in res["checkpoints"]] == [5, 15]
+    assert res["vanished_steps"] == [10]
+    assert "note: checkpoint step 10" in capsys.readouterr().err
+
+    # A fresh run with step 10 again; asked for by number, its deletion is an error naming it.
+    _ok(_train(run, "train.steps=15", "train.checkpoint_every=5", extra=["--no-resume"]))
+    with pytest.raises(trained_run.StepVanished, match="step 10 .* was deleted while it was being read"):
+        evaluation.evaluate_run(run, EvalOptions(metrics=("zero",)), checkpoints="10,15", progress=False)
+
+
+@pytest.mark.slow
+def test_eval_of_a_live_run_that_keeps_two_steps_finishes(tmp_path):
+    """The issue's reproduction: eval --checkpoints all|last while the trainer (keep_last=2)
+    deletes old steps. Each eval finishes; every step it skipped is named in a note."""
+    live = tmp_path / "live"
+    trainer = _start(live, "train.steps=100000", "train.checkpoint_every=5", "train.log_every=1",
+                     "train.keep_last=2")
+    try:
+        wait_for(lambda: len(_steps(live)) >= 2, trainer, what="two checkpoints")
+        for spec in ("all", "last", "all"):
+            out = tmp_path / f"{spec}.json"
+            proc = _ok(_eval("--workdir", live, "--checkpoints", spec, "--metrics", "zero", "--out", out))
+            res = json.loads(out.read_text())
+            notes = [int(n) for n in __import__("re").findall(r"note: checkpoint step (\d+) ", proc.stderr)]
+            assert res.get("vanished_steps", []) == sorted(set(notes)), proc.stderr
+            evaluated = [e["step"] for e in res["checkpoints"]]
+            assert evaluated and all(s % 5 == 0 for s in evaluated) and not set(evaluated) & set(notes)
+            assert "cannot be restored" not in proc.stderr
+    finally:
+        trainer.kill()
+        trainer.communicate()
+
+
+@pytest.mark.slow
+def test_a_damaged_step_is_one_line_for_eval_and_warm_start_and_nothing_is_written(tmp_path):
+    """Truncated array files: eval says which step and that its files are damaged, in one line
+    (no orbax background tracebacks); a warm start from it is refused before the new workdir
+    exists. Checkpoints of two processes (2 × 4 devices) make orbax's background readers fail
+    the loudest."""
+    source = tmp_path / "src"
+    proc = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                           "--devices-per-process", "4", "--", "--config", str(REPO / "configs/tiny_relu.py"),
+                           "--workdir", str(source), "--no-progress",
+                           *[a for o in MICRO + ["train.steps=4", "train.checkpoint_every=2",
+                                                 "mesh.data=2", "mesh.fsdp=4"] for a in ("--set", o)]],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(proc)
+    _damage(source / "checkpoints" / "4")
+    for spec in ("last", "last", "all"):
+        before = sorted(tmp_path.rglob("*"))
+        proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--no-progress", "--workdir",
+                               str(source), "--checkpoints", spec, "--metrics", "zero",
+                               "--out", str(tmp_path / "e" / "r.json")],
+                              env=_env(8), capture_output=True, text=True, timeout=240, cwd=REPO)
+        _one_line_error(proc, 2, "checkpoint step 4", "damaged")
+        assert sorted(tmp_path.rglob("*")) == before
+
+    target = tmp_path / "warm"
+    proc = _train(target, "train.steps=2", f"train.warm_start={source}")
+    _one_line_error(proc, 2, "train.warm_start=", "(step 4)", "damaged")
+    assert not target.exists()
+    # The advice in the message works: with the damaged step moved aside, step 2 is used.
+    (source / "checkpoints" / "4").rename(tmp_path / "step4.damaged")
+    proc = _ok(_train(target, "train.steps=2", f"train.warm_start={source}"))
+    assert "warm start: parameters of" in proc.stdout and "step 2" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_sigterm_while_starting_is_one_line(tmp_path, delay):
+    """Before the trainer takes over the signals (importing jax, loading the config): one line,
+    exit 143, nothing written (it was killed silently before)."""
+    workdir = tmp_path / "w"
+    proc = _start(workdir, "train.steps=50")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM before"), err
+    if "before training started" in lines[0]:
+        assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_cpu_run_does_not_initialise_libtpu(tmp_path):
+    """libtpu is installed (TPU compile tests); with no TPU here and JAX_PLATFORMS unset, a
+    fresh run, a resumed one and eval print no libtpu errors (TPU_WORKER_HOSTNAMES ...)."""
+    from libtpu_guard import require_libtpu
+
+    require_libtpu("check that CPU runs do not initialise it")
+    env = _env()
+    env.pop("JAX_PLATFORMS")
+    run = tmp_path / "run"
+    for steps in (2, 4):
+        proc = subprocess.run(_train_cmd(run, f"train.steps={steps}", "train.checkpoint_every=2"),
+                              env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+        _ok(proc)
+        assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--no-progress", "--workdir", str(run),
+                           "--checkpoints", "last", "--metrics", "zero"],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    _ok(proc)
+    assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
+
+
+def test_eval_of_a_run_whose_mesh_needs_more_devices_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    _ok(_train(run, "train.steps=2", "mesh.data=2", devices=2))
+    before = sorted(tmp_path.rglob("*"))
+    _one_line_error(_eval("--workdir", run, "--metrics", "zero"), 2, "needs 2 devices", "1 are available")
+    assert sorted(tmp_path.rglob("*")) == before

@@ -120,9 +120,30 @@ def test_cli_dry_runs_end_to_end(tmp_path):
      "train.batch_size=512 is not divisible by the 1024 chips"),
     (["jobset", "--tpu-type", "v4-8", "--name", "Bad_Name", "--image", "i"], "--name='Bad_Name' must be"),
     (["jobset", "--tpu-type", "v4-8", "--name", "x", "--image", "i", "--num-slices", "0"], "--num-slices=0"),
+    (["jobset", "--tpu-type", "v4-8", "--name", "x", "--image", "i", "--max-restarts", "-3"],
+     "--max-restarts=-3; allowed values: integers >= 0"),
+    (["xpk", "--tpu-type", "v4-8", "--name", "x", "--cluster", "c", "--image", "i", "--max-restarts", "-1"],
+     "--max-restarts=-1"),
+    (["jobset", "--tpu-type", "v4-8", "--name", "x", "--image", "i", "--out", "{tmp}/missing/m.yaml"],
+     "directory {tmp}/missing does not exist"),
+    (["jobset", "--tpu-type", "v4-8", "--name", "x", "--image", "i", "--out", "{tmp}"], "is a directory"),
+    (["tpu-vm", "--tpu-type", "v4-32", "--name", "x", "--zone", "z", "--workdir", "runs/localdir"],
+     "--workdir='runs/localdir' must be a gs:// URL for 1 × v4-32 (4 hosts)"),
+    (["jobset", "--tpu-type", "v4-32", "--name", "x", "--image", "i", "--workdir", "runs/localdir"],
+     "must be a gs:// URL"),
+    (["xpk", "--tpu-type", "v4-8", "--name", "x", "--cluster", "c", "--image", "i", "--num-slices", "2",
+      "--workdir", "runs/localdir"], "must be a gs:// URL for 2 × v4-8 (2 hosts)"),
 ])
-def test_cli_bad_input_is_one_line(argv, needle, capsys):
-    assert cli.main([*argv, "--", *_train_args("sparsing_law_0.1b.py")]) == 2
+def test_cli_bad_input_is_one_line(argv, needle, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    needle = needle.replace("{tmp}", str(tmp_path))
+    workdir = "gs://bucket/runs/r"
+    if "--workdir" in argv:
+        i = argv.index("--workdir")
+        workdir, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main([*argv, "--", *_train_args("sparsing_law_0.1b.py", workdir)]) == 2
+    assert sorted(tmp_path.rglob("*")) == before
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], captured.err
@@ -207,6 +228,8 @@ def test_sweep_submits_one_job_per_unfinished_run(engine, opts, monkeypatch):
     ("slurm", "", "--launch='slurm'; allowed values"),
     ("xpk", "--tpu-type v5e-256", "the following arguments are required: --cluster, --image"),
     ("xpk", "--tpu-type v5e-257 --cluster c --image i", "size 257 is not a v5litepod slice"),
+    ("tpu-vm", '--tpu-type "unterminated', "No closing quotation"),
+    ("xpk", "--tpu-type v5e-256 --cluster c --image i --max-restarts -2", "--max-restarts=-2"),
 ])
 def test_sweep_launch_bad_input(engine, opts, needle):
     with pytest.raises(cloud.CloudError, match=needle.replace("(", r"\(").replace("[", r"\[")):

@@ -171,6 +171,61 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_step(tmp_path):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [step]
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by init counts as exited)."""
+    status = pathlib.Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" in status.read_text()
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_sigkilled_launcher_takes_its_processes_with_it(tmp_path):
+    """SIGKILL cannot be forwarded: the children must end by themselves (PR_SET_PDEATHSIG armed by
+    train.py from SPARSEJAX_PARENT_PID), save on the way out and release the workdir."""
+    workdir = tmp_path / "run"
+    err_path = tmp_path / "launch.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                                 "--devices-per-process", "4", "--",
+                                 *_args(workdir, "train.steps=100000", "train.log_every=1",
+                                        "train.checkpoint_every=1000")],
+                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.DEVNULL, stderr=err)
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while not ((workdir / "metrics.jsonl").exists() and len(_steps_with_loss(workdir)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.1)
+        pids = [int(p) for p in re.search(r"pids ([\d ]+)$", err_path.read_text(), re.M).group(1).split()]
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [p for p in pids if not _gone(p)]
+    finally:
+        proc.kill()
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
+    assert not alive, f"processes {alive} outlived their SIGKILLed launcher"
+    # They stopped together at one step and saved it (SIGTERM from the kernel = a preemption).
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 3 and _steps_with_loss(workdir) == list(range(1, saved[-1] + 1))
+    # The lock is free: a new launch resumes from the saved step.
+    again = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                            "--devices-per-process", "4", "--",
+                            *_args(workdir, f"train.steps={saved[-1] + 2}")],
+                           cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                           text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'} at step {saved[-1]}" in again.stdout
+
+
 def test_host_batches_partition_the_global_batch():
     """Derived independently of the trainer: the hosts' train and validation rows, stacked,
     are the single-host batch (no duplicate, no missing row), for 1, 2 and 4 hosts."""
@@ -244,10 +299,35 @@ def test_train_rejects_bad_process_flags(tmp_path, flags, needle):
     (["local", "--processes", "0", "--", "--config", "x"], "--processes=0; allowed values"),
     (["local", "--devices-per-process", "0", "--", "--config", "x"], "--devices-per-process=0"),
     (["local", "--", "--config", "x", "--process-id", "1"], "--process-id is set by the launcher"),
+    (["local", "--heartbeat-timeout", "-5", "--", "--config", "x"], "--heartbeat-timeout=-5; allowed"),
+    (["local", "--grace", "-1", "--", "--config", "x"], "--grace=-1.0; allowed values: seconds > 0"),
+    (["local", "--grace", "nan", "--", "--config", "x"], "--grace=nan"),
+    (["local", "--port", "70000", "--", "--config", "x"], "--port=70000; allowed values: 1 … 65535"),
 ])
 def test_launcher_rejects_bad_input(argv, needle, capsys):
     from sparsejax.launch import cli
 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_launcher_type_errors_are_one_line(capsys):
+    from sparsejax.launch import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["local", "--grace", "abc", "--", "--config", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: argument --grace: invalid float value: 'abc'"]
+
+
+def test_train_rejects_a_heartbeat_timeout_below_one_second(tmp_path):
+    """JAX aborts (SIGABRT, a C++ stack) on it; train.py refuses it in one line first."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *_args(workdir),
+                           "--heartbeat-timeout", "-5"],
+                          cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--heartbeat-timeout=-5" in lines[0], proc.stderr
+    assert not workdir.exists()

@@ -12,6 +12,7 @@ The cloud engines print what they would run; ``--run`` runs it. Bad input: one l
 from __future__ import annotations
 
 import argparse
+import pathlib
 import shlex
 import shutil
 import subprocess
@@ -27,8 +28,15 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: argument --grace: invalid float value``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sparsejax.launch",
+    p = OneLineParser(prog="python -m sparsejax.launch",
                                 description="start train.py on several processes or hosts; "
                                             "train.py's arguments follow '--'")
     sub = p.add_subparsers(dest="engine", required=True)
@@ -86,6 +94,51 @@ def _train_config(train_args: list[str]):
         raise cloud.CloudError(f"config error: {str(err).splitlines()[0]}") from None
 
 
+def _check_local(args) -> None:
+    """Every option of ``local``, before any process starts (one line, exit 2)."""
+    if args.processes < 1:
+        raise local.LaunchError(f"--processes={args.processes}; allowed values: integers >= 1")
+    if args.devices_per_process < 1:
+        raise local.LaunchError(f"--devices-per-process={args.devices_per_process}; allowed values: "
+                                f"integers >= 1")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise local.LaunchError(f"--port={args.port}; allowed values: 1 … 65535 (default: a free port)")
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout < 1:
+        raise local.LaunchError(f"--heartbeat-timeout={args.heartbeat_timeout}; allowed values: "
+                                f"seconds >= 1")
+    if not args.grace > 0:  # also NaN; inf (wait for ever) is allowed
+        raise local.LaunchError(f"--grace={args.grace}; allowed values: seconds > 0 (the time the "
+                                f"processes get to save after SIGTERM)")
+
+
+def _check_cloud(args, train_args: list[str], sl, slices: int) -> None:
+    """Every option of the cloud engines, before anything is printed, written or submitted."""
+    if getattr(args, "max_restarts", 0) < 0:
+        raise cloud.CloudError(f"--max-restarts={args.max_restarts}; allowed values: integers >= 0")
+    cloud.check_workdir(_train_workdir(train_args), sl, slices)
+    out = getattr(args, "out", None)
+    if out:
+        from sparsejax import rundir, storage
+
+        if not storage.is_remote(out):
+            path = pathlib.Path(out)
+            if path.is_dir():
+                raise cloud.CloudError(f"--out={out} is a directory; give a file path such as "
+                                       f"{path / 'jobset.yaml'}")
+            if not path.parent.is_dir():
+                raise cloud.CloudError(f"--out={out}: directory {path.parent} does not exist")
+        try:
+            rundir.check_writable_dir(storage.path(out).parent, "--out directory")
+        except rundir.RunDirError as err:
+            raise cloud.CloudError(str(err)) from None
+
+
+def _train_workdir(train_args: list[str]) -> str | None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workdir")
+    return p.parse_known_args(train_args)[0].workdir
+
+
 def _need(tool: str) -> None:
     if shutil.which(tool) is None:
         raise cloud.CloudError(f"{tool} is not on PATH; install it, or omit --run to print the commands")
@@ -100,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give train.py's arguments after '--', e.g. -- --config configs/tiny_relu.py --workdir runs/x")
     try:
         if args.engine == "local":
+            _check_local(args)
             return local.run(train_args, args.processes, args.devices_per_process, port=args.port,
                              heartbeat_timeout=args.heartbeat_timeout, grace=args.grace)
         if args.engine == "job":
@@ -113,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _train_config(train_args)
         cloud.check_batch(sl, slices, cfg.train.batch_size)
         cloud.check_name(args.name)
+        _check_cloud(args, train_args, sl, slices)
         print(f"# {cfg.name}: {slices} × {sl.accelerator_type} = {slices * sl.hosts} host(s) × "
               f"{sl.chips_per_host} chips; train.py runs on every host with the same arguments",
               file=sys.stderr)

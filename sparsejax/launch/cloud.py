@@ -111,6 +111,18 @@ def check_batch(sl: Slice, num_slices: int, batch_size: int) -> None:
                          f"{num_slices} × {sl.accelerator_type}; choose a multiple of {devices}")
 
 
+def check_workdir(workdir: str | None, sl: Slice, num_slices: int) -> None:
+    """Several hosts must share one run directory: a bucket, not each host's own disk (where
+    every host would write its own partial run: checkpoints of its shards, no metrics)."""
+    from sparsejax import storage
+
+    hosts = sl.hosts * num_slices
+    if workdir and hosts > 1 and not storage.is_remote(workdir):
+        raise CloudError(f"--workdir={workdir!r} must be a gs:// URL for {num_slices} × "
+                         f"{sl.accelerator_type} ({hosts} hosts): every host writes the same run "
+                         f"directory, and a local path is a different directory on each host")
+
+
 # ----------------------------------------------------------------------------- train commands
 TRAIN_PROGRAM = ("python3", "train.py")
 

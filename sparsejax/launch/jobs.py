@@ -85,9 +85,16 @@ def _opts_parser(engine: str) -> argparse.ArgumentParser:
 def parse_opts(engine: str, opts: str) -> argparse.Namespace:
     if engine not in ENGINES:
         raise cloud.CloudError(f"--launch={engine!r}; allowed values: ['local', 'tpu-vm', 'xpk']")
-    ns = _opts_parser(engine).parse_args(shlex.split(opts or ""))
+    try:
+        words = shlex.split(opts or "")
+    except ValueError as err:  # unbalanced quotes
+        raise cloud.CloudError(f"--launch-opts={opts!r}: {err} (quote it as one shell word, e.g. "
+                               f"--launch-opts '--tpu-type v5e-16 --zone us-west4-a')") from None
+    ns = _opts_parser(engine).parse_args(words)
     if ns.num_slices < 1:
         raise cloud.CloudError(f"--num-slices={ns.num_slices}; allowed values: integers >= 1")
+    if getattr(ns, "max_restarts", 0) < 0:
+        raise cloud.CloudError(f"--max-restarts={ns.max_restarts}; allowed values: integers >= 0")
     return ns
 
 

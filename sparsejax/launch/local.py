@@ -35,6 +35,8 @@ import sys
 import threading
 import time
 
+from sparsejax import lifecycle
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train.py"
 # The flags this launcher sets; passing them through as well would be ambiguous.
@@ -74,7 +76,9 @@ def process_env(devices_per_process: int, base: dict | None = None) -> dict:
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    # train.py reads this and arms PR_SET_PDEATHSIG (lifecycle.die_with_parent): a SIGKILLed
+    # launcher takes its children with it (each gets SIGTERM, saves and exits 143).
+    return lifecycle.child_env(env)
 
 
 def _pump(stream, prefix: str, out) -> None:

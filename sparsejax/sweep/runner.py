@@ -129,24 +129,54 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 def _run_logged(cmd: list[str], log_path: pathlib.Path, *, echo: bool, env) -> int:
     """Run cmd from the repository root; output to log_path (and the console when echo).
 
+    The child writes to the log file itself (not through a pipe to this process), so what it
+    prints after the sweep is gone still reaches the log: the "stopped by SIGTERM ..." line of a
+    trainer whose sweep was killed. The console copy is read back from the file.
+
     The child gets its own process group and is stopped with the sweep: when the sweep is
     interrupted or terminated, its SIGTERM reaches the trainer, which checkpoints and exits; if
     the sweep is killed outright, the kernel sends the child SIGTERM (``lifecycle.die_with_parent``).
     """
     with log_path.open("a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
         proc = subprocess.Popen(cmd, cwd=REPO, env=lifecycle.child_env(dict(env)),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+        tail = _Tail(log_path, start) if echo else None
         try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if echo:
-                    print(f"    {line}", end="", flush=True)
+            while tail is not None and proc.poll() is None:
+                if not tail.echo():
+                    time.sleep(0.2)
             return proc.wait()
         finally:
             stop_process_group(proc)
+            if tail is not None:  # what the child printed last (its stop line, when stopped)
+                tail.echo()
+                tail.close()
+
+
+class _Tail:
+    """The console copy of a log file: complete lines appended since ``start``, indented."""
+
+    def __init__(self, path: pathlib.Path, start: int):
+        self._file = path.open("r", errors="replace")
+        self._file.seek(start)
+        self._partial = ""
+
+    def echo(self) -> bool:
+        chunk = self._file.read()
+        lines = (self._partial + chunk).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            print(f"    {line}", flush=True)
+        return bool(chunk)
+
+    def close(self) -> None:
+        if self._partial:
+            print(f"    {self._partial}", flush=True)
+        self._file.close()
 
 
 @dataclasses.dataclass
