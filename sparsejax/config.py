@@ -45,8 +45,17 @@ class ModelConfig:
     topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # False: a separate output projection "unembed" [D, V] (lm_head)
     norm_eps: float = 1e-6
+    # Grouped-query attention (Ainslie et al. 2023; Llama 2 70B, Llama 3, Mistral): the number of
+    # key/value heads, each shared by n_heads / n_kv_heads query heads. 0 = n_heads (multi-head).
+    n_kv_heads: int = 0
+    # MiniCPM's µP scalings (Hu et al. 2024), off at their defaults: token embeddings × scale_emb;
+    # scale_depth > 0: each residual branch × scale_depth / sqrt(n_layers); dim_model_base > 0:
+    # the final hidden state × dim_model_base / d_model before the output projection.
+    scale_emb: float = 1.0
+    scale_depth: float = 0.0
+    dim_model_base: int = 0
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     # FFN implementation (registry sparsejax.ffn.FFN_IMPLS): "reference" (einsum) or
@@ -67,6 +76,11 @@ class ModelConfig:
         from sparsejax import sparsity  # lazy: config files and sweep specs load without JAX
 
         return sparsity.config_topk_k(self.topk, self.d_ff)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when it is 0 (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclasses.dataclass
@@ -273,6 +287,13 @@ def validate(cfg: Config) -> Config:
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.rope_theta", m.rope_theta)
     _positive("model.norm_eps", m.norm_eps)
+    _positive("model.n_kv_heads", m.n_kv_heads, allow_zero=True)
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+                          f"(0 = n_heads)")
+    _positive("model.scale_emb", m.scale_emb)
+    _positive("model.scale_depth", m.scale_depth, allow_zero=True)
+    _positive("model.dim_model_base", m.dim_model_base, allow_zero=True)
     _positive("model.init_std", m.init_std)
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")

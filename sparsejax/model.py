@@ -2,6 +2,12 @@
 top-k FFN sparsity, optionally scanned over layers and rematerialised.
 
 Pre-norm RMSNorm blocks, RoPE, causal multi-head attention, gated or plain FFN, tied embeddings.
+Options that imported checkpoints need (:mod:`sparsejax.hf_import`), off by default and usable
+in training: grouped-query attention (``model.n_kv_heads``), an untied output projection
+(``model.tie_embeddings=False``), and MiniCPM's embedding, residual and logit scalings
+(``model.scale_emb``, ``model.scale_depth``, ``model.dim_model_base``; :func:`residual_scale`,
+:func:`logit_scale`). The output projection and its logit scale are exposed as
+:func:`output_projection` and :func:`logit_scale` for losses that take the final hidden state.
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
 ``norm``; plus ``layers`` on the stacked parameters of ``model.scan_layers``) that
 :mod:`sparsejax.sharding` maps to mesh axes by rules, MaxText style.
@@ -119,6 +125,14 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
                                              x_BxLxHxK.shape[-1], theta))
 
 
+def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
+    """Grouped-query attention's key/value heads [.., G, K] repeated to [.., n_heads, K]: query
+    head h reads key/value head h // (n_heads / G), as Hugging Face's ``repeat_kv``. Identity when
+    G == n_heads (no copy, so multi-head graphs are unchanged)."""
+    groups = x_BxLxGxK.shape[2]
+    return x_BxLxGxK if groups == n_heads else jnp.repeat(x_BxLxGxK, n_heads // groups, axis=2)
+
+
 def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Array:
     """softmax(q kᵀ / √K, causal) v with float32 scores and softmax, written out as einsums.
 
@@ -178,14 +192,20 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array]) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
-        def proj(name):
-            return Projection((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"),
+        def proj(name, heads, heads_axis="heads"):
+            return Projection((cfg.d_model, heads, cfg.head_dim), ("embed", heads_axis, "kv"),
                               "bld,dhk->blhk", cfg.init_std, dtype, name=name)
 
-        q_BxLxHxK = apply_rope(checkpoint_name(proj("query")(x_BxLxD), "query"), rope_sin_cos)
-        k_BxLxHxK = apply_rope(checkpoint_name(proj("key")(x_BxLxD), "key"), rope_sin_cos)
-        v_BxLxHxK = checkpoint_name(proj("value")(x_BxLxD), "value")
-        out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        # Grouped-query key/value heads get their own logical axis "kv_heads": it has no rule in
+        # the default mesh.rules (replicated), since n_kv_heads need not divide the tensor axis.
+        kv_axis = "heads" if cfg.kv_heads == cfg.n_heads else "kv_heads"
+        q_BxLxHxK = apply_rope(checkpoint_name(proj("query", cfg.n_heads)(x_BxLxD), "query"),
+                               rope_sin_cos)
+        k_BxLxGxK = apply_rope(checkpoint_name(proj("key", cfg.kv_heads, kv_axis)(x_BxLxD), "key"),
+                               rope_sin_cos)
+        v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
+        out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
+                                       repeat_kv(v_BxLxGxK, cfg.n_heads))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                                "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
@@ -215,12 +235,41 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD, rope_sin_cos, sparsity: Sparsity):
         cfg = self.cfg
         dtype = _dtype(cfg)
+        branch = _scaled(residual_scale(cfg))
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, rope_sin_cos)
+        x_BxLxD = x_BxLxD + branch(Attention(cfg, name="attn")(h, rope_sin_cos))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, sparsity)
+        x_BxLxD = x_BxLxD + branch(FeedForward(cfg, name="ffn")(h, sparsity))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         return (x_BxLxD, None) if self.scanned else x_BxLxD
+
+
+# ---------------------------------------------------------------- MiniCPM scalings, output head
+def residual_scale(cfg: ModelConfig) -> float:
+    """Multiplier of each residual branch: MiniCPM's scale_depth / sqrt(n_layers), else 1."""
+    return cfg.scale_depth / cfg.n_layers ** 0.5 if cfg.scale_depth > 0 else 1.0
+
+
+def logit_scale(cfg: ModelConfig) -> float:
+    """Multiplier of the final hidden state before the output projection: MiniCPM's
+    dim_model_base / d_model (its ``lm_head(h / (hidden_size / dim_model_base))``), else 1."""
+    return cfg.dim_model_base / cfg.d_model if cfg.dim_model_base > 0 else 1.0
+
+
+def _scaled(scale: float) -> Callable[[Array], Array]:
+    """x ↦ x·scale, or the identity at 1 (so default models trace the same graph as before)."""
+    if scale == 1.0:
+        return lambda x: x
+    return lambda x: x * jnp.asarray(scale, x.dtype)
+
+
+def output_projection(params: PyTree, cfg: ModelConfig) -> Array:
+    """The output projection W [D, V] (float32, unboxed): logits = (final hidden × logit_scale) W.
+    The embedding table transposed when tied, else the ``unembed`` kernel."""
+    params = nn.meta.unbox(params)
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["unembed"]["kernel"]
 
 
 # ----------------------------------------------------------------------------- remat policies
@@ -274,7 +323,7 @@ class Transformer(nn.Module):
         rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
-        x_BxLxD = embed(tokens_BxL)
+        x_BxLxD = _scaled(cfg.scale_emb)(embed(tokens_BxL))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         block = _block_class(cfg)
         if cfg.scan_layers:
@@ -287,6 +336,7 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
+        x_BxLxD = _scaled(logit_scale(cfg))(x_BxLxD)  # logits = (h · logit_scale) W
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
