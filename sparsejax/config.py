@@ -45,6 +45,15 @@ class ModelConfig:
     topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
+    # RoPE frequency scaling (sparsejax.model.ROPE_TYPES; what HF configs call rope_type):
+    # "default" (none); "linear" (frequencies / rope_factor); "llama3" (Llama 3.1+: frequencies
+    # with wavelengths above rope_original_max_len / rope_low_freq_factor divided by rope_factor,
+    # below rope_original_max_len / rope_high_freq_factor kept, smoothly interpolated between).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     tie_embeddings: bool = True  # False: a separate output projection "unembed" [D, V] (lm_head)
     norm_eps: float = 1e-6
     # Grouped-query attention (Ainslie et al. 2023; Llama 2 70B, Llama 3, Mistral): the number of
@@ -286,6 +295,15 @@ def validate(cfg: Config) -> Config:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.rope_theta", m.rope_theta)
+    from sparsejax import model as model_rope  # lazy: the registry lives with the model
+
+    _choice("model.rope_type", m.rope_type, model_rope.rope_type_names())
+    _positive("model.rope_factor", m.rope_factor)
+    _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+    _positive("model.rope_original_max_len", m.rope_original_max_len)
+    if m.rope_type == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor} for rope_type='llama3'")
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.n_kv_heads", m.n_kv_heads, allow_zero=True)
     if m.n_kv_heads and m.n_heads % m.n_kv_heads:

@@ -8,9 +8,9 @@ A local checkpoint directory — ``config.json``, ``*.safetensors`` (one file or
 
 Architectures (:data:`ARCHITECTURES`, by ``config.json`` ``model_type``):
 
-* ``llama`` (Llama 2 / 3, TinyLlama, ProSparse-LLaMA with a plain activation): grouped-query
-  attention (``num_key_value_heads``), ``rope_theta``, ``rms_norm_eps``, ``head_dim``, tied or
-  untied ``lm_head``;
+* ``llama`` (Llama 2, 3, 3.1, 3.2, TinyLlama): grouped-query attention
+  (``num_key_value_heads``), ``rope_theta`` and the ``llama3`` / ``linear`` RoPE scalings,
+  ``rms_norm_eps``, ``head_dim``, tied or untied ``lm_head``;
 * ``mistral``: as LLaMA, for sequences within its ``sliding_window`` (where sliding-window
   attention equals full causal attention);
 * ``minicpm`` (MiniCPM 1/2, the Sparsing Law paper's released models; remote code, not in
@@ -18,8 +18,9 @@ Architectures (:data:`ARCHITECTURES`, by ``config.json`` ``model_type``):
   (residual branches × scale_depth/√n_layers) and ``dim_model_base`` (logits of
   h·dim_model_base/hidden_size), Hu et al. 2024.
 
-Anything else — another ``model_type``, RoPE scaling, attention or MLP biases, MoE or MLA
-variants, an activation this project lacks — is an :class:`HfImportError` naming the
+RoPE: ``rope_theta`` and the ``llama3`` (Llama 3.1 / 3.2) and ``linear`` frequency scalings.
+Anything else — another ``model_type``, dynamic / YaRN / LongRoPE scaling, attention or MLP
+biases, MoE or MLA variants, an activation this project lacks — is an :class:`HfImportError` naming the
 ``config.json`` key and its value (``eval.py`` prints it on one line and exits 2).
 
 Weight layout. HF stores ``nn.Linear`` weights as [out, in]; this project's kernels are [in, out]
@@ -107,23 +108,40 @@ def read_config(path: str | pathlib.Path) -> dict:
     return raw
 
 
-def _rope_theta(hf: dict, get: Callable[[str], Any]) -> float:
-    """``rope_theta``: top-level (transformers 4) or in ``rope_parameters`` (transformers 5),
-    with no RoPE scaling of any type (linear, dynamic, YaRN, llama3 and longrope change the
-    frequencies or the attention scale, which this model does not)."""
+def _rope(hf: dict, get: Callable[[str], Any]) -> dict:
+    """The RoPE fields of :class:`ModelConfig`: ``rope_theta`` top-level (transformers 4) or in
+    ``rope_parameters`` (transformers 5), and the scaling of ``rope_parameters`` / ``rope_scaling``
+    if it is one of :data:`ROPE_SCALINGS` (Llama 3.1+'s ``llama3``, ``linear``). Dynamic NTK,
+    YaRN and LongRoPE change frequencies with the length or scale attention: unsupported."""
     params = hf.get("rope_parameters")
-    if isinstance(params, dict):
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise _unsupported("rope_parameters.rope_type", kind, '"default" (no RoPE scaling)')
-        if "rope_theta" in params:
-            return float(params["rope_theta"])
-    scaling = get("rope_scaling")
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind != "default":
-            raise _unsupported("rope_scaling", scaling, "null (no RoPE scaling)")
-    return float(get("rope_theta"))
+    key, scaling = ("rope_parameters", params) if params is not None else ("rope_scaling",
+                                                                          get("rope_scaling"))
+    if scaling is None:
+        return {"rope_theta": float(get("rope_theta"))}
+    if not isinstance(scaling, dict):
+        raise _unsupported(key, scaling, "null or an object")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise _unsupported(f"{key}.rope_type", kind, ", ".join(f'"{k}"' for k in ROPE_SCALINGS))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported(f"{key}.partial_rotary_factor", scaling["partial_rotary_factor"], "1.0")
+    theta = scaling["rope_theta"] if "rope_theta" in scaling else get("rope_theta")
+    fields = {"rope_theta": float(theta), "rope_type": kind}
+    for hf_key, (field, kind_of) in ROPE_SCALINGS[kind].items():
+        if hf_key not in scaling:
+            raise HfImportError(f"config.json {key} has rope_type={kind!r} but no {hf_key!r}")
+        fields[field] = kind_of(scaling[hf_key])
+    return fields
+
+
+# Supported RoPE scalings: HF rope_type -> {HF key: (ModelConfig field, type)}.
+ROPE_SCALINGS = {
+    "default": {},
+    "linear": {"factor": ("rope_factor", float)},
+    "llama3": {"factor": ("rope_factor", float), "low_freq_factor": ("rope_low_freq_factor", float),
+               "high_freq_factor": ("rope_high_freq_factor", float),
+               "original_max_position_embeddings": ("rope_original_max_len", int)},
+}
 
 
 def model_config(hf: dict, *, seq_len: int, dtype: str = "float32") -> config_lib.ModelConfig:
@@ -152,7 +170,7 @@ def model_config(hf: dict, *, seq_len: int, dtype: str = "float32") -> config_li
     act = get("hidden_act")
     if act not in ACTIVATIONS:
         raise _unsupported("hidden_act", act, ", ".join(f'"{a}"' for a in ACTIVATIONS))
-    rope_theta = _rope_theta(hf, get)
+    rope = _rope(hf, get)
     if arch.sliding_window:
         window = get("sliding_window")
         if window is not None and seq_len > window:
@@ -173,9 +191,9 @@ def model_config(hf: dict, *, seq_len: int, dtype: str = "float32") -> config_li
         vocab_size=int(get("vocab_size")), d_model=d_model, n_layers=int(get("num_hidden_layers")),
         n_heads=n_heads, head_dim=int(head_dim), d_ff=int(get("intermediate_size")),
         ffn_type="gated", activation=ACTIVATIONS[act], max_seq_len=max(seq_len, 1),
-        rope_theta=rope_theta, tie_embeddings=bool(get("tie_word_embeddings")),
+        tie_embeddings=bool(get("tie_word_embeddings")),
         norm_eps=float(get("rms_norm_eps")), dtype=dtype,
-        n_kv_heads=0 if int(n_kv) == n_heads else int(n_kv), **scalings)
+        n_kv_heads=0 if int(n_kv) == n_heads else int(n_kv), **rope, **scalings)
     try:
         config_lib.validate(config_lib.Config(model=m, train=config_lib.TrainConfig(
             seq_len=seq_len, batch_size=1)))

@@ -6,7 +6,8 @@ Options that imported checkpoints need (:mod:`sparsejax.hf_import`), off by defa
 in training: grouped-query attention (``model.n_kv_heads``), an untied output projection
 (``model.tie_embeddings=False``), and MiniCPM's embedding, residual and logit scalings
 (``model.scale_emb``, ``model.scale_depth``, ``model.dim_model_base``; :func:`residual_scale`,
-:func:`logit_scale`). The output projection and its logit scale are exposed as
+:func:`logit_scale`), and RoPE frequency scalings (``model.rope_type``: linear, Llama 3.1's
+llama3; :data:`ROPE_TYPES`). The output projection and its logit scale are exposed as
 :func:`output_projection` and :func:`logit_scale` for losses that take the final hidden state.
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
 ``norm``; plus ``layers`` on the stacked parameters of ``model.scan_layers``) that
@@ -92,21 +93,63 @@ class Projection(nn.Module):
         return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+# ------------------------------------------------------------------------ RoPE frequencies
+def _freq_default(cfg: ModelConfig) -> np.ndarray:
+    half = cfg.head_dim // 2
+    return cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+
+
+def _freq_linear(cfg: ModelConfig) -> np.ndarray:
+    """Position interpolation (Chen et al. 2023): positions / factor, i.e. frequencies / factor."""
+    return _freq_default(cfg) / cfg.rope_factor
+
+
+def _freq_llama3(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3.1's frequency scaling (transformers ``_compute_llama3_parameters``): wavelengths
+    longer than original_max_len / low_freq_factor are stretched by ``factor``, shorter than
+    original_max_len / high_freq_factor kept, and interpolated in between."""
+    freq = _freq_default(cfg)
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * np.pi / freq
+    scaled = np.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+ROPE_TYPES: dict[str, Callable[[ModelConfig], np.ndarray]] = {
+    "default": _freq_default, "linear": _freq_linear, "llama3": _freq_llama3}
+
+
+def rope_type_names() -> list[str]:
+    return list(ROPE_TYPES)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Optional[np.ndarray]:
+    """The rotary frequencies [head_dim/2] of ``model.rope_type`` (float64), or None for
+    "default" (then :func:`rope_tables` computes θ^(-j/(K/2)) itself, as before)."""
+    return None if cfg.rope_type == "default" else ROPE_TYPES[cfg.rope_type](cfg)
+
+
 def rope_tables(positions_BxL: Optional[Array], seq_len: int, head_dim: int,
-                theta: float) -> tuple[Array, Array]:
+                theta: float, freq_K2: Optional[np.ndarray] = None) -> tuple[Array, Array]:
     """(sin, cos) of the rotary angles, [B or 1, L, 1, head_dim/2], computed once per forward pass.
 
+    ``freq_K2``: the rotary frequencies (:func:`rope_frequencies`); None: θ^(-j/(K/2)).
     Default positions (0..L-1) give numpy constants: every layer's rotation then reads a table
     instead of recomputing sin/cos inside its fusions (XLA duplicates the transcendentals into
     each consumer; ~5% of a small CPU step).
     """
     half = head_dim // 2
     if positions_BxL is None:
-        freq_K2 = theta ** (-np.arange(half, dtype=np.float64) / half)
+        if freq_K2 is None:
+            freq_K2 = theta ** (-np.arange(half, dtype=np.float64) / half)
         angle_LxK2 = np.arange(seq_len, dtype=np.float64)[:, None] * freq_K2
         return (jnp.asarray(np.sin(angle_LxK2), jnp.float32)[None, :, None, :],
                 jnp.asarray(np.cos(angle_LxK2), jnp.float32)[None, :, None, :])
-    freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq_K2 = (theta ** (-jnp.arange(half, dtype=jnp.float32) / half) if freq_K2 is None
+               else jnp.asarray(freq_K2, jnp.float32))
     angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
     return jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
 
@@ -320,7 +363,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
-        rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta)
+        rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta,
+                                   rope_frequencies(cfg))
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
         x_BxLxD = _scaled(cfg.scale_emb)(embed(tokens_BxL))

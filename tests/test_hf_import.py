@@ -3,6 +3,7 @@ tests/fixtures/make_hf_fixtures.py with transformers; these tests need only safe
 tokenizers): logits against the ones transformers (or MiniCPM's reference forward) computed,
 CETT-PPL-1% against the same weights evaluated as a trained run, one-line errors."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -27,7 +28,7 @@ def _hf_config(name: str) -> dict:
     return json.loads((FIXTURES / name / "config.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral", "minicpm"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama3_rope", "mistral", "minicpm"])
 def test_imported_logits_match_reference(name):
     ref = np.load(FIXTURES / name / "reference.npz")
     ckpt = hf_import.open_checkpoint(FIXTURES / name, seq_len=ref["input_ids"].shape[1])
@@ -48,6 +49,9 @@ def test_config_fields_follow_config_json():
     assert m.norm_eps == hf["rms_norm_eps"] and not m.tie_embeddings
     assert (m.scale_emb, m.scale_depth, m.dim_model_base) == (1.0, 0.0, 0)  # LLaMA: no scalings
     assert len(llama.files) == 2  # sharded, read through model.safetensors.index.json
+    llama3 = hf_import.open_checkpoint(FIXTURES / "llama3_rope", seq_len=16).model
+    assert (llama3.rope_type, llama3.rope_factor, llama3.rope_original_max_len) == ("llama3", 8.0, 32)
+    assert llama3.tie_embeddings and llama3.kv_heads == 1 and llama3.head_dim == 16
     mini = hf_import.open_checkpoint(FIXTURES / "minicpm", seq_len=16).model
     assert (mini.scale_emb, mini.scale_depth, mini.dim_model_base) == (12.0, 1.4, 8)
     assert mini.tie_embeddings and mini.activation == "relu" and mini.n_kv_heads == 0
@@ -81,10 +85,13 @@ def _mutated(tmp_path, name: str, **changes) -> pathlib.Path:
 
 @pytest.mark.parametrize("name,changes,expected", [
     ("llama_gqa", {"model_type": "gpt2"}, 'model_type="gpt2"'),
-    ("llama_gqa", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
-     'rope_parameters.rope_type="llama3"'),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}},
+     'rope_parameters.rope_type="yarn"'),
     ("minicpm", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
-     'rope_scaling={"type": "dynamic", "factor": 2.0}'),
+     'rope_scaling.rope_type="dynamic"'),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5,
+                                       "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor=0.5"),
     ("llama_gqa", {"attention_bias": True}, "attention_bias=true"),
     ("llama_gqa", {"mlp_bias": True}, "mlp_bias=true"),
     ("mistral", {"num_local_experts": 8}, "num_local_experts=8"),
@@ -238,3 +245,14 @@ def test_unsupported_checkpoint_real_process_exit_2(tmp_path):
                                    "attention_bias=true (supported: false)")
     assert not (tmp_path / "o").exists()
 
+
+
+def test_llama3_rope_scaling_is_what_makes_the_logits_match():
+    """Without its llama3 frequency scaling the same weights give other logits: the fixture's
+    match above depends on the scaling, not only on the weights."""
+    ref = np.load(FIXTURES / "llama3_rope" / "reference.npz")
+    ckpt = hf_import.open_checkpoint(FIXTURES / "llama3_rope", seq_len=24)
+    params = hf_import.load_params(ckpt)
+    plain = dataclasses.replace(ckpt.model, rope_type="default")
+    logits, _ = model_lib.Model(plain).apply(params, jnp.asarray(ref["input_ids"]))
+    assert np.abs(np.asarray(logits) - ref["logits"]).max() > 1e-2

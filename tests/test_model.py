@@ -338,3 +338,36 @@ def test_residual_and_embedding_scales():
            ) @ np.asarray(f["w_out"]["kernel"])
     expected = rms(e + 2.0 / math.sqrt(1) * ffn, np.asarray(p["final_norm"]["scale"]))
     np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_rope_scaling_equals_interpolated_positions():
+    """rope_type "linear" with factor f at positions 0..L-1 = default RoPE at positions p / f
+    (position interpolation), through the traced-positions path."""
+    plain = _cfg(init_std=0.5)  # large weights: attention (and so RoPE) shapes the logits
+    cfg = _cfg(init_std=0.5, rope_type="linear", rope_factor=2.0)
+    params = model.Model(plain).init(jax.random.key(9), 10)
+    tokens = jax.random.randint(jax.random.key(10), (2, 10), 0, TINY.vocab_size)
+    scaled = model.Transformer(cfg).apply({"params": params}, tokens)
+    positions = jnp.broadcast_to(jnp.arange(10, dtype=jnp.float32) / 2.0, (2, 10))
+    interpolated = model.Transformer(plain).apply({"params": params}, tokens, positions)
+    np.testing.assert_allclose(scaled, interpolated, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(scaled, model.Transformer(plain).apply({"params": params}, tokens),
+                           atol=1e-2)
+
+
+def test_llama3_rope_frequencies_keep_stretch_and_interpolate():
+    """The three bands of Llama 3.1's scaling: short wavelengths kept, long ones divided by the
+    factor, the middle between the two (monotone in wavelength)."""
+    cfg = _cfg(head_dim=32, rope_theta=10_000.0, rope_type="llama3", rope_factor=8.0,
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=64)
+    freq = model.rope_frequencies(cfg)
+    base = 10_000.0 ** (-np.arange(16) / 16)
+    wavelen = 2 * np.pi / base
+    short, long = wavelen < 64 / 4, wavelen > 64
+    middle = ~short & ~long
+    assert short.any() and long.any() and middle.any()
+    np.testing.assert_allclose(freq[short], base[short])
+    np.testing.assert_allclose(freq[long], base[long] / 8)
+    ratio = freq[middle] / base[middle]
+    assert np.all((ratio > 1 / 8) & (ratio < 1)) and np.all(np.diff(ratio) < 0)
+    assert model.rope_frequencies(_cfg()) is None  # default: rope_tables' own θ^(-j/(K/2))
