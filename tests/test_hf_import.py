@@ -70,6 +70,29 @@ def test_bfloat16_import_stays_close():
     assert np.mean(err) < 0.1 * np.std(ref["logits"])
 
 
+def test_bfloat16_stored_weights_are_read(tmp_path):
+    """Most released checkpoints store bfloat16, which numpy lacks: the weights of a fixture
+    rounded to bf16 and stored so read back as exactly those values."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "mistral_bf16"
+    shutil.copytree(FIXTURES / "mistral", path)
+    stored = load_file(str(path / "model.safetensors"))
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in stored.items()},
+              str(path / "model.safetensors"))
+    ckpt = hf_import.open_checkpoint(path, seq_len=24)
+    assert set(d for _, d in ckpt.shapes.values()) == {"BF16"}  # the safetensors header's name
+    params = hf_import.load_params(ckpt)
+    w = stored["model.layers.1.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(params["layer_1"]["ffn"]["w_out"]["kernel"],
+                                  w.astype(ml_dtypes.bfloat16).astype(np.float32).T)
+    ref = np.load(path / "reference.npz")
+    logits, _ = model_lib.Model(ckpt.model).apply(params, jnp.asarray(ref["input_ids"]))
+    err = np.abs(np.asarray(logits) - ref["logits"])
+    assert np.mean(err) < 0.1 * np.std(ref["logits"])
+
+
 def _mutated(tmp_path, name: str, **changes) -> pathlib.Path:
     path = tmp_path / name
     shutil.copytree(FIXTURES / name, path)
@@ -122,6 +145,10 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path, capsys):
     (no_weights / "config.json").write_text(json.dumps(_hf_config("llama_gqa")))
     cases.append((no_weights, "no *.safetensors"))
     cases.append((tmp_path / "missing", "is not a directory"))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(FIXTURES / "mistral", no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    cases.append((no_tokenizer, "no tokenizer.json or tokenizer.model in"))
     for path, expected in cases:
         assert eval_cli.main(["--hf", str(path), "--seq-len", "16", "--batch-size", "8",
                               "--out", str(tmp_path / "o" / "r.json"), "--no-progress"]) == 2
