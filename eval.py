@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "--joint-last checkpoints (paper)", d.cett_ppl_mode),
         "joint_last": (int, "checkpoints of the joint CETT-PPL search", d.joint_last),
         "tolerance": (float, "CETT-PPL bisection tolerance on c", d.tolerance),
-        "eval_batches": (int, "validation batches (0: the run's train.eval_batches)", d.eval_batches),
+        "eval_batches": (int, "validation batches (0: the run's train.eval_batches; 4 with --hf)", d.eval_batches),
         "dead_min_rate": (float, "a neuron active on fewer tokens than this share is dead",
                           d.dead_min_rate),
         "cett_search": (str, f"{' or '.join(CETT_SEARCHES)} threshold search", d.cett_search),
