@@ -475,24 +475,31 @@ class HfRun:
 
     ckpt: HfCheckpoint
     cfg: config_lib.Config
-    params_np: dict
+    params_np: dict | None  # the host copy from load_params, dropped once placed on the mesh
     steps: tuple = (0,)
     warmup_steps: int = -1  # a released model has no warm-up checkpoints to leave out
+    _placed: tuple | None = None  # (mesh, params on it)
 
     @property
     def workdir(self) -> pathlib.Path:
         return self.ckpt.path
 
     def params(self, step: int, mesh) -> tuple[Any, dict]:
+        """The parameters on ``mesh`` (placed once; the numpy copy is then released, so a large
+        model is not held twice in host memory)."""
         import jax
 
         from sparsejax import model as model_lib, sharding
 
         del step
-        specs = model_lib.Model(self.cfg.model).param_specs(self.cfg.train.seq_len)
-        shardings = sharding.logical_shardings(specs, mesh, self.cfg.mesh)
-        return (jax.tree.map(lambda a, s: jax.device_put(a, s), self.params_np, shardings),
-                {"tokens_seen": float("nan"), "hf_checkpoint": str(self.ckpt.path)})
+        if self._placed is None or self._placed[0] is not mesh:
+            if self.params_np is None:
+                raise ValueError("HfRun parameters were placed on another mesh and released")
+            specs = model_lib.Model(self.cfg.model).param_specs(self.cfg.train.seq_len)
+            shardings = sharding.logical_shardings(specs, mesh, self.cfg.mesh)
+            placed = jax.tree.map(lambda a, s: jax.device_put(a, s), self.params_np, shardings)
+            self._placed, self.params_np = (mesh, placed), None
+        return self._placed[1], {"tokens_seen": float("nan"), "hf_checkpoint": str(self.ckpt.path)}
 
 
 def run_config(m: config_lib.ModelConfig, name: str, *, batch_size: int, seq_len: int,

@@ -221,8 +221,9 @@ def _as_trained_run(run: hf_import.HfRun, workdir: pathlib.Path, step: int = 1) 
 @pytest.mark.parametrize("name", ["minicpm", "llama_gqa"])
 def test_cett_ppl_equals_trained_run_evaluation(tmp_path, name):
     run, batches = _hf_run(name)
+    _as_trained_run(run, tmp_path / "run")  # before evaluate() places and releases params_np
     imported = evaluation.evaluate(run, OPTIONS, progress=False, batches=batches)
-    _as_trained_run(run, tmp_path / "run")
+    assert run.params_np is None  # one copy of the weights in memory during the evaluation
     trained = evaluation.evaluate_run(tmp_path / "run", OPTIONS, progress=False, batches=batches)
     a, b = imported["checkpoints"][0], trained["checkpoints"][0]
     assert a["dense_loss"] == b["dense_loss"]
