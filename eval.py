@@ -1,8 +1,17 @@
 #!/usr/bin/env python
-"""Measure the activation sparsity of a trained run, checkpoint by checkpoint.
+"""Measure the activation sparsity of a trained run, checkpoint by checkpoint, or of a Hugging
+Face checkpoint (LLaMA, Mistral or MiniCPM architecture; sparsejax/hf_import.py).
 
     python eval.py --workdir runs/tiny_relu [--checkpoints all|last|STEP,...]
                    [--metrics zero,fat,topk,topk_global,cett,cett_ppl] [--p 1] [--out results.json]
+    python eval.py --hf PATH [--text FILE] [--seq-len 512] [--batch-size 4] [--eval-batches 4]
+                   [--dtype float32|bfloat16] [--metrics ...] [--out results.json]
+
+--hf reads a local checkpoint directory (config.json, *.safetensors, tokenizer.json) and
+evaluates it on --text (default: the embedded corpus's validation split) with the same passes;
+default output runs/hf_<dir name>/eval/results.json. An unsupported architecture or option is
+one line naming the config.json key and value, exit 2; so is a model that will not fit in free
+memory (checked before loading).
 
 Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
@@ -23,7 +32,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     d = EvalOptions()  # the one place evaluation defaults live
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="run directory written by train.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="run directory written by train.py")
+    source.add_argument("--hf", help="local Hugging Face checkpoint directory (LLaMA, Mistral, MiniCPM)")
+    hf = p.add_argument_group("--hf options")
+    hf.add_argument("--text", default=None, help="UTF-8 text file to evaluate on (default: the "
+                    "embedded corpus's validation split)")
+    hf.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per row (default 512)")
+    hf.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="rows per batch (default 4)")
+    hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute and parameter dtype (default float32)")
     p.add_argument("--checkpoints", default="all", help="all, last, or comma-separated steps")
     helps = {
         "metrics": (str, f"comma-separated subset of {','.join(METRICS)}", ",".join(d.metrics)),
@@ -35,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "--joint-last checkpoints (paper)", d.cett_ppl_mode),
         "joint_last": (int, "checkpoints of the joint CETT-PPL search", d.joint_last),
         "tolerance": (float, "CETT-PPL bisection tolerance on c", d.tolerance),
-        "eval_batches": (int, "validation batches (0: the run's train.eval_batches)", d.eval_batches),
+        "eval_batches": (int, "validation batches (0: the run's train.eval_batches; 4 with --hf)", d.eval_batches),
         "dead_min_rate": (float, "a neuron active on fewer tokens than this share is dead",
                           d.dead_min_rate),
         "cett_search": (str, f"{' or '.join(CETT_SEARCHES)} threshold search", d.cett_search),
@@ -68,7 +86,12 @@ def main(argv=None) -> int:
     from sparsejax import (config, eval_options, evaluation, plotting, results as results_lib, rundir,
                            trained_run)
 
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / "results.json"
+    if args.out:
+        out = pathlib.Path(args.out)
+    elif args.hf:
+        out = pathlib.Path("runs") / f"hf_{pathlib.Path(args.hf).resolve().name}" / "eval" / "results.json"
+    else:
+        out = pathlib.Path(args.workdir) / "eval" / "results.json"
     try:
         # Before any compute: a results path that cannot be written fails now, not after the run.
         if out.is_dir():
@@ -77,11 +100,16 @@ def main(argv=None) -> int:
     except (eval_options.EvalError, rundir.RunDirError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
+    from sparsejax import hf_import
+
     try:
         options = eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS})
-        results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
-                                          progress=args.progress)
-    except (trained_run.RunError, eval_options.EvalError) as err:
+        if args.hf:
+            results = evaluate_hf(args, options)
+        else:
+            results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
+                                              progress=args.progress)
+    except (trained_run.RunError, eval_options.EvalError, hf_import.HfImportError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     except config.ConfigError as err:  # e.g. the run's mesh needs more devices than this host has
@@ -101,6 +129,64 @@ def main(argv=None) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def evaluate_hf(args: argparse.Namespace, options) -> dict:
+    """The --hf path: check the checkpoint and the memory it needs, then load it and run the
+    passes of a trained run's evaluation on batches of --text."""
+    import pathlib
+
+    from sparsejax import data, eval_options, evaluation, hf_import, resources
+
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise eval_options.EvalError(f"{flag}={value} must be >= 1")
+    import jax
+
+    ckpt = hf_import.open_checkpoint(args.hf, seq_len=args.seq_len, dtype=args.dtype)
+    devices = jax.device_count()
+    if args.batch_size % devices:
+        raise eval_options.EvalError(f"--batch-size={args.batch_size} must be a multiple of the "
+                                     f"{devices} devices the batch is split over")
+    tokenizer = hf_import.HfTokenizer(args.hf)
+    if args.text is None:
+        text = data.split_text(data.load_corpus_text(), 0.05)[1]
+    else:
+        try:
+            text = pathlib.Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise eval_options.EvalError(f"--text {args.text} cannot be read as UTF-8 text "
+                                         f"({getattr(err, 'strerror', None) or err})") from None
+    n_batches = options.eval_batches or 4
+    bos = ckpt.hf_config.get("bos_token_id")
+    need = n_batches * args.batch_size * (args.seq_len + (bos is None))
+    tokens = hf_import.encode_text(tokenizer, text, need)
+    if len(tokens) and int(tokens.max()) >= ckpt.model.vocab_size:
+        raise hf_import.HfImportError(
+            f"{tokenizer.source} gives token id {int(tokens.max())} >= config.json vocab_size="
+            f"{ckpt.model.vocab_size}: the tokenizer does not belong to this model")
+    batches = hf_import.eval_batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len,
+                                     n_batches=n_batches, bos_id=bos)
+    eval_tokens = len(batches) * args.batch_size * args.seq_len
+    hf_import.check_memory(
+        hf_import.memory_need_bytes(ckpt, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    eval_tokens=eval_tokens, max_cache_gib=options.max_cache_gib),
+        resources.host_available_bytes())
+    if args.progress:
+        print(f"{ckpt.path}: {ckpt.hf_config.get('model_type')}, "
+              f"{hf_import.n_params_human(ckpt.n_params)} parameters, {args.dtype}; "
+              f"{len(batches)} batches x {args.batch_size} x {args.seq_len} tokens")
+    params = hf_import.load_params(ckpt, progress=args.progress)
+    cfg = hf_import.run_config(ckpt.model, f"hf_{ckpt.path.resolve().name}",
+                               batch_size=args.batch_size, seq_len=args.seq_len,
+                               eval_batches=len(batches))
+    results = evaluation.evaluate(hf_import.HfRun(ckpt, cfg, params), options,
+                                  progress=args.progress, batches=batches,
+                                  batch_progress=args.progress)
+    results["hf"] = {"path": str(ckpt.path), "model_type": ckpt.hf_config.get("model_type"),
+                     "params": ckpt.n_params, "dtype": args.dtype, "seq_len": args.seq_len,
+                     "text": args.text or "embedded corpus validation split"}
+    return results
 
 
 if __name__ == "__main__":

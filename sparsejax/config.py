@@ -45,8 +45,26 @@ class ModelConfig:
     topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
-    tie_embeddings: bool = True
+    # RoPE frequency scaling (sparsejax.model.ROPE_TYPES; what HF configs call rope_type):
+    # "default" (none); "linear" (frequencies / rope_factor); "llama3" (Llama 3.1+: frequencies
+    # with wavelengths above rope_original_max_len / rope_low_freq_factor divided by rope_factor,
+    # below rope_original_max_len / rope_high_freq_factor kept, smoothly interpolated between).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    tie_embeddings: bool = True  # False: a separate output projection "unembed" [D, V] (lm_head)
     norm_eps: float = 1e-6
+    # Grouped-query attention (Ainslie et al. 2023; Llama 2 70B, Llama 3, Mistral): the number of
+    # key/value heads, each shared by n_heads / n_kv_heads query heads. 0 = n_heads (multi-head).
+    n_kv_heads: int = 0
+    # MiniCPM's µP scalings (Hu et al. 2024), off at their defaults: token embeddings × scale_emb;
+    # scale_depth > 0: each residual branch × scale_depth / sqrt(n_layers); dim_model_base > 0:
+    # the final hidden state × dim_model_base / d_model before the output projection.
+    scale_emb: float = 1.0
+    scale_depth: float = 0.0
+    dim_model_base: int = 0
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     # FFN implementation (registry sparsejax.ffn.FFN_IMPLS): "reference" (einsum) or
@@ -67,6 +85,11 @@ class ModelConfig:
         from sparsejax import sparsity  # lazy: config files and sweep specs load without JAX
 
         return sparsity.config_topk_k(self.topk, self.d_ff)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when it is 0 (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclasses.dataclass
@@ -286,7 +309,23 @@ def validate(cfg: Config) -> Config:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.rope_theta", m.rope_theta)
+    from sparsejax import model as model_rope  # lazy: the registry lives with the model
+
+    _choice("model.rope_type", m.rope_type, model_rope.rope_type_names())
+    _positive("model.rope_factor", m.rope_factor)
+    _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+    _positive("model.rope_original_max_len", m.rope_original_max_len)
+    if m.rope_type == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor} for rope_type='llama3'")
     _positive("model.norm_eps", m.norm_eps)
+    _positive("model.n_kv_heads", m.n_kv_heads, allow_zero=True)
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+                          f"(0 = n_heads)")
+    _positive("model.scale_emb", m.scale_emb)
+    _positive("model.scale_depth", m.scale_depth, allow_zero=True)
+    _positive("model.dim_model_base", m.dim_model_base, allow_zero=True)
     _positive("model.init_std", m.init_std)
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")

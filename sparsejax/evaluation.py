@@ -113,6 +113,7 @@ class Evaluator:
         self.batches = batches
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
+        self.batch_progress = False  # a progress bar over each pass's batches
         # A recipe's scheduled top-k k / threshold (sparsejax.recipes) are part of the trained
         # model: every pass runs with their values at the checkpoint's step (``at_step``).
         self._recipe = recipes.of(cfg)
@@ -188,7 +189,13 @@ class Evaluator:
     def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
         stats = [metrics_lib.stats_init(self.d_ff) for _ in range(self.n_layers)]
         loss_sum, tokens = 0.0, 0.0
-        for batch in self.batches:
+        batches = self.batches
+        if self.batch_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="forward pass", unit="batch", leave=False,
+                           dynamic_ncols=True)
+        for batch in batches:
             out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF,
                      self._coefs)
             loss_b, tokens_b, stats = out[:3]
@@ -317,12 +324,23 @@ def evaluate_run(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions
                  batches: list[dict] | None = None) -> dict:
     """Evaluate the selected checkpoints of a run; returns the results dict (schema:
     :mod:`sparsejax.results`)."""
-    run = trained_run.load(workdir)
+    return evaluate(trained_run.load(workdir), options, checkpoints=checkpoints,
+                    progress=progress, batches=batches)
+
+
+def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "all",
+             progress: bool = True, batches: list[dict] | None = None,
+             batch_progress: bool = False) -> dict:
+    """Evaluate the selected checkpoints of ``run``: a :class:`trained_run.TrainedRun`, or
+    anything with its ``cfg``, ``steps``, ``params(step, mesh)``, ``workdir`` and
+    ``warmup_steps`` (an imported checkpoint, :class:`sparsejax.hf_import.HfRun`).
+    ``batch_progress``: a progress bar over the batches of every pass (large models)."""
     steps = trained_run.select_steps(run.steps, checkpoints)
     cfg = run.cfg
     ev = Evaluator(cfg, options, batches)
+    ev.batch_progress = batch_progress
     t0 = time.perf_counter()
-    warmup = cfg.train.warmup_steps
+    warmup = run.warmup_steps
     want = set(options.metrics)
     target_ratio = 1 + options.ppl_p / 100
     say = print if progress else (lambda *a, **k: None)

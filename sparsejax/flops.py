@@ -48,7 +48,8 @@ class ParamCounts:
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    attn_per_layer = 4 * cfg.d_model * cfg.n_heads * cfg.head_dim  # Q, K, V, O
+    # Q and O over n_heads, K and V over the key/value heads (fewer under grouped-query attention).
+    attn_per_layer = 2 * cfg.d_model * (cfg.n_heads + cfg.kv_heads) * cfg.head_dim
     ffn_mats = 3 if cfg.ffn_type == "gated" else 2
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return ParamCounts(

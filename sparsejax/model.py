@@ -2,6 +2,13 @@
 top-k FFN sparsity, optionally scanned over layers and rematerialised.
 
 Pre-norm RMSNorm blocks, RoPE, causal multi-head attention, gated or plain FFN, tied embeddings.
+Options that imported checkpoints need (:mod:`sparsejax.hf_import`), off by default and usable
+in training: grouped-query attention (``model.n_kv_heads``), an untied output projection
+(``model.tie_embeddings=False``), and MiniCPM's embedding, residual and logit scalings
+(``model.scale_emb``, ``model.scale_depth``, ``model.dim_model_base``; :func:`residual_scale`,
+:func:`logit_scale`), and RoPE frequency scalings (``model.rope_type``: linear, Llama 3.1's
+llama3; :data:`ROPE_TYPES`). The output projection and its logit scale are exposed as
+:func:`output_projection` and :func:`logit_scale` for losses that take the final hidden state.
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
 ``norm``; plus ``layers`` on the stacked parameters of ``model.scan_layers``) that
 :mod:`sparsejax.sharding` maps to mesh axes by rules, MaxText style.
@@ -86,21 +93,63 @@ class Projection(nn.Module):
         return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+# ------------------------------------------------------------------------ RoPE frequencies
+def _freq_default(cfg: ModelConfig) -> np.ndarray:
+    half = cfg.head_dim // 2
+    return cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+
+
+def _freq_linear(cfg: ModelConfig) -> np.ndarray:
+    """Position interpolation (Chen et al. 2023): positions / factor, i.e. frequencies / factor."""
+    return _freq_default(cfg) / cfg.rope_factor
+
+
+def _freq_llama3(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3.1's frequency scaling (transformers ``_compute_llama3_parameters``): wavelengths
+    longer than original_max_len / low_freq_factor are stretched by ``factor``, shorter than
+    original_max_len / high_freq_factor kept, and interpolated in between."""
+    freq = _freq_default(cfg)
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * np.pi / freq
+    scaled = np.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+ROPE_TYPES: dict[str, Callable[[ModelConfig], np.ndarray]] = {
+    "default": _freq_default, "linear": _freq_linear, "llama3": _freq_llama3}
+
+
+def rope_type_names() -> list[str]:
+    return list(ROPE_TYPES)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Optional[np.ndarray]:
+    """The rotary frequencies [head_dim/2] of ``model.rope_type`` (float64), or None for
+    "default" (then :func:`rope_tables` computes θ^(-j/(K/2)) itself, as before)."""
+    return None if cfg.rope_type == "default" else ROPE_TYPES[cfg.rope_type](cfg)
+
+
 def rope_tables(positions_BxL: Optional[Array], seq_len: int, head_dim: int,
-                theta: float) -> tuple[Array, Array]:
+                theta: float, freq_K2: Optional[np.ndarray] = None) -> tuple[Array, Array]:
     """(sin, cos) of the rotary angles, [B or 1, L, 1, head_dim/2], computed once per forward pass.
 
+    ``freq_K2``: the rotary frequencies (:func:`rope_frequencies`); None: θ^(-j/(K/2)).
     Default positions (0..L-1) give numpy constants: every layer's rotation then reads a table
     instead of recomputing sin/cos inside its fusions (XLA duplicates the transcendentals into
     each consumer; ~5% of a small CPU step).
     """
     half = head_dim // 2
     if positions_BxL is None:
-        freq_K2 = theta ** (-np.arange(half, dtype=np.float64) / half)
+        if freq_K2 is None:
+            freq_K2 = theta ** (-np.arange(half, dtype=np.float64) / half)
         angle_LxK2 = np.arange(seq_len, dtype=np.float64)[:, None] * freq_K2
         return (jnp.asarray(np.sin(angle_LxK2), jnp.float32)[None, :, None, :],
                 jnp.asarray(np.cos(angle_LxK2), jnp.float32)[None, :, None, :])
-    freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq_K2 = (theta ** (-jnp.arange(half, dtype=jnp.float32) / half) if freq_K2 is None
+               else jnp.asarray(freq_K2, jnp.float32))
     angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
     return jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
 
@@ -117,6 +166,14 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
     """RoPE at explicit positions (tests, callers without precomputed tables)."""
     return apply_rope(x_BxLxHxK, rope_tables(positions_BxL, x_BxLxHxK.shape[1],
                                              x_BxLxHxK.shape[-1], theta))
+
+
+def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
+    """Grouped-query attention's key/value heads [.., G, K] repeated to [.., n_heads, K]: query
+    head h reads key/value head h // (n_heads / G), as Hugging Face's ``repeat_kv``. Identity when
+    G == n_heads (no copy, so multi-head graphs are unchanged)."""
+    groups = x_BxLxGxK.shape[2]
+    return x_BxLxGxK if groups == n_heads else jnp.repeat(x_BxLxGxK, n_heads // groups, axis=2)
 
 
 def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Array:
@@ -178,14 +235,20 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array]) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
-        def proj(name):
-            return Projection((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"),
+        def proj(name, heads, heads_axis="heads"):
+            return Projection((cfg.d_model, heads, cfg.head_dim), ("embed", heads_axis, "kv"),
                               "bld,dhk->blhk", cfg.init_std, dtype, name=name)
 
-        q_BxLxHxK = apply_rope(checkpoint_name(proj("query")(x_BxLxD), "query"), rope_sin_cos)
-        k_BxLxHxK = apply_rope(checkpoint_name(proj("key")(x_BxLxD), "key"), rope_sin_cos)
-        v_BxLxHxK = checkpoint_name(proj("value")(x_BxLxD), "value")
-        out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        # Grouped-query key/value heads get their own logical axis "kv_heads": it has no rule in
+        # the default mesh.rules (replicated), since n_kv_heads need not divide the tensor axis.
+        kv_axis = "heads" if cfg.kv_heads == cfg.n_heads else "kv_heads"
+        q_BxLxHxK = apply_rope(checkpoint_name(proj("query", cfg.n_heads)(x_BxLxD), "query"),
+                               rope_sin_cos)
+        k_BxLxGxK = apply_rope(checkpoint_name(proj("key", cfg.kv_heads, kv_axis)(x_BxLxD), "key"),
+                               rope_sin_cos)
+        v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
+        out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
+                                       repeat_kv(v_BxLxGxK, cfg.n_heads))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                                "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
@@ -215,12 +278,41 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD, rope_sin_cos, sparsity: Sparsity):
         cfg = self.cfg
         dtype = _dtype(cfg)
+        branch = _scaled(residual_scale(cfg))
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, rope_sin_cos)
+        x_BxLxD = x_BxLxD + branch(Attention(cfg, name="attn")(h, rope_sin_cos))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + FeedForward(cfg, name="ffn")(h, sparsity)
+        x_BxLxD = x_BxLxD + branch(FeedForward(cfg, name="ffn")(h, sparsity))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         return (x_BxLxD, None) if self.scanned else x_BxLxD
+
+
+# ---------------------------------------------------------------- MiniCPM scalings, output head
+def residual_scale(cfg: ModelConfig) -> float:
+    """Multiplier of each residual branch: MiniCPM's scale_depth / sqrt(n_layers), else 1."""
+    return cfg.scale_depth / cfg.n_layers ** 0.5 if cfg.scale_depth > 0 else 1.0
+
+
+def logit_scale(cfg: ModelConfig) -> float:
+    """Multiplier of the final hidden state before the output projection: MiniCPM's
+    dim_model_base / d_model (its ``lm_head(h / (hidden_size / dim_model_base))``), else 1."""
+    return cfg.dim_model_base / cfg.d_model if cfg.dim_model_base > 0 else 1.0
+
+
+def _scaled(scale: float) -> Callable[[Array], Array]:
+    """x ↦ x·scale, or the identity at 1 (so default models trace the same graph as before)."""
+    if scale == 1.0:
+        return lambda x: x
+    return lambda x: x * jnp.asarray(scale, x.dtype)
+
+
+def output_projection(params: PyTree, cfg: ModelConfig) -> Array:
+    """The output projection W [D, V] (float32, unboxed): logits = (final hidden × logit_scale) W.
+    The embedding table transposed when tied, else the ``unembed`` kernel."""
+    params = nn.meta.unbox(params)
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["unembed"]["kernel"]
 
 
 # ----------------------------------------------------------------------------- remat policies
@@ -271,10 +363,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
-        rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta)
+        rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta,
+                                   rope_frequencies(cfg))
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
-        x_BxLxD = embed(tokens_BxL)
+        x_BxLxD = _scaled(cfg.scale_emb)(embed(tokens_BxL))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         block = _block_class(cfg)
         if cfg.scan_layers:
@@ -287,6 +380,7 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
+        x_BxLxD = _scaled(logit_scale(cfg))(x_BxLxD)  # logits = (h · logit_scale) W
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:

@@ -70,6 +70,7 @@ def logical_shardings(specs_tree, mesh: Mesh, mesh_cfg: MeshConfig):
 
 # The config field that sets each logical axis's length (for errors users can act on).
 LOGICAL_AXIS_FIELDS = {"embed": "model.d_model", "mlp": "model.d_ff", "heads": "model.n_heads",
+                       "kv_heads": "model.n_kv_heads",
                        "kv": "model.head_dim", "vocab": "model.vocab_size",
                        "layers": "model.n_layers", "norm": "model.d_model"}
 

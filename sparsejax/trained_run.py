@@ -39,6 +39,11 @@ class TrainedRun:
     steps: list[int]
     _abstract: Any = None
 
+    @property
+    def warmup_steps(self) -> int:
+        """Checkpoints at or before this step are warm-up (left out of CETT-PPL)."""
+        return self.cfg.train.warmup_steps
+
     def params(self, step: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
         """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules.
 

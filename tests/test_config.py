@@ -2,6 +2,7 @@ import dataclasses
 import glob
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +114,20 @@ def test_dict_round_trip_through_json():
     again = config.from_dict(json.loads(json.dumps(config.to_dict(cfg))))
     assert again == cfg
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_grouped_query_and_minicpm_fields_validated():
+    for field, value, match in (("n_kv_heads", 3, "model.n_kv_heads=3 must divide model.n_heads=4"),
+                                ("n_kv_heads", -1, "model.n_kv_heads=-1 must be >= 0"),
+                                ("scale_emb", 0.0, "model.scale_emb=0.0 must be > 0"),
+                                ("scale_depth", -1.0, "model.scale_depth=-1.0 must be >= 0"),
+                                ("dim_model_base", -8, "model.dim_model_base=-8 must be >= 0"),
+                                ("rope_type", "yarn", "model.rope_type='yarn' is not allowed"),
+                                ("rope_factor", 0, "model.rope_factor=0.0 must be > 0")):
+        with pytest.raises(config.ConfigError, match=re.escape(match)):
+            config.apply_overrides(config.Config(), [f"model.{field}={value}"])
+    with pytest.raises(config.ConfigError, match="model.rope_high_freq_factor=1.0 must exceed"):
+        config.apply_overrides(config.Config(), ["model.rope_type=llama3",
+                                                 "model.rope_high_freq_factor=1"])
+    cfg = config.apply_overrides(config.Config(), ["model.n_kv_heads=2"])
+    assert cfg.model.kv_heads == 2 and config.ModelConfig().kv_heads == 4

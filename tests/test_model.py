@@ -248,3 +248,127 @@ def test_rope_constant_tables_equal_the_traced_tables_at_default_positions():
     const = model.apply_rope(x, model.rope_tables(None, 17, 8, 10_000.0))
     traced = model.apply_rope(x, model.rope_tables(pos, 17, 8, 10_000.0))
     np.testing.assert_allclose(const, traced, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- grouped-query attention, MiniCPM scalings
+def test_default_parameter_tree_unchanged_by_the_new_options():
+    """n_kv_heads = n_heads and neutral scalings: the same parameters (paths, shapes, values)
+    and logits as the default model, so earlier checkpoints restore unchanged."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, TINY.vocab_size)
+    base = model.Model(TINY)
+    params = base.init(jax.random.key(1), 12)
+    explicit = model.Model(_cfg(n_kv_heads=TINY.n_heads, scale_emb=1.0, scale_depth=0.0,
+                                dim_model_base=0))
+    same = explicit.init(jax.random.key(1), 12)
+    assert jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, same) == jax.tree.map(
+        lambda a: True, params)
+    np.testing.assert_array_equal(base.apply(params, tokens)[0], explicit.apply(params, tokens)[0])
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
+    """GQA with G key/value heads = multi-head attention whose key/value weights repeat each
+    group's weights for its n_heads / G query heads (an independent construction)."""
+    cfg = _cfg(n_heads=4, head_dim=8, n_kv_heads=2)
+    gqa = model.Model(cfg)
+    params = gqa.init(jax.random.key(2), 12)
+    assert params["layer_0"]["attn"]["key"]["kernel"].shape == (32, 2, 8)
+    mha_params = jax.tree.map(lambda a: a, params)
+    for i in range(cfg.n_layers):
+        for name in ("key", "value"):
+            w = params[f"layer_{i}"]["attn"][name]["kernel"]
+            mha_params[f"layer_{i}"]["attn"][name] = {"kernel": np.repeat(np.asarray(w), 2, axis=1)}
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    mha = model.Model(_cfg(n_heads=4, head_dim=8))
+    np.testing.assert_allclose(gqa.apply(params, tokens)[0], mha.apply(mha_params, tokens)[0],
+                               rtol=1e-5, atol=1e-5)
+    specs = gqa.param_specs(12)
+    assert tuple(specs["layer_0"]["attn"]["key"]["kernel"]) == ("embed", "kv_heads", "kv")
+
+
+def _final_hidden_and_logits(m: model.Model, params, tokens):
+    """(the final norm's output, logits): the hidden state the output head reads."""
+    logits, state = m.module.apply(
+        {"params": params}, tokens, capture_intermediates=lambda mdl, _: isinstance(mdl, model.RMSNorm),
+        mutable=["intermediates"])
+    return state["intermediates"]["final_norm"]["__call__"][0], logits
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logit_scale_and_output_projection_give_the_logits(tie):
+    """logits = (final hidden × logit_scale) · output_projection, with MiniCPM's
+    dim_model_base / d_model; the unscaled model's logits are the same hidden times W."""
+    cfg = _cfg(dim_model_base=8, tie_embeddings=tie)
+    m = model.Model(cfg)
+    params = m.init(jax.random.key(4), 10)
+    tokens = jax.random.randint(jax.random.key(5), (2, 10), 0, cfg.vocab_size)
+    hidden, logits = _final_hidden_and_logits(m, params, tokens)
+    w = np.asarray(model.output_projection(params, cfg), np.float64)
+    assert w.shape == (cfg.d_model, cfg.vocab_size) and model.logit_scale(cfg) == 8 / 32
+    np.testing.assert_allclose(logits, np.asarray(hidden, np.float64) * 0.25 @ w, rtol=1e-5,
+                               atol=1e-6)
+    unscaled = model.Model(_cfg(tie_embeddings=tie)).apply(params, tokens)[0]
+    np.testing.assert_allclose(logits, np.asarray(unscaled) * 0.25, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_and_embedding_scales():
+    """scale_depth = sqrt(n_layers) is a residual multiplier of 1 (the default model); a residual
+    scale s on a model whose blocks are zeroed except one FFN changes only that branch's size;
+    scale_emb multiplies the embedding rows that enter the first block."""
+    params = model.Model(TINY).init(jax.random.key(6), 8)
+    tokens = jax.random.randint(jax.random.key(7), (2, 8), 0, TINY.vocab_size)
+    neutral = model.Model(_cfg(scale_depth=math.sqrt(TINY.n_layers)))
+    np.testing.assert_allclose(neutral.apply(params, tokens)[0], model.Model(TINY).apply(params, tokens)[0],
+                               rtol=1e-6, atol=1e-6)
+    assert model.residual_scale(_cfg(scale_depth=1.4, n_layers=4)) == pytest.approx(0.7)
+
+    # One layer, attention output zeroed: hidden = e·s_emb + r·FFN(norm(e·s_emb)); the final norm
+    # is undone by comparing with a numpy computation of the same expression.
+    cfg = _cfg(n_layers=1, scale_emb=3.0, scale_depth=2.0)
+    m = model.Model(cfg)
+    p = m.init(jax.random.key(8), 8)
+    p["layer_0"]["attn"]["out"]["kernel"] = jnp.zeros_like(p["layer_0"]["attn"]["out"]["kernel"])
+    hidden, _ = _final_hidden_and_logits(m, p, tokens)
+    e = np.asarray(p["embed"]["embedding"], np.float64)[np.asarray(tokens)] * 3.0
+
+    def rms(x, w):
+        return x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * w
+
+    f = p["layer_0"]["ffn"]
+    h = rms(e, np.asarray(p["layer_0"]["ffn_norm"]["scale"]))
+    ffn = (np.maximum(h @ np.asarray(f["w_gate"]["kernel"]), 0) * (h @ np.asarray(f["w_in"]["kernel"]))
+           ) @ np.asarray(f["w_out"]["kernel"])
+    expected = rms(e + 2.0 / math.sqrt(1) * ffn, np.asarray(p["final_norm"]["scale"]))
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_rope_scaling_equals_interpolated_positions():
+    """rope_type "linear" with factor f at positions 0..L-1 = default RoPE at positions p / f
+    (position interpolation), through the traced-positions path."""
+    plain = _cfg(init_std=0.5)  # large weights: attention (and so RoPE) shapes the logits
+    cfg = _cfg(init_std=0.5, rope_type="linear", rope_factor=2.0)
+    params = model.Model(plain).init(jax.random.key(9), 10)
+    tokens = jax.random.randint(jax.random.key(10), (2, 10), 0, TINY.vocab_size)
+    scaled = model.Transformer(cfg).apply({"params": params}, tokens)
+    positions = jnp.broadcast_to(jnp.arange(10, dtype=jnp.float32) / 2.0, (2, 10))
+    interpolated = model.Transformer(plain).apply({"params": params}, tokens, positions)
+    np.testing.assert_allclose(scaled, interpolated, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(scaled, model.Transformer(plain).apply({"params": params}, tokens),
+                           atol=1e-2)
+
+
+def test_llama3_rope_frequencies_keep_stretch_and_interpolate():
+    """The three bands of Llama 3.1's scaling: short wavelengths kept, long ones divided by the
+    factor, the middle between the two (monotone in wavelength)."""
+    cfg = _cfg(head_dim=32, rope_theta=10_000.0, rope_type="llama3", rope_factor=8.0,
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=64)
+    freq = model.rope_frequencies(cfg)
+    base = 10_000.0 ** (-np.arange(16) / 16)
+    wavelen = 2 * np.pi / base
+    short, long = wavelen < 64 / 4, wavelen > 64
+    middle = ~short & ~long
+    assert short.any() and long.any() and middle.any()
+    np.testing.assert_allclose(freq[short], base[short])
+    np.testing.assert_allclose(freq[long], base[long] / 8)
+    ratio = freq[middle] / base[middle]
+    assert np.all((ratio > 1 / 8) & (ratio < 1)) and np.all(np.diff(ratio) < 0)
+    assert model.rope_frequencies(_cfg()) is None  # default: rope_tables' own θ^(-j/(K/2))

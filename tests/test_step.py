@@ -164,3 +164,30 @@ def test_multihost_detection(env, expected):
 def test_multihost_flag_validation():
     with pytest.raises(ConfigError, match="allowed values"):
         sharding.should_initialize_distributed("maybe", {})
+
+
+def test_imported_architecture_options_train_one_device_equals_eight():
+    """The options added for imported checkpoints train like any other model: grouped-query
+    attention (its "kv_heads" axis has no rule, so it is replicated), an untied output
+    projection, MiniCPM's scalings and llama3 RoPE; sharded = one device."""
+    extra = ("model.n_heads=4", "model.head_dim=16", "model.n_kv_heads=2",
+             "model.tie_embeddings=false", "model.scale_emb=12", "model.scale_depth=1.4",
+             "model.dim_model_base=16", "model.rope_type=llama3", "model.rope_factor=8",
+             "model.rope_original_max_len=16")
+    cfg1 = _cfg(*extra)
+    l1, r1, s1 = train_steps(cfg1, jax.devices()[:1], n_steps=4)
+    l8, r8, s8 = train_steps(_cfg(*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+                             jax.devices(), n_steps=4)
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    np.testing.assert_allclose(r8, r1, atol=1e-6)
+    key8 = s8["params"]["layer_0"]["attn"]["key"]["kernel"]
+    assert key8.shape == (64, 2, 16)
+    assert key8.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    # Random tokens and a logit scale of 1/4 start at ≈ log 256, so the loss has nowhere to fall
+    # in 4 steps; the steps still move the new parameters.
+    assert np.all(np.isfinite(l1))
+    mesh1 = sharding.make_mesh(cfg1.mesh, jax.devices()[:1])
+    init = step.make_step_functions(cfg1, mesh1, optim.make_optimizer(cfg1.train)).init(
+        jax.random.key(0))
+    assert not np.allclose(np.asarray(init["params"]["unembed"]["kernel"]),
+                           np.asarray(s1["params"]["unembed"]["kernel"]))
