@@ -90,6 +90,10 @@ class TrainConfig:
     batch_size: int = 16  # global batch, in sequences
     seq_len: int = 128
     grad_accum: int = 1
+    # Vocabulary-tiled loss (sparsejax.loss.tiled_next_token_loss): sequence positions per tile
+    # whose [batch, tile, vocab] float32 logits exist at a time, in training and evaluation;
+    # 0 = off (the full [batch, length, vocab] logits).
+    loss_tile_len: int = 0
     optimizer: str = "adamw"
     learning_rate: float = 3e-3
     schedule: str = "wsd"  # "wsd" (warmup-stable-decay, as the Sparsing Law paper), "cosine", "constant"
@@ -354,6 +358,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1)")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 <= t.loss_tile_len <= t.seq_len:
+        raise ConfigError(f"train.loss_tile_len={t.loss_tile_len} must be 0 (off) or in "
+                          f"[1, train.seq_len={t.seq_len}]")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
