@@ -29,9 +29,16 @@ def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
     return jnp.sum(loss_BxL * weights_BxL) / jnp.maximum(count, 1.0), count
 
 
-def head_logits(h_BxTxD: jax.Array, w_DxV: jax.Array, logit_scale: float = 1.0) -> jax.Array:
-    """float32 logits of the output projection (accumulated in float32 whatever the dtype)."""
-    logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
+def _eq(vocab_major: bool, pattern: str) -> str:
+    """An einsum equation with the projection written ``w`` as [V, D] or [D, V]."""
+    return pattern.replace("w", "vd" if vocab_major else "dv")
+
+
+def head_logits(h_BxTxD: jax.Array, w: jax.Array, logit_scale: float = 1.0, *,
+                vocab_major: bool = False) -> jax.Array:
+    """float32 logits of the output projection ``w`` ([D, V], or [V, D] if ``vocab_major``),
+    accumulated in float32 whatever the dtype."""
+    logits = jnp.einsum(_eq(vocab_major, "btd,w->btv"), h_BxTxD, w.astype(h_BxTxD.dtype),
                         preferred_element_type=jnp.float32)
     return logits * logit_scale if logit_scale != 1.0 else logits
 
@@ -47,15 +54,16 @@ def _untile(x_NxBxT):
     return x_NxBxT.swapaxes(0, 1).reshape(b, n * t, *x_NxBxT.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _tiled_loss_sum(h_BxLxD, w_DxV, targets_BxL, weights_BxL, tile_len, logit_scale):
-    return _tiled_loss_fwd(h_BxLxD, w_DxV, targets_BxL, weights_BxL, tile_len, logit_scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _tiled_loss_sum(h_BxLxD, w, targets_BxL, weights_BxL, tile_len, logit_scale, vocab_major):
+    return _tiled_loss_fwd(h_BxLxD, w, targets_BxL, weights_BxL, tile_len, logit_scale,
+                           vocab_major)[0]
 
 
-def _tiled_loss_fwd(h_BxLxD, w_DxV, targets_BxL, weights_BxL, tile_len, logit_scale):
+def _tiled_loss_fwd(h_BxLxD, w, targets_BxL, weights_BxL, tile_len, logit_scale, vocab_major):
     def tile(_, xs):
         h_BxTxD, targets_BxT, weights_BxT = xs
-        logits_BxTxV = head_logits(h_BxTxD, w_DxV, logit_scale)
+        logits_BxTxV = head_logits(h_BxTxD, w, logit_scale, vocab_major=vocab_major)
         lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
         target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
         return None, (jnp.sum((lse_BxT - target_BxT) * weights_BxT), lse_BxT)
@@ -63,47 +71,50 @@ def _tiled_loss_fwd(h_BxLxD, w_DxV, targets_BxL, weights_BxL, tile_len, logit_sc
     xs = (_tiles(h_BxLxD, tile_len), _tiles(targets_BxL, tile_len), _tiles(weights_BxL, tile_len))
     _, (sums_N, lse_NxBxT) = jax.lax.scan(tile, None, xs)
     # Only the log-sum-exp per token is kept for the backward pass, not the logits.
-    return jnp.sum(sums_N), (h_BxLxD, w_DxV, targets_BxL, weights_BxL, _untile(lse_NxBxT))
+    return jnp.sum(sums_N), (h_BxLxD, w, targets_BxL, weights_BxL, _untile(lse_NxBxT))
 
 
-def _tiled_loss_bwd(tile_len, logit_scale, residuals, g):
-    h_BxLxD, w_DxV, targets_BxL, weights_BxL, lse_BxL = residuals
+def _tiled_loss_bwd(tile_len, logit_scale, vocab_major, residuals, g):
+    h_BxLxD, w, targets_BxL, weights_BxL, lse_BxL = residuals
     dtype = h_BxLxD.dtype
-    w = w_DxV.astype(dtype)
+    w_dtype = w.astype(dtype)
 
-    def tile(dw_DxV, xs):
+    def tile(dw, xs):
         h_BxTxD, targets_BxT, weights_BxT, lse_BxT = xs
-        logits_BxTxV = head_logits(h_BxTxD, w_DxV, logit_scale)
+        logits_BxTxV = head_logits(h_BxTxD, w, logit_scale, vocab_major=vocab_major)
         # d(lse - logit_target)/d logits = softmax - onehot, per token times weight · g · scale.
         probs_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
         onehot_BxTxV = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.float32)
         dlogits_BxTxV = ((probs_BxTxV - onehot_BxTxV)
                          * (weights_BxT * g * logit_scale)[..., None]).astype(dtype)
-        dh_BxTxD = jnp.einsum("btv,dv->btd", dlogits_BxTxV, w, preferred_element_type=jnp.float32)
-        dw_DxV = dw_DxV + jnp.einsum("btd,btv->dv", h_BxTxD, dlogits_BxTxV,
-                                     preferred_element_type=jnp.float32)
-        return dw_DxV, dh_BxTxD.astype(dtype)
+        dh_BxTxD = jnp.einsum(_eq(vocab_major, "btv,w->btd"), dlogits_BxTxV, w_dtype,
+                              preferred_element_type=jnp.float32)
+        # In w's own layout: no transposed [V, D] copy of the projection or its gradient.
+        dw = dw + jnp.einsum(_eq(vocab_major, "btd,btv->w"), h_BxTxD, dlogits_BxTxV,
+                             preferred_element_type=jnp.float32)
+        return dw, dh_BxTxD.astype(dtype)
 
     xs = (_tiles(h_BxLxD, tile_len), _tiles(targets_BxL, tile_len), _tiles(weights_BxL, tile_len),
           _tiles(lse_BxL, tile_len))
-    dw_DxV, dh_NxBxTxD = jax.lax.scan(tile, jnp.zeros(w_DxV.shape, jnp.float32), xs)
+    dw, dh_NxBxTxD = jax.lax.scan(tile, jnp.zeros(w.shape, jnp.float32), xs)
     # Targets and token weights are data: no gradient flows to them.
-    return (_untile(dh_NxBxTxD), dw_DxV.astype(w_DxV.dtype), None, jnp.zeros_like(weights_BxL))
+    return (_untile(dh_NxBxTxD), dw.astype(w.dtype), None, jnp.zeros_like(weights_BxL))
 
 
 _tiled_loss_sum.defvjp(_tiled_loss_fwd, _tiled_loss_bwd)
 
 
-def tiled_next_token_loss(h_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
+def tiled_next_token_loss(h_BxLxD: jax.Array, w: jax.Array, targets_BxL: jax.Array,
                           weights_BxL: jax.Array | None = None, *, tile_len: int,
-                          logit_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """:func:`next_token_loss` of ``head_logits(h, w, logit_scale)``, computed ``tile_len``
-    sequence positions at a time (see module docstring); same (mean loss, token count).
+                          logit_scale: float = 1.0, vocab_major: bool = False
+                          ) -> tuple[jax.Array, jax.Array]:
+    """:func:`next_token_loss` of ``head_logits(h, w, logit_scale, vocab_major=...)``, computed
+    ``tile_len`` sequence positions at a time (see module docstring); same (mean loss, count).
 
-    ``h``: final (normed) hidden states; ``w``: the output projection [D, V] (the tied
-    embedding's transpose or an untied head); ``logit_scale``: a constant multiplier of the
-    logits (e.g. MiniCPM's width scaling). A sequence that ``tile_len`` does not divide is
-    padded with zero-weight positions.
+    ``h``: final (normed) hidden states; ``w``: the output projection, [D, V] (an untied head)
+    or, with ``vocab_major``, [V, D] (the tied embedding table, used as stored);
+    ``logit_scale``: a constant (Python float) multiplier of the logits (e.g. MiniCPM's width
+    scaling). A sequence that ``tile_len`` does not divide is padded with zero-weight positions.
     """
     if tile_len <= 0:
         raise ValueError(f"tile_len={tile_len} must be > 0")
@@ -118,8 +129,8 @@ def tiled_next_token_loss(h_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
         weights_BxL_padded = jnp.pad(weights_BxL, ((0, 0), (0, pad)))
     else:
         weights_BxL_padded = weights_BxL
-    total = _tiled_loss_sum(h_BxLxD, w_DxV, targets_BxL.astype(jnp.int32), weights_BxL_padded,
-                            int(tile_len), float(logit_scale))
+    total = _tiled_loss_sum(h_BxLxD, w, targets_BxL.astype(jnp.int32), weights_BxL_padded,
+                            int(tile_len), float(logit_scale), bool(vocab_major))
     count = jnp.sum(weights_BxL)
     return total / jnp.maximum(count, 1.0), count
 
@@ -133,8 +144,8 @@ def model_loss(model, params, batch: dict, *, loss_tile_len: int = 0,
     if loss_tile_len:
         head, collected = model.apply(params, batch["inputs"], return_hidden=True, **apply_kwargs)
         mean_loss, tokens = tiled_next_token_loss(
-            head.h_BxLxD, head.w_DxV, batch["targets"], batch["weights"],
-            tile_len=loss_tile_len, logit_scale=head.logit_scale)
+            head.h_BxLxD, head.w, batch["targets"], batch["weights"], tile_len=loss_tile_len,
+            logit_scale=head.logit_scale, vocab_major=head.vocab_major)
     else:
         logits, collected = model.apply(params, batch["inputs"], **apply_kwargs)
         mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])

@@ -259,10 +259,12 @@ def _block_class(cfg: ModelConfig):
 
 
 class OutputHead(NamedTuple):
-    """What the logits are made of: ``logits = logit_scale · h_BxLxD @ w_DxV`` (float32)."""
+    """What the logits are made of: ``logit_scale · h_BxLxD @ w`` (float32), ``w`` the output
+    projection as stored: [V, D] (``vocab_major``, the tied embedding table) or [D, V]."""
 
     h_BxLxD: Array
-    w_DxV: Array
+    w: Array
+    vocab_major: bool
     logit_scale: float = 1.0
 
 
@@ -300,10 +302,11 @@ class Transformer(nn.Module):
         # ---- output head (issue 25: ``return_hidden`` for the vocabulary-tiled loss) ----
         if return_hidden:
             # The projection at the parameter path of the logits branch below (same init).
-            w_DxV = (embed.embedding.T if cfg.tie_embeddings else
-                     Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                            name="unembed")())
-            return OutputHead(x_BxLxD, w_DxV, logit_scale=1.0)
+            if cfg.tie_embeddings:
+                return OutputHead(x_BxLxD, embed.embedding, vocab_major=True)
+            w_DxV = Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                           name="unembed")()
+            return OutputHead(x_BxLxD, w_DxV, vocab_major=False)
         # ---- end output head ----
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)

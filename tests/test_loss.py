@@ -32,20 +32,22 @@ def _numpy_loss(h_BxLxD, w_DxV, targets_BxL, weights_BxL, scale):
 
 
 @pytest.mark.parametrize("tile_len", [1, 4, 7, 20])  # 7: 20 positions padded to 21
-@pytest.mark.parametrize("scale", [1.0, 0.25])
-def test_tiled_loss_and_gradients_equal_the_plain_loss(tile_len, scale):
-    h, w, t, wt = _problem()
+@pytest.mark.parametrize("scale, vocab_major", [(1.0, False), (0.25, False), (1.0, True)])
+def test_tiled_loss_and_gradients_equal_the_plain_loss(tile_len, scale, vocab_major):
+    h, w_DxV, t, wt = _problem()
+    w = w_DxV.T if vocab_major else w_DxV
 
     def plain(h, w):
-        return loss.next_token_loss(loss.head_logits(h, w, scale), t, wt)
+        return loss.next_token_loss(loss.head_logits(h, w, scale, vocab_major=vocab_major), t, wt)
 
     def tiled(h, w):
-        return loss.tiled_next_token_loss(h, w, t, wt, tile_len=tile_len, logit_scale=scale)
+        return loss.tiled_next_token_loss(h, w, t, wt, tile_len=tile_len, logit_scale=scale,
+                                          vocab_major=vocab_major)
 
     (lp, cp), (lt, ct) = plain(h, w), jax.jit(tiled)(h, w)
     assert float(ct) == float(cp) == float(np.sum(np.asarray(wt)))
     np.testing.assert_allclose(float(lt), float(lp), rtol=1e-5)
-    np.testing.assert_allclose(float(lt), _numpy_loss(h, w, t, wt, scale), rtol=1e-5)
+    np.testing.assert_allclose(float(lt), _numpy_loss(h, w_DxV, t, wt, scale), rtol=1e-5)
     gp = jax.grad(lambda h, w: plain(h, w)[0], (0, 1))(h, w)
     gt = jax.jit(jax.grad(lambda h, w: tiled(h, w)[0], (0, 1)))(h, w)
     for a, b in zip(gt, gp):
