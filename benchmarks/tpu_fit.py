@@ -12,7 +12,12 @@ one chip executes — but XLA counts each while-loop body once (the micro-batch 
 scan over layers), so that count is a per-micro-batch, per-layer-body figure, printed as a check
 only. FLOPs per step and chip are therefore the analytic model FLOPs
 (``flops.train_flops_per_token`` × tokens / chips) times the recompute factor of the remat
-policy (:data:`REMAT_RECOMPUTE`), and the MFU at peak is 1 / that factor.
+policy (:data:`REMAT_RECOMPUTE`), plus, with ``train.loss_tile_len``, the logits the tiled loss
+recomputes in its backward pass (2·D·V per token); the MFU at peak is model / executed FLOPs.
+
+``--loss-tile-lens 0,128`` compiles every row without and with the vocabulary-tiled loss;
+``--per-device-batches 2,4,8`` compiles each at those sequences per device and micro-batch
+(``train.grad_accum`` follows) until one does not fit, and names the largest that does.
 
 For each ``configs/sparsing_law_<size>.py`` × topology it compiles the config's own train step
 (mesh, scan, remat, dtype), keeping the config's per-chip micro-batch (``train.batch_size /
@@ -148,6 +153,10 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
     model_flops_per_chip = flops.train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / chips
     recompute = REMAT_RECOMPUTE.get(cfg.model.remat_policy, REMAT_RECOMPUTE["full"])
     flops_per_chip = model_flops_per_chip * recompute
+    if cfg.train.loss_tile_len:
+        # The tiled loss recomputes each tile's logits in the backward pass: one more
+        # [tokens, D] x [D, V] matmul (sparsejax.loss).
+        flops_per_chip += 2 * cfg.model.d_model * cfg.model.vocab_size * tokens / chips
     # PEAK is per chip; a v4 / v5p device is half a chip.
     step_s = flops_per_chip / (PEAK[generation] * 1e12 * n_chips(topology) / chips)
     return FitRow(
