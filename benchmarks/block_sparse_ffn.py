@@ -24,10 +24,14 @@ TPU; a compile failure (e.g. VMEM over the generation's capacity) is reported as
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+# Nothing runs on a TPU here, so this process may share libtpu with another compiling one (its
+# lockfile otherwise aborts the second process), as in benchmarks/tpu_fit.py.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402

@@ -12,7 +12,12 @@ one chip executes — but XLA counts each while-loop body once (the micro-batch 
 scan over layers), so that count is a per-micro-batch, per-layer-body figure, printed as a check
 only. FLOPs per step and chip are therefore the analytic model FLOPs
 (``flops.train_flops_per_token`` × tokens / chips) times the recompute factor of the remat
-policy (:data:`REMAT_RECOMPUTE`), and the MFU at peak is 1 / that factor.
+policy (:data:`REMAT_RECOMPUTE`), plus, with ``train.loss_tile_len``, the logits the tiled loss
+recomputes in its backward pass (2·D·V per token); the MFU at peak is model / executed FLOPs.
+
+``--loss-tile-lens 0,128`` compiles every row without and with the vocabulary-tiled loss;
+``--per-device-batches 2,4,8`` compiles each at those sequences per device and micro-batch
+(``train.grad_accum`` follows) until one does not fit, and names the largest that does.
 
 For each ``configs/sparsing_law_<size>.py`` × topology it compiles the config's own train step
 (mesh, scan, remat, dtype), keeping the config's per-chip micro-batch (``train.batch_size /
@@ -94,6 +99,7 @@ class FitRow:
     scan: bool
     per_chip_batch: int
     grad_accum: int
+    loss_tile_len: int
     argument_bytes: int
     temp_bytes: int
     hbm_bytes: int
@@ -147,6 +153,10 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
     model_flops_per_chip = flops.train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / chips
     recompute = REMAT_RECOMPUTE.get(cfg.model.remat_policy, REMAT_RECOMPUTE["full"])
     flops_per_chip = model_flops_per_chip * recompute
+    if cfg.train.loss_tile_len:
+        # The tiled loss recomputes each tile's logits in the backward pass: one more
+        # [tokens, D] x [D, V] matmul (sparsejax.loss).
+        flops_per_chip += 2 * cfg.model.d_model * cfg.model.vocab_size * tokens / chips
     # PEAK is per chip; a v4 / v5p device is half a chip.
     step_s = flops_per_chip / (PEAK[generation] * 1e12 * n_chips(topology) / chips)
     return FitRow(
@@ -154,7 +164,8 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
         mesh="x".join(str(mesh.shape[a]) for a in sharding.MESH_AXES),
         remat=cfg.model.remat_policy, scan=cfg.model.scan_layers,
         per_chip_batch=cfg.train.batch_size // (cfg.train.grad_accum * chips),
-        grad_accum=cfg.train.grad_accum, argument_bytes=int(memory.argument_size_in_bytes),
+        grad_accum=cfg.train.grad_accum, loss_tile_len=cfg.train.loss_tile_len,
+        argument_bytes=int(memory.argument_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes), hbm_bytes=hbm_per_device(topology, chips),
         flops_per_chip=flops_per_chip, xla_flops=xla_flops, step_s_at_peak=step_s,
         mfu_at_peak=model_flops_per_chip / flops_per_chip, compile_s=compile_s)
@@ -166,16 +177,16 @@ def config_per_chip_batch(cfg: config.Config, size: str) -> int:
 
 
 HEADER = ("| config | topology | params | mesh (data×fsdp×tensor) | remat | per-device batch × accum "
-          "| args GiB | temp GiB | HBM GiB | fits | TFLOP/step/device | XLA TFLOP (loop bodies once) "
+          "| loss tile | args GiB | temp GiB | HBM GiB | fits | TFLOP/step/device | XLA TFLOP (loop bodies once) "
           "| step s at peak | MFU at peak | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown(row: FitRow) -> str:
     gib = 2**30
     return (f"| {row.config} | {row.topology} | {row.params / 1e9:.2f}B | {row.mesh} | "
             f"{row.remat}{' + scan' if row.scan else ''} | {row.per_chip_batch} × {row.grad_accum} | "
-            f"{row.argument_bytes / gib:.2f} | {row.temp_bytes / gib:.2f} | "
+            f"{row.loss_tile_len or 'off'} | {row.argument_bytes / gib:.2f} | {row.temp_bytes / gib:.2f} | "
             f"{row.hbm_bytes / gib:.0f} | {'yes' if row.fits else 'NO'} | "
             f"{row.flops_per_chip / 1e12:.1f} | {row.xla_flops / 1e12:.2f} | "
             f"{row.step_s_at_peak:.2f} | {row.mfu_at_peak:.0%} | "
@@ -188,6 +199,13 @@ def main(argv=None) -> None:
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
                    help="comma-separated; INTENDED = each size's own slice (INTENDED table)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--loss-tile-lens", default="",
+                   help="comma-separated train.loss_tile_len values to compile each row with "
+                        "(0 = the full logits); default: the config's own")
+    p.add_argument("--per-device-batches", default="",
+                   help="comma-separated sequences per device per micro-batch, ascending; each "
+                        "row is compiled at each until one does not fit (default: the config's "
+                        "own); the last line names the largest that fits")
     args = p.parse_args(argv)
     import importlib.metadata as md
 
@@ -197,14 +215,35 @@ def main(argv=None) -> None:
     print(HEADER, flush=True)
     for size in args.sizes.split(","):
         cfg = config.load(ROOT / "configs" / f"sparsing_law_{size}.py", args.overrides)
-        per_chip = config_per_chip_batch(cfg, size)
+        batches = ([int(b) for b in args.per_device_batches.split(",")]
+                   if args.per_device_batches else [config_per_chip_batch(cfg, size)])
+        tiles = ([int(t) for t in args.loss_tile_lens.split(",")] if args.loss_tile_lens
+                 else [cfg.train.loss_tile_len])
         for topology in args.topologies.replace("INTENDED", INTENDED[size]).split(","):
-            try:
-                print(markdown(compile_fit(cfg, topology, per_chip)), flush=True)
-            except Exception as err:  # a row that does not compile is a result, not a crash
-                first = (str(err).strip().splitlines() or [""])[0][:160]
-                print(f"| {cfg.name} | {topology} | failed: {type(err).__name__}: {first} |",
-                      flush=True)
+            for tile in tiles:
+                tiled = config.apply_overrides(cfg, [f"train.loss_tile_len={tile}"])
+                largest = fit_rows(tiled, topology, batches)
+                print(f"<!-- {cfg.name} {topology} loss tile {tile or 'off'}: largest per-device "
+                      f"batch that fits among {batches}: {largest or 'none'} -->", flush=True)
+
+
+def fit_rows(cfg: config.Config, topology: str, batches: list[int]) -> int:
+    """Print a row per per-device batch in ``batches`` (ascending) until one does not fit or
+    compile; return the largest that fits (0: none)."""
+    largest = 0
+    for per_chip in batches:
+        try:
+            row = compile_fit(cfg, topology, per_chip)
+        except Exception as err:  # a row that does not compile is a result, not a crash
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            print(f"| {cfg.name} | {topology} | failed at {per_chip} per device: "
+                  f"{type(err).__name__}: {first} |", flush=True)
+            return largest
+        print(markdown(row), flush=True)
+        if not row.fits:
+            return largest
+        largest = per_chip
+    return largest
 
 
 if __name__ == "__main__":

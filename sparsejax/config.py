@@ -125,6 +125,10 @@ class TrainConfig:
     batch_size: int = 16  # global batch, in sequences
     seq_len: int = 128
     grad_accum: int = 1
+    # Vocabulary-tiled loss (sparsejax.loss.tiled_next_token_loss): sequence positions per tile
+    # whose [batch, tile, vocab] float32 logits exist at a time, in training and evaluation;
+    # 0 = off (the full [batch, length, vocab] logits).
+    loss_tile_len: int = 0
     optimizer: str = "adamw"
     learning_rate: float = 3e-3
     schedule: str = "wsd"  # "wsd" (warmup-stable-decay, as the Sparsing Law paper), "cosine", "constant"
@@ -251,17 +255,20 @@ def paper_config(size: str, activation: str = "relu") -> Config:
     )
 
 
-def paper_pod_config(size: str, *, grad_accum: int, activation: str = "relu") -> Config:
+def paper_pod_config(size: str, *, grad_accum: int, activation: str = "relu",
+                     loss_tile_len: int = 0) -> Config:
     """A paper size set up for a TPU pod slice: all devices on the fsdp axis, layers scanned,
-    each block rematerialised in full, and ``train.grad_accum`` so that a device holds 2
-    sequences of 4,096 tokens per micro-batch. Chosen per size by compiling the real train step
-    for the slice its config file names, on CPU (``python benchmarks/tpu_fit.py``, README
-    "Fit on TPU")."""
+    each block rematerialised in full, and ``train.grad_accum`` (with ``train.loss_tile_len``,
+    the vocabulary-tiled loss, where it is what lets a larger micro-batch fit) for the
+    sequences of 4,096 tokens a device holds per micro-batch. Chosen per size by compiling the
+    real train step for the slice its config file names, on CPU (``python
+    benchmarks/tpu_fit.py``, README "Fit on TPU")."""
     cfg = paper_config(size, activation=activation)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
     cfg.model.scan_layers = True
     cfg.model.remat_policy = "full"
     cfg.train.grad_accum = grad_accum
+    cfg.train.loss_tile_len = loss_tile_len
     return cfg
 
 
@@ -414,6 +421,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1)")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 <= t.loss_tile_len <= t.seq_len:
+        raise ConfigError(f"train.loss_tile_len={t.loss_tile_len} must be 0 (off) or in "
+                          f"[1, train.seq_len={t.seq_len}]")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")

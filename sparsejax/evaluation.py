@@ -47,7 +47,7 @@ from sparsejax import (activations, cett as cett_lib, config as config_lib, data
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
                        recipes, sharding, sparsity as sparsity_lib, trained_run)
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
-from sparsejax.loss import next_token_loss
+from sparsejax.loss import model_loss
 
 CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
                  "reference": cett_lib.cett_threshold_reference}
@@ -166,10 +166,10 @@ class Evaluator:
                                            coefficients=coefs)
             elif rule == "topk_global":
                 sp = sparsity_lib.Sparsity(global_topk=self.topk_fraction, coefficients=coefs)
-            logits, inter = model.apply(params, batch["inputs"], sparsity=sp,
-                                        collect=("intermediates",))
+            mean_loss, tokens, inter = model_loss(model, params, batch, sparsity=sp,
+                                                  collect=("intermediates",),
+                                                  loss_tile_len=self.cfg.train.loss_tile_len)
             acts, hiddens = model.ffn_intermediates(inter)
-            mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
             valid_BxL = batch["weights"] > 0
             new_stats = [
                 metrics_lib.stats_update(s, self._active(rule, a, h, thresholds_NxF[i]),

@@ -34,7 +34,7 @@ subtrees, or one ``layers`` subtree with a leading [N] axis under ``model.scan_l
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -350,6 +350,16 @@ def _block_class(cfg: ModelConfig):
                     prevent_cse=not cfg.scan_layers)
 
 
+class OutputHead(NamedTuple):
+    """What the logits are made of: ``logit_scale · h_BxLxD @ w`` (float32), ``w`` the output
+    projection as stored: [V, D] (``vocab_major``, the tied embedding table) or [D, V]."""
+
+    h_BxLxD: Array
+    w: Array
+    vocab_major: bool
+    logit_scale: float = 1.0
+
+
 class Transformer(nn.Module):
     """Token ids [B, L] -> logits [B, L, V] (float32)."""
 
@@ -357,9 +367,11 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
-                 sparsity: Optional[Sparsity] = None) -> Array:
+                 sparsity: Optional[Sparsity] = None, return_hidden: bool = False) -> Array:
         """``sparsity``: what to mask and measure, with per-layer fields on a leading [N] axis
-        (:class:`sparsejax.sparsity.Sparsity`); None = the dense model, no statistics."""
+        (:class:`sparsejax.sparsity.Sparsity`); None = the dense model, no statistics.
+        ``return_hidden``: an :class:`OutputHead` (final hidden states and output projection)
+        instead of logits, for :func:`sparsejax.loss.tiled_next_token_loss`."""
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
@@ -381,6 +393,15 @@ class Transformer(nn.Module):
                 x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         x_BxLxD = _scaled(logit_scale(cfg))(x_BxLxD)  # logits = (h · logit_scale) W
+        # ---- output head (issue 25: ``return_hidden`` for the vocabulary-tiled loss) ----
+        if return_hidden:
+            # The projection at the parameter path of the logits branch below (same init).
+            if cfg.tie_embeddings:
+                return OutputHead(x_BxLxD, embed.embedding, vocab_major=True)
+            w_DxV = Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                           name="unembed")()
+            return OutputHead(x_BxLxD, w_DxV, vocab_major=False)
+        # ---- end output head ----
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
@@ -492,14 +513,16 @@ class Model:
                                                  jax.random.key(0)))
 
     def apply(self, params: PyTree, tokens_BxL: Array, *, sparsity: Optional[Sparsity] = None,
-              collect: tuple[str, ...] = ()) -> tuple[Array, dict]:
+              collect: tuple[str, ...] = (), return_hidden: bool = False) -> tuple[Array, dict]:
         """(logits, collections): ``collect`` names the collections to fill, ``("stats",)`` in
-        training, ``("intermediates",)`` for evaluation's full tensors."""
+        training, ``("intermediates",)`` for evaluation's full tensors. ``return_hidden``: an
+        :class:`OutputHead` instead of the logits (the vocabulary-tiled loss)."""
+        kwargs = dict(sparsity=sparsity, return_hidden=return_hidden)
         with nn.logical_axis_rules(self.rules):
             if collect:
-                return self.module.apply({"params": params}, tokens_BxL, sparsity=sparsity,
+                return self.module.apply({"params": params}, tokens_BxL, **kwargs,
                                          mutable=list(collect))
-            return self.module.apply({"params": params}, tokens_BxL, sparsity=sparsity), {}
+            return self.module.apply({"params": params}, tokens_BxL, **kwargs), {}
 
     def ffn_intermediates(self, state: dict) -> tuple[list[Array], list[Array]]:
         return ffn_intermediates(state, self.cfg.n_layers)

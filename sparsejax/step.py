@@ -27,7 +27,7 @@ import optax
 from sparsejax import (activations, model as model_lib, objectives, recipes, sharding,
                        sparsity as sparsity_lib)
 from sparsejax.config import Config
-from sparsejax.loss import next_token_loss
+from sparsejax.loss import model_loss
 
 PyTree = Any
 # Regulariser -> its metric (the LM loss keeps the name ``loss``; docs/recipes.md §Metrics).
@@ -74,6 +74,7 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
     spec = activations.get(cfg.model.activation)
     n_layers, d_ff, accum = cfg.model.n_layers, cfg.model.d_ff, cfg.train.grad_accum
     threshold = stats_threshold(spec.exact_zeros, cfg.train.fat_eps)
+    tile_len = cfg.train.loss_tile_len
 
     def init_annotated(key):
         params = model.init_annotated(key, cfg.train.seq_len)
@@ -109,13 +110,14 @@ def make_step_functions(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.Gradient
                 stats_weights_BxL=batch["weights"], stats_threshold=threshold,
                 coefficients=model_coefs, regularisers=recipe.regularisers, chunk_len=chunk_len,
                 chunk_tau=recipe.chunk_tau)
-            logits, collected = model.apply(params, batch["inputs"], sparsity=sp, collect=("stats",))
+            mean_loss, tokens, collected = model_loss(model, params, batch, sparsity=sp,
+                                                      collect=("stats",), loss_tile_len=tile_len)
             act_sum_N, count_NxF = model.layer_stats(collected)
         else:
             sp = sparsity_lib.Sparsity(coefficients=model_coefs) if model_coefs else None
-            logits, _ = model.apply(params, batch["inputs"], sparsity=sp)
+            mean_loss, tokens, _ = model_loss(model, params, batch, sparsity=sp,
+                                              loss_tile_len=tile_len)
             act_sum_N, count_NxF = jnp.zeros(n_layers), jnp.zeros((n_layers, d_ff))
-        mean_loss, tokens = next_token_loss(logits, batch["targets"], batch["weights"])
         loss_sum = mean_loss * tokens
         aux = {"tokens": tokens, "act_sum_N": act_sum_N, "count_NxF": count_NxF}
         if not recipe.active:

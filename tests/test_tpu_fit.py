@@ -44,3 +44,22 @@ def test_topology_batch_mismatch_is_a_config_error(libtpu):
     cfg = config.apply_overrides(config.proxy_config("tiny"), ["train.batch_size=6"])
     with pytest.raises(config.ConfigError, match="train.batch_size=6 is not a multiple of 2"):
         tpu_fit.compile_fit(cfg, "v5e:2x2", per_chip_batch=2)
+
+
+@pytest.mark.slow
+def test_tiled_loss_rows_and_fit_rows_names_the_largest(libtpu, capsys):
+    """A train step with the tiled loss compiles for TPU and says so in its row; fit_rows prints
+    a row per per-device batch and returns the largest that fits. (The memory it saves at the
+    paper's shapes is in the README's fit table; at this size XLA's TPU fusions already avoid
+    materialising the plain loss's logits, so the two temps are not compared here.)"""
+    cfg = config.apply_overrides(config.proxy_config("tiny"), [
+        "mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=true", "model.remat_policy=full",
+        "model.dtype=bfloat16", "train.batch_size=32", "train.seq_len=128",
+        "train.loss_tile_len=16"])
+    tiled = tpu_fit.compile_fit(cfg, "v5e:2x2", per_chip_batch=2)
+    assert tiled.loss_tile_len == 16 and tiled.fits and tiled.temp_bytes > 0
+    assert "| 16 |" in tpu_fit.markdown(tiled)
+    capsys.readouterr()
+    assert tpu_fit.fit_rows(cfg, "v5e:2x2", [2, 8]) == 8
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[6].strip() for r in rows] == ["2 × 4", "8 × 1"]

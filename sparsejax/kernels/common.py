@@ -69,3 +69,14 @@ def vary_like(axes: frozenset, tree):
 def out_struct(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
     """A ``pallas_call`` output shape that varies over the same mesh axes as ``like``."""
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def cost_estimate(*, flops: int, bytes_accessed: int) -> "pl.CostEstimate":
+    """What XLA's cost model counts for a ``pallas_call`` (otherwise 0 FLOPs: a custom call is
+    opaque to it). The kernels pass the FLOPs and HBM bytes of their grid at k_max, i.e. with
+    every list slot active: an upper bound when some token blocks have fewer active tiles.
+    Transcendentals are left at 0 (ReLU has none; the others' share of an FFN is small)."""
+    from jax.experimental import pallas as pl  # noqa: PLC0415 - as the kernel modules do
+
+    return pl.CostEstimate(flops=int(flops), transcendentals=0,
+                           bytes_accessed=int(bytes_accessed))

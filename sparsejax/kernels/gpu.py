@@ -107,13 +107,21 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     weights = (w_in_DxF, w_gate_DxF) if gated else (w_in_DxF,)
     ins = (mask.index_NxK, mask.count_N, x_TxD, *weights)
+    # At k_max (every slot a tile): XLA's cost model counts these custom calls otherwise as 0.
+    item, tile = x_TxD.dtype.itemsize, 2 * block_t * block_f * d
+    hidden_cost = common.cost_estimate(
+        flops=len(weights) * tile * n * k,
+        bytes_accessed=item * n * k * (block_t * d + len(weights) * d * block_f + block_t * block_f))
+    out_cost = common.cost_estimate(
+        flops=tile * n * k, bytes_accessed=item * (n * k * (block_t * block_f + block_f * d) + t * d))
     h_NxKxtxf = pl.pallas_call(
         functools.partial(_hidden_kernel, act=act, gated=gated, gate_and_up=gate_and_up,
                           block_t=block_t, block_f=block_f, block_d=block_d),
         out_shape=common.out_struct((n, k, block_t, block_f), x_TxD.dtype, x_TxD),
         grid=(n, k), in_specs=[whole(a) for a in ins],
         out_specs=pl.BlockSpec((n, k, block_t, block_f), lambda *_: (0, 0, 0, 0)),
-        compiler_params=params, interpret=interpret, name="block_sparse_ffn_hidden",
+        compiler_params=params, cost_estimate=hidden_cost, interpret=interpret,
+        name="block_sparse_ffn_hidden",
     )(*ins)
     ins = (mask.index_NxK, mask.count_N, h_NxKxtxf, w_out_FxD)
     return pl.pallas_call(
@@ -121,5 +129,6 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
         out_shape=common.out_struct((t, d), x_TxD.dtype, x_TxD),
         grid=(n, d // block_d), in_specs=[whole(a) for a in ins],
         out_specs=pl.BlockSpec((t, d), lambda *_: (0, 0)),
-        compiler_params=params, interpret=interpret, name="block_sparse_ffn_out",
+        compiler_params=params, cost_estimate=out_cost, interpret=interpret,
+        name="block_sparse_ffn_out",
     )(*ins)

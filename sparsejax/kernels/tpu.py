@@ -16,8 +16,8 @@ the inputs; each kernel recomputes its (bt × bf) tile of g = x·W_gate and u = 
   block m); dW_in[:, m] += xᵀ·du, dW_gate[:, m] += xᵀ·dg, dW_out[m] += hᵀ·dy.
 
 Block shapes: token tiles (bt, D), weight tiles (D, bf) / (bf, D). Mosaic needs the last two
-dims divisible by (8, 128) or equal to the full array dims, so bf % 128 == 0 and bt % 8 == 0
-(bt % 16 for bf16, whose sublanes pack two rows); D is taken whole (the model's d_model is a
+dims divisible by (8, 128) or equal to the full array dims, so bf % 128 == 0 and bt % 8 == 0,
+in bf16 too (Mosaic compiles bt = 8 bf16 tiles, tests/test_kernels_tpu.py); D is taken whole (the model's d_model is a
 multiple of 128 in every config). Shape letters: see :mod:`sparsejax.kernels.block_mask`.
 """
 
@@ -46,7 +46,9 @@ _VMEM_CAP = 100 * 2**20
 
 
 def check_tiling(d_model: int, block_t: int, block_f: int, dtype) -> None:
-    sublanes = 8 * (4 // jnp.dtype(dtype).itemsize)  # 8 for f32, 16 for bf16
+    # 8 sublanes for every dtype: Mosaic lays out bf16 (bt = 8, D) tiles too, so a 16-row rule for
+    # bf16 (two rows per packed sublane) would refuse tilings that compile.
+    sublanes = 8
     if block_f % 128:
         raise ValueError(f"TPU kernel: block_f={block_f} must be a multiple of 128 (lane width)")
     if block_t % sublanes:
@@ -83,6 +85,31 @@ def _up_gate(x, w_in_ref, w_gate_ref):
     u = _dot(x, w_in_ref[...])
     g = None if w_gate_ref is None else _dot(x, w_gate_ref[...])
     return u, g
+
+
+def tile_costs(t: int, d: int, f: int, n_tiles: int, block_t: int, block_f: int, gated: bool,
+               item: int, n_tiles_t: Optional[int] = None) -> dict:
+    """``pl.CostEstimate`` of the forward, dx and dW kernels at k_max (every list slot a tile:
+    ``n_tiles`` = N·K of the lists, ``n_tiles_t`` = M·J of the transposed lists).
+
+    One tile's matmul is 2·bt·bf·D FLOPs; with w = 3 weights (gated) or 2 (plain) the forward
+    does w of them (up, gate, out), dx 2w − 1 (up and gate recomputed, dh, du·W_inᵀ, dg·W_gateᵀ),
+    dW 2w (recompute, dh, the w weight gradients). Bytes: token tiles read once per token block
+    (forward, dx: their block index does not change with k), once per tile in dW; weight tiles
+    once per tile (forward, dx), once per neuron block in dW (read and written); outputs once."""
+    n_tiles_t = n_tiles if n_tiles_t is None else n_tiles_t
+    w = 3 if gated else 2
+    tile = 2 * block_t * block_f * d
+    weight_tile, token_bytes = d * block_f * item, t * d * item
+    return {
+        "fwd": common.cost_estimate(flops=w * tile * n_tiles,
+                                    bytes_accessed=2 * token_bytes + w * weight_tile * n_tiles),
+        "dx": common.cost_estimate(flops=(2 * w - 1) * tile * n_tiles,
+                                   bytes_accessed=3 * token_bytes + w * weight_tile * n_tiles),
+        "dw": common.cost_estimate(
+            flops=2 * w * tile * n_tiles_t,
+            bytes_accessed=2 * block_t * d * item * n_tiles_t + 2 * w * d * f * item),
+    }
 
 
 # ----------------------------------------------------------------------------- forward
@@ -129,6 +156,7 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
     item = x_TxD.dtype.itemsize
     n_bytes = 2 * item * (2 * block_t * d + (3 if gated else 2) * d * block_f) + 4 * block_t * d
     weights = (w_in_DxF, w_gate_DxF, w_out_FxD) if gated else (w_in_DxF, w_out_FxD)
+    costs = tile_costs(t, d, w_in_DxF.shape[1], n * k, block_t, block_f, gated, item)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, act=act, gated=gated, gate_and_up=gate_and_up),
         out_shape=common.out_struct((t, d), x_TxD.dtype, x_TxD),
@@ -136,6 +164,7 @@ def forward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_Fx
             num_scalar_prefetch=2, grid=(n, k), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((block_t, d), jnp.float32)]),
         compiler_params=_params(n_bytes),
+        cost_estimate=costs["fwd"],
         interpret=interpret,
         name="block_sparse_ffn_fwd",
     )(mask.index_NxK, mask.count_N, x_TxD, *weights)
@@ -219,6 +248,8 @@ def backward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_F
     kw = dict(act=act, gated=gated, gate_and_up=gate_and_up)
     item = x_TxD.dtype.itemsize
     n_w = 3 if gated else 2
+    costs = tile_costs(t, d, w_in_DxF.shape[1], n * k, block_t, block_f, gated, item,
+                       n_tiles_t=m * j)
 
     in_specs, out_spec = _token_major_specs(d, block_t, block_f, gated, 2)
     dx_bytes = 2 * item * (3 * block_t * d + n_w * d * block_f) + 4 * block_t * d
@@ -228,7 +259,8 @@ def backward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_F
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(n, k), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((block_t, d), jnp.float32)]),
-        compiler_params=_params(dx_bytes), interpret=interpret, name="block_sparse_ffn_dx",
+        compiler_params=_params(dx_bytes), cost_estimate=costs["dx"], interpret=interpret,
+        name="block_sparse_ffn_dx",
     )(mask.index_NxK, mask.count_N, x_TxD, dy_TxD, *weights)
 
     # Neuron-block major: the lists say which token blocks use neuron block m.
@@ -246,7 +278,8 @@ def backward(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_F
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(m, j), in_specs=[tok, tok] + w_specs,
             out_specs=w_specs, scratch_shapes=scratch),
-        compiler_params=_params(dw_bytes), interpret=interpret, name="block_sparse_ffn_dw",
+        compiler_params=_params(dw_bytes), cost_estimate=costs["dw"], interpret=interpret,
+        name="block_sparse_ffn_dw",
     )(mask_t.index_NxK, mask_t.count_N, x_TxD, dy_TxD, *weights)
     if gated:
         dw_in, dw_gate, dw_out = grads
