@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,18 @@ class Checkpointer:
             self._manager.close()
 
 
+def _listing_retried(list_steps: Callable[[], Any], attempts: int = 5) -> Any:
+    """``list_steps()`` again when a step vanished while orbax was listing the directory: a live
+    trainer's keep_last cleanup deletes old steps at any moment (orbax stats each step it lists)."""
+    for attempt in range(attempts):
+        try:
+            return list_steps()
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class CheckpointReader:
     """Read-only access to a run's checkpoints: safe while a trainer is writing the same run."""
 
@@ -171,8 +184,8 @@ class CheckpointReader:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, cleanup_tmp_directories=False,
                 enable_async_checkpointing=False)
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_names=("state", "meta"))
+            self._manager = _listing_retried(lambda: ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta")))
         finally:
             absl_log.setLevel(level)
 
@@ -181,7 +194,7 @@ class CheckpointReader:
 
     def refresh(self) -> list[int]:
         """The finished steps now (a live trainer adds new ones and deletes old ones)."""
-        self._manager.reload()
+        _listing_retried(self._manager.reload)
         return self.all_steps()
 
     def meta(self, step: int) -> dict:
