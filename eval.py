@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "dead_min_rate": (float, "a neuron active on fewer tokens than this share is dead",
                           d.dead_min_rate),
         "cett_search": (str, f"{' or '.join(CETT_SEARCHES)} threshold search", d.cett_search),
+        "cett_zero_rule": (str, "floor: exact zeros inactive under a CETT threshold of 0; reference: "
+                           "the reference's rule (active there)", d.cett_zero_rule),
         "max_cache_gib": (float, "above this, cached FFN intermediates for CETT spill to disk",
                           d.max_cache_gib),
     }

@@ -20,11 +20,14 @@ steps, and the incremental search is exact only relative to those internals, so 
 
 ReLU and t = 0: a ReLU layer's minimum score is 0 (its exact zeros), so the grid starts at 0 and
 the search can return t = 0 — when even grid[1] exceeds the target, or when over ~99% of the
-subsampled scores are 0, so that the 0.99 quantile and with it the whole grid are 0. Under t = 0
-the sparse pass's strict test |σ(gate)·up| < 0 / ‖W_out[i]‖ drops nothing: every neuron counts as
-active, exact zeros included, and the CETT activation ratio reads 1.0 where the *zero* criterion
-reads the true ReLU ratio. This is the reference's behaviour, kept on purpose (docs §Departures);
-read such a CETT ratio next to the *zero* one.
+subsampled scores are 0, so that the 0.99 quantile and with it the whole grid are 0. The
+reference's sparse pass then tests |σ(gate)·up| < 0 / ‖W_out[i]‖, which drops nothing: every
+neuron counts as active, exact zeros included, and the CETT ratio of the sparsest layers reads 1.0
+where the *zero* criterion reads the true ReLU ratio. By default (``zero_rule="floor"``) the
+per-neuron threshold gets the FAT-ε floor 1e-18 added, as FAT-ε does (``ε + 1e-18``): exact zeros
+are inactive at t = 0 and nothing else changes (a floor of 1e-18 is below every float32 threshold
+t / ‖W_out[i]‖ > 0 that matters, and dropping exact zeros changes no output). ``zero_rule=
+"reference"`` keeps the reference's tie rule, for parity with its numbers (docs §Departures).
 
 Shape suffixes (docs §Shape suffixes): T tokens, F d_ff, D d_model, G candidate thresholds,
 P (token, neuron) entries.
@@ -41,7 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.eval_options import CETT_ZERO_RULES
 from sparsejax.metrics import as_f32, require_ndim
+from sparsejax.sparsity import FAT_FLOOR
 
 Array = jax.Array
 
@@ -114,18 +119,38 @@ def cett_at_threshold(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
     return jnp.mean(cett_per_token_T(hidden_TxF, w_out_FxD, threshold))
 
 
-def cett_active_TxF(hidden_TxF: Array, w_out_FxD: Array, threshold) -> Array:
-    """Activity under a CETT threshold t, as the reference's sparse pass: neuron i is inactive
-    iff |σ(gate)·up|_i < t / ‖W_out[:, i]‖₂ (strict, and in division form, so it can differ from
-    ``score < t`` by rounding, and from the search's ``score ≤ t`` at equality).
+def neuron_thresholds_F(threshold, w_out_FxD, zero_rule: str = "floor"):
+    """Per-neuron thresholds of the sparse pass under a layer's CETT threshold t:
+    t / ‖W_out[i]‖₂ (the reference's division form), plus the FAT-ε floor 1e-18 under
+    ``zero_rule="floor"``. Works on numpy and jax arrays (float32).
 
-    A neuron with a zero output vector is inactive for t > 0; at t = 0 its threshold is NaN and
-    it stays active, as in the reference. At t = 0 nothing is inactive at all, exact zeros
-    included, so the ratio is 1.0 (module docstring, "ReLU and t = 0"); any t > 0 makes exact
-    zeros inactive again.
+    A neuron with a zero output vector gets t / 0: inf for t > 0 (always inactive, it contributes
+    nothing), NaN at t = 0 — active under "reference" (as in the reference), the floor under
+    "floor".
+    """
+    if zero_rule not in CETT_ZERO_RULES:
+        raise ValueError(f"zero_rule={zero_rule!r}; allowed: {list(CETT_ZERO_RULES)}")
+    xp = jnp if isinstance(w_out_FxD, jax.Array) else np
+    w = xp.asarray(w_out_FxD, xp.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_neuron_F = xp.asarray(threshold, xp.float32) / xp.linalg.norm(w, axis=1)
+    if zero_rule == "reference":
+        return per_neuron_F
+    return xp.where(xp.isnan(per_neuron_F), xp.float32(0), per_neuron_F) + xp.float32(FAT_FLOOR)
+
+
+def cett_active_TxF(hidden_TxF: Array, w_out_FxD: Array, threshold, zero_rule: str = "floor") -> Array:
+    """Activity under a CETT threshold t, as the sparse pass applies it: neuron i is inactive
+    iff |σ(gate)·up|_i < :func:`neuron_thresholds_F` (strict, and in division form, so it can
+    differ from ``score < t`` by rounding, and from the search's ``score ≤ t`` at equality).
+
+    Under the default ``zero_rule="floor"`` exact zeros are inactive at every t, t = 0 included.
+    Under ``zero_rule="reference"`` nothing is inactive at t = 0, exact zeros included, so the
+    ratio is 1.0 (module docstring, "ReLU and t = 0"); a neuron with a zero output vector is
+    inactive for t > 0 and active at t = 0 (NaN threshold), as in the reference.
     """
     _check_ffn_shapes(hidden_TxF, w_out_FxD)
-    neuron_threshold_F = as_f32(threshold) / jnp.linalg.norm(as_f32(w_out_FxD), axis=1)
+    neuron_threshold_F = neuron_thresholds_F(as_f32(threshold), as_f32(w_out_FxD), zero_rule)
     return ~(jnp.abs(as_f32(hidden_TxF)) < neuron_threshold_F)
 
 

@@ -14,6 +14,10 @@ import dataclasses
 METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
 CETT_PPL_MODES = ("joint", "per_checkpoint")
 CETT_SEARCHES = ("incremental", "reference")
+# What a CETT threshold of 0 does to exact zeros (sparsejax.cett, "ReLU and t = 0"): "floor" adds
+# the FAT-ε floor 1e-18 to every per-neuron threshold (exact zeros inactive); "reference" keeps
+# the reference's strict test against t / ‖W_out[i]‖ (exact zeros active at t = 0).
+CETT_ZERO_RULES = ("floor", "reference")
 DEAD_MIN_RATE = 1e-3  # dead = active on < 0.1% of tokens (docs §Dead neurons)
 
 
@@ -34,6 +38,9 @@ class EvalOptions:
     eval_batches: int = 0  # 0: the run's train.eval_batches
     dead_min_rate: float = DEAD_MIN_RATE
     cett_search: str = "incremental"
+    # "floor": exact zeros inactive under a CETT threshold of 0; "reference": the reference's rule
+    # (they count as active there): cett.CETT_ZERO_RULES.
+    cett_zero_rule: str = "floor"
     max_cache_gib: float = 2.0
 
     def __post_init__(self) -> None:
@@ -50,6 +57,8 @@ class EvalOptions:
             raise EvalError(f"cett_ppl_mode={self.cett_ppl_mode!r}; allowed: {list(CETT_PPL_MODES)}")
         if self.cett_search not in CETT_SEARCHES:
             raise EvalError(f"cett_search={self.cett_search!r}; allowed: {list(CETT_SEARCHES)}")
+        if self.cett_zero_rule not in CETT_ZERO_RULES:
+            raise EvalError(f"cett_zero_rule={self.cett_zero_rule!r}; allowed: {list(CETT_ZERO_RULES)}")
         checks = [("fat_eps", self.fat_eps >= 0, ">= 0"), ("topk", self.topk > 0, "> 0"),
                   ("cett", 0 <= self.cett <= 1, "in [0, 1]"), ("ppl_p", self.ppl_p > 0, "> 0"),
                   ("tolerance", 0 < self.tolerance < 1, "in (0, 1)"),
@@ -70,6 +79,7 @@ FLAGS = {"metrics": "--metrics", "fat_eps": "--fat-eps", "topk": "--topk", "cett
          "ppl_p": "--p", "tolerance": "--tolerance", "cett_ppl_mode": "--cett-ppl-mode",
          "joint_last": "--joint-last", "eval_batches": "--eval-batches",
          "dead_min_rate": "--dead-min-rate", "cett_search": "--cett-search",
+         "cett_zero_rule": "--cett-zero-rule",
          "max_cache_gib": "--max-cache-gib"}
 
 

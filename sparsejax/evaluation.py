@@ -247,15 +247,16 @@ class Evaluator:
     def cett_thresholds(self, params, hidden: HiddenStore, cett: float
                         ) -> tuple[list[float], np.ndarray]:
         """Per-layer CETT thresholds t_l of target ``cett`` and the per-neuron mask thresholds
-        t_l / ‖W_out_l[i]‖ of the sparse pass (reference ``set_thresholds``)."""
+        t_l / ‖W_out_l[i]‖ of the sparse pass (reference ``set_thresholds``), floored at 1e-18
+        unless ``options.cett_zero_rule`` is "reference" (``cett.neuron_thresholds_F``)."""
         search = CETT_SEARCHES[self.options.cett_search]
         w_outs = [np.asarray(w, np.float32) for w in self._model.ffn_out_weights(params)]
         t_layers, per_neuron = [], []
         for layer, w_out_FxD in enumerate(w_outs):
             result = search(hidden.layer(layer), w_out_FxD, float(cett))
             t_layers.append(result.threshold)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                per_neuron.append(np.float32(result.threshold) / np.linalg.norm(w_out_FxD, axis=1))
+            per_neuron.append(cett_lib.neuron_thresholds_F(
+                np.float32(result.threshold), w_out_FxD, self.options.cett_zero_rule))
         return t_layers, np.stack(per_neuron).astype(np.float32)
 
     def cett_pass(self, params, hidden: HiddenStore, cett: float) -> tuple[PassResult, list[float]]:

@@ -116,9 +116,14 @@ def test_cett_scores_per_token_and_activity():
         for t in (0.0, float(np.median(scores)), float(scores.max())):
             assert abs(float(cett.cett_at_threshold(hidden, w, t))
                        - np_cett(hidden, w, t, scores)) < 1e-6
-            mask = np.asarray(cett.cett_active_TxF(hidden, w, t))
-            expected = ~(np.abs(hidden) < np.float32(t) / np.linalg.norm(w, axis=1))
-            np.testing.assert_array_equal(mask, expected)
+            per_neuron = np.float32(t) / np.linalg.norm(w, axis=1)
+            reference = np.asarray(cett.cett_active_TxF(hidden, w, t, zero_rule="reference"))
+            np.testing.assert_array_equal(reference, ~(np.abs(hidden) < per_neuron))
+            # The default floor rule: the same test against t / ‖w‖ + 1e-18 (FAT-ε's floor).
+            floored = np.asarray(cett.cett_active_TxF(hidden, w, t))
+            np.testing.assert_array_equal(floored, ~(np.abs(hidden) < per_neuron + np.float32(1e-18)))
+            if t > 0:
+                np.testing.assert_array_equal(floored, reference)
         # Everything dropped: the error is the whole output, ratio 1 on each token.
         np.testing.assert_allclose(
             np.asarray(cett.cett_per_token_T(hidden, w, float(scores.max()))), 1.0, rtol=1e-6)
@@ -303,7 +308,7 @@ def test_quantile_is_torch_float32_not_float64():
     assert cett.quantile_f32(np.array([5.0], np.float32), 0.99) == 5.0
 
 
-def test_relu_search_can_return_zero_and_the_cett_ratio_then_reads_one():
+def test_relu_search_can_return_zero_reference_rule_reads_one_floor_reads_zero_ratio():
     """ReLU: exact zeros make the minimum score 0, so the grid starts at 0. When the search returns
     t = 0, the sparse pass's strict |σ(gate)·up| < 0 drops nothing and every neuron counts as
     active: the CETT ratio is 1.0 although most values are exact zeros (the reference's
@@ -321,11 +326,17 @@ def test_relu_search_can_return_zero_and_the_cett_ratio_then_reads_one():
         for search in (cett.cett_threshold_reference, cett.cett_threshold_incremental):
             result = search(h, w, target, num_candidates=1024)
             assert result.threshold == 0.0 and result.satisfied and result.cett == 0.0
-        active = cett.cett_active_TxF(h, w, 0.0)
+        # The reference's tie rule: nothing is inactive at t = 0, exact zeros included.
+        active = cett.cett_active_TxF(h, w, 0.0, zero_rule="reference")
         assert float(metrics.activation_ratio(active)) == 1.0
-        assert float(metrics.activation_ratio(metrics.zero_active_TxF(h))) < 0.7
+        zero_ratio = float(metrics.activation_ratio(metrics.zero_active_TxF(h)))
+        assert zero_ratio < 0.7
+        # The default FAT floor: at t = 0 exactly the nonzeros are active (the zero criterion).
+        floored = cett.cett_active_TxF(h, w, 0.0)
+        assert np.array_equal(np.asarray(floored), h != 0)
+        assert float(metrics.activation_ratio(floored)) == zero_ratio
     # Any t > 0 drops the exact zeros again.
-    assert float(metrics.activation_ratio(cett.cett_active_TxF(relu, w, 1e-30))) == \
+    assert float(metrics.activation_ratio(cett.cett_active_TxF(relu, w, 1e-30, zero_rule="reference"))) == \
         pytest.approx(float(metrics.activation_ratio(metrics.zero_active_TxF(relu))))
 
 

@@ -161,13 +161,44 @@ def test_cett_thresholds_match_reference_search_on_independent_intermediates(rel
         assert t_layers[i] == ref.threshold
         independent = cett.cett_threshold_reference(hiddens[i].reshape(-1, ev.d_ff), w_outs[i], 0.2)
         assert math.isclose(t_layers[i], independent.threshold, rel_tol=1e-4)
-        np.testing.assert_allclose(thr_NxF[i], ref.threshold / np.linalg.norm(np.asarray(w_outs[i]), axis=1),
-                                   rtol=1e-6)
+        # Per-neuron thresholds: t / ‖W_out[i]‖ plus the FAT floor 1e-18 (the default zero rule).
+        np.testing.assert_allclose(
+            thr_NxF[i], np.float32(ref.threshold) / np.linalg.norm(np.asarray(w_outs[i], np.float32), axis=1)
+            + np.float32(1e-18), rtol=1e-6)
     sparse, _ = ev.cett_pass(params, dense.hidden, 0.2)
     acts, hid_sparse, loss = _numpy_pass(ev, params, thr_NxF, "hidden")
     assert math.isclose(sparse.loss, loss, rel_tol=1e-5)
     for report, h, t in zip(sparse.reports, hid_sparse, thr_NxF):
         np.testing.assert_allclose(float(report.activation_ratio), (~(np.abs(h) < t)).mean(), rtol=1e-6)
+
+
+def test_cett_threshold_zero_counts_exact_zeros_inactive_unless_reference_rule(relu_run):
+    """Target CETT 0 makes every layer's threshold 0. The default floor rule then gives each
+    layer the *zero* criterion's ratio (its nonzeros, counted with numpy); the reference's tie
+    rule counts the exact zeros as active and reads 1.0. The loss is the dense loss under both."""
+    run = trained_run.load(relu_run)
+    ratios = {}
+    for rule in ("floor", "reference"):
+        ev = evaluation.Evaluator(run.cfg, evaluation.EvalOptions(cett_zero_rule=rule))
+        params, _ = run.params(run.steps[-1], ev.mesh)
+        dense = ev.dense(params, keep_hidden=True)
+        sparse, t_layers = ev.cett_pass(params, dense.hidden, 0.0)
+        assert t_layers == [0.0] * ev.n_layers
+        assert sparse.loss == dense.loss
+        ratios[rule] = [float(r.activation_ratio) for r in sparse.reports]
+    _, hiddens, _ = _numpy_pass(ev, params)
+    nonzero = [float(np.mean(h != 0)) for h in hiddens]
+    assert max(nonzero) < 0.9  # a ReLU model: the two rules must differ
+    np.testing.assert_allclose(ratios["floor"], nonzero, rtol=1e-6)
+    assert ratios["reference"] == [1.0] * len(nonzero)
+
+
+def test_cett_zero_rule_is_validated_and_a_flag():
+    with pytest.raises(evaluation.EvalError, match=r"cett_zero_rule='tie'; allowed: \['floor', 'reference'\]"):
+        evaluation.EvalOptions(cett_zero_rule="tie")
+    from sparsejax import eval_options
+    argv = eval_options.to_argv(evaluation.EvalOptions(cett_zero_rule="reference"))
+    assert argv[argv.index("--cett-zero-rule") + 1] == "reference"
 
 
 def test_spilled_cache_gives_same_thresholds(relu_run):
