@@ -69,11 +69,20 @@ def finished_steps(directory: pathlib.Path) -> list[int]:
 class Checkpointer:
     """The writer's view (hold the run's :class:`~sparsejax.rundir.RunLock` while using it)."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int):
+    def __init__(self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int,
+                 keep_steps: tuple[int, ...] = ()):
+        """Keeps the newest ``keep_last`` steps, every multiple of ``keep_every`` and ``keep_steps``."""
         self.directory = storage.path(directory)  # local, or gs:// (orbax writes it natively)
+        if keep_steps:
+            from orbax.checkpoint import checkpoint_managers as policies
+
+            keep = dict(preservation_policy=policies.AnyPreservationPolicy([
+                policies.LatestN(keep_last), policies.EveryNSteps(keep_every),
+                policies.CustomSteps(sorted(set(keep_steps)))]))
+        else:
+            keep = dict(max_to_keep=keep_last, keep_period=keep_every)
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last, keep_period=keep_every, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=True)
+            **keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options,
                                               item_names=("state", "meta"))
         self.in_flight: int | None = None

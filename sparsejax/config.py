@@ -148,6 +148,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 3
     keep_every: int = 100  # checkpoints at multiples of this are never deleted (for the law fits)
+    # Further steps at which a checkpoint is written and never deleted, besides checkpoint_every:
+    # e.g. the log-spaced checkpoints of the finding sweeps (sparsejax.sweep.protocol), whose
+    # ratio laws need points spread evenly in log tokens. On the command line comma-separated.
+    checkpoint_steps: tuple[int, ...] = ()
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up in flops.PEAK_TFLOPS
     # Failure injection for tests of the NaN guard: the gradients of this step become NaN (0 = off).
     fault_nan_at_step: int = 0
@@ -403,6 +407,10 @@ def validate(cfg: Config) -> Config:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                  "eval_batches", "checkpoint_every", "keep_last", "keep_every"):
         _positive(f"train.{name}", getattr(t, name))
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= t.steps
+               for s in t.checkpoint_steps):
+        raise ConfigError(f"train.checkpoint_steps={tuple(t.checkpoint_steps)!r} must be integer steps "
+                          f"in [1, train.steps={t.steps}]")
     _positive("train.learning_rate", t.learning_rate)
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # Fields that may change when a run is resumed (cadence and length, not what is trained).
 RESUMABLE_CHANGES = {
     "name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.peak_tflops",
+    "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.checkpoint_steps", "train.peak_tflops",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
 }
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -153,6 +153,7 @@ class _Loop:
         self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
         self.state, self.step_no, self.tokens_seen = state, start_step, tokens_seen
         self.log_activations = log_activations
+        self.extra_saves = frozenset(self.t.checkpoint_steps)
         self.last_good = start_step if start_step else None
         self.last_saved = start_step if start_step else None
         self.pending: list[tuple[int, dict]] = []
@@ -272,7 +273,8 @@ class _Loop:
                 leaf.copy_to_host_async()  # start the transfer now; fetched at the next flush
             self.pending.append((step_no, metrics))
             do_eval = step_no % t.eval_every == 0 or step_no == t.steps
-            do_save = step_no % t.checkpoint_every == 0 or step_no == t.steps
+            do_save = (step_no % t.checkpoint_every == 0 or step_no == t.steps
+                       or step_no in self.extra_saves)
             if do_eval or do_save:
                 # One draining fetch: a non-draining one just before would leave a window of
                 # one already-finished step and report a bogus tokens/s for it.
@@ -426,7 +428,7 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
              f"{rows.start}:{rows.stop}" if isinstance(rows, slice)
              else f"(grain shard: {getattr(dataset.train, 'shard', '?')})", t.batch_size)
     ckpt = checkpointing.Checkpointer(workdir / rundir.CHECKPOINTS, keep_last=t.keep_last,
-                                      keep_every=t.keep_every)
+                                      keep_every=t.keep_every, keep_steps=t.checkpoint_steps)
     writer = writers.MetricsWriter(workdir, enabled=is_main)
     loop = None
     try:

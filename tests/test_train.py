@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from sparsejax import writers
+from sparsejax import checkpointing, writers
 from run_wait import wait_for_step
 
 pytestmark = pytest.mark.slow  # end-to-end training runs in subprocesses
@@ -154,3 +154,13 @@ def test_a_config_saved_before_a_field_existed_still_resumes():
     changed = json.loads(json.dumps(new))
     changed["model"]["scan_layers"] = True
     assert trainer.config_differences(old, changed) == ["model.scan_layers"]
+
+
+def test_checkpoint_steps_are_written_and_never_deleted(tmp_path):
+    # The finding sweeps' log-spaced checkpoints: steps 3 and 7 are saved besides the regular
+    # cadence (every 10) and survive keep_last=1, which deletes step 10 once 12 is written.
+    _run(tmp_path, "train.steps=12", "train.checkpoint_steps=3,7", "train.checkpoint_every=10",
+         "train.keep_last=1", "train.keep_every=100", "train.eval_every=1000", "train.log_every=4")
+    assert checkpointing.finished_steps(tmp_path / "checkpoints") == [3, 7, 12]
+    bad = _run(tmp_path / "bad", "train.steps=12", "train.checkpoint_steps=13", check=False)
+    assert bad.returncode == 2 and "train.checkpoint_steps" in bad.stderr and not (tmp_path / "bad").exists()

@@ -1,36 +1,34 @@
-"""CPU proxy scale sweep (Sparsing Law finding 2): ReLU and SiLU at four sizes of width/depth 16.
+"""CPU scale sweep (Sparsing Law finding 2) under the finding protocol: ReLU and SiLU at four sizes
+of width/depth 4, every size trained to the same 300 tokens per non-embedding parameter.
 
     python -m sparsejax.sweep configs/sweeps/cpu_scale.py --out runs/cpu_scale
 
-Sizes (d_model × layers, all width/depth 16, heads of 16, gated FFN with d_ff = 2.5·d_model):
-32×2 (0.024M non-embedding parameters), 48×3 (0.080M), 64×4 (0.189M), 96×6 (0.637M): a 27× span
-(the paper's 0.1B–1.2B is 12×), × ReLU, SiLU: 8 runs, one seed (the finding is read from each
-run's fitted limit A0 and its bootstrap interval, not from seed-to-seed differences).
+Sizes (d_model × layers, width/depth 4, heads of 4, gated FFN with d_ff = 2.5·d_model): 8×2 (1.5k
+non-embedding parameters), 12×3 (5.1k), 16×4 (11.9k), 24×6 (40.1k): a 26× span (the paper's
+0.1B–1.2B is 12×), × ReLU, SiLU: 8 runs, one seed (the finding is read from each run's plateau level
+and its interval, not from seed-to-seed differences). Because every size gets the same tokens per
+parameter, size is not confounded with training budget: the largest run trains on 12M tokens, the
+smallest on 0.45M (batches of 8–64 sequences of 128, so that every run has ≥ 400 steps).
 
-Each run: 400 steps of 16×64 tokens (0.41M tokens), constant LR after a 30-step warm-up; the
-in-graph ratio (every 10 steps) carries the curve the ratio laws are fitted to; the final
-checkpoint alone is kept and evaluated (CETT-PPL-1%). notebooks/sparsing_law_findings.ipynb fits
-A0 per run, A0 against log parameters, and the tokens each ratio takes to settle.
+Every run follows :mod:`sparsejax.sweep.protocol` (12 log-spaced checkpoints, joint CETT-PPL-1%,
+constant LR after a 2% warm-up); the learning rate of each size is the best of {3e-3, 1e-2, 2e-2} by
+eval loss in ``benchmarks/lr_pilot.py`` with ReLU (notebooks/results/lr_pilot_scale.json): :data:`LR`,
+used for SiLU too.
 
-Cost, measured on a quiet 2-core sandbox on 2026-11-27: 11 min in all, of which 8 min train + eval
-(36–104 s per run) and 2.5 min of the sweep's fits.
+Cost, measured on a quiet 2-core sandbox on 2026-12-05: see README "Findings reproduced".
 """
 
 from sparsejax import sweep
+from sparsejax.sweep import protocol
 
-# (d_model, n_layers): width/depth 16 each, heads of 16, gated FFN with d_ff = 2.5·d_model.
-SHAPES = ((32, 2), (48, 3), (64, 4), (96, 6))
-HEAD_DIM = 16
-STEPS = 400
-COMMON = (f"train.steps={STEPS}", "train.seq_len=64", "train.schedule=constant", "train.warmup_steps=30",
-          "train.checkpoint_every=100", f"train.keep_every={STEPS}", "train.keep_last=1",
-          "train.eval_every=100", "train.log_every=10")
+HEAD_DIM = 4
+SHAPES = ((8, 2), (12, 3), (16, 4), (24, 6))  # width/depth 4
+# (d_model, n_layers) -> learning rate: the pilot's best (notebooks/results/lr_pilot_scale.json).
+LR = {(8, 2): 2e-2, (12, 3): 2e-2, (16, 4): 1e-2, (24, 6): 1e-2}
 
 
 def get_sweep() -> sweep.Sweep:
-    sizes = [sweep.shape_point(f"w{d}_l{n}", d_model=d, n_layers=n, n_heads=d // HEAD_DIM, head_dim=HEAD_DIM,
-                               d_ff=int(2.5 * d)) for d, n in SHAPES]
-    runs = sweep.cross(sizes, sweep.activation_points(("relu", "silu")), config="configs/tiny_relu.py",
-                       common=COMMON)
-    return sweep.Sweep(name="cpu_scale", runs=runs, eval=sweep.EvalOptions(metrics=("cett_ppl",)),
+    sizes = [protocol.shape_point(d, n, head_dim=HEAD_DIM, learning_rate=LR[d, n]) for d, n in SHAPES]
+    runs = sweep.cross(sizes, sweep.activation_points(("relu", "silu")), config="configs/tiny_relu.py")
+    return sweep.Sweep(name="cpu_scale", runs=runs, eval=protocol.EVAL,
                        plots=("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens"))

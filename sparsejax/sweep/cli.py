@@ -5,7 +5,7 @@ crossing axes of :class:`Point` (activation × size × width/depth × tokens) wi
 
     python -m sparsejax.sweep configs/sweeps/cpu_proxy.py --out runs/cpu_proxy
         [--print-commands] [--skip-eval] [--only RUN,...] [--set key=value ...]
-        [--n-boot 200] [--fit-workers N] [--collect-only] [--no-progress]
+        [--n-boot 200] [--fit-workers N] [--collect-only] [--publish DIR] [--no-progress]
 
 For each run, ``train.py`` then ``eval.py`` run in subprocesses (workdir ``OUT/runs/<run>``,
 output in ``train.log`` / ``eval.log`` there). Resumable: a run whose training finished (marker
@@ -16,8 +16,10 @@ and train.py resumes from its checkpoints. A failing run is recorded and the swe
 Then OUT gets ``sweep.json`` (the resolved runs), ``results.csv``/``.json`` (tidy: one row per
 run, step and metric, see :data:`COLUMNS`), ``fits.json`` (one Sparsing Law fit per run and
 activation-ratio metric, docs/sparsity_metrics_and_laws.md §Laws) and ``plots/`` (PNG + PDF,
-:mod:`sparsejax.plotting`).
-Exit codes: 0 every run done, 1 a run failed (the summary lists them), 2 bad sweep file/arguments.
+:mod:`sparsejax.plotting`). ``--publish DIR`` then copies the small results of a complete sweep
+into DIR (:mod:`sparsejax.sweep.publish`; the findings notebook reads notebooks/results/ by default).
+Exit codes: 0 every run done, 1 a run failed or --publish found runs without data (the summary
+lists them), 2 bad sweep file/arguments.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one job per unfinished run (OUT a gs:// URL; see sparsejax.launch.jobs)")
     p.add_argument("--launch-opts", default="", metavar='"--tpu-type ... [--run]"',
                    help="the engine's options, e.g. --tpu-type v5e-256 --cluster C --image IMG --run")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="after a complete sweep, copy its small results (sweep.json, fits.json, a thinned "
+                        "results.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (0: no CIs)")
     p.add_argument("--fit-workers", type=int, default=os.cpu_count() or 1,
                    help="processes fitting the laws in parallel (default: one per CPU core)")
@@ -163,4 +168,13 @@ def main(argv=None) -> int:
               f"{counts['failed']} failed")
     for o in failed:
         print(f"  FAILED {o.run}: {o.message}")
+    if args.publish:
+        if failed or missing:
+            print(f"not published to {args.publish}: runs failed or have no data "
+                  f"({sorted({o.run for o in failed} | set(missing))})", file=sys.stderr)
+            return 1
+        from sparsejax.sweep import publish
+
+        publish.publish(out, pathlib.Path(args.publish), rows, [r.name for r in runs])
+        print(f"published to {args.publish}")
     return 1 if failed else 0

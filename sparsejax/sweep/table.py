@@ -60,23 +60,43 @@ def collect(out: pathlib.Path, runs: Sequence[ResolvedRun]) -> list[dict]:
     return rows
 
 
+def write_csv_rows(rows: Sequence[dict], path: pathlib.Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_table(rows: Sequence[dict], out: pathlib.Path) -> None:
     """OUT/results.csv and OUT/results.json (the same rows), each written whole."""
-    def write_csv(path: pathlib.Path) -> None:
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    rundir.atomic_write(out / "results.csv", write_csv)
+    rundir.atomic_write(out / "results.csv", lambda path: write_csv_rows(rows, path))
     write_json(out / "results.json", list(rows))
 
 
+_CSV_TYPES = {"params": int, "width": int, "depth": int, "step": int, "tokens": float, "value": float}
+
+
+def _csv_row(row: dict) -> dict:
+    out = dict(row)
+    for key, kind in _CSV_TYPES.items():
+        text = row.get(key, "")
+        out[key] = None if text in ("", "None") else kind(float(text)) if kind is int else kind(text)
+    if out["value"] is not None and out["value"] != out["value"]:  # NaN: as JSON's null
+        out["value"] = None
+    out["activation"] = row.get("activation") or None
+    return out
+
+
 def load_table(out) -> list[dict]:
-    """The tidy rows a sweep wrote (OUT/results.json, as :func:`write_table`)."""
+    """The tidy rows a sweep wrote (OUT/results.json, as :func:`write_table`; results.csv when the
+    directory is a published copy without the JSON)."""
     import json
 
     path = pathlib.Path(out) / "results.json"
+    if not path.exists() and path.with_suffix(".csv").exists():
+        # a published sweep (sparsejax.sweep.publish) carries only the CSV
+        with path.with_suffix(".csv").open(newline="") as f:
+            return [_csv_row(r) for r in csv.DictReader(f)]
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the sweep (python -m sparsejax.sweep ...) first")
     return json.loads(path.read_text())

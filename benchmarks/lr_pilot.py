@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Learning-rate pilot for the finding sweeps: eval loss of each shape at each LR, on the protocol's
+regime (sparsejax.sweep.protocol) cut to its first ``--steps`` steps.
+
+    python benchmarks/lr_pilot.py --shapes 16x8x8,24x4x8 --lrs 3e-3,1e-2,2e-2 \\
+        [--steps 300] [--activation relu] [--jobs 2] [--json notebooks/results/lr_pilot_width_depth.json]
+
+A shape is ``d_model x n_layers x head_dim`` (gated FFN, d_ff = 2.5·d_model, byte tokens on the
+embedded corpus, configs/tiny_relu.py otherwise). Each (shape, LR) trains ``train.py`` in a child
+process with the protocol's batch, warm-up and constant LR for min(--steps, the run's steps) steps
+and reads the last ``eval_loss``. ``--jobs`` children run at once, each single-threaded (tiny models
+are overhead-bound: two single-threaded runs in parallel use two cores better than one run with
+two threads). The table marks each shape's best LR (``*``); the sweeps use that LR per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsejax.sweep import protocol  # noqa: E402
+
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        d, layers, head = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be d_model x n_layers x head_dim, e.g. 16x8x8")
+    if min(d, layers, head) < 1 or d % head:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: sizes must be >= 1 and head_dim divide d_model")
+    return d, layers, head
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lrs {text!r} must be comma-separated numbers")
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"--lrs {text!r} must be positive")
+    return values
+
+
+def pilot(shape, lr: float, steps: int, activation: str, workroot: Path) -> dict:
+    d, layers, head = shape
+    point = protocol.shape_point(d, layers, head_dim=head, learning_rate=lr)
+    run = protocol.regime(protocol.shape_params(d, layers, head_dim=head, d_ff=int(round(2.5 * d))))
+    n = min(steps, run.steps)
+    sets = [o for o in point.overrides if not o.startswith(("train.steps=", "train.checkpoint_steps=",
+                                                            "train.checkpoint_every=", "train.keep_every=",
+                                                            "train.eval_every="))]
+    sets += [f"train.steps={n}", f"train.checkpoint_every={n}", f"train.keep_every={n}",
+             f"train.eval_every={n}", f"model.activation={activation}"]
+    workdir = workroot / f"d{d}_l{layers}_h{head}_lr{lr:g}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny_relu.py"),
+           "--workdir", str(workdir), "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": SINGLE_THREAD}, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if proc.returncode:
+        raise RuntimeError(f"pilot {workdir.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    losses = [json.loads(line)["eval_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if '"eval_loss"' in line]
+    return {"d_model": d, "n_layers": layers, "head_dim": head, "params": run.params, "lr": lr, "steps": n,
+            "batch_size": run.batch_size, "tokens": n * run.batch_size * protocol.SEQ_LEN,
+            "eval_loss": losses[-1], "seconds": round(seconds, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], required=True)
+    ap.add_argument("--lrs", type=_lrs, default=[3e-3, 1e-2, 2e-2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the rows here (with the best LR per shape)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.jobs < 1:
+        ap.error("--steps and --jobs must be >= 1")
+    grid = [(s, lr) for s in args.shapes for lr in args.lrs]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lr_pilot_") as tmp, \
+            concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(pilot, s, lr, args.steps, args.activation, Path(tmp)): (s, lr) for s, lr in grid}
+        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            row = fut.result()
+            rows.append(row)
+            print(f"[{i}/{len(grid)}] {row['d_model']}x{row['n_layers']} lr {row['lr']:g}: "
+                  f"eval loss {row['eval_loss']:.4f} ({row['seconds']:.0f} s)", flush=True)
+    best = {}
+    for r in rows:
+        key = (r["d_model"], r["n_layers"], r["head_dim"])
+        if key not in best or r["eval_loss"] < best[key]["eval_loss"]:
+            best[key] = r
+    print(f"\n| shape | params | tokens | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |")
+    print("|---|---|---|" + "---|" * len(args.lrs))
+    for key in args.shapes:
+        cells = []
+        for lr in args.lrs:
+            r = next(r for r in rows if (r["d_model"], r["n_layers"], r["head_dim"]) == key and r["lr"] == lr)
+            cells.append(f"{r['eval_loss']:.4f}{' *' if r is best[key] else ''}")
+        print(f"| {key[0]}x{key[1]} (heads of {key[2]}) | {best[key]['params']} | {best[key]['tokens']} | "
+              + " | ".join(cells) + " |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = {"activation": args.activation, "steps": args.steps, "rows": sorted(rows, key=lambda r: (
+            r["d_model"], r["n_layers"], r["lr"])), "best_lr": {f"{k[0]}x{k[1]}x{k[2]}": v["lr"]
+                                                             for k, v in best.items()}}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The finding-sweep protocol: the one definition of the regime the width/depth, scale and activation
+sweeps train in, and of the pre-stated plateau test their verdicts depend on.
+
+Why a protocol (docs/sparsity_metrics_and_laws.md §Testing the findings): the Sparsing Law's
+width/depth and scale findings are statements about the *limit* activation ratio. The paper's own
+ReLU laws come within 10% of their limit only after 160–890 training tokens per non-embedding
+parameter, so a proxy trained to a few tokens per parameter cannot test them. Every run of a finding
+sweep is therefore sized for the regime rather than for its parameter count:
+
+- **Budget**: at least :data:`TOKENS_PER_PARAM` training tokens per non-embedding parameter, the same
+  for every size (size is not confounded with budget).
+- **Batch**: sequences of :data:`SEQ_LEN` tokens; the batch is the largest power of two up to
+  :data:`MAX_BATCH` sequences that still gives :data:`MIN_STEPS` optimizer steps (tiny models get
+  smaller batches so that their curves have enough points).
+- **Learning rate**: a constant LR after a linear warm-up of :data:`WARMUP_SHARE` of the steps; no
+  decay, so the ratio reflects data, not the schedule. Standard parameterisation with one LR for
+  every shape would confound shape with LR, so each shape gets the best of :data:`LR_CANDIDATES` by
+  held-out loss after 300 steps (``benchmarks/lr_pilot.py``; its tables are committed in
+  ``notebooks/results/lr_pilot_*.json`` and each sweep file copies the chosen LRs, a test checks
+  they agree). :data:`LEARNING_RATE` is only the default of :func:`shape_point`.
+- **Checkpoints**: :data:`N_CHECKPOINTS` log-spaced in tokens from the end of warm-up to the last
+  step (``train.checkpoint_steps``), all kept and all evaluated.
+- **Metric**: CETT-PPL-1% with one CETT searched jointly on the last 5 checkpoints and applied to
+  every checkpoint (:data:`EVAL`, the paper's procedure), plus the zero criterion.
+- **Plateau test** (:func:`plateau_verdict`, written down before any data): see there.
+
+Nothing here imports JAX or SciPy at module level; sweep files call :func:`shape_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from sparsejax.eval_options import EvalOptions
+
+TOKENS_PER_PARAM = 300
+SEQ_LEN = 128
+MAX_BATCH = 64
+MIN_STEPS = 400
+WARMUP_SHARE = 0.02
+MIN_WARMUP = 10
+LEARNING_RATE = 1e-2
+N_CHECKPOINTS = 12
+EVAL_TOKENS = 8 * MAX_BATCH * SEQ_LEN  # every run is evaluated on the same 65,536 held-out tokens
+# eval_batches=0: each run's train.eval_batches, which the regime sets to EVAL_TOKENS / its batch.
+EVAL = EvalOptions(metrics=("zero", "cett_ppl"), cett_ppl_mode="joint", joint_last=5, eval_batches=0)
+
+# The learning rates a shape is piloted at (benchmarks/lr_pilot.py picks the best by eval loss).
+LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
+
+# The plateau test, fixed before the data (see plateau_verdict).
+PLATEAU_DECADES = 1.0  # the window: the last decade of training tokens
+PLATEAU_MAX_CHANGE = 0.05  # |change per decade| < 5% of the level
+PLATEAU_MAX_CI = 0.10  # the slope's interval within ±10% of the level per decade, else "undetermined"
+PLATEAU_MIN_POINTS = 4
+
+# Verdicts of a run's plateau test and of a finding.
+PLATEAU = "plateau"
+MOVING = "limit not reached"
+UNDETERMINED = "undetermined (too noisy)"
+NOT_TESTABLE = "not testable at this budget"
+
+
+def log_spaced_steps(first: int, last: int, n: int) -> tuple[int, ...]:
+    """``n`` steps from ``first`` to ``last`` (both included) evenly spaced in log steps, rounded and
+    de-duplicated (fewer than ``n`` when the range is too short to hold ``n`` distinct steps)."""
+    if not 1 <= first <= last or n < 1:
+        raise ValueError(f"log_spaced_steps needs 1 <= first <= last and n >= 1; got {first}, {last}, {n}")
+    if n == 1 or first == last:
+        return (last,)
+    ratio = math.log(last / first) / (n - 1)
+    return tuple(sorted({min(last, round(first * math.exp(i * ratio))) for i in range(n)} | {last}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """Steps, batch, warm-up and checkpoints of one run under the protocol."""
+
+    params: int  # non-embedding parameters
+    batch_size: int
+    steps: int
+    warmup_steps: int
+    checkpoint_steps: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * SEQ_LEN * self.steps
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+    def overrides(self, learning_rate: float = LEARNING_RATE) -> tuple[str, ...]:
+        """``--set`` overrides of the run (steps, batch, schedule, checkpoints, cadence)."""
+        return (f"train.steps={self.steps}", f"train.batch_size={self.batch_size}", f"train.seq_len={SEQ_LEN}",
+                "train.schedule=constant", f"train.warmup_steps={self.warmup_steps}",
+                f"train.learning_rate={learning_rate}",
+                f"train.checkpoint_steps={','.join(map(str, self.checkpoint_steps))}",
+                f"train.checkpoint_every={self.steps}", f"train.keep_every={self.steps}", "train.keep_last=1",
+                f"train.eval_every={self.steps}", f"train.log_every={max(1, self.steps // 200)}",
+                f"train.eval_batches={self.eval_batches}")
+
+    @property
+    def eval_batches(self) -> int:
+        return max(1, EVAL_TOKENS // (self.batch_size * SEQ_LEN))
+
+
+def regime(params: int, tokens_per_param: float = TOKENS_PER_PARAM) -> Regime:
+    """The protocol's run for a model of ``params`` non-embedding parameters."""
+    if params <= 0:
+        raise ValueError(f"params={params} must be > 0")
+    tokens = tokens_per_param * params
+    batch = MAX_BATCH
+    while batch > 1 and tokens / (batch * SEQ_LEN) < MIN_STEPS:
+        batch //= 2
+    steps = math.ceil(tokens / (batch * SEQ_LEN))
+    warmup = max(MIN_WARMUP, round(WARMUP_SHARE * steps))
+    return Regime(params, batch, steps, warmup, log_spaced_steps(warmup, steps, N_CHECKPOINTS))
+
+
+def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: float = LEARNING_RATE,
+                size: str = "", tokens_per_param: float = TOKENS_PER_PARAM):
+    """A sweep axis point: the shape (gated FFN, d_ff = 2.5·d_model, heads of ``head_dim``) together
+    with its protocol regime and learning rate, so that every run's budget follows its own size."""
+    from sparsejax.sweep import spec
+
+    d_ff = int(round(2.5 * d_model))
+    run = regime(shape_params(d_model, n_layers, head_dim=head_dim, d_ff=d_ff), tokens_per_param)
+    base = spec.shape_point(f"w{d_model}_l{n_layers}", d_model=d_model, n_layers=n_layers,
+                            n_heads=max(1, d_model // head_dim), head_dim=head_dim, d_ff=d_ff,
+                            size=size or f"{run.params / 1e3:.1f}k")
+    return dataclasses.replace(base, overrides=base.overrides + run.overrides(learning_rate))
+
+
+def shape_params(d_model: int, n_layers: int, *, head_dim: int, d_ff: int, ffn_type: str = "gated") -> int:
+    """Non-embedding parameters of a shape (``flops.param_counts``; heads of ``head_dim``)."""
+    from sparsejax import config as config_lib, flops
+
+    m = config_lib.ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // head_dim),
+                               head_dim=head_dim, d_ff=d_ff, ffn_type=ffn_type)
+    return flops.param_counts(m).non_embedding
+
+
+# ----------------------------------------------------------------------------- the plateau test
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """A run's plateau test on one ratio series (see :func:`plateau_verdict`)."""
+
+    verdict: str  # PLATEAU, MOVING or UNDETERMINED
+    level: float  # mean ratio in the window
+    slope: float  # change per decade of tokens (OLS on log10 tokens)
+    slope_ci: tuple[float, float]
+    n_points: int
+    window: tuple[float, float]  # tokens
+
+    @property
+    def change(self) -> float:
+        """|change per decade| relative to the level."""
+        return abs(self.slope) / self.level if self.level > 0 else math.inf
+
+    def describe(self) -> str:
+        return (f"{self.verdict}: level {100 * self.level:.2f}%, {100 * self.slope:+.2f} pp/decade "
+                f"[{100 * self.slope_ci[0]:+.2f}, {100 * self.slope_ci[1]:+.2f}] ({self.change:.1%} of the level; "
+                f"{self.n_points} points, {self.window[0]:.3g}–{self.window[1]:.3g} tokens)")
+
+
+def plateau_verdict(tokens: Sequence[float], ratio: Sequence[float], level: float = 0.95) -> Plateau:
+    """The plateau test, stated before the data.
+
+    Window: the points in the last :data:`PLATEAU_DECADES` decade(s) of training tokens (tokens ≥
+    final/10). A least-squares line of the ratio on log10(tokens) there gives the change per decade
+    with its ``level`` (95%) Student-t interval; the level is the window's mean ratio.
+
+    - **plateau** (the limit is reached): the interval includes 0 *and* |change| < 5% of the level;
+    - **undetermined**: the interval includes 0 but its half-width is over 10% of the level per
+      decade (the data cannot tell a plateau from a drift), or the window holds fewer than 4 points;
+    - **limit not reached**: otherwise (the ratio still moves by 5% or more per decade, or its interval
+      excludes 0).
+    """
+    import numpy as np
+
+    from sparsejax.laws import analysis
+
+    t, r = np.asarray(tokens, dtype=float), np.asarray(ratio, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(r) & (t > 0)
+    t, r = t[keep], r[keep]
+    if not len(t):
+        raise ValueError("plateau test: no finite points")
+    lo_tokens = t.max() / 10**PLATEAU_DECADES
+    window = t >= lo_tokens
+    x, y = np.log10(t[window]), r[window]
+    mean = float(y.mean())
+    span = (float(t[window].min()), float(t.max()))
+    if len(x) < max(3, PLATEAU_MIN_POINTS) or np.ptp(x) == 0:
+        return Plateau(UNDETERMINED, mean, math.nan, (math.nan, math.nan), len(x), span)
+    line = analysis.fit_line(x, y, level)
+    lo, hi = line.slope_ci
+    if (hi - lo) / 2 > PLATEAU_MAX_CI * mean and lo <= 0 <= hi:
+        verdict = UNDETERMINED
+    elif lo <= 0 <= hi and abs(line.slope) < PLATEAU_MAX_CHANGE * mean:
+        verdict = PLATEAU
+    else:
+        verdict = MOVING
+    return Plateau(verdict, mean, line.slope, (lo, hi), len(x), span)
+
+
+def finding_testable(plateaus: Sequence[Plateau]) -> bool:
+    """A finding about the limit ratio is testable only when every run it reads reached its plateau."""
+    return bool(plateaus) and all(p.verdict == PLATEAU for p in plateaus)

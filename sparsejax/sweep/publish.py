@@ -1,0 +1,95 @@
+"""Publishing a finished sweep's small results into the repository (``--publish DIR``).
+
+The finding notebook reads committed results by default, so anyone can re-run the analysis without
+retraining and every README number traces to a file. A published directory holds:
+
+* ``sweep.json`` — the resolved runs (configs, parameter counts), as the sweep wrote it;
+* ``fits.json`` — the per-run law fits (limit A0 with its moving-block bootstrap interval);
+* ``results.csv`` — the tidy table (:data:`sparsejax.sweep.table.COLUMNS`): every eval row (one per
+  checkpoint) and the in-graph training rows thinned to at most :data:`MAX_TRAIN_POINTS` steps per
+  run (evenly spaced, the last step always kept), so the file stays small;
+* ``provenance.json`` — the commit (and whether the tree had uncommitted changes), date, machine,
+  library versions and each run's training and evaluation seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import shutil
+import subprocess
+import time
+from typing import Sequence
+
+from sparsejax import rundir
+from sparsejax.sweep.runner import MARKER, write_json
+from sparsejax.sweep.table import write_csv_rows
+
+MAX_TRAIN_POINTS = 200
+TRAIN_METRICS = ("train_loss", "train_activation_ratio")
+
+
+def thin(rows: Sequence[dict], max_points: int = MAX_TRAIN_POINTS) -> list[dict]:
+    """All non-training rows, and each run's training rows at <= ``max_points`` steps (last kept)."""
+    steps: dict[str, list[int]] = {}
+    for r in rows:
+        if r["metric"] in TRAIN_METRICS:
+            steps.setdefault(r["run"], []).append(r["step"])
+    keep = {}
+    for run, s in steps.items():
+        s = sorted(set(s))
+        stride = max(1, -(-len(s) // max_points))
+        keep[run] = set(s[len(s) - 1::-stride])
+    return [r for r in rows if r["metric"] not in TRAIN_METRICS or r["step"] in keep[r["run"]]]
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=pathlib.Path(__file__).resolve().parents[2],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(out: pathlib.Path, run_names: Sequence[str]) -> dict:
+    import os
+
+    import jax
+
+    runs = {}
+    for name in run_names:
+        workdir = out / "runs" / name
+        entry = {}
+        if (workdir / MARKER).exists():
+            marker = json.loads((workdir / MARKER).read_text())
+            entry.update(train_seconds=round(marker.get("seconds", 0.0), 1), finished=marker.get("finished"))
+        results = workdir / "eval" / "results.json"
+        if results.exists():
+            entry["eval_seconds"] = round(json.loads(results.read_text()).get("seconds", 0.0), 1)
+        runs[name] = entry
+    return {"commit": _git("rev-parse", "HEAD"), "uncommitted_changes": bool(_git("status", "--porcelain")),
+            "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                        "jax": jax.__version__},
+            "runs": runs}
+
+
+def publish(out: pathlib.Path, dest: pathlib.Path, rows: Sequence[dict], run_names: Sequence[str]) -> None:
+    """Write the published copy of sweep directory ``out`` to ``dest`` (files replaced whole)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("sweep.json", "fits.json"):
+        shutil.copyfile(out / name, dest / f".{name}.tmp")
+        (dest / f".{name}.tmp").replace(dest / name)
+    rundir.atomic_write(dest / "results.csv", lambda p: write_csv_rows(thin(rows), p))
+    write_json(dest / "provenance.json", provenance(out, run_names))
