@@ -78,7 +78,11 @@ def provenance(out: pathlib.Path, run_names: Sequence[str]) -> dict:
         if results.exists():
             entry["eval_seconds"] = round(json.loads(results.read_text()).get("seconds", 0.0), 1)
         runs[name] = entry
-    return {"commit": _git("rev-parse", "HEAD"), "uncommitted_changes": bool(_git("status", "--porcelain")),
+    # The commit checked out when the results were published (the sweep's training ran on the same
+    # code unless the tracked files changed meanwhile); untracked files (other published results)
+    # do not count as changes.
+    return {"commit": _git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
                         "jax": jax.__version__},
