@@ -67,6 +67,14 @@ def _minor_log_label(x: float, _pos=None) -> str:
     return f"${mantissa:g}\\times10^{{{exponent}}}$" if mantissa in (2.0, 5.0) else ""
 
 
+def mark_synthetic(fig: Figure, text: str = "SYNTHETIC") -> Figure:
+    """Stamp ``text`` across the figure (large, diagonal, semi-transparent red), so that a figure
+    drawn from synthetic data cannot be mistaken for a result. Returns the figure."""
+    fig.text(0.5, 0.5, text, transform=fig.transFigure, ha="center", va="center", rotation=30,
+             fontsize=48, fontweight="bold", color="red", alpha=0.25, zorder=10)
+    return fig
+
+
 def save_figure(fig: Figure, out_path, formats: tuple[str, ...] = ("png", "pdf")) -> Path:
     """Write ``<out_path>.png`` and ``<out_path>.pdf`` (or ``formats``); returns the stem.
 

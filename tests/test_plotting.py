@@ -138,3 +138,18 @@ def test_log_axis_over_a_decade_labels_only_twos_and_fives():
     assert not [t for t in _minor_labels(wide) if "times" in t and not t.startswith("$\\mathdefault{10")]
     assert plotting._minor_log_label(5e-4) == "$5\\times10^{-4}$"
     assert plotting._minor_log_label(3e-4) == "" and plotting._minor_log_label(0.0) == ""
+
+
+def test_mark_synthetic_stamps_the_figure_and_changes_its_pixels(tmp_path):
+    """The SYNTHETIC stamp is a figure text and visibly changes the saved image."""
+    import matplotlib.image
+
+    plain = plotting.plot_limit_vs_params({"relu": ([0.1, 0.4], [0.06, 0.07])})
+    marked = plotting.mark_synthetic(plotting.plot_limit_vs_params({"relu": ([0.1, 0.4], [0.06, 0.07])}))
+    assert [t.get_text() for t in marked.texts] == ["SYNTHETIC"] and not plain.texts
+    a = matplotlib.image.imread(plotting.save_figure(plain, tmp_path / "plain").with_suffix(".png"))
+    b = matplotlib.image.imread(plotting.save_figure(marked, tmp_path / "marked").with_suffix(".png"))
+    assert a.shape == b.shape
+    # the stamp is red: many more pixels where red clearly exceeds green than in the plain figure
+    reddish = lambda img: int(np.sum(img[..., 0] - img[..., 1] > 0.1))
+    assert reddish(b) > reddish(a) + 1000

@@ -109,17 +109,36 @@ def test_plateau_flat_series_is_a_plateau_and_matches_scipy():
     p = _series(tokens, ratio)
     window = tokens >= tokens[-1] / 10
     ref = stats.linregress(np.log10(tokens[window]), ratio[window])
-    half = stats.t.ppf(0.975, window.sum() - 2) * ref.stderr
+    half = stats.t.ppf(0.95, window.sum() - 2) * ref.stderr  # the 90% interval (two one-sided 5% tests)
     assert p.verdict == protocol.PLATEAU
     assert p.n_points == window.sum() and p.level == pytest.approx(ratio[window].mean())
     assert p.slope == pytest.approx(ref.slope) and p.slope_ci == pytest.approx((ref.slope - half, ref.slope + half))
+    assert -0.05 * p.level < p.slope_ci[0] and p.slope_ci[1] < 0.05 * p.level
+
+
+def test_plateau_small_but_significant_drift_is_still_a_plateau():
+    """Equivalence, not significance: a precisely measured drift of 1% of the level per decade
+    excludes 0 but lies inside the 5% margin, so the run has plateaued."""
+    tokens = np.geomspace(1e5, 8e6, 12)
+    ratio = 0.1 - 0.001 * np.log10(tokens / 1e5) + np.random.default_rng(4).normal(0, 1e-5, tokens.size)
+    p = _series(tokens, ratio)
+    assert p.slope_ci[1] < 0 and p.verdict == protocol.PLATEAU
+
+
+def test_plateau_false_alarm_rate_on_flat_series_is_far_below_five_percent():
+    """Flat series with noise well inside the margin pass (almost) always: 200 seeds, at most 2 fail
+    (an "interval includes 0" rule fails 5% of them, ~10)."""
+    tokens = np.geomspace(1e5, 8e6, 12)
+    verdicts = [_series(tokens, 0.1 + np.random.default_rng(s).normal(0, 0.0005, tokens.size)).verdict
+                for s in range(200)]
+    assert verdicts.count(protocol.PLATEAU) >= 198
 
 
 def test_plateau_still_falling_is_limit_not_reached():
     tokens = np.geomspace(1e5, 8e6, 12)
     ratio = 0.05 + 0.3 * (tokens / 1e5) ** -0.5  # a power law still 13% above its limit at the end
     p = _series(tokens, ratio + np.random.default_rng(1).normal(0, 1e-4, tokens.size))
-    assert p.verdict == protocol.MOVING and p.slope < 0 and p.slope_ci[1] < 0
+    assert p.verdict == protocol.MOVING and p.slope < 0 and p.slope_ci[1] < -0.05 * p.level
     assert p.change > protocol.PLATEAU_MAX_CHANGE
 
 
@@ -127,7 +146,7 @@ def test_plateau_noisy_or_short_series_is_undetermined():
     tokens = np.geomspace(1e5, 8e6, 12)
     noisy = 0.1 + np.random.default_rng(2).normal(0, 0.03, tokens.size)
     p = _series(tokens, noisy)
-    assert p.slope_ci[0] <= 0 <= p.slope_ci[1], "this seed's noise must leave 0 inside the interval"
+    assert p.slope_ci[0] < -0.05 * p.level or p.slope_ci[1] > 0.05 * p.level, "this seed must straddle the margin"
     assert p.verdict == protocol.UNDETERMINED
     short = _series([1e6, 2e6, 4e6], [0.1, 0.1, 0.1])
     assert short.verdict == protocol.UNDETERMINED and short.n_points == 3

@@ -470,10 +470,12 @@ def test_limit_plots_use_identified_limits_only(tmp_path):
     assert "limit_vs_width_depth_silu_train_activation_ratio.png" not in names  # its only A0 is at a bound
 
 
-def test_bootstrap_block_only_for_per_step_series():
+def test_bootstrap_blocks_of_per_step_and_per_checkpoint_series():
     assert sweep.bootstrap_block("train_activation_ratio", 117) == 11
     assert sweep.bootstrap_block("train_activation_ratio", 7) == 1
-    assert sweep.bootstrap_block("cett_ppl_ratio", 117) == 1 and sweep.bootstrap_block("zero_ratio", 12) == 1
+    # checkpoint series: blocks of round(n^(1/3)) from 8 points (the protocol's 11 post-warm-up: 2)
+    assert sweep.bootstrap_block("cett_ppl_ratio", 11) == 2 and sweep.bootstrap_block("zero_ratio", 27) == 3
+    assert sweep.bootstrap_block("cett_ppl_ratio", 7) == 1 and sweep.bootstrap_block("zero_ratio", 2) == 1
 
 
 def test_load_sweep_errors_name_the_file_and_the_problem(tmp_path):
@@ -512,3 +514,60 @@ def test_eval_options_round_trip_through_eval_py_flags():
     # the parser's defaults are EvalOptions' defaults
     args = eval_py.parse_args(["--workdir", "w"])
     assert eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS}) == sweep.EvalOptions()
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing a finished sweep into the repository (--publish)
+# ---------------------------------------------------------------------------------------------
+def test_publish_thins_training_rows_and_round_trips_through_the_csv(tmp_path):
+    from sparsejax.sweep import cli, publish, table
+    from sparsejax.sweep.runner import MARKER
+
+    spec = _two_run_sweep()
+    relu, silu = runs = sweep.resolve(spec)
+    out, dest = tmp_path / "out", tmp_path / "published"
+    for run, n_steps in ((relu, 450), (silu, 150)):
+        metrics = [{"step": s, "loss": 5.0 - s / 1000, "tokens_seen": 64.0 * s, "activation_ratio": 0.5 - s / 10_000}
+                   for s in range(1, n_steps + 1)]
+        _write_fake_run(out, run, metrics, {"metrics": ["zero"], "seconds": 12.5, "checkpoints": [
+            {"step": s, "tokens_seen": 64.0 * s, "dense_loss": 4.0,
+             "results": {"zero": {"ratio": 0.3 if s < 100 else float("nan"), "ppl_ratio": 1.0, "dead_share": 0.0}}}
+            for s in (10, 100, n_steps)]})
+        (out / "runs" / run.name / MARKER).write_text(json.dumps({"seconds": 30.25, "finished": "now"}))
+    cli.write_manifest(spec, runs, out)
+    (out / "fits.json").write_text("[]")
+    rows = sweep.collect(out, runs)
+    publish.publish(out, dest, rows, [r.name for r in runs])
+
+    assert sorted(p.name for p in dest.iterdir()) == ["fits.json", "provenance.json", "results.csv", "sweep.json"]
+    back = table.load_table(dest)  # no results.json there: read from the CSV, typed
+    expected = publish.thin(rows)
+    for row in expected:
+        if row["value"] != row["value"]:
+            row["value"] = None  # NaN is written as an empty cell and read back as null, as in the JSON
+    assert back == expected
+    steps = {name: sorted(r["step"] for r in back if r["run"] == name and r["metric"] == "train_loss")
+             for name in ("relu", "silu")}
+    assert len(steps["relu"]) <= publish.MAX_TRAIN_POINTS and steps["relu"][-1] == 450  # thinned, last kept
+    assert steps["silu"] == list(range(1, 151))  # under the cap: every step
+    assert sum(r["metric"] == "zero_ratio" for r in back) == 6  # every eval row, NaN included (as null)
+    prov = json.loads((dest / "provenance.json").read_text())
+    assert len(prov["commit"]) == 40 and prov["machine"]["cores"] == os.cpu_count()
+    assert prov["runs"]["relu"] == {"train_seconds": 30.2, "finished": "now", "eval_seconds": 12.5}
+    assert json.loads((dest / "sweep.json").read_text()) == json.loads((out / "sweep.json").read_text())
+
+
+def test_publish_refuses_a_sweep_with_runs_missing_and_writes_nothing(tmp_path):
+    sweep_file = _sweep_file(tmp_path, """
+        def get_sweep():
+            runs = sweep.cross(sweep.activation_points(["relu", "silu"]), config="configs/tiny_relu.py",
+                               common=("train.steps=8", "train.warmup_steps=2"))
+            return sweep.Sweep(name="two", runs=runs, eval=sweep.EvalOptions(metrics=("zero",)))
+    """)
+    out, dest = tmp_path / "out", tmp_path / "published"
+    (relu, _silu) = sweep.resolve(sweep.load_sweep(sweep_file))
+    _write_fake_run(out, relu, [{"step": 1, "loss": 5.0, "tokens_seen": 64.0, "activation_ratio": 0.5}])
+    proc = _cli(sweep_file, "--out", out, "--collect-only", "--publish", dest, "--n-boot", "0")
+    assert proc.returncode == 1, proc.stderr
+    assert "not published to" in proc.stderr and "silu" in proc.stderr
+    assert not dest.exists()

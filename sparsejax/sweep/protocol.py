@@ -50,10 +50,10 @@ EVAL = EvalOptions(metrics=("zero", "cett_ppl"), cett_ppl_mode="joint", joint_la
 # The learning rates a shape is piloted at (benchmarks/lr_pilot.py picks the best by eval loss).
 LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
 
-# The plateau test, fixed before the data (see plateau_verdict).
+# The plateau test (see plateau_verdict), fixed before any sweep data was read.
 PLATEAU_DECADES = 1.0  # the window: the last decade of training tokens
-PLATEAU_MAX_CHANGE = 0.05  # |change per decade| < 5% of the level
-PLATEAU_MAX_CI = 0.10  # the slope's interval within ±10% of the level per decade, else "undetermined"
+PLATEAU_MAX_CHANGE = 0.05  # the equivalence margin: |change per decade| < 5% of the level
+PLATEAU_LEVEL = 0.90  # two one-sided 5% tests = the 90% interval inside the margin
 PLATEAU_MIN_POINTS = 4
 
 # Verdicts of a run's plateau test and of a finding.
@@ -151,7 +151,7 @@ class Plateau:
     verdict: str  # PLATEAU, MOVING or UNDETERMINED
     level: float  # mean ratio in the window
     slope: float  # change per decade of tokens (OLS on log10 tokens)
-    slope_ci: tuple[float, float]
+    slope_ci: tuple[float, float]  # 90% (PLATEAU_LEVEL)
     n_points: int
     window: tuple[float, float]  # tokens
 
@@ -162,22 +162,31 @@ class Plateau:
 
     def describe(self) -> str:
         return (f"{self.verdict}: level {100 * self.level:.2f}%, {100 * self.slope:+.2f} pp/decade "
-                f"[{100 * self.slope_ci[0]:+.2f}, {100 * self.slope_ci[1]:+.2f}] ({self.change:.1%} of the level; "
+                f"[{100 * self.slope_ci[0]:+.2f}, {100 * self.slope_ci[1]:+.2f}] ({self.change:.1%} of the level, margin "
+                f"{PLATEAU_MAX_CHANGE:.0%}; "
                 f"{self.n_points} points, {self.window[0]:.3g}–{self.window[1]:.3g} tokens)")
 
 
-def plateau_verdict(tokens: Sequence[float], ratio: Sequence[float], level: float = 0.95) -> Plateau:
+def plateau_verdict(tokens: Sequence[float], ratio: Sequence[float]) -> Plateau:
     """The plateau test, stated before the data.
 
     Window: the points in the last :data:`PLATEAU_DECADES` decade(s) of training tokens (tokens ≥
     final/10). A least-squares line of the ratio on log10(tokens) there gives the change per decade
-    with its ``level`` (95%) Student-t interval; the level is the window's mean ratio.
+    with its 90% Student-t interval (:data:`PLATEAU_LEVEL`); the level is the window's mean ratio.
+    The margin is ±:data:`PLATEAU_MAX_CHANGE` of the level per decade.
 
-    - **plateau** (the limit is reached): the interval includes 0 *and* |change| < 5% of the level;
-    - **undetermined**: the interval includes 0 but its half-width is over 10% of the level per
-      decade (the data cannot tell a plateau from a drift), or the window holds fewer than 4 points;
-    - **limit not reached**: otherwise (the ratio still moves by 5% or more per decade, or its interval
-      excludes 0).
+    - **plateau** (the limit is reached): the whole interval lies inside the margin — an
+      equivalence test (two one-sided tests at 5%): the data show the ratio moves by less than 5%
+      of its level per decade;
+    - **limit not reached**: the whole interval lies outside the margin on one side (the ratio
+      demonstrably still moves by more than 5% per decade);
+    - **undetermined**: the interval straddles the margin (the data cannot tell), or the window
+      holds fewer than :data:`PLATEAU_MIN_POINTS` points.
+
+    Why an equivalence test and not "the interval includes 0": under the latter, a flat series
+    fails by chance 5% of the time, so a finding read from 8 flat runs would be declared untestable
+    34% of the time, and a noisier run would pass more easily than a precise one. Here noise can
+    only make a run undetermined, never a plateau.
     """
     import numpy as np
 
@@ -195,14 +204,15 @@ def plateau_verdict(tokens: Sequence[float], ratio: Sequence[float], level: floa
     span = (float(t[window].min()), float(t.max()))
     if len(x) < max(3, PLATEAU_MIN_POINTS) or np.ptp(x) == 0:
         return Plateau(UNDETERMINED, mean, math.nan, (math.nan, math.nan), len(x), span)
-    line = analysis.fit_line(x, y, level)
+    line = analysis.fit_line(x, y, PLATEAU_LEVEL)
     lo, hi = line.slope_ci
-    if (hi - lo) / 2 > PLATEAU_MAX_CI * mean and lo <= 0 <= hi:
-        verdict = UNDETERMINED
-    elif lo <= 0 <= hi and abs(line.slope) < PLATEAU_MAX_CHANGE * mean:
+    margin = PLATEAU_MAX_CHANGE * abs(mean)
+    if -margin < lo and hi < margin:
         verdict = PLATEAU
-    else:
+    elif lo >= margin or hi <= -margin:
         verdict = MOVING
+    else:
+        verdict = UNDETERMINED
     return Plateau(verdict, mean, line.slope, (lo, hi), len(x), span)
 
 
