@@ -15,7 +15,8 @@ from sparsejax import sweep
 from sparsejax.sweep import protocol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FINDING_SWEEPS = ("cpu_width_depth", "cpu_scale", "cpu_activations")
+FINDING_SWEEPS = ("cpu_width_depth", "cpu_scale", "cpu_activations", "gpu_width_depth", "gpu_scale",
+                  "tpu_width_depth", "tpu_scale")
 
 
 def test_log_spaced_steps_match_geomspace():
@@ -68,12 +69,18 @@ def test_finding_sweeps_follow_the_protocol(name):
         tokens = t["steps"] * t["batch_size"] * t["seq_len"]
         assert tokens / run.params >= 300, (run.name, tokens / run.params)
         assert len(t["checkpoint_steps"]) == protocol.N_CHECKPOINTS
-    if name == "cpu_scale":
+    if name.endswith("_scale"):  # a fixed width/depth and at least an 8× span of sizes
         sizes = sorted({r.params for r in runs})
-        assert sizes[-1] / sizes[0] >= 8
+        assert sizes[-1] / sizes[0] >= 8 and len({r.width / r.depth for r in runs}) == 1
     if name == "cpu_width_depth":
         ratios = sorted({r.width / r.depth for r in runs})
         assert ratios[0] <= 2 and ratios[-1] >= 48
+    if name == "tpu_width_depth":  # straddles the paper's bottleneck (≈ 114) at ≈ 20M parameters
+        ratios = sorted({r.width / r.depth for r in runs})
+        assert ratios[0] < 114 / 4 and ratios[-1] > 114 * 4
+        assert all(18e6 < r.params < 25e6 for r in runs)
+    if name.startswith(("gpu", "tpu")):  # real text, not the embedded corpus
+        assert {r.config_dict["data"]["source"] for r in runs} == {"tfds"}
 
 
 @pytest.mark.parametrize("name,pilot", [("cpu_width_depth", "lr_pilot_width_depth"), ("cpu_scale", "lr_pilot_scale")])

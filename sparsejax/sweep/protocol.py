@@ -83,10 +83,12 @@ class Regime:
     steps: int
     warmup_steps: int
     checkpoint_steps: tuple[int, ...]
+    seq_len: int = SEQ_LEN
+    eval_tokens: int = EVAL_TOKENS
 
     @property
     def tokens(self) -> int:
-        return self.batch_size * SEQ_LEN * self.steps
+        return self.batch_size * self.seq_len * self.steps
 
     @property
     def tokens_per_param(self) -> float:
@@ -94,7 +96,7 @@ class Regime:
 
     def overrides(self, learning_rate: float = LEARNING_RATE) -> tuple[str, ...]:
         """``--set`` overrides of the run (steps, batch, schedule, checkpoints, cadence)."""
-        return (f"train.steps={self.steps}", f"train.batch_size={self.batch_size}", f"train.seq_len={SEQ_LEN}",
+        return (f"train.steps={self.steps}", f"train.batch_size={self.batch_size}", f"train.seq_len={self.seq_len}",
                 "train.schedule=constant", f"train.warmup_steps={self.warmup_steps}",
                 f"train.learning_rate={learning_rate}",
                 f"train.checkpoint_steps={','.join(map(str, self.checkpoint_steps))}",
@@ -104,30 +106,35 @@ class Regime:
 
     @property
     def eval_batches(self) -> int:
-        return max(1, EVAL_TOKENS // (self.batch_size * SEQ_LEN))
+        return max(1, self.eval_tokens // (self.batch_size * self.seq_len))
 
 
-def regime(params: int, tokens_per_param: float = TOKENS_PER_PARAM) -> Regime:
-    """The protocol's run for a model of ``params`` non-embedding parameters."""
+def regime(params: int, tokens_per_param: float = TOKENS_PER_PARAM, *, seq_len: int = SEQ_LEN,
+           max_batch: int = MAX_BATCH, eval_tokens: int = EVAL_TOKENS) -> Regime:
+    """The protocol's run for a model of ``params`` non-embedding parameters (sequences of ``seq_len``,
+    at most ``max_batch`` of them per step: the CPU defaults, or an accelerator sweep's)."""
     if params <= 0:
         raise ValueError(f"params={params} must be > 0")
     tokens = tokens_per_param * params
-    batch = MAX_BATCH
-    while batch > 1 and tokens / (batch * SEQ_LEN) < MIN_STEPS:
+    batch = max_batch
+    while batch > 1 and tokens / (batch * seq_len) < MIN_STEPS:
         batch //= 2
-    steps = math.ceil(tokens / (batch * SEQ_LEN))
+    steps = math.ceil(tokens / (batch * seq_len))
     warmup = max(MIN_WARMUP, round(WARMUP_SHARE * steps))
-    return Regime(params, batch, steps, warmup, log_spaced_steps(warmup, steps, N_CHECKPOINTS))
+    return Regime(params, batch, steps, warmup, log_spaced_steps(warmup, steps, N_CHECKPOINTS),
+                  seq_len, eval_tokens)
 
 
 def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: float = LEARNING_RATE,
-                size: str = "", tokens_per_param: float = TOKENS_PER_PARAM):
+                size: str = "", tokens_per_param: float = TOKENS_PER_PARAM, **regime_kwargs):
     """A sweep axis point: the shape (gated FFN, d_ff = 2.5·d_model, heads of ``head_dim``) together
-    with its protocol regime and learning rate, so that every run's budget follows its own size."""
+    with its protocol regime (``regime_kwargs``: seq_len, max_batch, eval_tokens) and learning rate,
+    so that every run's budget follows its own size."""
     from sparsejax.sweep import spec
 
     d_ff = int(round(2.5 * d_model))
-    run = regime(shape_params(d_model, n_layers, head_dim=head_dim, d_ff=d_ff), tokens_per_param)
+    run = regime(shape_params(d_model, n_layers, head_dim=head_dim, d_ff=d_ff), tokens_per_param,
+                 **regime_kwargs)
     base = spec.shape_point(f"w{d_model}_l{n_layers}", d_model=d_model, n_layers=n_layers,
                             n_heads=max(1, d_model // head_dim), head_dim=head_dim, d_ff=d_ff,
                             size=size or f"{run.params / 1e3:.1f}k")
