@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 
 
@@ -76,7 +77,27 @@ def main(argv=None) -> int:
         cfg = _setup(args, lifecycle)
     if isinstance(cfg, int):
         return cfg
-    return _train(args, cfg)
+    code = _train(args, cfg)
+    if code == 2 and _joined_other_processes():
+        # A refusal (workdir in use, bad config for this run) in a multi-process job: at interpreter
+        # exit jax.distributed's shutdown waits for every peer, tens of seconds when they are stuck
+        # in their first collective. Nothing was written, so leave at once; the launcher (or the
+        # cluster) sees the exit and stops the others.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _joined_other_processes() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    try:
+        return jax.process_count() > 1
+    except Exception:  # noqa: BLE001  (no backend: not a multi-process job)
+        return False
 
 
 def _setup(args, lifecycle):

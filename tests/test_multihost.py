@@ -331,3 +331,35 @@ def test_train_rejects_a_heartbeat_timeout_below_one_second(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--heartbeat-timeout=-5" in lines[0], proc.stderr
     assert not workdir.exists()
+
+
+def test_a_launch_on_a_workdir_in_use_returns_at_once_with_one_line(tmp_path):
+    """A second `launch local` on a workdir a live trainer holds: process 0 refuses (workdir in use,
+    the holder's PID), leaves at once instead of waiting in jax.distributed's shutdown for its peer,
+    and the launcher stops process 1 and returns exit 2 within seconds, without a traceback."""
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                               *_args(workdir, "train.steps=100000", "train.checkpoint_every=1000",
+                                      "mesh.data=1", "mesh.fsdp=1")],
+                              cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((workdir / "metrics.jsonl").exists() and _steps_with_loss(workdir)):
+            assert holder.poll() is None and time.monotonic() < deadline, holder.communicate()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                                 "--devices-per-process", "4", "--", *_args(workdir)],
+                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                                text=True, timeout=120)
+        elapsed = time.monotonic() - t0
+        assert holder.poll() is None  # the holder trains on, untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert re.search(rf"in use.*{holder.pid}", second.stderr), second.stderr[-3000:]
+    assert "Traceback" not in second.stderr, second.stderr[-3000:]
+    # Start-up (imports, jax.distributed) takes ~10 s here; before the fix the launcher returned
+    # after 42-45 s, when process 0's distributed shutdown gave up on its peer.
+    assert elapsed < 30, (elapsed, second.stderr[-3000:])
