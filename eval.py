@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     from sparsejax import lifecycle
 
     lifecycle.die_with_parent()  # started by a sweep: end with it
+    lifecycle.quiet_native_logs()  # XLA's C++ warnings off the console
     lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
     import logging
     import pathlib

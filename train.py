@@ -103,6 +103,7 @@ def _joined_other_processes() -> bool:
 def _setup(args, lifecycle):
     """The config, with the process ready to train; or an exit code after a one-line error."""
     lifecycle.die_with_parent()  # started by a sweep or the local launcher: end with it
+    lifecycle.quiet_native_logs()  # XLA's C++ warnings off the console
     lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
     import signal
 

@@ -77,6 +77,15 @@ def _tpu_attached() -> bool:
     return False
 
 
+def quiet_native_logs(environ=None) -> None:
+    """Keep XLA's C++ INFO/WARNING lines (e.g. the SPMD partitioner's "Involuntary full
+    rematerialization" on an fsdp mesh) off the console, before jax is imported: ``train.py`` and
+    ``eval.py`` promise one line per event. Errors still print; an explicit
+    ``TF_CPP_MIN_LOG_LEVEL`` (e.g. 0 to debug the compiler) is kept."""
+    environ = os.environ if environ is None else environ
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def cpu_unless_accelerator(environ=None) -> bool:
     """Set ``JAX_PLATFORMS=cpu`` (before jax is imported) when no ``JAX_PLATFORMS`` is given and
     this machine has no TPU chip (PCI, as on TPU VMs and GKE TPU nodes) and no GPU device. True if

@@ -164,3 +164,24 @@ def test_checkpoint_steps_are_written_and_never_deleted(tmp_path):
     assert checkpointing.finished_steps(tmp_path / "checkpoints") == [3, 7, 12]
     bad = _run(tmp_path / "bad", "train.steps=12", "train.checkpoint_steps=13", check=False)
     assert bad.returncode == 2 and "train.checkpoint_steps" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_xla_cpp_warnings_stay_off_the_console_unless_asked_for(tmp_path):
+    """An fsdp mesh makes XLA's SPMD partitioner log a C++ WARNING ("Involuntary full
+    rematerialization") while compiling; train.py keeps such glog-format lines off stderr, and an
+    explicit TF_CPP_MIN_LOG_LEVEL=0 (debugging the compiler) still shows them."""
+    import re
+
+    glog = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d", re.M)
+    sets = ["train.steps=2", "mesh.data=2", "mesh.fsdp=4", "train.checkpoint_every=2"]
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    quiet = subprocess.run(_cmd(tmp_path / "a", *sets), env=env, capture_output=True, text=True,
+                           timeout=180, cwd=REPO)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not glog.search(quiet.stderr), quiet.stderr[-3000:]
+    loud = subprocess.run(_cmd(tmp_path / "b", *sets), env=dict(env, TF_CPP_MIN_LOG_LEVEL="0"),
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert glog.search(loud.stderr), "the mesh no longer makes XLA warn: this test checks nothing"
