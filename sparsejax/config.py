@@ -543,7 +543,8 @@ def _parse_value(path: str, text: str, annotation: Any) -> Any:
         if kind == "float":
             return float(text)
     except ValueError:
-        raise ConfigError(f"{path}={text!r}: expected a {kind}") from None
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f"{path}={text!r}: expected {article} {kind}") from None
     if kind == "str":
         return text
     raise ConfigError(f"{path} has type {kind!r}, which cannot be set from the command line")

@@ -89,5 +89,5 @@ def test_schedules_are_set_from_the_command_line():
         "recipe.chunk.kind=piecewise", "recipe.chunk.values=0, 0.1", "recipe.chunk.boundaries=0,5e1"])
     assert cfg.recipe.chunk == Schedule("piecewise", (0.0, 0.1), (0, 50))
     assert config.proxy_config("tiny").recipe.chunk == Schedule()  # the base is untouched
-    with pytest.raises(config.ConfigError, match=r"recipe.chunk.boundaries='2.5': expected a int"):
+    with pytest.raises(config.ConfigError, match=r"recipe.chunk.boundaries='2.5': expected an int"):
         config.apply_overrides(config.proxy_config("tiny"), ["recipe.chunk.boundaries=2.5"])
