@@ -571,3 +571,17 @@ def test_publish_refuses_a_sweep_with_runs_missing_and_writes_nothing(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "not published to" in proc.stderr and "silu" in proc.stderr
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("dest,needle", [
+    ("FILE", "exists and is not a directory"),
+    ("OUT", "is the sweep directory itself"),
+    ("gs://bucket/results", "--publish gs://bucket/results: a local directory"),
+])
+def test_publish_destination_is_checked_before_anything_runs(tmp_path, dest, needle):
+    out = tmp_path / "out"
+    (tmp_path / "file").write_text("not a directory")
+    dest = {"FILE": tmp_path / "file", "OUT": out}.get(dest, dest)
+    proc = _cli(REPO / "configs" / "sweeps" / "cpu_scale.py", "--out", out, "--publish", dest)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -108,6 +108,21 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _check_publish_dir(text: str, out: pathlib.Path) -> None:
+    """--publish must name a local directory (existing or creatable) other than the sweep's own."""
+    dest = pathlib.Path(text)
+    if text.startswith("gs://"):
+        raise SweepError(f"--publish {text}: a local directory (the repository's notebooks/results/...), "
+                         f"not a bucket")
+    if dest.exists() and not dest.is_dir():
+        raise SweepError(f"--publish {dest} exists and is not a directory")
+    if dest.resolve() == out.resolve():
+        raise SweepError(f"--publish {dest} is the sweep directory itself; name another directory")
+    parent = next(p for p in (dest.resolve(), *dest.resolve().parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise SweepError(f"--publish {dest}: {parent} is not writable")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     with contextlib.suppress(ValueError):  # not the main thread
@@ -120,6 +135,8 @@ def main(argv=None) -> int:
             raise SweepError(f"--n-boot={args.n_boot} must be >= 0")
         if args.fit_workers < 1:
             raise SweepError(f"--fit-workers={args.fit_workers} must be >= 1")
+        if args.publish:
+            _check_publish_dir(args.publish, pathlib.Path(args.out))
     except SweepError as err:
         print(f"sweep error: {err}", file=sys.stderr)
         return 2
