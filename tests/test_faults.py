@@ -159,16 +159,21 @@ def test_eval_changes_nothing_in_the_run_and_a_live_trainer_survives_it(tmp_path
 
 # ------------------------------------------------------- 3. one writer per run directory
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
-    first = _start(tmp_path, "train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
+    # The first trainer has far more steps than it can run while the second starts (on a busy
+    # machine 300 steps finished first once, and the second then found the run complete).
+    first = _start(tmp_path, "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100")
     try:
         wait_for_step(tmp_path, 1, first)
-        second = _train(tmp_path, "train.steps=300", "train.log_every=1", "train.checkpoint_every=100")
+        second = _train(tmp_path, "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100")
         _one_line_error(second, 2, f"in use by PID {first.pid}", "--workdir")
+        assert first.poll() is None  # untouched by the refused second trainer
+        first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=300)
     finally:
         first.kill()
-    assert first.returncode == 0, err
-    assert _loss_steps(tmp_path) == list(range(1, 301))
+    assert first.returncode == 143, err
+    steps = _loss_steps(tmp_path)
+    assert steps == list(range(1, steps[-1] + 1))  # one writer: no step twice, none missing
 
 
 SWEEP = """
