@@ -18,7 +18,13 @@ table in notebooks/results/lr_pilot_width_depth.json): :data:`LR`.
 The embedded corpus holds ≈ 1.1M byte tokens, so each run sees it ~7 times: the eval loss is on
 held-out text, and the ratio is measured on it.
 
-Cost, measured on a quiet 2-core sandbox on 2026-12-05: see README "Findings reproduced".
+Cost, measured on the 2-core sandbox (AMD EPYC) on 2026-12-06: 36.7 minutes wall for the sweep
+command (training 21.2 min, eval.py 8.2 min, fits with 200 bootstrap resamples and plots 7 min; for
+about 5 of them tests shared the CPU). Training throughput (median of the logged steps, one process,
+two threads): 52k tokens/s at 16×8, 69k at 24×4, 96k at 32×2, 113k at 48×1; a run's wall time
+(105–210 s) adds start-up, compilation, 12 checkpoint saves and the final eval. Two single-threaded
+runs side by side took as long as the two one after another (measured 2026-12-05: 79 s vs 82 s for
+an unbalanced pair), so the sweep runs one process at a time.
 """
 
 from sparsejax import sweep
