@@ -126,3 +126,29 @@ def test_sparsing_law_findings_notebook_says_not_testable_when_the_limit_is_not_
         (found,) = [x for x in text.splitlines() if x.startswith(line)]
         assert found.endswith("not testable at this budget"), found
     assert "Finding 3 (ReLU/ReLU² much sparser than SiLU/GELU at about the same loss): final checkpoint: " in text
+
+
+def test_findings_notebook_on_the_committed_results_gives_the_readme_verdicts(tmp_path, monkeypatch):
+    """The default run reads notebooks/results/cpu_* (committed sweep results): every run of the
+    three sweeps at >= 300 tokens per parameter, and the verdict of each finding is the one in the
+    README's "Findings reproduced" table, row by row (the README's numbers trace to these files)."""
+    import re
+
+    monkeypatch.setenv("SPARSEJAX_OUT", str(tmp_path))
+    for var in ("SPARSEJAX_SMALL", "SPARSEJAX_WIDTH_DEPTH_DIR", "SPARSEJAX_SCALE_DIR",
+                "SPARSEJAX_ACTIVATIONS_DIR", "SPARSEJAX_SYNTHETIC_SLOWDOWN"):
+        monkeypatch.delenv(var, raising=False)
+    text = _text(_execute("sparsing_law_findings.ipynb", tmp_path, FINDINGS_FIGURES))
+    assert "SYNTHETIC" not in text
+    assert len(re.findall(r"-> 300 tokens per non-embedding parameter", text)) == 3
+    summary = [line.split(" | ") for line in text.splitlines()
+               if re.match(r"\| (1|2a|2b|3)\. ", line)]
+    notebook_verdicts = [cells[-1].rstrip(" |") for cells in summary]
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    section = readme[readme.index("### Findings reproduced"):readme.index("## Recipes")]
+    rows = [line for line in section.splitlines() if re.match(r"\| \*\*(1|2a|2b|3)\. ", line)]
+    readme_verdicts = [row.rstrip(" |").rsplit(" | ", 1)[1].replace("**", "") for row in rows]
+    assert len(notebook_verdicts) == len(readme_verdicts) == 4
+    assert readme_verdicts == notebook_verdicts
+    # the regime column of the README: 300 tokens per parameter in every row
+    assert all(row.split(" | ")[1].startswith("300") for row in rows)

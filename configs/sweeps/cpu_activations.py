@@ -19,7 +19,10 @@ notebooks/sparsing_law_findings.ipynb compares the variants at the final checkpo
 eval loss (the ratio interpolated in log tokens to where each run first reaches the worst
 variant's final loss).
 
-Cost, measured on a quiet 2-core sandbox on 2026-12-05: see README "Findings reproduced".
+Cost, measured on the 2-core sandbox (AMD EPYC) on 2026-12-06: 177–194 s per run while the machine
+was otherwise idle (training ≈ 110 s at ≈ 95k tokens/s, eval.py ≈ 55 s), so ≈ 42 minutes for the 14
+runs plus the fits; as run for the committed results, with the test suite and a refit sharing the
+CPU for the second half, 59 minutes of runs, then `--collect-only --n-boot 50 --publish` (1.6 min).
 """
 
 from sparsejax import sweep
