@@ -56,7 +56,7 @@ def _lrs(text: str) -> list[float]:
 def pilot(shape, lr: float, steps: int, activation: str, workroot: Path) -> dict:
     d, layers, head = shape
     point = protocol.shape_point(d, layers, head_dim=head, learning_rate=lr)
-    run = protocol.regime(protocol.shape_params(d, layers, head_dim=head, d_ff=int(round(2.5 * d))))
+    run = protocol.shape_regime(d, layers, head_dim=head)
     n = min(steps, run.steps)
     sets = [o for o in point.overrides if not o.startswith(("train.steps=", "train.checkpoint_steps=",
                                                             "train.checkpoint_every=", "train.keep_every=",

@@ -17,18 +17,13 @@ minutes.
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-# as gpu_width_depth.py (sweep files load standalone, so the few constants are repeated)
-HEAD_DIM = 16
-LR_REF, D_REF = 1e-2, 32
-REGIME = dict(seq_len=256, max_batch=256, eval_tokens=16 * 256 * 256)
-DATA = ("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test", "model.max_seq_len=256")
+SETUP = protocol.GPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
 SHAPES = ((24, 3), (32, 4), (48, 6), (64, 8))  # width/depth 8
 
 
 def get_sweep() -> sweep.Sweep:
-    sizes = [protocol.shape_point(d, n, head_dim=HEAD_DIM, learning_rate=LR_REF * D_REF / d, **REGIME)
-             for d, n in SHAPES]
-    runs = sweep.cross(sizes, sweep.activation_points(("relu", "silu")), config="configs/tiny_relu.py",
-                       common=DATA)
+    shapes = [SETUP.point(d, n) for d, n in SHAPES]
+    runs = sweep.cross(shapes, sweep.activation_points(("relu", "silu")),
+                       config=SETUP.config, common=SETUP.data)
     return sweep.Sweep(name="gpu_scale", runs=runs, eval=protocol.EVAL,
                        plots=("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens"))

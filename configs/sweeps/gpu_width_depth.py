@@ -12,8 +12,8 @@ ReLU (gated FFN, d_ff = 2.5·d_model, heads of 16) at ≈ 0.1M non-embedding par
 protocol (:mod:`sparsejax.sweep.protocol`): 300 tokens per non-embedding parameter (28M–43M tokens),
 sequences of 256, up to 256 per step, 12 log-spaced checkpoints, joint CETT-PPL-1%, plateau test.
 
-Learning rate: width-scaled, ``LR_REF · D_REF / d_model`` (1e-2 at d_model 32, as the CPU pilot found
-for its narrow shapes), stated rather than piloted; piloting 3 LRs per shape with ``--only`` and
+Learning rate: width-scaled, 1e-2 · 32 / d_model (``protocol.GPU``; 1e-2 at d_model 32, as the CPU
+pilot found for its narrow shapes), stated rather than piloted; piloting 3 LRs per shape with ``--only`` and
 ``--set train.learning_rate=…`` triples the cost.
 
 Estimated cost on one H100: these models are overhead-bound (≈ 10 ms per step of 256 × 256 tokens
@@ -25,19 +25,15 @@ and start-up ≈ 10 s per process: ≈ 10 minutes in all.
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-HEAD_DIM = 16
+SETUP = protocol.GPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
 SHAPES = ((32, 8), (48, 4), (64, 2), (96, 1), (112, 1))  # width/depth 4 … 112
-LR_REF, D_REF = 1e-2, 32
 SEEDS = (0, 1)
-REGIME = dict(seq_len=256, max_batch=256, eval_tokens=16 * 256 * 256)
-DATA = ("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test", "model.max_seq_len=256")
 
 
 def get_sweep() -> sweep.Sweep:
-    shapes = [protocol.shape_point(d, n, head_dim=HEAD_DIM, learning_rate=LR_REF * D_REF / d, size="0.1M",
-                                   **REGIME) for d, n in SHAPES]
+    shapes = [SETUP.point(d, n, size="0.1M") for d, n in SHAPES]
     seeds = [sweep.Point(f"s{s}", (f"train.seed={s}",)) for s in SEEDS]
-    runs = sweep.cross(shapes, sweep.activation_points(("relu",)), seeds, config="configs/tiny_relu.py",
-                       common=DATA)
+    runs = sweep.cross(shapes, sweep.activation_points(("relu",)), seeds,
+                       config=SETUP.config, common=SETUP.data)
     return sweep.Sweep(name="gpu_width_depth", runs=runs, eval=protocol.EVAL,
                        plots=("ratio_vs_tokens", "limit_vs_width_depth", "loss_vs_tokens"))

@@ -19,21 +19,13 @@ training, plus ≈ 5 minutes of evaluation per run: ≈ 5 hours.
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-# as tpu_width_depth.py (sweep files load standalone, so the few constants are repeated)
-HEAD_DIM = 64
-LR_REF, D_REF = 3e-3, 512
-VOCAB = 32_000
-REGIME = dict(seq_len=1024, max_batch=256, eval_tokens=8 * 1024 * 256)
-DATA = ("data.source=tfds", "data.tfds_name=c4", "data.tokenizer=sentencepiece",
-        f"data.sentencepiece_vocab_size={VOCAB}", f"model.vocab_size={VOCAB}", "model.max_seq_len=1024",
-        "train.grad_accum=1")
+SETUP = protocol.TPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
 SHAPES = ((192, 4), (288, 6), (384, 8), (576, 12))  # width/depth 48
 
 
 def get_sweep() -> sweep.Sweep:
-    sizes = [protocol.shape_point(d, n, head_dim=HEAD_DIM, learning_rate=LR_REF * D_REF / d, **REGIME)
-             for d, n in SHAPES]
-    runs = sweep.cross(sizes, sweep.activation_points(("relu", "silu")), config="configs/sparsing_law_0.1b.py",
-                       common=DATA)
+    shapes = [SETUP.point(d, n) for d, n in SHAPES]
+    runs = sweep.cross(shapes, sweep.activation_points(("relu", "silu")),
+                       config=SETUP.config, common=SETUP.data)
     return sweep.Sweep(name="tpu_scale", runs=runs, eval=protocol.EVAL,
                        plots=("ratio_vs_tokens", "limit_vs_params", "loss_vs_tokens"))

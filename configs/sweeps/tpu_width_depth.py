@@ -16,8 +16,7 @@ model's pod settings otherwise (``configs/sparsing_law_0.1b.py``: fsdp over the 
 rematerialised layers, bf16). The protocol (:mod:`sparsejax.sweep.protocol`): 300 tokens per
 non-embedding parameter (5.7B–7.2B tokens), 12 log-spaced checkpoints, joint CETT-PPL-1%, plateau test.
 
-Learning rate: width-scaled, ``LR_REF · D_REF / d_model`` (3e-3 at d_model 512), stated rather than
-piloted.
+Learning rate: width-scaled, 3e-3 · 512 / d_model (``protocol.TPU``), stated rather than piloted.
 
 Estimated cost: 6·(N + d_model·V)·D FLOPs per run (the logits matmul counts: d_model·V is 8M–33M
 here) ≈ 1.0e18–2.5e18, 9.1e18 for the sweep; a v5e-16 slice peaks at 16 × 197 TFLOP/s (bf16), and at
@@ -29,20 +28,13 @@ held-out tokens, ≈ 330 forward passes per run for 12 checkpoints and the joint
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-HEAD_DIM = 64
+SETUP = protocol.TPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
 SHAPES = ((256, 26), (384, 12), (512, 7), (640, 4), (768, 3), (1024, 2))
-LR_REF, D_REF = 3e-3, 512
-VOCAB = 32_000
-REGIME = dict(seq_len=1024, max_batch=256, eval_tokens=8 * 1024 * 256)
-DATA = ("data.source=tfds", "data.tfds_name=c4", "data.tokenizer=sentencepiece",
-        f"data.sentencepiece_vocab_size={VOCAB}", f"model.vocab_size={VOCAB}", "model.max_seq_len=1024",
-        "train.grad_accum=1")
 
 
 def get_sweep() -> sweep.Sweep:
-    shapes = [protocol.shape_point(d, n, head_dim=HEAD_DIM, learning_rate=LR_REF * D_REF / d, size="20M",
-                                   **REGIME) for d, n in SHAPES]
-    runs = sweep.cross(shapes, sweep.activation_points(("relu",)), config="configs/sparsing_law_0.1b.py",
-                       common=DATA)
+    shapes = [SETUP.point(d, n, size="20M") for d, n in SHAPES]
+    runs = sweep.cross(shapes, sweep.activation_points(("relu",)),
+                       config=SETUP.config, common=SETUP.data)
     return sweep.Sweep(name="tpu_width_depth", runs=runs, eval=protocol.EVAL,
                        plots=("ratio_vs_tokens", "limit_vs_width_depth", "loss_vs_tokens"))

@@ -125,6 +125,18 @@ def regime(params: int, tokens_per_param: float = TOKENS_PER_PARAM, *, seq_len: 
                   seq_len, eval_tokens)
 
 
+def gated_d_ff(d_model: int) -> int:
+    """The finding sweeps' gated FFN width: 2.5·d_model, as the paper's models."""
+    return int(round(2.5 * d_model))
+
+
+def shape_regime(d_model: int, n_layers: int, *, head_dim: int, tokens_per_param: float = TOKENS_PER_PARAM,
+                 **regime_kwargs) -> Regime:
+    """The protocol's run for a shape (gated FFN of :func:`gated_d_ff`, heads of ``head_dim``)."""
+    params = shape_params(d_model, n_layers, head_dim=head_dim, d_ff=gated_d_ff(d_model))
+    return regime(params, tokens_per_param, **regime_kwargs)
+
+
 def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: float = LEARNING_RATE,
                 size: str = "", tokens_per_param: float = TOKENS_PER_PARAM, **regime_kwargs):
     """A sweep axis point: the shape (gated FFN, d_ff = 2.5·d_model, heads of ``head_dim``) together
@@ -132,13 +144,54 @@ def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: fl
     so that every run's budget follows its own size."""
     from sparsejax.sweep import spec
 
-    d_ff = int(round(2.5 * d_model))
-    run = regime(shape_params(d_model, n_layers, head_dim=head_dim, d_ff=d_ff), tokens_per_param,
-                 **regime_kwargs)
+    d_ff = gated_d_ff(d_model)
+    run = shape_regime(d_model, n_layers, head_dim=head_dim, tokens_per_param=tokens_per_param,
+                       **regime_kwargs)
     base = spec.shape_point(f"w{d_model}_l{n_layers}", d_model=d_model, n_layers=n_layers,
                             n_heads=max(1, d_model // head_dim), head_dim=head_dim, d_ff=d_ff,
                             size=size or f"{run.params / 1e3:.1f}k")
     return dataclasses.replace(base, overrides=base.overrides + run.overrides(learning_rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """What the GPU or TPU versions of a finding sweep share (``configs/sweeps/{gpu,tpu}_*.py``):
+    the base config and data overrides, heads, the regime's sequence/batch/eval sizes, and a
+    width-scaled learning rate ``lr_ref · d_ref / d_model`` (stated instead of a per-shape pilot)."""
+
+    config: str
+    data: tuple[str, ...]  # --set overrides common to every run (dataset, tokenizer, lengths)
+    head_dim: int
+    lr_ref: float
+    d_ref: int
+    seq_len: int
+    max_batch: int
+    eval_tokens: int
+
+    def learning_rate(self, d_model: int) -> float:
+        return self.lr_ref * self.d_ref / d_model
+
+    def point(self, d_model: int, n_layers: int, *, size: str = ""):
+        """:func:`shape_point` with this setup's heads, regime and learning rate."""
+        return shape_point(d_model, n_layers, head_dim=self.head_dim,
+                           learning_rate=self.learning_rate(d_model), size=size, seq_len=self.seq_len,
+                           max_batch=self.max_batch, eval_tokens=self.eval_tokens)
+
+
+# One GPU, ~0.1M parameters: byte tokens from TFDS lm1b (the embedded corpus is too small for
+# 30M tokens per run), sequences of 256. 1e-2 at d_model 32, as the CPU pilot found for narrow shapes.
+GPU = Accelerator(config="configs/tiny_relu.py",
+                  data=("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test",
+                        "model.max_seq_len=256"),
+                  head_dim=16, lr_ref=1e-2, d_ref=32, seq_len=256, max_batch=256, eval_tokens=16 * 256 * 256)
+# A v5e-16 slice, 2–50M parameters: C4 with a 32,000-piece SentencePiece vocabulary, sequences of
+# 1,024, the 0.1B paper model's pod settings otherwise. 3e-3 at d_model 512.
+TPU_VOCAB = 32_000
+TPU = Accelerator(config="configs/sparsing_law_0.1b.py",
+                  data=("data.source=tfds", "data.tfds_name=c4", "data.tokenizer=sentencepiece",
+                        f"data.sentencepiece_vocab_size={TPU_VOCAB}", f"model.vocab_size={TPU_VOCAB}",
+                        "model.max_seq_len=1024", "train.grad_accum=1"),
+                  head_dim=64, lr_ref=3e-3, d_ref=512, seq_len=1024, max_batch=256, eval_tokens=8 * 1024 * 256)
 
 
 def shape_params(d_model: int, n_layers: int, *, head_dim: int, d_ff: int, ffn_type: str = "gated") -> int:

@@ -74,7 +74,7 @@ def provenance(out: pathlib.Path, run_names: Sequence[str]) -> dict:
         if (workdir / MARKER).exists():
             marker = json.loads((workdir / MARKER).read_text())
             entry.update(train_seconds=round(marker.get("seconds", 0.0), 1), finished=marker.get("finished"))
-        results = workdir / "eval" / "results.json"
+        results = workdir / rundir.EVAL / "results.json"
         if results.exists():
             entry["eval_seconds"] = round(json.loads(results.read_text()).get("seconds", 0.0), 1)
         runs[name] = entry
