@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     if args.out:
         out = pathlib.Path(args.out)
     elif args.hf:
-        out = pathlib.Path("runs") / f"hf_{pathlib.Path(args.hf).resolve().name}" / "eval" / "results.json"
+        out = rundir.RunDir(pathlib.Path("runs") / f"hf_{pathlib.Path(args.hf).resolve().name}").eval_results
     else:
-        out = pathlib.Path(args.workdir) / "eval" / "results.json"
+        out = rundir.RunDir(pathlib.Path(args.workdir)).eval_results
     try:
         # Before any compute: a results path that cannot be written fails now, not after the run.
         if out.is_dir():

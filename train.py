@@ -116,9 +116,10 @@ def _setup(args, lifecycle):
     logging.captureWarnings(True)  # Python warnings too (e.g. a compilation-cache write failing)
     lifecycle.library_errors_to_logging()  # e.g. orbax's closed-event-loop tracebacks
     from sparsejax import config, sharding
+    from sparsejax import configure
 
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = configure.load(args.config, args.overrides)
         sharding.maybe_initialize_distributed(
             args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)

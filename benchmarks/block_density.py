@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     cfg, m = run.cfg, run.cfg.model
     ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(eval_batches=args.eval_batches))
     params, _ = run.params(step, ev.mesh)
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules(cfg.mesh)
+    mesh, rules = ev.mesh, sharding.rules(cfg.mesh)
     model = model_lib.Transformer(m)
 
     @jax.jit
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     counts = {(c, layer, k): [0, 0] for c in rules_eps for layer in range(m.n_layers)
               for k in combos + [(1, 1)]}
     for batch in ev.batches:
-        acts = activations(params, sharding.global_batch(batch, mesh)["inputs"])
+        acts = activations(params, ev.plan.global_batch(batch)["inputs"])
         valid_BxL = np.asarray(batch["weights"]) > 0
         for layer, act in enumerate(acts):
             mag = np.abs(np.asarray(act, np.float32))

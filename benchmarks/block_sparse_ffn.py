@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Block-sparse FFN: dense vs kernel vs pure-JAX reference, and TPU compile cost.
+"""Block-sparse FFN: dense vs kernel vs the pure-JAX tile path, and TPU compile cost.
 
     python benchmarks/block_sparse_ffn.py [--configs 0.1B 1.2B] [--tokens 2048] [--backward]
     python benchmarks/block_sparse_ffn.py --tpu-compile [--tokens 4096]
@@ -7,7 +7,7 @@
 Timing mode: FFN shapes of the Sparsing Law paper's 0.1B (d_model 768, d_ff 1920) and 1.2B
 (1792, 4480) models, gated (SwiGLU-shaped, SiLU), random tile masks with the same number of
 active neuron blocks in every token block, at block densities from 5% to 100%. Columns: dense
-FFN time, kernel time (``impl`` of the backend: Pallas TPU or GPU), reference time (gather +
+FFN time, kernel time (``impl`` of the backend: Pallas TPU or GPU), pure-JAX time (gather +
 einsum in XLA), and their speedups over dense next to the 1/density bound. On a CPU there is no
 kernel to time (Pallas interpret mode measures the Python interpreter, not a kernel): only the
 reference is timed, and the table says so. The reference's measured break-even density on CPU
@@ -57,7 +57,7 @@ def _problem(d, f, t, dtype, seed=0):
 def random_mask(n, m, density, seed=0) -> bm.BlockMask:
     """Each token block gets the same number of random active neuron blocks (≥ 1).
 
-    k_max is that number: the lists are as wide as the busiest token block needs. The reference
+    k_max is that number: the lists are as wide as the busiest token block needs. The pure-JAX path
     computes every slot of the static width (padded slots are zeroed, not skipped), so an index
     list padded to M would cost it as much as the dense FFN.
     """
@@ -88,7 +88,7 @@ def timing(args) -> None:
           f"{'forward+backward' if args.backward else 'forward'}, best of {args.repeats}")
     if kernel_impl is None:
         print("CPU: no Pallas kernel to time (interpret mode is not a kernel); "
-              "only the pure-JAX reference is timed.")
+              "only the pure-JAX tile path is timed.")
     for name in args.configs:
         d, f = SHAPES[name]
         m = f // args.block_f
@@ -107,13 +107,13 @@ def timing(args) -> None:
                     x, w_in, w_gate, w_out)
             return jax.jit(run)
 
-        impls = ["dense"] + ([kernel_impl] if kernel_impl else []) + ["reference"]
+        impls = ["dense"] + ([kernel_impl] if kernel_impl else []) + ["jax"]
         fns = {i: make(i) for i in impls}
         print(f"\n{name}: d_model {d}, d_ff {f}, M={m} neuron blocks, N={n} token blocks")
         head = f"{'density':>8} {'1/dens':>7} {'dense ms':>9}"
         if kernel_impl:
             head += f" {'kernel ms':>10} {'speedup':>8}"
-        print(head + f" {'ref ms':>9} {'speedup':>8}")
+        print(head + f" {'jax ms':>9} {'speedup':>8}")
         dense_ms = None
         for target in args.densities:
             mask = random_mask(n, m, target)
@@ -125,7 +125,7 @@ def timing(args) -> None:
             if kernel_impl:
                 k_ms = 1e3 * _best(fns[kernel_impl], call, args.repeats)
                 row += f" {k_ms:10.2f} {dense_ms / k_ms:8.2f}"
-            r_ms = 1e3 * _best(fns["reference"], call, args.repeats)
+            r_ms = 1e3 * _best(fns["jax"], call, args.repeats)
             print(row + f" {r_ms:9.2f} {dense_ms / r_ms:8.2f}")
 
 

@@ -27,7 +27,7 @@ variants train the plain LM loss from the same weights. Above
 ``kernels.ffn.DENSE_FALLBACK_DENSITY`` of the backend the block-sparse FFN switches to the dense
 FFN at run time (same result).
 
-On a CPU there is no Pallas kernel: ``block_sparse`` runs the pure-JAX reference path (a gather
+On a CPU there is no Pallas kernel: ``block_sparse`` runs the pure-JAX tile path (a gather
 over active neuron blocks + einsums), and the output says so. Numbers on a shared machine are
 noisy; the alternation and medians make the ratio, not the absolute times, the result.
 """
@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 
 from sparsejax import (config as config_lib, data, model as model_lib, optim, sharding,  # noqa: E402
                        step as step_lib, trained_run)
+from sparsejax import configure  # noqa: E402
 from sparsejax.kernels import block_mask as bm, ffn as kernel_ffn  # noqa: E402
 from sparsejax.loss import model_loss  # noqa: E402
 
@@ -148,23 +149,24 @@ def main(argv=None) -> int:
         base = dataclasses.replace(cfg, recipe=config_lib.RecipeConfig(),
                                    mesh=config_lib.MeshConfig(data=1, fsdp=1, tensor=1))
         variants = {
-            "einsum": config_lib.apply_overrides(base, ["model.ffn_impl=reference"]),
-            "block_sparse": config_lib.apply_overrides(base, [
+            "einsum": configure.apply_overrides(base, ["model.ffn_impl=reference"]),
+            "block_sparse": configure.apply_overrides(base, [
                 "model.ffn_impl=block_sparse", f"model.ffn_block_t={block_t}",
                 f"model.ffn_block_f={block_f}"]),
         }
     except (trained_run.RunError, config_lib.ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mesh = sharding.make_mesh(variants["einsum"].mesh, jax.devices()[:1])
+    plan = sharding.plan(variants["einsum"].mesh, jax.devices()[:1])
+    mesh = plan.mesh
     params, _ = run.params(step, mesh)
     eval_cfg = dataclasses.replace(base, train=dataclasses.replace(base.train,
                                                                    eval_batches=args.batches))
-    batches = [sharding.global_batch(b, mesh) for b in data.validation_batches(eval_cfg, 0, 1)]
+    batches = [plan.global_batch(b) for b in data.validation_batches(eval_cfg, 0, 1)]
 
     backend = jax.default_backend()
     impl = kernel_ffn.pick_impl("auto")
-    fallback = kernel_ffn.DENSE_FALLBACK_DENSITY.get({"reference": backend}.get(impl, impl), 0.6)
+    fallback = kernel_ffn.DENSE_FALLBACK_DENSITY.get({"jax": backend}.get(impl, impl), 0.6)
     density = tile_density(model_lib.Model(variants["einsum"].model), params, batches,
                            block_t, block_f)
     g = gate_share(m.ffn_type)
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
     import importlib.metadata as md
     print(f"# {datetime.date.today()} · {backend} ({jax.devices()[0].device_kind}) · jax "
           f"{md.version('jax')} · run {args.workdir} step {step} ({cfg.name})")
-    if impl == "reference":
-        print(f"# no Pallas kernel on {backend}: block_sparse runs the pure-JAX reference path "
+    if impl == "jax":
+        print(f"# no Pallas kernel on {backend}: block_sparse runs the pure-JAX tile path "
               f"(gather over active neuron blocks + einsum); dense fallback above tile density "
               f"{fallback}")
     tokens = sum(int(np.sum(np.asarray(b["weights"]) > 0)) for b in batches)

@@ -46,10 +46,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile targe
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from sparsejax import config, flops, optim, sharding, step  # noqa: E402
+from sparsejax import configure
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("0.1b", "0.2b", "0.4b", "0.8b", "1.2b", "2.4b")
@@ -132,15 +131,12 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
             raise config.ConfigError(
                 f"train.batch_size={cfg.train.batch_size} is not a multiple of {per_chip_batch} "
                 f"sequences per chip × {chips} chips of {topology}")
-        cfg = config.apply_overrides(cfg, [f"train.grad_accum={accum}"])
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh, cfg.mesh)
+        cfg = configure.apply_overrides(cfg, [f"train.grad_accum={accum}"])
+    shards = sharding.plan(cfg.mesh, devices)
+    shards.check_batch(cfg.train.batch_size, cfg.train.grad_accum)
+    mesh = shards.mesh
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
-    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh)
-    shape = (cfg.train.batch_size, cfg.train.seq_len)
-    batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-             "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-             "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)}
+    batch = fns.plan.batch_shapes(cfg.train.batch_size, cfg.train.seq_len)
     start = time.perf_counter()
     compiled = fns.train.lower(fns.abstract_state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -214,14 +210,14 @@ def main(argv=None) -> None:
           flush=True)
     print(HEADER, flush=True)
     for size in args.sizes.split(","):
-        cfg = config.load(ROOT / "configs" / f"sparsing_law_{size}.py", args.overrides)
+        cfg = configure.load(ROOT / "configs" / f"sparsing_law_{size}.py", args.overrides)
         batches = ([int(b) for b in args.per_device_batches.split(",")]
                    if args.per_device_batches else [config_per_chip_batch(cfg, size)])
         tiles = ([int(t) for t in args.loss_tile_lens.split(",")] if args.loss_tile_lens
                  else [cfg.train.loss_tile_len])
         for topology in args.topologies.replace("INTENDED", INTENDED[size]).split(","):
             for tile in tiles:
-                tiled = config.apply_overrides(cfg, [f"train.loss_tile_len={tile}"])
+                tiled = configure.apply_overrides(cfg, [f"train.loss_tile_len={tile}"])
                 largest = fit_rows(tiled, topology, batches)
                 print(f"<!-- {cfg.name} {topology} loss tile {tile or 'off'}: largest per-device "
                       f"batch that fits among {batches}: {largest or 'none'} -->", flush=True)

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax import config, flops, optim, sharding, step  # noqa: E402
+from sparsejax import flops, optim, sharding, step  # noqa: E402
+from sparsejax import configure
 
 ROOT = Path(__file__).resolve().parents[1]
 _NANODO_LIKE = ("model.ffn_type=plain", "model.activation=gelu_tanh", "model.vocab_size=256",
@@ -48,15 +49,15 @@ SHAPES = {
 }
 
 
-def _batches(cfg, mesh, n: int):
+def _batches(cfg, plan, n: int):
     """Uniform random tokens in [1, vocab), as the peer benchmarks feed (no data pipeline)."""
     rng = np.random.default_rng(0)
     b, length, vocab = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
     out = []
     for _ in range(n):
         toks = rng.integers(1, vocab, size=(b, length + 1), dtype=np.int32)
-        out.append(sharding.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                                          "weights": np.ones((b, length), np.float32)}, mesh))
+        out.append(plan.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                                      "weights": np.ones((b, length), np.float32)}))
     return out
 
 
@@ -65,15 +66,16 @@ def _variants(cfg, layouts: str):
     for layout in filter(None, layouts.split(",")):
         extra = ["model.scan_layers=true" if part == "scan" else f"model.remat_policy={part}"
                  for part in layout.split("+")]
-        runs.append((layout, config.apply_overrides(cfg, extra), True))
+        runs.append((layout, configure.apply_overrides(cfg, extra), True))
     return runs
 
 
 def time_shape(cfg, layouts: str, steps: int, rounds: int) -> dict[str, list[float]]:
     """Per-step seconds of each variant, compiled first, then timed in alternating rounds."""
-    mesh = sharding.make_mesh(cfg.mesh)
+    plan = sharding.plan(cfg.mesh)
+    mesh = plan.mesh
     tx = optim.make_optimizer(cfg.train)
-    batches = _batches(cfg, mesh, steps)
+    batches = _batches(cfg, plan, steps)
     live = {}
     for name, run_cfg, log_activations in _variants(cfg, layouts):
         fns = step.make_step_functions(run_cfg, mesh, tx, log_activations=log_activations)
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
     for shape in shapes:
         path, sets = (args.config, ()) if shape == "config" else SHAPES[shape]
         for dtype in args.dtypes.split(","):
-            cfg = config.load(str(ROOT / path) if shape != "config" else path,
+            cfg = configure.load(str(ROOT / path) if shape != "config" else path,
                               [*sets, f"model.dtype={dtype}", *args.overrides])
             print(f"timing {shape} {dtype} ...", file=sys.stderr, flush=True)
             times = time_shape(cfg, args.layouts, args.steps, args.rounds)

@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config import Config, ConfigError, choice, recipe_terms_on
+
 Array = jax.Array
 
 
@@ -164,3 +166,27 @@ def make(name: str, *, threshold: float = 0.0, alpha: float = 0.0) -> Callable[[
     if not all(math.isfinite(v) for v in given.values() if isinstance(v, (int, float))):
         raise ValueError(f"activation parameters must be finite, got {given}")
     return functools.partial(spec.fn, **{p: given[p] for p in spec.params})
+
+
+def _users(param: str) -> list[str]:
+    return [n for n in names() if param in get(n).params]
+
+
+def check_config(cfg: Config) -> None:
+    """``model.activation`` is registered, and the activation parameters set (model's and the
+    recipe's scheduled threshold) are ones it declares; ConfigError naming the field."""
+    m = cfg.model
+    choice("model.activation", m.activation, names())
+    spec = get(m.activation)
+    if m.activation_threshold != 0.0 and "threshold" not in spec.params:
+        raise ConfigError(
+            f"model.activation_threshold={m.activation_threshold} is only used by "
+            f"{_users('threshold')}, not by model.activation={m.activation!r}; set it to 0")
+    if m.activation_alpha != 0.0 and "alpha" not in spec.params:
+        raise ConfigError(
+            f"model.activation_alpha={m.activation_alpha} is only used by {_users('alpha')}, "
+            f"not by model.activation={m.activation!r}; set it to 0")
+    if "activation_threshold" in recipe_terms_on(cfg) and "threshold" not in spec.params:
+        raise ConfigError(f"recipe.activation_threshold is only used by model.activation in "
+                          f"{_users('threshold')}, not {m.activation!r} (FATReLU with threshold 0 "
+                          f"is ReLU)")

@@ -19,6 +19,7 @@ Two views of one ``checkpoints/`` directory:
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import time
@@ -244,3 +245,33 @@ def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
     finally:
         reader.close()
     return None
+
+
+class RunConfigError(ValueError):
+    """A run's ``config.json`` is the config to read and is not a JSON object."""
+
+
+def read_run_config(run: rundir.RunDir) -> tuple[dict | None, str]:
+    """A run's config as saved, by the one precedence rule every reader uses: the config stored
+    in its newest readable checkpoint (what that step was trained as, so a deleted, damaged or
+    edited ``config.json`` cannot change how a checkpoint is resumed or read), else
+    ``config.json`` (a run without checkpoints yet).
+
+    Returns ``(raw dict, where it came from)``, or ``(None, "")`` when the run has neither;
+    RunConfigError when ``config.json`` is the source and not a JSON object.
+    """
+    raw = config_from_checkpoints(run.checkpoints)
+    if raw is not None:
+        return raw, f"the checkpoints' meta in {run.checkpoints}"
+    path = run.config
+    if not path.is_file():
+        return None, ""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunConfigError(f"{path} is not valid JSON ({type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0]})") from None
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path} is not valid JSON for a config: expected an object, got "
+                             f"{type(raw).__name__}")
+    return raw, str(path)

@@ -32,7 +32,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from sparsejax.config import Config
+from sparsejax.config import Config, ConfigError
 
 CORPUS_PATH = pathlib.Path(__file__).parent / "corpus" / "tinyshakespeare.txt.gz"
 
@@ -118,6 +118,30 @@ def load_tokenizer_file(path: str):
 
 def tokenizer_file_vocab_size(path: str) -> int:
     return load_tokenizer_file(path).vocab_size
+
+
+def tokenizer_vocab_for_config(cfg: Config) -> int:
+    """The vocabulary size of ``data.tokenizer_path`` (ConfigError if it cannot be read)."""
+    try:
+        return tokenizer_file_vocab_size(cfg.data.tokenizer_path)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_config(cfg: Config) -> None:
+    """With an existing tokenizer (``data.tokenizer_path``) the embedding has exactly its
+    vocabulary; ``model.vocab_size=0`` must have been resolved to it first."""
+    if not cfg.data.tokenizer_path:
+        return
+    size, m = tokenizer_vocab_for_config(cfg), cfg.model
+    if m.vocab_size == 0:
+        raise ConfigError(f"model.vocab_size=0 (take it from data.tokenizer_path) is resolved by "
+                          f"configure.load / configure.apply_overrides; set it to {size}")
+    if m.vocab_size != size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} disagrees with the {size}-token vocabulary of "
+            f"data.tokenizer_path={cfg.data.tokenizer_path!r}; set model.vocab_size={size} (or 0 "
+            f"to take it from the tokenizer)")
 
 
 class SentencePieceTokenizer(SentencePieceModel):

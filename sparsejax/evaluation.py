@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import (activations, cett as cett_lib, config as config_lib, data, eval_options,
+from sparsejax import (cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
                        recipes, sharding, sparsity as sparsity_lib, trained_run)
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
@@ -103,7 +103,8 @@ class Evaluator:
         self.cfg, self.options = cfg, options
         m = cfg.model
         self.n_layers, self.d_ff = m.n_layers, m.d_ff
-        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.plan = sharding.plan(cfg.mesh)
+        self.mesh = self.plan.mesh
         self._rules = sharding.rules(cfg.mesh)
         if batches is None:
             eval_cfg = dataclasses.replace(
@@ -119,7 +120,6 @@ class Evaluator:
         self._recipe = recipes.of(cfg)
         self._coefs: dict = {}
         self._trained_topk = 0 < m.topk_k < m.d_ff or self._recipe.topk
-        self._exact_zeros = activations.get(m.activation).exact_zeros
         # The one fraction -> k rule, the one training uses (sparsity.topk_count).
         self.topk_k = sparsity_lib.topk_count(
             float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
@@ -196,7 +196,7 @@ class Evaluator:
             batches = tqdm(batches, desc="forward pass", unit="batch", leave=False,
                            dynamic_ncols=True)
         for batch in batches:
-            out = fn(params, sharding.global_batch(batch, self.mesh), stats, thresholds_NxF,
+            out = fn(params, self.plan.global_batch(batch), stats, thresholds_NxF,
                      self._coefs)
             loss_b, tokens_b, stats = out[:3]
             loss_sum += float(loss_b)

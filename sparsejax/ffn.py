@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sparsejax import activations, objectives, sparsity as sparsity_lib
-from sparsejax.config import ModelConfig
+from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive, recipe_terms_on
 from sparsejax.sparsity import Sparsity
 
 Array = jax.Array
@@ -55,18 +55,49 @@ class FfnAux(NamedTuple):
 
 FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
 FFN_IMPLS: dict[str, Callable[[ModelConfig], FfnFn]] = {}
+# What an implementation supports beyond the dense forward: ``topk`` (a per-token top-k mask in
+# training, model.topk) and ``recipe`` (traced per-step coefficients: a scheduled top-k k or
+# threshold, in-block regulariser sums). Checked by :func:`check_config`.
+FFN_FEATURES: dict[str, frozenset[str]] = {}
 
 
-def register_ffn_impl(name: str):
-    """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``."""
+def register_ffn_impl(name: str, *, supports: tuple[str, ...] = ("topk", "recipe")):
+    """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``, with the
+    features it supports (``topk``, ``recipe``)."""
     def deco(factory):
         FFN_IMPLS[name] = factory
+        FFN_FEATURES[name] = frozenset(supports)
         return factory
     return deco
 
 
 def ffn_impl_names() -> list[str]:
     return sorted(FFN_IMPLS)
+
+
+def check_config(cfg: Config) -> None:
+    """``model.ffn_impl`` is registered, its tile sizes fit, and it supports what the config asks
+    of it (a trained top-k, a recipe); ConfigError naming the field."""
+    m = cfg.model
+    choice("model.ffn_impl", m.ffn_impl, ffn_impl_names())
+    features = FFN_FEATURES[m.ffn_impl]
+    if m.ffn_impl == "block_sparse":
+        positive("model.ffn_block_t", m.ffn_block_t)
+        positive("model.ffn_block_f", m.ffn_block_f)
+        if m.d_ff % m.ffn_block_f:
+            raise ConfigError(f"model.ffn_block_f={m.ffn_block_f} must divide model.d_ff={m.d_ff} "
+                              f"for model.ffn_impl='block_sparse'")
+    able = lambda feature: [n for n in ffn_impl_names() if feature in FFN_FEATURES[n]]  # noqa: E731
+    if m.topk and "topk" not in features:
+        raise ConfigError(f"model.topk={m.topk} must be 0 with model.ffn_impl={m.ffn_impl!r} "
+                          f"(a tile mask cannot express a per-token top-k); use one of "
+                          f"{able('topk')}")
+    on = recipe_terms_on(cfg)
+    if on and "recipe" not in features:
+        allowed = able("recipe")
+        want = repr(allowed[0]) if len(allowed) == 1 else f"one of {allowed}"
+        raise ConfigError(f"recipe.{on[0]} needs model.ffn_impl={want} (got {m.ffn_impl!r}): "
+                          f"the block-sparse kernels take no traced top-k, threshold or penalty")
 
 
 def _trained_topk(cfg: ModelConfig, sp: Optional[Sparsity] = None) -> bool:
@@ -171,7 +202,7 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
     return ffn
 
 
-@register_ffn_impl("block_sparse")
+@register_ffn_impl("block_sparse", supports=())
 def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
     """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels` (issue #14).
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from sparsejax import config as config_lib
+from sparsejax import configure
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -195,7 +196,7 @@ def model_config(hf: dict, *, seq_len: int, dtype: str = "float32") -> config_li
         norm_eps=float(get("rms_norm_eps")), dtype=dtype,
         n_kv_heads=0 if int(n_kv) == n_heads else int(n_kv), **rope, **scalings)
     try:
-        config_lib.validate(config_lib.Config(model=m, train=config_lib.TrainConfig(
+        configure.validate(config_lib.Config(model=m, train=config_lib.TrainConfig(
             seq_len=seq_len, batch_size=1)))
     except config_lib.ConfigError as err:
         raise HfImportError(f"config.json gives an invalid model: {err}") from None
@@ -496,7 +497,7 @@ class HfRun:
             if self.params_np is None:
                 raise ValueError("HfRun parameters were placed on another mesh and released")
             specs = model_lib.Model(self.cfg.model).param_specs(self.cfg.train.seq_len)
-            shardings = sharding.logical_shardings(specs, mesh, self.cfg.mesh)
+            shardings = sharding.ShardingPlan(mesh, self.cfg.mesh).shardings(specs)
             placed = jax.tree.map(lambda a, s: jax.device_put(a, s), self.params_np, shardings)
             self._placed, self.params_np = (mesh, placed), None
         return self._placed[1], {"tokens_seen": float("nan"), "hf_checkpoint": str(self.ckpt.path)}

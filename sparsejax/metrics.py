@@ -40,7 +40,7 @@ Array = jax.Array
 
 # One rule for "active" and one for fraction -> k, shared with training and evaluation.
 from sparsejax.sparsity import (FAT_FLOOR, active, fat_threshold,  # noqa: E402,F401
-                                global_topk_active, topk_count)
+                                global_topk_active, topk_count, topk_keep)
 CHUNK_LENS = (1, 2, 4, 8, 16, 32)
 
 
@@ -89,26 +89,18 @@ def fat_active_TxF(activation_TxF: Array, eps) -> Array:
     return active(as_f32(activation_TxF), fat_threshold(eps))
 
 
-def resolve_topk(k: int | float, d_ff: int) -> int:
-    """Neurons kept per token: an int k in [1, d_ff], or a float fraction f in (0, 1] keeping
-    ``d_ff − int(d_ff · (1 − f))`` (the reference's ``prune_topk`` count; the one rule,
-    :func:`sparsejax.sparsity.topk_count`, that training's ``model.topk`` uses too)."""
-    return topk_count(k, d_ff)
-
-
 def topk_active_TxF(activation_TxF: Array, k: int | float) -> Array:
     """Per-token top-k (docs §Criteria; Lazy Neuron, Q-Sparse): keep the k largest |σ(gate)| per token.
 
-    ``k`` is static (see ``resolve_topk``). Ties go to the lower neuron index (``lax.top_k``).
-    As in the reference's top-k, a selected entry with |σ(gate)| < 1e-18 is inactive, so a token
-    with fewer than k non-zero activations has fewer than k active neurons.
+    ``k`` is static: an int count or a fraction, made a count by the one rule
+    (:func:`sparsejax.sparsity.topk_count`); the mask is the one training applies
+    (:func:`sparsejax.sparsity.topk_keep`: ties to the lower neuron index). As in the reference's
+    top-k, a selected entry with |σ(gate)| < 1e-18 is inactive, so a token with fewer than k
+    non-zero activations has fewer than k active neurons.
     """
     require_ndim("activation_TxF", activation_TxF, 2, "tokens, d_ff")
-    n_tokens, d_ff = activation_TxF.shape
     abs_TxF = jnp.abs(as_f32(activation_TxF))
-    _, kept_index = jax.lax.top_k(abs_TxF, resolve_topk(k, d_ff))  # [T, k]
-    selected_TxF = jnp.zeros((n_tokens, d_ff), bool).at[
-        jnp.arange(n_tokens)[:, None], kept_index].set(True)
+    selected_TxF = topk_keep(abs_TxF, topk_count(k, abs_TxF.shape[-1])) > 0
     return active(abs_TxF, fat_threshold(0.0), selected_TxF)
 
 

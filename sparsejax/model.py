@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax import sparsity as sparsity_lib
-from sparsejax.config import ConfigError, ModelConfig
+from sparsejax.config import Config, ConfigError, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
 
@@ -193,9 +192,6 @@ def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Ar
     return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
 
 
-topk_mask = sparsity_lib.topk_keep  # the training-time top-k mask (kept name for callers)
-
-
 class FeedForward(nn.Module):
     """Owns the FFN weights; the computation is ``FFN_IMPLS[cfg.ffn_impl]``."""
 
@@ -337,6 +333,12 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
 
 def remat_policy_names() -> list[str]:
     return list(REMAT_POLICIES)
+
+
+def check_config(cfg: Config) -> None:
+    """The model registries' choices: ``model.rope_type`` and ``model.remat_policy``."""
+    choice("model.rope_type", cfg.model.rope_type, rope_type_names())
+    choice("model.remat_policy", cfg.model.remat_policy, remat_policy_names())
 
 
 def _block_class(cfg: ModelConfig):
@@ -540,15 +542,13 @@ class Model:
         return convert_layout(params, self.cfg.n_layers, self.cfg.scan_layers)
 
 
-def abstract_params(cfg: ModelConfig, seq_len: int, mesh: jax.sharding.Mesh, mesh_cfg) -> dict:
-    """Parameter shapes, dtypes and shardings (``ShapeDtypeStruct``s) without allocating any.
+def abstract_params(cfg: ModelConfig, seq_len: int, plan) -> dict:
+    """Parameter shapes, dtypes and shardings (``ShapeDtypeStruct``s) without allocating any,
+    sharded by ``plan`` (a :class:`sparsejax.sharding.ShardingPlan`).
 
     What a reader of checkpoints needs to restore parameters without building an optimizer.
     """
-    from sparsejax import sharding  # noqa: PLC0415 - sharding is a leaf; keeps model import-light
-
     model = Model(cfg)
-    boxed = jax.eval_shape(lambda key: model.init_annotated(key, seq_len), jax.random.key(0))
-    shardings = sharding.logical_shardings(model.logical_specs(boxed), mesh, mesh_cfg)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        model.unbox(boxed), shardings)
+    _, abstract = plan.abstract(jax.eval_shape(lambda key: model.init_annotated(key, seq_len),
+                                               jax.random.key(0)))
+    return abstract

@@ -8,10 +8,15 @@ Layout of a run directory (``--workdir``)::
     tensorboard/          the same scalars as TensorBoard events
     activation_ratio.png  the training plot
     eval/                 eval.py's results.json, results.csv and plots
+    sweep_train_done.json a sweep's marker: this run's training finished (sparsejax.sweep)
     train_debug.log       library logging (orbax, absl): kept out of the console
     rejected/             checkpoint steps that could not be restored, moved aside (never deleted)
     previous/<time>/      an earlier run's files, moved aside by ``train.py --no-resume``
     .lock                 held (``flock``) by the one process that writes the run
+
+:class:`RunDir` names every one of these paths; code reaches a run's files through it, and reads
+a run's config by the one precedence rule of ``checkpointing.read_run_config`` (the newest
+readable checkpoint's own copy first, ``config.json`` only without one).
 
 Rules every writer follows:
 
@@ -29,6 +34,7 @@ Rules every writer follows:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -37,7 +43,7 @@ import pathlib
 import socket
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from sparsejax import storage
 
@@ -47,6 +53,9 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 PLOT = "activation_ratio.png"
 EVAL = "eval"
+EVAL_RESULTS = "results.json"  # in EVAL
+SWEEP_MARKER = "sweep_train_done.json"
+SWEEP_RUNS = "runs"  # a sweep directory holds each run at runs/<run name>
 DEBUG_LOG = "train_debug.log"
 REJECTED = "rejected"
 PREVIOUS = "previous"
@@ -54,6 +63,78 @@ LOCK = ".lock"
 
 # What belongs to one training run (moved aside together by --no-resume).
 RUN_FILES = (CONFIG, CHECKPOINTS, METRICS, TENSORBOARD, PLOT, EVAL, REJECTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (layout above). ``root`` is a local ``pathlib.Path`` or an
+    object-store path (``storage.path``); every property is a path of the same kind."""
+
+    root: Any
+
+    @classmethod
+    def at(cls, workdir) -> "RunDir":
+        return cls(storage.path(workdir))
+
+    @property
+    def config(self):
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self):
+        return self.root / CHECKPOINTS
+
+    @property
+    def metrics(self):
+        return self.root / METRICS
+
+    @property
+    def tensorboard(self):
+        return self.root / TENSORBOARD
+
+    @property
+    def plot(self):
+        return self.root / PLOT
+
+    @property
+    def eval_dir(self):
+        return self.root / EVAL
+
+    @property
+    def eval_results(self):
+        """eval.py's default output (``results.csv`` and plots go beside it)."""
+        return self.root / EVAL / EVAL_RESULTS
+
+    @property
+    def rejected(self):
+        return self.root / REJECTED
+
+    @property
+    def previous(self):
+        return self.root / PREVIOUS
+
+    @property
+    def lock(self):
+        return self.root / LOCK
+
+    @property
+    def sweep_marker(self):
+        return self.root / SWEEP_MARKER
+
+    @staticmethod
+    def debug_log_name(process_index: int = 0) -> str:
+        """One debug log per process: hosts may share the run directory."""
+        return DEBUG_LOG if process_index == 0 else DEBUG_LOG.replace(".log", f".{process_index}.log")
+
+    def has_checkpoints(self) -> bool:
+        """Whether ``checkpoints/`` holds any step directory (finished or not)."""
+        ckpt = self.checkpoints
+        return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def sweep_run(out, name: str) -> RunDir:
+    """Where a sweep directory ``out`` keeps its run ``name`` (``OUT/runs/<name>``)."""
+    return RunDir(out / SWEEP_RUNS / name)
 
 
 class RunDirError(RuntimeError):

@@ -3,13 +3,20 @@
 The mesh has axes ``(data, fsdp, tensor)``. Parameters carry logical axis names (see
 :mod:`sparsejax.model`); ``MeshConfig.rules`` maps them to mesh axes (MaxText style), so the same
 code runs on 1 CPU device, 8 fake CPU devices and a TPU pod slice.
+
+:class:`ShardingPlan` is the one place shardings are computed: ``(mesh section, mesh) →`` the
+state's and parameters' shardings (from their logical axis names), the batch's and micro-batch's
+(from the ``batch`` rule) and the replicated one. The step, the trainer, evaluation, checkpoint
+readers and the benchmarks all take them from a plan, so a custom ``batch`` rule reaches the
+batches the trainer feeds and the shardings the step was compiled for alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -99,20 +106,19 @@ def check_divisible(abstract_tree, specs_tree, mesh: Mesh, mesh_cfg: MeshConfig)
                     f"map {logical!r} to None in mesh.rules")
 
 
-def batch_axes(mesh_cfg: MeshConfig | None = None) -> tuple[str, ...]:
+def batch_axes(mesh_cfg: MeshConfig) -> tuple[str, ...]:
     """Mesh axes the ``batch`` logical rule splits batches over (default rules: data, fsdp)."""
-    target = dict(rules(mesh_cfg or MeshConfig())).get("batch")
+    target = dict(rules(mesh_cfg)).get("batch")
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
-def batch_spec(mesh_cfg: MeshConfig | None = None, *, leading: int = 0) -> PartitionSpec:
+def batch_spec(mesh_cfg: MeshConfig, *, leading: int = 0) -> PartitionSpec:
     """[B, ...] split by the ``batch`` rule; ``leading`` unsplit axes first (micro-batches)."""
     axes = batch_axes(mesh_cfg)
     return PartitionSpec(*([None] * leading), axes or None, None)
 
 
-def check_batch(batch_size: int, grad_accum: int, mesh: Mesh,
-                mesh_cfg: MeshConfig | None = None) -> None:
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, mesh_cfg: MeshConfig) -> None:
     axes = batch_axes(mesh_cfg)
     ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     names = " × ".join(f"mesh.{a}" for a in axes) or "1"
@@ -122,20 +128,79 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh,
             f"{names} = {grad_accum} × {ways}; choose a multiple of {grad_accum * ways}")
 
 
-def batch_sharding(mesh: Mesh, mesh_cfg: MeshConfig | None = None) -> NamedSharding:
-    """Batches are split by the ``batch`` logical rule (default: data × fsdp), replicated over
-    the other axes."""
-    return NamedSharding(mesh, batch_spec(mesh_cfg))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each host's rows into global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+# The arrays of a training / evaluation batch: [B, L] each (data.py yields them host-local).
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """Every sharding of a run, from the config's mesh section and a mesh (module docstring).
+
+    ``mesh_cfg``'s rules decide all of them: parameters and optimizer moments by their logical
+    axis names, batches by the ``batch`` rule.
+    """
+
+    mesh: Mesh
+    mesh_cfg: MeshConfig
+
+    # -- batches ---------------------------------------------------------------------------
+    @property
+    def batch(self) -> NamedSharding:
+        """[B, ...] split over the ``batch`` rule's mesh axes (default: data × fsdp)."""
+        return NamedSharding(self.mesh, batch_spec(self.mesh_cfg))
+
+    @property
+    def micro_batch(self) -> NamedSharding:
+        """[accum, B / accum, ...]: micro-batches stacked in front, each split like a batch."""
+        return NamedSharding(self.mesh, batch_spec(self.mesh_cfg, leading=1))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def batch_shapes(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The abstract batch the step is compiled for (``jit(...).lower``)."""
+        return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch)
+                for k, dtype in BATCH_DTYPES.items()}
+
+    def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble each host's rows into global arrays sharded as :attr:`batch`."""
+        return {k: jax.make_array_from_process_local_data(self.batch, v)
+                for k, v in local_batch.items()}
+
+    def check_batch(self, batch_size: int, grad_accum: int) -> None:
+        check_batch(batch_size, grad_accum, self.mesh, self.mesh_cfg)
+
+    # -- parameters and state --------------------------------------------------------------
+    def spec(self, logical: PartitionSpec | tuple) -> PartitionSpec:
+        return mesh_spec(logical, self.mesh_cfg)
+
+    def shardings(self, specs_tree) -> Any:
+        """NamedShardings for a tree of logical PartitionSpecs."""
+        return logical_shardings(specs_tree, self.mesh, self.mesh_cfg)
+
+    def abstract(self, annotated_tree) -> tuple[Any, Any]:
+        """(shardings, ShapeDtypeStructs carrying them) of an abstract tree whose leaves carry
+        logical axis names (Flax-boxed, e.g. ``jax.eval_shape`` of an annotated init); checks
+        that every sharded dimension divides (ConfigError naming the config field)."""
+        import flax.linen as nn  # noqa: PLC0415 - only the boxed-metadata helpers
+
+        specs = nn.get_partition_spec(annotated_tree)
+        plain = nn.meta.unbox(annotated_tree)
+        check_divisible(plain, specs, self.mesh, self.mesh_cfg)
+        shardings = self.shardings(specs)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                plain, shardings)
+        return shardings, abstract
+
+
+def plan(mesh_cfg: MeshConfig, devices=None) -> ShardingPlan:
+    """The plan of a mesh built from ``mesh_cfg`` over ``devices`` (default: all devices)."""
+    return ShardingPlan(make_mesh(mesh_cfg, devices), mesh_cfg)
 
 
 # ---------------------------------------------------------------------------------- multi-host

@@ -9,13 +9,13 @@ step. The directory's layout is :mod:`sparsejax.rundir`'s.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Sequence
 
 import jax
 
-from sparsejax import checkpointing, config as config_lib, model as model_lib, rundir
+from sparsejax import checkpointing, config as config_lib, model as model_lib, rundir, sharding
+from sparsejax import configure
 
 
 class RunError(ValueError):
@@ -51,8 +51,8 @@ class TrainedRun:
         its meta, says which) is read in that layout and converted to this config's.
         """
         if self._abstract is None:
-            self._abstract = model_lib.abstract_params(self.cfg.model, self.cfg.train.seq_len,
-                                                       mesh, self.cfg.mesh)
+            self._abstract = model_lib.abstract_params(
+                self.cfg.model, self.cfg.train.seq_len, sharding.ShardingPlan(mesh, self.cfg.mesh))
         want_scan = self.cfg.model.scan_layers
         try:
             stored = self.reader.meta(step).get("config", {}).get("model", {})
@@ -63,7 +63,7 @@ class TrainedRun:
         if stored_scan != want_scan:
             abstract = model_lib.abstract_params(
                 dataclasses.replace(self.cfg.model, scan_layers=stored_scan),
-                self.cfg.train.seq_len, mesh, self.cfg.mesh)
+                self.cfg.train.seq_len, sharding.ShardingPlan(mesh, self.cfg.mesh))
         try:
             params, meta = self.reader.restore_params(step, abstract)
         except Exception as err:  # orbax raises many types for damaged or mismatched files
@@ -94,23 +94,17 @@ def _vanishing(step_dir, wait_s: float = 1.0) -> bool:
     return True
 
 
-def _config(workdir: pathlib.Path, ckpt_dir: pathlib.Path) -> config_lib.Config:
-    """The run's config: ``config.json``, or the one stored in its newest checkpoint."""
-    config_path = workdir / rundir.CONFIG
-    raw, source = None, config_path
-    if config_path.is_file():
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RunError(f"{config_path} is not valid JSON ({err})") from None
-    elif ckpt_dir.is_dir():
-        raw, source = checkpointing.config_from_checkpoints(ckpt_dir), "the checkpoints' meta"
-    if raw is None:
-        raise RunError(f"{workdir} has no config.json: not a run directory written by train.py")
+def _config(run: rundir.RunDir) -> config_lib.Config:
+    """The run's config, by the one rule (``checkpointing.read_run_config``): its newest
+    readable checkpoint's copy, else ``config.json``."""
     try:
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
-        return config_lib.from_dict(raw)
+        raw, source = checkpointing.read_run_config(run)
+    except checkpointing.RunConfigError as err:
+        raise RunError(str(err)) from None
+    if raw is None:
+        raise RunError(f"{run.root} has no config.json: not a run directory written by train.py")
+    try:
+        return configure.from_dict(raw)
     except (TypeError, KeyError, ValueError, config_lib.ConfigError) as err:
         raise RunError(f"{source} is not a valid sparsejax config ({err})") from None
 
@@ -120,8 +114,9 @@ def load(workdir: str | pathlib.Path) -> TrainedRun:
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
         raise RunError(f"--workdir {workdir} does not exist or is not a directory")
-    ckpt_dir = workdir / rundir.CHECKPOINTS
-    cfg = _config(workdir, ckpt_dir)
+    run = rundir.RunDir(workdir)
+    ckpt_dir = run.checkpoints
+    cfg = _config(run)
     if not ckpt_dir.is_dir():
         raise RunError(f"{workdir} has no checkpoints/ directory: nothing to evaluate")
     reader = checkpointing.CheckpointReader(ckpt_dir)

@@ -64,8 +64,6 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
-Preempted = Stopped  # the name used before SIGINT was handled too
-
 
 def _flatten(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
@@ -101,39 +99,32 @@ class RunSummary:
 
 
 def _debug_log(workdir: pathlib.Path):
-    index = jax.process_index()  # one file per process: hosts may share the workdir
-    name = rundir.DEBUG_LOG if index == 0 else rundir.DEBUG_LOG.replace(".log", f".{index}.log")
+    name = rundir.RunDir.debug_log_name(jax.process_index())
     return lifecycle.debug_log(storage.local_log_path(workdir, name))
 
 
 # ------------------------------------------------------------------------------- run identity
-def _has_steps(ckpt_dir: pathlib.Path) -> bool:
-    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-
-
 def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -> None:
     """Refuse to resume checkpoints of a different config (ConfigError) unless ``force``.
 
-    The config is read from the checkpoints' meta first, so deleting or damaging
-    ``config.json`` cannot make a ReLU run resume as a SiLU one.
+    The config is read by the one rule (``checkpointing.read_run_config``): the checkpoints'
+    own copy first, so deleting or damaging ``config.json`` cannot make a ReLU run resume as a
+    SiLU one.
     """
-    ckpt_dir = workdir / rundir.CHECKPOINTS
-    if not _has_steps(ckpt_dir):
+    run = rundir.RunDir(workdir)
+    if not run.has_checkpoints():
         return
-    old, source = checkpointing.config_from_checkpoints(ckpt_dir), "its checkpoints"
-    if old is None:
-        path, source = workdir / rundir.CONFIG, "config.json"
-        try:
-            old = json.loads(path.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            if force:
-                return
-            raise config_lib.ConfigError(
-                f"{workdir} holds checkpoints but their config is unknown ({path.name}: "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass --force "
-                f"if they are this config's, or --no-resume to move them aside") from None
+    try:
+        old, source = checkpointing.read_run_config(run)
+        if old is None:
+            raise checkpointing.RunConfigError(f"{run.config.name}: no config in the checkpoints "
+                                               f"and no {run.config.name}")
+    except checkpointing.RunConfigError as err:
+        if force:
+            return
+        raise config_lib.ConfigError(
+            f"{workdir} holds checkpoints but their config is unknown ({err}); pass --force "
+            f"if they are this config's, or --no-resume to move them aside") from None
     diffs = config_differences(old, config_lib.to_dict(cfg))
     if diffs and not force:
         raise config_lib.ConfigError(
@@ -226,7 +217,7 @@ class _Loop:
         self.check_saves()  # a failed background save surfaces within one log window
 
     def evaluate(self) -> None:
-        totals = jax.device_get([self.fns.evaluate(self.state, sharding.global_batch(b, self.mesh))
+        totals = jax.device_get([self.fns.evaluate(self.state, self.fns.plan.global_batch(b))
                                  for b in self.dataset.validation])
         tokens = sum(float(x["tokens"]) for x in totals)
         loss = sum(float(x["loss_sum"]) for x in totals) / tokens
@@ -266,7 +257,7 @@ class _Loop:
         for step_no in range(self.step_no + 1, t.steps + 1):
             if self._stop_requested(stop, step_no):
                 break
-            batch = sharding.global_batch(next(self.dataset.train), self.mesh)
+            batch = self.fns.plan.global_batch(next(self.dataset.train))
             self.state, metrics = self.train_step(self.state, batch)
             self.step_no = step_no
             for leaf in jax.tree.leaves(metrics):
@@ -353,17 +344,11 @@ def _own_data_state(meta: dict, cfg: config_lib.Config) -> dict:
 
 
 # ------------------------------------------------------------------------------------ train()
-def _batch_spec(cfg: config_lib.Config, mesh) -> dict:
-    t, shard = cfg.train, sharding.batch_sharding(mesh)
-    return {"inputs": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=shard),
-            "targets": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=shard),
-            "weights": jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.float32, sharding=shard)}
-
-
 def _prepare(cfg: config_lib.Config, log_activations: bool):
     """Everything that can fail on a bad config, with nothing allocated or written."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    shards = sharding.plan(cfg.mesh)
+    shards.check_batch(cfg.train.batch_size, cfg.train.grad_accum)
+    mesh = shards.mesh
     # A warm start whose shapes do not fit is refused here (metadata only), before compiling.
     warm = warm_start.plan(cfg, mesh)
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
@@ -376,7 +361,8 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
         raise config_lib.ConfigError(str(err)) from None
     t0 = time.perf_counter()
     # AOT compile from abstract shapes: shape or memory problems surface before the first step.
-    train_step = fns.train.lower(fns.abstract_state, _batch_spec(cfg, mesh)).compile()
+    train_step = fns.train.lower(
+        fns.abstract_state, fns.plan.batch_shapes(cfg.train.batch_size, cfg.train.seq_len)).compile()
     compile_s = time.perf_counter() - t0
     need = resources.check_compiled_fits(train_step, budget, limit_name)
     return mesh, fns, dataset, train_step, compile_s, need, warm
@@ -396,7 +382,7 @@ def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool =
                 lock.acquire()  # a second trainer is refused before it compiles anything
             mesh, fns, dataset, train_step, compile_s, need, warm = _prepare(cfg, log_activations)
             warm_params = None
-            if warm is not None and not (resume and _has_steps(workdir / rundir.CHECKPOINTS)):
+            if warm is not None and not (resume and rundir.RunDir(workdir).has_checkpoints()):
                 # A fresh run: its parameters must load before anything of it is written.
                 warm_params = warm_start.load(warm, cfg, fns.state_shardings["params"])
             workdir.mkdir(parents=True, exist_ok=True)
@@ -427,14 +413,15 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
              jax.process_index(), jax.process_count(),
              f"{rows.start}:{rows.stop}" if isinstance(rows, slice)
              else f"(grain shard: {getattr(dataset.train, 'shard', '?')})", t.batch_size)
-    ckpt = checkpointing.Checkpointer(workdir / rundir.CHECKPOINTS, keep_last=t.keep_last,
+    run = rundir.RunDir(workdir)
+    ckpt = checkpointing.Checkpointer(run.checkpoints, keep_last=t.keep_last,
                                       keep_every=t.keep_every, keep_steps=t.checkpoint_steps)
     writer = writers.MetricsWriter(workdir, enabled=is_main)
     loop = None
     try:
         restored = ckpt.restore_latest(fns.abstract_state) if resume else None
         if is_main:
-            rundir.atomic_write(workdir / rundir.CONFIG, json.dumps(config_lib.to_dict(cfg), indent=2))
+            rundir.atomic_write(run.config, json.dumps(config_lib.to_dict(cfg), indent=2))
         if restored is not None:
             start_step, state, meta = restored
             dataset.train.set_state(_own_data_state(meta, cfg))
@@ -475,11 +462,12 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
 
 
 def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSummary:
-    records = [r for r in writers.read_jsonl(workdir / rundir.METRICS) if "loss" in r] if (
-        is_main and (workdir / rundir.METRICS).exists()) else []
+    run = rundir.RunDir(workdir)
+    records = [r for r in writers.read_jsonl(run.metrics) if "loss" in r] if (
+        is_main and run.metrics.exists()) else []
     plot_path = None
     if is_main and log_activations and records:
-        plot_path = plotting.plot_activation_ratio(records, workdir / rundir.PLOT,
+        plot_path = plotting.plot_activation_ratio(records, run.plot,
                                                    title=f"{cfg.name}: FFN activation ratio",
                                                    stages=recipes.stage_boundaries(cfg))
     last = records[-1] if records else loop.last_record

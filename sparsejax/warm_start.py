@@ -18,7 +18,9 @@ from typing import Any
 
 import jax
 
-from sparsejax import checkpointing, config as config_lib, model as model_lib, rundir, storage
+from sparsejax import (checkpointing, config as config_lib, model as model_lib, rundir, sharding,
+                       storage)
+from sparsejax import configure
 from sparsejax.config import ConfigError
 
 
@@ -32,7 +34,7 @@ class WarmStart:
 
 def _checkpoints_dir(text: str):
     path = storage.path(text)
-    for candidate in (path / rundir.CHECKPOINTS, path):
+    for candidate in (rundir.RunDir(path).checkpoints, path):
         if candidate.is_dir() and checkpointing.finished_steps(candidate):
             return candidate
     raise ConfigError(f"train.warm_start={text!r} holds no finished checkpoint (give a run "
@@ -80,15 +82,15 @@ def plan(cfg: config_lib.Config, mesh: jax.sharding.Mesh) -> WarmStart | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the checkpoint's meta holds no config")
     try:
-        source_cfg = config_lib.from_dict(raw)
+        source_cfg = configure.from_dict(raw)
     except (ConfigError, TypeError, ValueError) as err:
         raise ConfigError(f"{where}: the checkpoint's config is not valid here ({err})") from None
-    seq_len = cfg.train.seq_len
-    source_abstract = model_lib.abstract_params(source_cfg.model, seq_len, mesh, cfg.mesh)
+    seq_len, shards = cfg.train.seq_len, sharding.ShardingPlan(mesh, cfg.mesh)
+    source_abstract = model_lib.abstract_params(source_cfg.model, seq_len, shards)
     n_src = source_cfg.model.n_layers
     converted = jax.eval_shape(
         lambda p: model_lib.convert_layout(p, n_src, cfg.model.scan_layers), source_abstract)
-    target = model_lib.abstract_params(cfg.model, seq_len, mesh, cfg.mesh)
+    target = model_lib.abstract_params(cfg.model, seq_len, shards)
     compare(_shapes(converted), _shapes(target), where)
     return WarmStart(directory, step, source_cfg, source_abstract)
 

@@ -22,7 +22,7 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
-        self.path = workdir / rundir.METRICS
+        self.path = rundir.RunDir(workdir).metrics
         self.enabled = enabled
         self._tb = None
         self._object = storage.ObjectLog(self.path) if enabled and storage.is_remote(self.path) else None

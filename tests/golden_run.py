@@ -16,6 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from sparsejax import checkpointing, config as config_lib, evaluation, rundir
+from sparsejax import configure
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 PARAMS = GOLDEN / "tiny_relu_params.npz"
@@ -31,7 +32,7 @@ def config(steps: int = 160) -> config_lib.Config:
                  "train.warmup_steps=20", "train.eval_every=1000", "train.checkpoint_every=40",
                  "train.keep_every=40", "train.keep_last=2", "train.eval_batches=3",
                  "train.log_every=40"]
-    return config_lib.validate(config_lib.apply_overrides(cfg, overrides))
+    return configure.validate(configure.apply_overrides(cfg, overrides))
 
 
 def flatten(params) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ def train_steps(cfg, devices, n_steps=3):
     state = fns.init(jax.random.key(0))
     losses, ratios = [], []
     for batch in random_batches(cfg, n_steps):
-        state, m = fns.train(state, sharding.global_batch(batch, mesh))
+        state, m = fns.train(state, fns.plan.global_batch(batch))
         losses.append(float(m["loss"]))
         ratios.append(np.asarray(m["activation_ratio_layers"]))
     return np.array(losses), np.array(ratios), state

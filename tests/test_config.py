@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from sparsejax import config, model
+from sparsejax import configure
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
@@ -25,8 +26,8 @@ def test_config_files_exist_for_every_size():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: pathlib.Path(p).stem)
 def test_every_config_builds_and_validates(path):
-    cfg = config.load(path)
-    assert config.validate(cfg) is cfg
+    cfg = configure.load(path)
+    assert configure.validate(cfg) is cfg
     # Build the model abstractly (no memory for the 2.4B one) and check parameter shapes.
     m = model.Model(cfg.model)
     shapes = jax.eval_shape(lambda k: m.init(k, 8), jax.random.key(0))
@@ -45,7 +46,7 @@ def test_paper_table_values():
 
 def test_overrides_parse_types_and_copy():
     base = config.proxy_config("tiny")
-    cfg = config.apply_overrides(base, [
+    cfg = configure.apply_overrides(base, [
         "model.activation=silu", "model.topk=0.25", "train.steps=7", "model.topk_ste=true",
         "train.learning_rate=1e-3", "name=x"])
     assert (cfg.model.activation, cfg.model.topk, cfg.train.steps, cfg.model.topk_ste) == ("silu", 0.25, 7, True)
@@ -84,37 +85,37 @@ def test_overrides_parse_types_and_copy():
 ])
 def test_invalid_configs_name_the_field(override, field):
     with pytest.raises(config.ConfigError) as err:
-        config.apply_overrides(config.proxy_config("tiny"), [override])
+        configure.apply_overrides(config.proxy_config("tiny"), [override])
     assert field in str(err.value)
 
 
 def test_allowed_values_are_listed():
     with pytest.raises(config.ConfigError, match="allowed values: .*'silu'"):
-        config.apply_overrides(config.proxy_config("tiny"), ["model.activation=nope"])
+        configure.apply_overrides(config.proxy_config("tiny"), ["model.activation=nope"])
 
 
 def test_threshold_allowed_for_fatrelu_and_d_model_heads_free():
-    cfg = config.apply_overrides(config.proxy_config("tiny"),
+    cfg = configure.apply_overrides(config.proxy_config("tiny"),
                                  ["model.activation=fatrelu", "model.activation_threshold=0.01"])
     assert cfg.model.activation_threshold == 0.01
 
 
 def test_load_errors(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
-        config.load(tmp_path / "missing.py")
+        configure.load(tmp_path / "missing.py")
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")
     with pytest.raises(config.ConfigError, match="get_config"):
-        config.load(bad)
+        configure.load(bad)
     with pytest.raises(config.ConfigError, match="override"):
-        config.apply_overrides(config.proxy_config("tiny"), ["model.activation"])
+        configure.apply_overrides(config.proxy_config("tiny"), ["model.activation"])
     with pytest.raises(config.ConfigError, match="paper size"):
         config.paper_config("3b")
 
 
 def test_dict_round_trip_through_json():
-    cfg = config.apply_overrides(config.paper_config("0.1b"), ["model.activation=silu"])
-    again = config.from_dict(json.loads(json.dumps(config.to_dict(cfg))))
+    cfg = configure.apply_overrides(config.paper_config("0.1b"), ["model.activation=silu"])
+    again = configure.from_dict(json.loads(json.dumps(config.to_dict(cfg))))
     assert again == cfg
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
 
@@ -128,9 +129,9 @@ def test_grouped_query_and_minicpm_fields_validated():
                                 ("rope_type", "yarn", "model.rope_type='yarn' is not allowed"),
                                 ("rope_factor", 0, "model.rope_factor=0.0 must be > 0")):
         with pytest.raises(config.ConfigError, match=re.escape(match)):
-            config.apply_overrides(config.Config(), [f"model.{field}={value}"])
+            configure.apply_overrides(config.Config(), [f"model.{field}={value}"])
     with pytest.raises(config.ConfigError, match="model.rope_high_freq_factor=1.0 must exceed"):
-        config.apply_overrides(config.Config(), ["model.rope_type=llama3",
+        configure.apply_overrides(config.Config(), ["model.rope_type=llama3",
                                                  "model.rope_high_freq_factor=1"])
-    cfg = config.apply_overrides(config.Config(), ["model.n_kv_heads=2"])
+    cfg = configure.apply_overrides(config.Config(), ["model.n_kv_heads=2"])
     assert cfg.model.kv_heads == 2 and config.ModelConfig().kv_heads == 4

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from sparsejax import config, data
+from sparsejax import configure
 
 
 def _cfg(*overrides):
-    return config.apply_overrides(config.proxy_config("tiny"), list(overrides))
+    return configure.apply_overrides(config.proxy_config("tiny"), list(overrides))
 
 
 def test_embedded_corpus_is_real_text_with_fixed_split():

@@ -1,6 +1,7 @@
 """eval.py / sparsejax.evaluation on the golden fixture run (frozen checkpoints of a tiny ReLU
 model): sparse passes vs numpy, CETT-PPL, the CLI."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -14,8 +15,8 @@ import pytest
 
 import golden_run
 
-from sparsejax import (cett, evaluation, model as model_lib, plotting,
-                       results as results_lib, trained_run)
+from sparsejax import (cett, checkpointing, evaluation, model as model_lib, plotting,
+                       results as results_lib, rundir, trained_run)
 from sparsejax.sparsity import Sparsity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -292,18 +293,37 @@ def test_load_run_errors(tmp_path, relu_run):
         evaluation.EvalOptions(cett=1.5).validate()
 
 
-def test_cett_ppl_refuses_warmup_only_selection(relu_run, tmp_path):
-    cfg = json.loads((relu_run / "config.json").read_text())
-    assert cfg["train"]["warmup_steps"] == 20
-    # Copy the run with a longer warm-up recorded: every checkpoint is then a warm-up checkpoint.
+def test_a_run_is_read_as_its_checkpoints_say_not_as_an_edited_config_json(relu_run, tmp_path):
+    """The one precedence rule (checkpointing.read_run_config), shared by evaluation and the
+    trainer's resume check: the newest checkpoint's own config first; config.json only for a run
+    without one."""
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(relu_run, copy)
-    cfg["train"]["warmup_steps"] = 200
-    (copy / "config.json").write_text(json.dumps(cfg))
+    raw = json.loads((copy / "config.json").read_text())
+    raw["model"]["activation"] = "silu"
+    (copy / "config.json").write_text(json.dumps(raw))
+    run = trained_run.load(copy)
+    assert run.cfg.model.activation == "relu"
+    got, source = checkpointing.read_run_config(rundir.RunDir(copy))
+    assert got["model"]["activation"] == "relu" and "checkpoints" in source
+    shutil.rmtree(copy / "checkpoints")
+    (copy / "checkpoints").mkdir()
+    got, source = checkpointing.read_run_config(rundir.RunDir(copy))
+    assert got["model"]["activation"] == "silu" and source == str(copy / "config.json")
+    (copy / "config.json").unlink()
+    assert checkpointing.read_run_config(rundir.RunDir(copy)) == (None, "")
+
+
+def test_cett_ppl_refuses_warmup_only_selection(relu_run):
+    run = trained_run.load(relu_run)
+    assert run.cfg.train.warmup_steps == 20 and max(run.steps) <= 200
+    # The run read with a longer warm-up: every checkpoint is then a warm-up checkpoint.
+    cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, warmup_steps=200))
+    longer = trained_run.TrainedRun(run.workdir, cfg, run.reader, run.steps)
     with pytest.raises(evaluation.EvalError, match="after warm-up"):
-        evaluation.evaluate_run(copy, evaluation.EvalOptions(metrics=("cett_ppl",)), progress=False)
+        evaluation.evaluate(longer, evaluation.EvalOptions(metrics=("cett_ppl",)), progress=False)
 
 
 @pytest.mark.slow

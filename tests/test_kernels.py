@@ -8,7 +8,7 @@ Every implementation runs on this CPU-only machine:
   into plain JAX ops, so it checks the kernel's indexing and arithmetic but not Triton codegen;
   for that, one test lowers it for the ``cuda`` platform (Triton IR is produced in Python, no
   GPU needed) and checks the Triton custom calls appear. Nothing here compiles or runs Triton;
-* the pure-JAX gather + einsum reference.
+* the pure-JAX gather + einsum tile path (impl="jax").
 
 Tolerances: float32 1e-5 relative to the output's scale. bfloat16 inputs: the kernels and the
 dense reference both accumulate in float32 and round h to bf16 before W_out, so they differ only
@@ -29,7 +29,7 @@ from sparsejax.kernels import ffn, gpu, tpu
 
 T, D, F, BT, BF = 64, 128, 512, 16, 128
 N, M = T // BT, F // BF
-KERNELS = ("tpu", "gpu", "reference")
+KERNELS = ("tpu", "gpu", "jax")
 
 
 def _weights(gated, dtype=jnp.float32, seed=0):
@@ -161,15 +161,15 @@ def test_gate_and_up_and_padding_and_leading_dims():
 def test_dense_fallback_gives_the_same_result():
     x, w_in, w_gate, w_out = _weights(True)
     mask = _masks()["random"]  # density 0.4375
-    sparse = _run("reference", x, w_in, w_gate, w_out, mask)
+    sparse = _run("jax", x, w_in, w_gate, w_out, mask)
     fallback = ffn.block_sparse_ffn(x, w_in, w_gate, w_out, jax.nn.relu, block_t=BT, block_f=BF,
-                                    mask=mask, impl="reference", dense_fallback_density=0.1)
+                                    mask=mask, impl="jax", dense_fallback_density=0.1)
     _close(fallback, sparse, 1e-5)
 
 
-def test_auto_picks_reference_on_cpu():
+def test_auto_picks_the_pure_jax_path_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert ffn.pick_impl("auto") == "reference"
+    assert ffn.pick_impl("auto") == "jax"
     with pytest.raises(ValueError, match="impl='cuda'"):
         ffn.pick_impl("cuda")
 
@@ -182,7 +182,7 @@ def test_entry_point_errors():
         ffn.block_sparse_ffn(x, w_in, w_gate, w_out.T, jax.nn.relu, block_t=BT, block_f=BF)
     with pytest.raises(ValueError, match="needs N=4"):
         ffn.block_sparse_ffn(x, w_in, w_gate, w_out, jax.nn.relu, block_t=BT, block_f=BF,
-                             mask=bm.all_active(2, M), impl="reference")
+                             mask=bm.all_active(2, M), impl="jax")
 
 
 def test_kernel_tiling_errors():
@@ -217,7 +217,7 @@ def test_gpu_kernel_lowers_to_triton():
 
 @pytest.mark.parametrize("impl, gated, gate_and_up", [
     ("tpu", True, False), ("tpu", False, False), ("tpu", True, True),
-    ("gpu", True, False), ("reference", True, False), ("reference", False, False)])
+    ("gpu", True, False), ("jax", True, False), ("jax", False, False)])
 def test_gradients_match_dense_with_mask(impl, gated, gate_and_up):
     x, w_in, w_gate, w_out = _weights(gated)
     dy = jax.random.normal(jax.random.PRNGKey(9), (T, D))
@@ -233,11 +233,3 @@ def test_gradients_match_dense_with_mask(impl, gated, gate_and_up):
         _close(g, w, 1e-5)
     # Token block 0 has an empty list: its rows get no input gradient.
     np.testing.assert_array_equal(got[0][:BT], 0.0)
-
-
-def test_ffn_impl_binds_options_for_a_model_dispatch_point():
-    from sparsejax import kernels
-    x, w_in, w_gate, w_out = _weights(True)
-    fn = kernels.ffn_impl(block_t=BT, block_f=BF, impl="reference")
-    y = jax.jit(lambda x_: fn(x_.reshape(2, T // 2, D), w_in, w_gate, w_out, jax.nn.relu))(x)
-    _close(y.reshape(T, D), ffn.dense(x, w_in, w_gate, w_out, None, jax.nn.relu), 1e-5)

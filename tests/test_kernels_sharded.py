@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax import config, sharding, step
+from sparsejax import configure
 from sparsejax.config import MeshConfig
 from sparsejax.kernels import ffn as kffn
 from sparsejax.kernels import sharded
@@ -34,7 +35,7 @@ LR = 0.5
 
 
 def _cfg(*extra):
-    return config.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
+    return configure.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
 
 
 def _close(got, want, tol):
@@ -59,7 +60,7 @@ def _train(cfg, devices, n_steps=2):
     state = fns.init(jax.random.key(0))
     losses, norms, grads = [], [], None
     for batch in random_batches(cfg, n_steps):
-        state, m = fns.train(state, sharding.global_batch(batch, mesh))
+        state, m = fns.train(state, fns.plan.global_batch(batch))
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
         grads = jax.device_get(state["opt_state"]) if grads is None else grads
@@ -107,7 +108,7 @@ def _walk(jaxpr, inside=False):
 def _train_step_jaxpr(cfg, devices):
     mesh = sharding.make_mesh(cfg.mesh, devices)
     fns = step.make_step_functions(cfg, mesh, _sgd_keeping_grads(LR))
-    batch = sharding.global_batch(random_batches(cfg, 1)[0], mesh)
+    batch = fns.plan.global_batch(random_batches(cfg, 1)[0])
     return fns.train.trace(fns.abstract_state, batch).jaxpr.jaxpr
 
 
@@ -119,7 +120,7 @@ def test_the_mask_and_ffn_run_per_shard_inside_shard_map(sparse_path_only):
     # The block masks are built per shard (sorting each shard's active neuron blocks) ...
     sorts = [inside for name, _, inside in eqns if name == "sort"]
     assert sorts and all(sorts)
-    # ... the reference path gathers the active weight blocks there ...
+    # ... the pure-JAX tile path gathers the active weight blocks there ...
     assert any(name == "gather" and inside for name, _, inside in eqns)
     # ... and the partial outputs of the tensor shards are summed over the "mlp" mesh axis.
     assert any(name.startswith("psum") and inside and "tensor" in params.get("axes", ())
@@ -206,7 +207,7 @@ def test_one_device_runs_the_local_ffn_unchanged():
     one = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
     def fn(*arrays, mesh):
         return sharded.block_sparse_ffn(*arrays, jax.nn.relu, hidden_spec=HIDDEN, mesh=mesh,
-                                        block_t=BT, block_f=BF, impl="reference",
+                                        block_t=BT, block_f=BF, impl="jax",
                                         dense_fallback_density=1.0)
 
     for mesh in (one, None):
@@ -214,7 +215,7 @@ def test_one_device_runs_the_local_ffn_unchanged():
         assert not any(name == "shard_map" for name, _, _ in _walk(jaxpr.jaxpr))
     y = fn(x, act, w_in, w_gate, w_out, mesh=one)
     want = kffn.block_sparse_ffn(x, w_in, w_gate, w_out, jax.nn.relu, block_t=BT, block_f=BF,
-                                 impl="reference", dense_fallback_density=1.0)
+                                 impl="jax", dense_fallback_density=1.0)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
 
 
@@ -223,4 +224,4 @@ def test_batch_not_divisible_by_the_token_shards_is_a_clear_error():
     with pytest.raises(ValueError, match=r"batch B=6 is not divisible by the 4 shards of mesh "
                                          r"axes \['data', 'fsdp'\]"):
         sharded.block_sparse_ffn(x[:6], None, w_in, w_gate, w_out, jax.nn.relu, hidden_spec=HIDDEN,
-                                 mesh=_mesh(), block_t=BT, block_f=BF, impl="reference")
+                                 mesh=_mesh(), block_t=BT, block_f=BF, impl="jax")

@@ -17,6 +17,7 @@ import yaml
 
 from fake_gcs import install
 from sparsejax import config as config_lib
+from sparsejax import configure
 from sparsejax.launch import cli, cloud, jobs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_slice_table(tpu):
 def test_commands_and_manifest_for_paper_configs(config, tpu):
     chips, hosts, per_host = SLICES[tpu]
     args = _train_args(config)
-    cfg = config_lib.load(str(REPO / "configs" / config), ["mesh.fsdp=-1", "mesh.data=1"])
+    cfg = configure.load(str(REPO / "configs" / config), ["mesh.fsdp=-1", "mesh.data=1"])
     cloud.check_batch(cloud.parse_slice(tpu), 1, cfg.train.batch_size)
     sl = cloud.parse_slice(tpu)
     multi = ["--distributed", "on"] if hosts > 1 else []
@@ -174,7 +175,7 @@ def _runs():
     out = []
     for name, act in (("relu", "relu"), ("silu", "silu")):
         overrides = (f"name={name}", f"model.activation={act}")
-        cfg = config_lib.load(str(REPO / "configs/sparsing_law_0.1b.py"), list(overrides))
+        cfg = configure.load(str(REPO / "configs/sparsing_law_0.1b.py"), list(overrides))
         out.append(types.SimpleNamespace(name=name, config="configs/sparsing_law_0.1b.py", overrides=overrides,
                                          config_dict=json.loads(json.dumps(config_lib.to_dict(cfg)))))
     return out
@@ -299,7 +300,7 @@ def test_job_writes_the_marker_on_host_zero_only(tmp_path):
                        timeout=180)
     assert p.returncode == 0, p.stderr
     marker = json.loads((tmp_path / "w" / "done.json").read_text())
-    cfg = config_lib.load(str(REPO / "configs/tiny_relu.py"), overrides)
+    cfg = configure.load(str(REPO / "configs/tiny_relu.py"), overrides)
     assert marker["run"] == "r" and marker["config"] == json.loads(json.dumps(config_lib.to_dict(cfg)))
     assert jobs.host_index({"TPU_WORKER_ID": "3"}) == 3 and jobs.host_index({}) == 0
     assert jobs.host_index({"TPU_WORKER_ID": "0", "MEGASCALE_SLICE_ID": "1"}) == 1

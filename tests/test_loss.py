@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sparsejax import config, evaluation, loss, optim, sharding, step
+from sparsejax import configure
 from step_data import random_batches
 
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
@@ -99,7 +100,7 @@ def test_tiled_gradient_holds_no_full_logits():
 
 
 def _cfg(*extra):
-    return config.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
+    return configure.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
 
 
 def _steps(cfg, devices, n_steps=2):
@@ -110,9 +111,9 @@ def _steps(cfg, devices, n_steps=2):
     batches[0]["weights"][:2, :5] = 0.0
     losses = []
     for batch in batches[:n_steps]:
-        state, m = fns.train(state, sharding.global_batch(batch, mesh))
+        state, m = fns.train(state, fns.plan.global_batch(batch))
         losses.append(float(m["loss"]))
-    ev = fns.evaluate(state, sharding.global_batch(batches[-1], mesh))
+    ev = fns.evaluate(state, fns.plan.global_batch(batches[-1]))
     return np.array(losses), jax.device_get(state["params"]), float(ev["loss_sum"])
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ffn_data import N_LAYERS, random_layers
-from sparsejax import metrics
+from sparsejax import metrics, sparsity
 
 FLOOR32 = np.float32(1e-18)
 
@@ -59,14 +59,14 @@ def test_topk_per_token_matches_argsort():
     topk = jax.jit(metrics.topk_active_TxF, static_argnums=1)
     for act, _, _ in random_layers(2, 40, 64):  # continuous: no ties, no zeros
         for k in (1, 5, 64, 0.25):
-            count = metrics.resolve_topk(k, 64)
+            count = sparsity.topk_count(k, 64)
             expected = np.zeros(act.shape, bool)
             np.put_along_axis(expected, np.argsort(-np.abs(act), axis=1)[:, :count], True, axis=1)
             mask = np.asarray(topk(act, k))
             np.testing.assert_array_equal(mask, expected)
             assert (mask.sum(axis=1) == count).all()
             assert abs(float(metrics.activation_ratio(mask)) - count / 64) < 1e-6
-    assert metrics.resolve_topk(0.25, 64) == 64 - int(64 * 0.75)
+    assert sparsity.topk_count(0.25, 64) == 64 - int(64 * 0.75)
     # Fewer non-zeros than k: the zeros stay inactive (the reference's 1e-18 floor).
     sparse_act = np.array([[0.0, 3.0, 0.0, -1.0]], np.float32)
     np.testing.assert_array_equal(np.asarray(metrics.topk_active_TxF(sparse_act, 3)),
@@ -228,7 +228,7 @@ def test_errors_name_argument_and_range():
         with pytest.raises(ValueError, match=r"k as a fraction must be in \(0, 1\]"):
             metrics.topk_active_TxF(act, bad)
     with pytest.raises(ValueError, match=r"k must be an int"):
-        metrics.resolve_topk(True, 8)
+        sparsity.topk_count(True, 8)
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"fraction must be a float in \(0, 1\]"):
             metrics.global_topk_active_TxF(act, bad)

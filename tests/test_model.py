@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import activations, model
+from sparsejax import activations, model, sparsity
 from sparsejax.config import ModelConfig
 from sparsejax.loss import next_token_loss
 from sparsejax.sparsity import Sparsity
@@ -65,7 +65,7 @@ def test_intermediates_absent_unless_requested():
 def test_topk_mask_exact_k_and_matches_argsort():
     score = np.random.default_rng(0).normal(size=(7, 3, 50)).astype(np.float32)
     for k in (1, 5, 49, 50):
-        mask = np.asarray(model.topk_mask(jnp.asarray(score), k))
+        mask = np.asarray(sparsity.topk_keep(jnp.asarray(score), k))
         assert mask.shape == score.shape
         np.testing.assert_array_equal(mask.sum(-1), k)
         want = np.zeros_like(score)
@@ -75,21 +75,21 @@ def test_topk_mask_exact_k_and_matches_argsort():
 
 def test_topk_mask_ties_still_exactly_k():
     score = jnp.ones((4, 10))
-    mask = np.asarray(model.topk_mask(score, 3))
+    mask = np.asarray(sparsity.topk_keep(score, 3))
     np.testing.assert_array_equal(mask.sum(-1), 3)
 
 
 @pytest.mark.parametrize("k", [0, -1, 51])
 def test_topk_mask_rejects_bad_k(k):
     with pytest.raises(ValueError, match="d_ff=50"):
-        model.topk_mask(jnp.ones((2, 50)), k)
+        sparsity.topk_keep(jnp.ones((2, 50)), k)
 
 
 def test_approx_topk_recall():
     score = jax.random.normal(jax.random.key(3), (256, 512))
     k = 64
-    approx = np.asarray(model.topk_mask(score, k, approximate=True, recall=0.95))
-    exact = np.asarray(model.topk_mask(score, k))
+    approx = np.asarray(sparsity.topk_keep(score, k, approximate=True, recall=0.95))
+    exact = np.asarray(sparsity.topk_keep(score, k))
     np.testing.assert_array_equal(approx.sum(-1), k)
     recall = (approx * exact).sum() / exact.sum()
     assert recall >= 0.95

@@ -1,7 +1,6 @@
 """Model core for pod scale: scan/remat layouts, the FFN registry, block-sparse FFN, the façade."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from sparsejax import config, evaluation, ffn, model, sharding, sparsity, trained_run, trainer
+from sparsejax import configure
 from sparsejax.config import ConfigError, ModelConfig
 from sparsejax.loss import next_token_loss
 from step_data import random_batches, train_steps
@@ -111,7 +111,7 @@ def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
 
     try:
         cfg = dataclasses.replace(CFG, ffn_impl="halved_for_test")
-        config.apply_overrides(config.proxy_config("tiny"), ["model.ffn_impl=halved_for_test"])
+        configure.apply_overrides(config.proxy_config("tiny"), ["model.ffn_impl=halved_for_test"])
         tokens = _tokens(CFG)
         p = model.Model(CFG).init(jax.random.key(1), 11)
         halved_w = jax.tree_util.tree_map_with_path(
@@ -134,7 +134,7 @@ def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
 ])
 def test_config_errors_name_field_and_allowed_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        config.apply_overrides(config.proxy_config("tiny"), overrides)
+        configure.apply_overrides(config.proxy_config("tiny"), overrides)
 
 
 # ------------------------------------------------------------------------- block-sparse FFN
@@ -142,8 +142,8 @@ def test_config_errors_name_field_and_allowed_values(overrides, match):
 def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
     """ReLU: the zero-criterion tile mask keeps every nonzero, so training with the block-sparse
     FFN (CPU: the kernels' pure-JAX path) follows the einsum FFN; evaluation runs on it."""
-    ref_cfg = config.apply_overrides(config.proxy_config("tiny"), MICRO)
-    bs_cfg = config.apply_overrides(ref_cfg, ["model.ffn_impl=block_sparse", "model.ffn_block_t=64",
+    ref_cfg = configure.apply_overrides(config.proxy_config("tiny"), MICRO)
+    bs_cfg = configure.apply_overrides(ref_cfg, ["model.ffn_impl=block_sparse", "model.ffn_block_t=64",
                                               "model.ffn_block_f=32"])
     l_ref, r_ref, s_ref = train_steps(ref_cfg, jax.devices()[:1])
     l_bs, r_bs, s_bs = train_steps(bs_cfg, jax.devices()[:1])
@@ -158,7 +158,7 @@ def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
     for name, cfg in (("ref", ref_cfg), ("bs", bs_cfg)):
         ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(metrics=("zero", "fat", "topk")),
                                   batches=[batch])
-        target = model.abstract_params(cfg.model, cfg.train.seq_len, ev.mesh, cfg.mesh)
+        target = model.abstract_params(cfg.model, cfg.train.seq_len, ev.plan)
         params = jax.device_put(jax.device_get(s_ref["params"]),
                                 jax.tree.map(lambda a: a.sharding, target))
         reports[name] = [ev.dense(params), ev.fat(params, 0.01), ev.topk(params)]
@@ -169,9 +169,16 @@ def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
 
 
 # --------------------------------------------------------------------- checkpoint layouts
+def _as_layout(run, **model_fields):
+    """The same run read as a config with other model fields (e.g. the other ``scan_layers``
+    layout): a run's config comes from its checkpoints, so it is changed on the run object."""
+    cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, **model_fields))
+    return trained_run.TrainedRun(run.workdir, cfg, run.reader, run.steps)
+
+
 @pytest.mark.slow
 def test_checkpoint_of_the_other_layout_converts_for_reading_and_refuses_resume(tmp_path):
-    cfg = config.apply_overrides(config.proxy_config("tiny"), MICRO + [
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), MICRO + [
         "train.steps=2", "train.checkpoint_every=2", "train.eval_every=1000", "train.log_every=1",
         "train.eval_batches=1"])
     trainer.train(cfg, tmp_path, progress=False)
@@ -179,16 +186,13 @@ def test_checkpoint_of_the_other_layout_converts_for_reading_and_refuses_resume(
     run = trained_run.load(tmp_path)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     unrolled, _ = run.params(2, mesh)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["model"]["scan_layers"] = True
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    scanned, _ = trained_run.load(tmp_path).params(2, mesh)
+    scanned, _ = _as_layout(run, scan_layers=True).params(2, mesh)
     assert "layers" in scanned and "layer_0" not in scanned
     jax.tree.map(np.testing.assert_array_equal,
                  jax.device_get(model.convert_layout(scanned, 2, False)), jax.device_get(unrolled))
     # Training: resuming with the other layout fails in one line naming the field.
     with pytest.raises(ConfigError, match="model.scan_layers") as err:
-        trainer.train(config.apply_overrides(cfg, ["model.scan_layers=true", "train.steps=4"]),
+        trainer.train(configure.apply_overrides(cfg, ["model.scan_layers=true", "train.steps=4"]),
                       tmp_path, progress=False)
     assert "\n" not in str(err.value)
 
@@ -198,7 +202,7 @@ def test_scanned_remat_run_evaluates_end_to_end_as_the_unrolled_model(tmp_path):
     """Train with scan + full remat, run the whole evaluation (zero, FAT, top-k, CETT-PPL) on its
     checkpoint, then evaluate the same checkpoint as the unrolled model (config edited, layout
     converted on read): every number agrees, so evaluation is layout-blind end to end."""
-    cfg = config.apply_overrides(config.proxy_config("tiny"), MICRO + [
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), MICRO + [
         "train.steps=3", "train.checkpoint_every=3", "train.eval_every=1000", "train.log_every=1",
         "train.eval_batches=1", "model.scan_layers=true", "model.remat_policy=full"])
     trainer.train(cfg, tmp_path, progress=False)
@@ -207,10 +211,9 @@ def test_scanned_remat_run_evaluates_end_to_end_as_the_unrolled_model(tmp_path):
     options = evaluation.EvalOptions(metrics=("zero", "fat", "topk", "cett_ppl"), ppl_p=1.0)
     batch = random_batches(cfg, 1, seed=3)
     scanned = evaluation.evaluate_run(tmp_path, options, progress=False, batches=batch)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["model"]["scan_layers"], raw["model"]["remat_policy"] = False, "none"
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    unrolled = evaluation.evaluate_run(tmp_path, options, progress=False, batches=batch)
+    unrolled = evaluation.evaluate(_as_layout(trained_run.load(tmp_path), scan_layers=False,
+                                              remat_policy="none"),
+                                   options, progress=False, batches=batch)
 
     def numbers(tree, path=""):
         if isinstance(tree, dict):

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from sparsejax import config, data, writers
+from sparsejax import data, writers
+from sparsejax import configure
 from sparsejax.launch import local
 
 pytestmark = pytest.mark.slow  # several real processes joined by jax.distributed
@@ -229,7 +230,7 @@ def test_a_sigkilled_launcher_takes_its_processes_with_it(tmp_path):
 def test_host_batches_partition_the_global_batch():
     """Derived independently of the trainer: the hosts' train and validation rows, stacked,
     are the single-host batch (no duplicate, no missing row), for 1, 2 and 4 hosts."""
-    cfg = config.load(str(REPO / "configs/tiny_relu.py"), MICRO + ["train.eval_batches=2"])
+    cfg = configure.load(str(REPO / "configs/tiny_relu.py"), MICRO + ["train.eval_batches=2"])
     whole = data.Dataset(cfg, 0, 1)
     want_train = [next(whole.train) for _ in range(3)]
     for hosts in (2, 4):

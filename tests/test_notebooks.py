@@ -56,7 +56,7 @@ def test_cpu_proxy_sweep_notebook_trains_a_miniature_sweep_and_saves_figures(tmp
     monkeypatch.delenv("SPARSEJAX_SWEEP_DIR", raising=False)
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the miniature runs train on one CPU device
     text = _text(_execute("cpu_proxy_sweep.ipynb", tmp_path, CPU_PROXY_FIGURES))
-    assert (tmp_path / "mini_sweep" / "results.csv").exists()
+    assert (tmp_path / "mini_sweep" / "table.csv").exists()
     assert "Sparsing Law trend (ReLU falls, SiLU rises)" in text
     assert "ReLU: ratio falls with data in" in text and "SiLU: ratio rises with data in" in text
 

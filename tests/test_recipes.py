@@ -21,6 +21,7 @@ import pytest
 
 from sparsejax import (config, data, ffn, metrics, model, optim, plotting, recipes,
                        sharding, sparsity, step, trainer, warm_start, writers)
+from sparsejax import configure
 from sparsejax.config import ConfigError
 from sparsejax.sparsity import Sparsity
 from run_wait import wait_for_step
@@ -32,7 +33,7 @@ MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_
 
 
 def _cfg(*extra, base="relu"):
-    return config.apply_overrides(config.proxy_config("tiny", base), MICRO + list(extra))
+    return configure.apply_overrides(config.proxy_config("tiny", base), MICRO + list(extra))
 
 
 def _sched(field, kind, values, bounds=()):
@@ -48,7 +49,7 @@ def _train(cfg, n_steps, *, seed_batches=0):
     train = data.Dataset(cfg).train
     out = []
     for _ in range(n_steps):
-        state, m = fns.train(state, sharding.global_batch(next(train), mesh))
+        state, m = fns.train(state, fns.plan.global_batch(next(train)))
         out.append(jax.device_get(m))
     return out, state, fns, mesh
 
@@ -115,7 +116,7 @@ def test_objective_terms_normalisation_and_grad_accumulation():
     _, inter = model.Transformer(cfg.model).apply({"params": params}, batch["inputs"],
                                                  mutable=["intermediates"])
     acts, _ = model.ffn_intermediates(inter, cfg.model.n_layers)
-    _, m = fns.train(s1, sharding.global_batch(batch, mesh))
+    _, m = fns.train(s1, fns.plan.global_batch(batch))
     want_cs = np.mean([float(metrics.chunk_sparsity(a != 0, 4)) for a in acts])
     assert float(m["train_chunk_sparsity"]) == pytest.approx(want_cs, abs=1e-6)
     want_l1 = sum(np.abs(np.asarray(a)).sum() for a in acts) / batch["weights"].sum()
@@ -205,9 +206,9 @@ def test_bad_recipe_configs_give_one_line_errors(overrides, needles):
 
 
 def test_recipe_survives_the_config_round_trip_and_old_configs_resume():
-    cfg = config.load(REPO / "configs/recipes/prosparse_tiny.py")
+    cfg = configure.load(REPO / "configs/recipes/prosparse_tiny.py")
     raw = json.loads(json.dumps(config.to_dict(cfg)))
-    assert config.from_dict(raw) == cfg
+    assert configure.from_dict(raw) == cfg
     assert trainer.config_differences(raw, config.to_dict(cfg)) == []
     plain = json.loads(json.dumps(config.to_dict(config.proxy_config("tiny"))))
     del plain["recipe"]  # written before the section existed: every recipe field its default
@@ -325,7 +326,8 @@ def test_warm_start_across_activations_and_layouts(silu_run, tmp_path):
         mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
         warm = warm_start.plan(cfg, mesh)
         params = jax.device_get(warm_start.load(warm, cfg, jax.tree.map(
-            lambda a: a.sharding, model.abstract_params(cfg.model, 32, mesh, cfg.mesh))))
+            lambda a: a.sharding, model.abstract_params(
+                cfg.model, 32, sharding.ShardingPlan(mesh, cfg.mesh)))))
         for i in range(2):
             got = params["layers"]["ffn"]["w_gate"]["kernel"][i] if scan else \
                 params[f"layer_{i}"]["ffn"]["w_gate"]["kernel"]

@@ -64,8 +64,9 @@ def test_a_recipe_evaluates_its_schedules_in_graph_by_hand():
     """recipes.coefficients at boundaries and midpoints; top-k values become neuron counts by the
     one fraction -> k rule (float64, on the host) and k is interpolated in counts, rounded."""
     from sparsejax import config, recipes
+    from sparsejax import configure
 
-    cfg = config.apply_overrides(config.proxy_config("tiny"), [  # d_ff = 320
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), [  # d_ff = 320
         "recipe.topk.kind=linear", "recipe.topk.values=0,0.9,32", "recipe.topk.boundaries=10,20,30",
         "recipe.l1.kind=sine_stages", "recipe.l1.values=0,1e-4,3e-4", "recipe.l1.boundaries=0,100,200"])
     r = recipes.of(cfg)
@@ -83,11 +84,11 @@ def test_a_recipe_evaluates_its_schedules_in_graph_by_hand():
 
 
 def test_schedules_are_set_from_the_command_line():
-    from sparsejax import config
+    from sparsejax import config, configure
 
-    cfg = config.apply_overrides(config.proxy_config("tiny"), [
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), [
         "recipe.chunk.kind=piecewise", "recipe.chunk.values=0, 0.1", "recipe.chunk.boundaries=0,5e1"])
     assert cfg.recipe.chunk == Schedule("piecewise", (0.0, 0.1), (0, 50))
     assert config.proxy_config("tiny").recipe.chunk == Schedule()  # the base is untouched
     with pytest.raises(config.ConfigError, match=r"recipe.chunk.boundaries='2.5': expected an int"):
-        config.apply_overrides(config.proxy_config("tiny"), ["recipe.chunk.boundaries=2.5"])
+        configure.apply_overrides(config.proxy_config("tiny"), ["recipe.chunk.boundaries=2.5"])

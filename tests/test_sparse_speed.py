@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from sparsejax import config, trainer
+from sparsejax import configure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -39,7 +40,7 @@ def test_missing_run_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_runs_on_a_recipe_trained_run(tmp_path):
-    cfg = config.load(ROOT / "configs" / "recipes" / "chunk_sparsity_tiny.py", [
+    cfg = configure.load(ROOT / "configs" / "recipes" / "chunk_sparsity_tiny.py", [
         "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=160",
         "train.batch_size=8", "train.seq_len=64", "train.steps=12", "train.warmup_steps=2",
         "train.eval_every=1000", "train.checkpoint_every=12", "train.log_every=12",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sparsejax import config, evaluation, metrics, model, optim, sharding, sparsity, step
+from sparsejax import configure
 from sparsejax.config import ModelConfig
 
 PAPER_D_FF = (1920, 2560, 3200, 3840, 4480, 5760, 320)
@@ -34,7 +35,7 @@ def test_active_rules_against_literal_values():
 @pytest.mark.slow
 @pytest.mark.parametrize("d_ff", PAPER_D_FF)
 def test_training_and_evaluation_topk_keep_the_same_k(d_ff):
-    """ModelConfig.topk (training), metrics.resolve_topk / topk_active_TxF and the evaluator's k
+    """ModelConfig.topk (training), sparsity.topk_count / topk_active_TxF and the evaluator's k
     agree, and equal the count the reference's prune_topk keeps (int(numel · (1 − f)) dropped);
     the training FFN's mask keeps exactly that many per token."""
     act_TxF = jax.random.normal(jax.random.key(d_ff), (3, d_ff)) + 5.0  # no exact zeros
@@ -42,7 +43,7 @@ def test_training_and_evaluation_topk_keep_the_same_k(d_ff):
         reference_keeps = d_ff - int(d_ff * (1.0 - f))
         cfg = ModelConfig(vocab_size=256, d_model=8, n_layers=1, n_heads=1, head_dim=8, d_ff=d_ff,
                           activation="silu", topk=f)
-        assert cfg.topk_k == reference_keeps == metrics.resolve_topk(f, d_ff), (d_ff, f)
+        assert cfg.topk_k == reference_keeps == sparsity.topk_count(f, d_ff), (d_ff, f)
         eval_counts = np.asarray(metrics.topk_active_TxF(act_TxF, f)).sum(-1)
         np.testing.assert_array_equal(eval_counts, reference_keeps)
         train_keep = sparsity.topk_keep(jnp.abs(act_TxF), cfg.topk_k)
@@ -108,17 +109,17 @@ def test_in_graph_training_ratio_equals_evaluation_ratio(activation, n_layers, c
     equals the evaluator's zero / FAT-ε ratio. (The FAT pass is a sparse forward, so later layers
     would see pruned inputs: one layer keeps the comparison exact.)"""
     eps = 0.05
-    cfg = config.apply_overrides(config.proxy_config("tiny", activation), MICRO + [
+    cfg = configure.apply_overrides(config.proxy_config("tiny", activation), MICRO + [
         f"model.n_layers={n_layers}", f"train.fat_eps={eps}"])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
     state = fns.init(jax.random.key(2))
     params = jax.device_get(state["params"])
     batch = _batch(cfg)
-    _, m = fns.train(state, sharding.global_batch(batch, mesh))
+    _, m = fns.train(state, fns.plan.global_batch(batch))
     ev = evaluation.Evaluator(cfg, evaluation.EvalOptions(metrics=("zero", "fat"), fat_eps=eps),
                               batches=[batch])
-    target = model.abstract_params(cfg.model, cfg.train.seq_len, ev.mesh, cfg.mesh)
+    target = model.abstract_params(cfg.model, cfg.train.seq_len, ev.plan)
     params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, target))
     result = ev.dense(params) if criterion == "zero" else ev.fat(params, eps)
     eval_ratio = [float(r.activation_ratio) for r in result.reports]

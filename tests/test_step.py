@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sparsejax import config, model, optim, sharding, step
+from sparsejax import configure
 from sparsejax.config import ConfigError, MeshConfig
 from step_data import random_batches, train_steps
 
@@ -12,7 +13,7 @@ MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_
 
 
 def _cfg(*extra):
-    return config.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
+    return configure.apply_overrides(config.proxy_config("tiny"), MICRO + list(extra))
 
 
 @pytest.mark.slow
@@ -45,21 +46,6 @@ def test_scan_and_remat_one_device_equals_eight_devices():
                                rtol=1e-4, atol=1e-6)
 
 
-def test_batch_sharding_follows_the_batch_rule():
-    cfg = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices())
-    P = jax.sharding.PartitionSpec
-    assert sharding.batch_sharding(mesh, cfg.mesh).spec == P(("data", "fsdp"), None)
-    assert sharding.batch_spec(cfg.mesh, leading=1) == P(None, ("data", "fsdp"), None)
-    rules = tuple((k, "data" if k == "batch" else v) for k, v in cfg.mesh.rules)
-    only_data = config.apply_overrides(cfg, [])
-    only_data.mesh.rules = rules
-    assert sharding.batch_sharding(mesh, only_data.mesh).spec == P("data", None)
-    sharding.check_batch(2, 1, mesh, only_data.mesh)  # 2 rows over data=2: fine
-    with pytest.raises(ConfigError, match=r"train.grad_accum=1 × mesh.data = 1 × 2"):
-        sharding.check_batch(3, 1, mesh, only_data.mesh)
-
-
 @pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch():
     l1, _, _ = train_steps(_cfg(), jax.devices()[:1])
@@ -80,7 +66,7 @@ def test_in_graph_activation_ratio_matches_numpy(activation, topk):
     _, inter = model.Transformer(cfg.model).apply({"params": params}, batch["inputs"],
                                                  mutable=["intermediates"])
     acts, hiddens = model.ffn_intermediates(inter, cfg.model.n_layers)
-    _, metrics = fns.train(state, sharding.global_batch(batch, mesh))
+    _, metrics = fns.train(state, fns.plan.global_batch(batch))
     w = batch["weights"].astype(bool)
     want_ratio, want_dead = [], []
     for a, h in zip(acts, hiddens):
@@ -100,8 +86,8 @@ def test_in_graph_activation_ratio_matches_numpy(activation, topk):
 @pytest.mark.slow
 def test_logging_off_gives_same_loss():
     cfg = _cfg()
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    batch = sharding.global_batch(random_batches(cfg, 1)[0], mesh)
+    shards = sharding.plan(cfg.mesh, jax.devices()[:1])
+    mesh, batch = shards.mesh, shards.global_batch(random_batches(cfg, 1)[0])
     out = []
     for log_activations in (True, False):
         fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
@@ -118,7 +104,7 @@ def test_wsd_and_cosine_schedules():
     lr = optim.learning_rate_schedule(t)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(50), lr(80), lr(90), lr(100)],
                                [0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1], atol=1e-6)
-    cos = optim.learning_rate_schedule(config.apply_overrides(
+    cos = optim.learning_rate_schedule(configure.apply_overrides(
         _cfg("train.steps=100", "train.warmup_steps=10", "train.learning_rate=1.0",
              "train.min_lr_ratio=0.1"), ["train.schedule=cosine"]).train)
     assert float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)

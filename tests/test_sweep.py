@@ -257,8 +257,20 @@ def test_collect_builds_the_tidy_table(tmp_path):
     assert (first["activation"], first["size"], first["width"], first["depth"], first["params"]) == (
         "relu", "", 128, 5, relu.params)
     sweep.write_table(rows, tmp_path)
-    assert (tmp_path / "results.csv").read_text().splitlines()[0] == ",".join(sweep.COLUMNS)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == ",".join(sweep.COLUMNS)
+    assert json.loads((tmp_path / "table.json").read_text()) == rows
+    from sparsejax.sweep import table as table_lib
+
+    assert table_lib.load_table(tmp_path) == rows
+    # A sweep directory written before the table was renamed (results.json / results.csv) still
+    # loads; an eval.py results.json (an object, another schema) is never taken for a table.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "results.json").write_text(json.dumps(rows))
+    assert table_lib.load_table(legacy) == rows
+    (legacy / "results.json").write_text(json.dumps({"checkpoints": []}))
+    with pytest.raises(FileNotFoundError, match="table.json does not exist"):
+        table_lib.load_table(legacy)
 
 
 def _law_rows(run, law, params, steps, noise=0.0, seed=0):
@@ -429,7 +441,7 @@ def test_real_train_and_eval_end_to_end_then_everything_skipped(tmp_path):
     out = tmp_path / "out"
     proc = _cli(path, "--out", out, "--n-boot", "5", "--no-progress")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((out / "results.json").read_text())
+    rows = json.loads((out / "table.json").read_text())
     metrics = {(r["run"], r["metric"]) for r in rows}
     for run in ("relu", "silu"):
         assert {(run, m) for m in ("train_loss", "train_activation_ratio", "eval_loss", "zero_ratio",
@@ -540,8 +552,8 @@ def test_publish_thins_training_rows_and_round_trips_through_the_csv(tmp_path):
     rows = sweep.collect(out, runs)
     publish.publish(out, dest, rows, [r.name for r in runs])
 
-    assert sorted(p.name for p in dest.iterdir()) == ["fits.json", "provenance.json", "results.csv", "sweep.json"]
-    back = table.load_table(dest)  # no results.json there: read from the CSV, typed
+    assert sorted(p.name for p in dest.iterdir()) == ["fits.json", "provenance.json", "sweep.json", "table.csv"]
+    back = table.load_table(dest)  # no table.json there: read from the CSV, typed
     expected = publish.thin(rows)
     for row in expected:
         if row["value"] != row["value"]:

@@ -11,6 +11,7 @@ import pytest
 from libtpu_guard import require_libtpu
 
 from sparsejax import config, flops
+from sparsejax import configure
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import tpu_fit  # noqa: E402
@@ -24,7 +25,7 @@ def libtpu():
 
 
 def test_small_train_step_compiles_for_v5e_2x2_and_fits(libtpu):
-    cfg = config.apply_overrides(config.proxy_config("tiny"), [
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), [
         "mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=true", "model.remat_policy=full",
         "model.dtype=bfloat16", "train.batch_size=16", "train.seq_len=128"])
     row = tpu_fit.compile_fit(cfg, "v5e:2x2", per_chip_batch=2)
@@ -41,7 +42,7 @@ def test_small_train_step_compiles_for_v5e_2x2_and_fits(libtpu):
 
 
 def test_topology_batch_mismatch_is_a_config_error(libtpu):
-    cfg = config.apply_overrides(config.proxy_config("tiny"), ["train.batch_size=6"])
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), ["train.batch_size=6"])
     with pytest.raises(config.ConfigError, match="train.batch_size=6 is not a multiple of 2"):
         tpu_fit.compile_fit(cfg, "v5e:2x2", per_chip_batch=2)
 
@@ -52,7 +53,7 @@ def test_tiled_loss_rows_and_fit_rows_names_the_largest(libtpu, capsys):
     a row per per-device batch and returns the largest that fits. (The memory it saves at the
     paper's shapes is in the README's fit table; at this size XLA's TPU fusions already avoid
     materialising the plain loss's logits, so the two temps are not compared here.)"""
-    cfg = config.apply_overrides(config.proxy_config("tiny"), [
+    cfg = configure.apply_overrides(config.proxy_config("tiny"), [
         "mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=true", "model.remat_policy=full",
         "model.dtype=bfloat16", "train.batch_size=32", "train.seq_len=128",
         "train.loss_tile_len=16"])

@@ -12,12 +12,14 @@ the dense FFN with those tiles pruned. Implementations:
 
 * ``"tpu"``: Pallas Mosaic kernels for forward, dx and dW (:mod:`sparsejax.kernels.tpu`);
 * ``"gpu"``: Pallas Triton forward (:mod:`sparsejax.kernels.gpu`), dense-with-mask backward;
-* ``"reference"``: gather the active weight blocks per token block and einsum (pure JAX, any
-  backend, differentiated by JAX itself);
+* ``"jax"``: gather the active weight blocks per token block and einsum (pure JAX, any
+  backend, differentiated by JAX itself; :func:`jax_tiles`);
 * ``"dense"``: the dense FFN times the expanded mask (the ground truth the others are tested
   against, and the fallback above ``DENSE_FALLBACK_DENSITY``).
 
-``impl="auto"`` picks by ``jax.default_backend()``: tpu → "tpu", gpu → "gpu", else "reference".
+``impl="auto"`` picks by ``jax.default_backend()``: tpu → "tpu", gpu → "gpu", else "jax".
+(``model.ffn_impl="reference"`` is the model's einsum FFN, a different thing: see
+:mod:`sparsejax.ffn`.)
 Shape letters: see :mod:`sparsejax.kernels.block_mask`; inside token/neuron blocks ``t`` and
 ``f`` are the block_t tokens and block_f neurons of one tile.
 """
@@ -35,15 +37,15 @@ from sparsejax.kernels import common, gpu, tpu
 from sparsejax.kernels.block_mask import BlockMask
 
 Array = jax.Array
-IMPLS = ("auto", "tpu", "gpu", "reference", "dense")
+IMPLS = ("auto", "tpu", "gpu", "jax", "dense")
 
 # Above this fraction of active tiles the dense FFN is used instead (same result, the mask is
 # still applied). Not measured here (no accelerator): the Pallas block-sparse "DSD" matmul reaches
 # ≈6× of a 10× bound at 10% density on TPU v5e (Pallas sparse-kernel guide), i.e. ≈60% of dense
 # efficiency per computed tile, so a kernel costs ≈ density / 0.6 of the dense FFN and breaks
 # even at density ≈ 0.6. Re-measure with benchmarks/block_sparse_ffn.py on the target chip.
-# CPU (pure-JAX reference, measured 2026-11-27 on a 2-core CPU sandbox, T=1024, bt=bf=128,
-# forward, k_max = the busiest row): the reference beats dense up to density ≈ 0.62 (0.1B shape)
+# CPU (pure-JAX tile path, measured 2026-11-27 on a 2-core CPU sandbox, T=1024, bt=bf=128,
+# forward, k_max = the busiest row): the pure-JAX path beats dense up to density ≈ 0.62 (0.1B shape)
 # and ≈ 0.57 (1.2B shape); 0.55 is the lower, rounded down.
 DENSE_FALLBACK_DENSITY = {"tpu": 0.6, "gpu": 0.6, "cpu": 0.55}
 
@@ -54,7 +56,7 @@ def pick_impl(impl: str = "auto") -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    return {"tpu": "tpu", "gpu": "gpu"}.get(backend, "reference")
+    return {"tpu": "tpu", "gpu": "gpu"}.get(backend, "jax")
 
 
 # ----------------------------------------------------------------------------- pure JAX
@@ -74,7 +76,7 @@ def dense(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_FxD:
     return y_TxD.astype(x_TxD.dtype)
 
 
-def reference(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_FxD: Array,
+def jax_tiles(x_TxD: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_out_FxD: Array,
               mask: BlockMask, act: common.Activation, *, gate_and_up: bool = False,
               block_t: int, block_f: int) -> Array:
     """Gather the listed weight blocks of each token block and einsum; padded slots are zeroed.
@@ -169,10 +171,10 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
         |σ(W_gate x)| > threshold (plain FFN: σ(W_in x)) with one dense gate matmul outside the
         gradient, so only W_in and W_out are skipped then; pass a predicted mask to skip all three.
     k_max: static cap on neuron blocks per token block (None: all M; exact). It sets the
-        kernels' grid and the reference's work: the kernels skip slots past a row's count, but
-        the reference computes all k_max slots, so on CPU set it near the busiest row's count.
+        kernels' grid and the pure-JAX path's work: the kernels skip slots past a row's count, but
+        the pure-JAX path computes all k_max slots, so on CPU set it near the busiest row's count.
     gate_and_up: apply σ to the up projection too (dReLU, ``activations.get(name).gate_and_up``).
-    impl: "auto" | "tpu" | "gpu" | "reference" | "dense". interpret: run a Pallas kernel in
+    impl: "auto" | "tpu" | "gpu" | "jax" | "dense". interpret: run a Pallas kernel in
         interpret mode (CPU tests).
     dense_fallback_density: tile density above which the dense-with-mask FFN runs instead
         (a ``lax.cond`` at run time; same result). None: ``DENSE_FALLBACK_DENSITY`` of the chosen
@@ -208,8 +210,8 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
     dense_fn = lambda *a: dense(*a, mask, activation_fn, **kw)  # noqa: E731
     if impl == "dense":
         sparse_fn = dense_fn
-    elif impl == "reference":
-        sparse_fn = lambda *a: reference(*a, mask, activation_fn, **kw)  # noqa: E731
+    elif impl == "jax":
+        sparse_fn = lambda *a: jax_tiles(*a, mask, activation_fn, **kw)  # noqa: E731
     else:
         def sparse_fn(*a):
             # Inside shard_map: one varying-axes type for all kernel operands (common.vary_like).
@@ -218,7 +220,7 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
                                interpret)
     if dense_fallback_density is None:
         dense_fallback_density = DENSE_FALLBACK_DENSITY.get(
-            {"reference": jax.default_backend()}.get(impl, impl), 0.6)
+            {"jax": jax.default_backend()}.get(impl, impl), 0.6)
     args = (x_TxD, w_in_DxF, w_gate_DxF, w_out_FxD)
     if impl == "dense" or dense_fallback_density >= 1.0:
         y_TxD = sparse_fn(*args)
@@ -226,16 +228,3 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
         use_dense = bm.density(mask, m) > dense_fallback_density
         y_TxD = jax.lax.cond(use_dense, dense_fn, sparse_fn, *args)
     return y_TxD[:t].reshape(*lead, d)
-
-
-def ffn_impl(*, block_t: int = 128, block_f: int = 128, k_max: Optional[int] = None,
-             threshold: float = 0.0, impl: str = "auto",
-             dense_fallback_density: Optional[float] = None):
-    """Bind the block-sparse options once; returns ``fn(x, w_in, w_gate|None, w_out, act_fn, *,
-    gate_and_up=False) -> y`` with x of shape [..., D], for a model's FFN dispatch point."""
-    def fn(x, w_in_DxF, w_gate_DxF, w_out_FxD, activation_fn, *, gate_and_up: bool = False):
-        return block_sparse_ffn(x, w_in_DxF, w_gate_DxF, w_out_FxD, activation_fn,
-                                block_t=block_t, block_f=block_f, k_max=k_max, threshold=threshold,
-                                gate_and_up=gate_and_up, impl=impl,
-                                dense_fallback_density=dense_fallback_density)
-    return fn

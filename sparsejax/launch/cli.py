@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train_config(train_args: list[str]):
     """The config train.py will load (to check the batch against the slice before launching)."""
     from sparsejax import config
+    from sparsejax import configure
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config")
@@ -89,7 +90,7 @@ def _train_config(train_args: list[str]):
         raise cloud.CloudError("train.py's arguments after '--' must include --config and --workdir")
     path = ns.config if ns.config.startswith("/") else str(local.REPO / ns.config)
     try:
-        return config.load(path, ns.overrides)
+        return configure.load(path, ns.overrides)
     except config.ConfigError as err:
         raise cloud.CloudError(f"config error: {str(err).splitlines()[0]}") from None
 

@@ -106,7 +106,7 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
     ``done(workdir, run)`` is the sweep's own marker check; ``execute`` runs one argv (default:
     subprocess), only with ``--run`` in ``opts``. Raises CloudError for bad input, before any job.
     """
-    from sparsejax import storage
+    from sparsejax import rundir, storage
 
     ns = parse_opts(engine, opts)
     if not storage.is_remote(out):
@@ -133,7 +133,7 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
     log(f"# sweep {sweep_name}: {len(runs)} runs on {engine}, {ns.num_slices} × {sl.accelerator_type} "
         f"({sl.hosts} host(s) × {sl.chips_per_host} chips) each; out {out}")
     for run in runs:
-        workdir = root / "runs" / run.name
+        workdir = rundir.sweep_run(root, run.name).root
         if done(workdir, run):
             log(f"# {run.name}: trained (marker in {workdir}), skipped")
             continue
@@ -202,7 +202,7 @@ def run_job(run_name: str, marker: str, train_args: Sequence[str], *,
     if rc != 0 or host_index(environ) != 0:
         return rc
     workdir = storage.path(ns.workdir)
-    config = json.loads((workdir / rundir.CONFIG).read_text())
+    config = json.loads(rundir.RunDir(workdir).config.read_text())
     rundir.atomic_write(workdir / marker, json.dumps({
         "run": run_name, "config": config, "command": ["train.py", *train_args],
         "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))

@@ -13,7 +13,7 @@ output in ``train.log`` / ``eval.log`` there). Resumable: a run whose training f
 eval results are newer than the marker is skipped; a half-finished run is simply started again
 and train.py resumes from its checkpoints. A failing run is recorded and the sweep goes on.
 
-Then OUT gets ``sweep.json`` (the resolved runs), ``results.csv``/``.json`` (tidy: one row per
+Then OUT gets ``sweep.json`` (the resolved runs), ``table.csv``/``.json`` (tidy: one row per
 run, step and metric, see :data:`COLUMNS`), ``fits.json`` (one Sparsing Law fit per run and
 activation-ratio metric, docs/sparsity_metrics_and_laws.md §Laws) and ``plots/`` (PNG + PDF,
 :mod:`sparsejax.plotting`). ``--publish DIR`` then copies the small results of a complete sweep
@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Mapping, Sequence
 
+from sparsejax import rundir
 from sparsejax.sweep.table import collect, write_table
 from sparsejax.sweep.figures import make_plots
 from sparsejax.sweep.fits import LawFit, fit_runs, format_fit
@@ -64,7 +65,7 @@ def load_manifest(out: str | pathlib.Path) -> tuple[dict, tuple[ResolvedRun, ...
 def analyse(out: pathlib.Path, runs: Sequence[ResolvedRun], law_by_activation: Mapping[str, str],
             plots: Sequence[str] = DEFAULT_PLOTS, *, n_boot: int = 200,
             workers: int = 1) -> tuple[list[dict], list[LawFit]]:
-    """Collect, fit and plot a sweep directory; writes results.csv/.json, fits.json and plots/."""
+    """Collect, fit and plot a sweep directory; writes table.csv/.json, fits.json and plots/."""
     rows = collect(out, runs)
     write_table(rows, out)
     fits = fit_runs(rows, runs, law_by_activation, n_boot=n_boot, workers=workers)
@@ -92,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the engine's options, e.g. --tpu-type v5e-256 --cluster C --image IMG --run")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="after a complete sweep, copy its small results (sweep.json, fits.json, a thinned "
-                        "results.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
+                        "table.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (0: no CIs)")
     p.add_argument("--fit-workers", type=int, default=os.cpu_count() or 1,
                    help="processes fitting the laws in parallel (default: one per CPU core)")
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     if args.print_commands:
         print(f"# sweep {sweep.name}: {len(selected)} of {len(runs)} runs -> {out}\n# local")
         for run in selected:
-            workdir = out / "runs" / run.name
+            workdir = rundir.sweep_run(out, run.name).root
             print(shlex.join(train_command(run, workdir, script=args.train_script)))
             if not args.skip_eval:
                 print(shlex.join(eval_command(run, workdir, sweep.eval, script=args.eval_script)))
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows, fits = analyse(out, runs, law_map(sweep), sweep.plots, n_boot=args.n_boot, workers=args.fit_workers)
     missing = sorted({r.name for r in runs} - {row["run"] for row in rows})
-    print(f"collected {len(rows)} rows into {out / 'results.csv'}"
+    print(f"collected {len(rows)} rows into {out / 'table.csv'}"
           + (f"; no data yet for {missing}" if missing else ""))
     print(f"fits ({time.perf_counter() - t0:.0f}s, {out / 'fits.json'}; plots in {out / 'plots'}):")
     for fit in fits:

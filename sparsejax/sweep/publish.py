@@ -5,7 +5,7 @@ retraining and every README number traces to a file. A published directory holds
 
 * ``sweep.json`` — the resolved runs (configs, parameter counts), as the sweep wrote it;
 * ``fits.json`` — the per-run law fits (limit A0 with its moving-block bootstrap interval);
-* ``results.csv`` — the tidy table (:data:`sparsejax.sweep.table.COLUMNS`): every eval row (one per
+* ``table.csv`` — the tidy table (:data:`sparsejax.sweep.table.COLUMNS`): every eval row (one per
   checkpoint) and the in-graph training rows thinned to at most :data:`MAX_TRAIN_POINTS` steps per
   run (evenly spaced, the last step always kept), so the file stays small;
 * ``provenance.json`` — the commit (and whether the tree had uncommitted changes), date, machine,
@@ -23,8 +23,8 @@ import time
 from typing import Sequence
 
 from sparsejax import rundir
-from sparsejax.sweep.runner import MARKER, write_json
-from sparsejax.sweep.table import write_csv_rows
+from sparsejax.sweep.runner import write_json
+from sparsejax.sweep.table import TABLE_CSV, write_csv_rows
 
 MAX_TRAIN_POINTS = 200
 TRAIN_METRICS = ("train_loss", "train_activation_ratio")
@@ -69,12 +69,12 @@ def provenance(out: pathlib.Path, run_names: Sequence[str]) -> dict:
 
     runs = {}
     for name in run_names:
-        workdir = out / "runs" / name
+        run = rundir.sweep_run(out, name)
         entry = {}
-        if (workdir / MARKER).exists():
-            marker = json.loads((workdir / MARKER).read_text())
+        if run.sweep_marker.exists():
+            marker = json.loads(run.sweep_marker.read_text())
             entry.update(train_seconds=round(marker.get("seconds", 0.0), 1), finished=marker.get("finished"))
-        results = workdir / rundir.EVAL / "results.json"
+        results = run.eval_results
         if results.exists():
             entry["eval_seconds"] = round(json.loads(results.read_text()).get("seconds", 0.0), 1)
         runs[name] = entry
@@ -95,5 +95,5 @@ def publish(out: pathlib.Path, dest: pathlib.Path, rows: Sequence[dict], run_nam
     for name in ("sweep.json", "fits.json"):
         shutil.copyfile(out / name, dest / f".{name}.tmp")
         (dest / f".{name}.tmp").replace(dest / name)
-    rundir.atomic_write(dest / "results.csv", lambda p: write_csv_rows(thin(rows), p))
+    rundir.atomic_write(dest / TABLE_CSV, lambda p: write_csv_rows(thin(rows), p))
     write_json(dest / "provenance.json", provenance(out, run_names))

@@ -8,6 +8,7 @@ import re
 from typing import Mapping, Sequence
 
 from sparsejax import config as config_lib, flops, laws
+from sparsejax import configure
 from sparsejax.eval_options import EvalOptions
 from sparsejax.sweep.spec import PLOT_KINDS, Run, Sweep, SweepError
 
@@ -45,7 +46,7 @@ def config_path(config: str) -> pathlib.Path:
 
 def _load_config(run: Run, overrides: Sequence[str]) -> config_lib.Config:
     try:
-        return config_lib.load(config_path(run.config), overrides)
+        return configure.load(config_path(run.config), overrides)
     except config_lib.ConfigError as err:
         raise SweepError(f"run {run.name!r}: {err}") from None
 

@@ -22,13 +22,12 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from sparsejax import config as config_lib
-from sparsejax import lifecycle, rundir
+from sparsejax import config as config_lib, configure, lifecycle, rundir
 from sparsejax.eval_options import EvalOptions, to_argv
 from sparsejax.sweep.resolved import REPO, ResolvedRun, config_path
 from sparsejax.sweep.spec import Sweep
 
-MARKER = "sweep_train_done.json"
+MARKER = rundir.SWEEP_MARKER
 
 
 def train_command(run: ResolvedRun, workdir, *, python: str = sys.executable,
@@ -45,7 +44,7 @@ def eval_command(run: ResolvedRun, workdir, options: EvalOptions, *, python: str
                  script=REPO / "eval.py") -> list[str]:
     """eval.py's command line: every checkpoint, every option spelled out (eval_options.to_argv)."""
     return [python, str(script), "--workdir", str(workdir), "--checkpoints", "all",
-            *to_argv(options), "--out", f"{workdir}/eval/results.json", "--no-progress"]
+            *to_argv(options), "--out", str(rundir.RunDir(workdir).eval_results), "--no-progress"]
 
 
 def tpu_script(sweep: Sweep, runs: Sequence[ResolvedRun], out: str) -> str:
@@ -69,10 +68,10 @@ def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
 
     A damaged marker (torn by a crash) counts as not done: training is started again, resumes
     from the run's checkpoints, and rewrites the marker. The saved config is read back through
-    ``config.from_dict`` first, so a field added to the code since (with its default) does not make
+    ``configure.from_dict`` first, so a field added to the code since (with its default) does not make
     a finished run look different and train again.
     """
-    marker = workdir / MARKER
+    marker = rundir.RunDir(workdir).sweep_marker
     try:
         content = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
@@ -80,7 +79,7 @@ def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
     if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
         return False
     try:
-        saved = config_lib.to_json_dict(config_lib.from_dict(content["config"]))
+        saved = config_lib.to_json_dict(configure.from_dict(content["config"]))
     except (config_lib.ConfigError, TypeError, ValueError):
         return False  # a config this code cannot read is not this run's
     return saved == run.config_dict
@@ -88,7 +87,8 @@ def train_done(workdir: pathlib.Path, run: ResolvedRun) -> bool:
 
 def eval_done(workdir: pathlib.Path, metrics: Sequence[str]) -> bool:
     """Eval results exist, are newer than the training marker and hold every wanted metric."""
-    results, marker = workdir / "eval" / "results.json", workdir / MARKER
+    run = rundir.RunDir(workdir)
+    results, marker = run.eval_results, run.sweep_marker
     if not (results.exists() and marker.exists()) or results.stat().st_mtime < marker.stat().st_mtime:
         return False
     try:
@@ -199,7 +199,7 @@ def execute(sweep: Sweep, runs: Sequence[ResolvedRun], out: pathlib.Path, *, ski
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     outcomes, t_sweep = [], time.perf_counter()
     for i, run in enumerate(runs, 1):
-        workdir = out / "runs" / run.name
+        workdir = rundir.sweep_run(out, run.name).root
         workdir.mkdir(parents=True, exist_ok=True)
         head = f"[{i}/{len(runs)}] {run.name}"
         need_train = not train_done(workdir, run)
@@ -215,7 +215,7 @@ def execute(sweep: Sweep, runs: Sequence[ResolvedRun], out: pathlib.Path, *, ski
             cmd = train_cmd(run, workdir)
             rc = _run_logged(cmd, workdir / "train.log", echo=progress, env=env)
             if rc == 0:
-                write_json(workdir / MARKER, {"run": run.name, "config": run.config_dict, "command": cmd,
+                write_json(rundir.RunDir(workdir).sweep_marker, {"run": run.name, "config": run.config_dict, "command": cmd,
                                                "seconds": time.perf_counter() - t0,
                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
             else:

@@ -52,11 +52,11 @@ def eval_rows(run: ResolvedRun, results_json: dict) -> list[dict]:
 def collect(out: pathlib.Path, runs: Sequence[ResolvedRun]) -> list[dict]:
     rows = []
     for run in runs:
-        workdir = out / "runs" / run.name
-        if (workdir / rundir.METRICS).exists():
-            rows += metrics_rows(run, writers.read_jsonl(workdir / rundir.METRICS))
-        if (workdir / rundir.EVAL / "results.json").exists():
-            rows += eval_rows(run, results.load_results(workdir / rundir.EVAL / "results.json"))
+        files = rundir.sweep_run(out, run.name)
+        if files.metrics.exists():
+            rows += metrics_rows(run, writers.read_jsonl(files.metrics))
+        if files.eval_results.exists():
+            rows += eval_rows(run, results.load_results(files.eval_results))
     return rows
 
 
@@ -67,10 +67,16 @@ def write_csv_rows(rows: Sequence[dict], path: pathlib.Path) -> None:
         writer.writerows(rows)
 
 
+# The sweep's table: named apart from eval.py's results.json / results.csv (a different schema).
+TABLE_JSON, TABLE_CSV = "table.json", "table.csv"
+# What versions before 2026-12-06 named it (still read: sweeps on disk, published copies).
+LEGACY_JSON, LEGACY_CSV = "results.json", "results.csv"
+
+
 def write_table(rows: Sequence[dict], out: pathlib.Path) -> None:
-    """OUT/results.csv and OUT/results.json (the same rows), each written whole."""
-    rundir.atomic_write(out / "results.csv", lambda path: write_csv_rows(rows, path))
-    write_json(out / "results.json", list(rows))
+    """OUT/table.csv and OUT/table.json (the same rows), each written whole."""
+    rundir.atomic_write(out / TABLE_CSV, lambda path: write_csv_rows(rows, path))
+    write_json(out / TABLE_JSON, list(rows))
 
 
 _CSV_TYPES = {"params": int, "width": int, "depth": int, "step": int, "tokens": float, "value": float}
@@ -88,18 +94,23 @@ def _csv_row(row: dict) -> dict:
 
 
 def load_table(out) -> list[dict]:
-    """The tidy rows a sweep wrote (OUT/results.json, as :func:`write_table`; results.csv when the
-    directory is a published copy without the JSON)."""
+    """The tidy rows a sweep wrote (OUT/table.json, as :func:`write_table`; table.csv when the
+    directory is a published copy without the JSON; the same files under their names before
+    2026-12-06, results.json / results.csv, in a sweep directory written then)."""
     import json
 
-    path = pathlib.Path(out) / "results.json"
-    if not path.exists() and path.with_suffix(".csv").exists():
-        # a published sweep (sparsejax.sweep.publish) carries only the CSV
-        with path.with_suffix(".csv").open(newline="") as f:
-            return [_csv_row(r) for r in csv.DictReader(f)]
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the sweep (python -m sparsejax.sweep ...) first")
-    return json.loads(path.read_text())
+    out = pathlib.Path(out)
+    for json_name, csv_name in ((TABLE_JSON, TABLE_CSV), (LEGACY_JSON, LEGACY_CSV)):
+        if (out / json_name).exists():
+            rows = json.loads((out / json_name).read_text())
+            if isinstance(rows, list):  # results.json of eval.py is an object: not a table
+                return rows
+        if (out / csv_name).exists():
+            # a published sweep (sparsejax.sweep.publish) carries only the CSV
+            with (out / csv_name).open(newline="") as f:
+                return [_csv_row(r) for r in csv.DictReader(f)]
+    raise FileNotFoundError(f"{out / TABLE_JSON} does not exist: run the sweep "
+                            f"(python -m sparsejax.sweep ...) first")
 
 
 def series(rows: Sequence[dict], run: str, metric: str, *, after_step: int = -1):
