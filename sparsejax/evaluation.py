@@ -46,7 +46,7 @@ import numpy as np
 from sparsejax import (cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
                        recipes, sharding, sparsity as sparsity_lib, trained_run)
-from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401
+from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401 - re-exported
 from sparsejax.loss import model_loss
 
 CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
@@ -299,20 +299,18 @@ def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- reporting
-def _report(result: PassResult, dense_loss: float, **params) -> dict:
+def _report(result: PassResult, dense_loss: float, **params) -> results_lib.MetricResult:
     reports = result.reports
-    ratio_layers = [float(r.activation_ratio) for r in reports]
-    dead_layers = [float(r.dead_share) for r in reports]
     lens = metrics_lib.CHUNK_LENS
     chunk = np.mean([np.asarray(r.chunk_sparsity_C) for r in reports], axis=0)
     chunk_ind = np.mean([np.asarray(r.chunk_sparsity_independent_C) for r in reports], axis=0)
-    return {"ratio": float(np.mean(ratio_layers)), "ratio_layers": ratio_layers,
-            "loss": result.loss, "perplexity": results_lib.perplexity(result.loss),
-            "ppl_ratio": ppl_ratio(result.loss, dense_loss),
-            "dead_share": float(np.mean(dead_layers)), "dead_share_layers": dead_layers,
-            "chunk_sparsity": {str(n): float(v) for n, v in zip(lens, chunk)},
-            "chunk_sparsity_independent": {str(n): float(v) for n, v in zip(lens, chunk_ind)},
-            **params}
+    return results_lib.MetricResult(
+        ratio_layers=[float(r.activation_ratio) for r in reports],
+        dead_share_layers=[float(r.dead_share) for r in reports], loss=result.loss,
+        ppl_ratio=ppl_ratio(result.loss, dense_loss),
+        chunk_sparsity={str(n): float(v) for n, v in zip(lens, chunk)},
+        chunk_sparsity_independent={str(n): float(v) for n, v in zip(lens, chunk_ind)},
+        params=params)
 
 
 def _histograms(result: PassResult) -> dict:
@@ -370,10 +368,10 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
             ev.at_step(step_no)
             need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
-            entry = {"step": step_no, "tokens_seen": float(meta.get("tokens_seen", float("nan"))),
-                     "dense_loss": dense.loss, "dense_perplexity": results_lib.perplexity(dense.loss),
-                     "results": {}, "histograms": _histograms(dense)}
-            res = entry["results"]
+            entry = results_lib.CheckpointResult(
+                step=step_no, tokens_seen=float(meta.get("tokens_seen", float("nan"))),
+                dense_loss=dense.loss, histograms=_histograms(dense))
+            res = entry.results
             if "zero" in want:
                 res["zero"] = _report(dense, dense.loss)
             if "fat" in want:
@@ -400,22 +398,22 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
                 res["cett_ppl"] = _report(sparse, dense.loss, cett=c, p=options.ppl_p,
                                           target_ppl_ratio=target_ratio, thresholds=t_layers)
                 if search is not None:
-                    res["cett_ppl"].update(search_evaluations=search.evaluations,
-                                           search_forward_passes=ev.forward_passes - before)
+                    res["cett_ppl"].params.update(search_evaluations=search.evaluations,
+                                                  search_forward_passes=ev.forward_passes - before)
             entries.append(entry)
             if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{v['ratio']:.3f}" for k, v in res.items()})
+                bar.set_postfix({k: f"{v.to_dict()['ratio']:.3f}" for k, v in res.items()})
         elapsed = time.perf_counter() - t0
 
     counts = flops.param_counts(cfg.model)
-    return {"workdir": str(run.workdir), "config_name": cfg.name,
-            "activation": cfg.model.activation, "ffn_type": cfg.model.ffn_type,
-            "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "d_ff": cfg.model.d_ff,
-            "params": {"total": counts.total, "non_embedding": counts.non_embedding},
-            "eval_tokens": ev.eval_tokens, "eval_batches": len(ev.batches),
-            "metrics": [m for m in METRICS if m in want], "options": dataclasses.asdict(options),
-            "cett_ppl": cett_ppl, "forward_passes": ev.forward_passes, "seconds": elapsed,
-            **({"vanished_steps": sorted(set(vanished))} if vanished else {}), "checkpoints": entries}
+    return results_lib.EvalResults(
+        workdir=str(run.workdir), config_name=cfg.name, activation=cfg.model.activation,
+        ffn_type=cfg.model.ffn_type, d_model=cfg.model.d_model, n_layers=cfg.model.n_layers,
+        d_ff=cfg.model.d_ff, params={"total": counts.total, "non_embedding": counts.non_embedding},
+        eval_tokens=ev.eval_tokens, eval_batches=len(ev.batches),
+        metrics=[m for m in METRICS if m in want], options=dataclasses.asdict(options),
+        cett_ppl=cett_ppl, forward_passes=ev.forward_passes, seconds=elapsed,
+        checkpoints=entries, vanished_steps=vanished).to_dict()
 
 
 # A live run whose trainer keeps few steps can delete every step eval picked, several times over.

@@ -1,4 +1,14 @@
-"""The results schema: eval.py's ``results.json`` and the one flattener everyone uses.
+"""The results schemas, each one dataclass built by the code that produces it, and the one
+flattener everyone uses.
+
+* :class:`EvalResults` (of :class:`CheckpointResult` of :class:`MetricResult`): eval.py's
+  ``results.json``, built by :mod:`sparsejax.evaluation`;
+* :class:`TrainRecord` / :class:`EvalRecord`: the lines of a run's ``metrics.jsonl``, built by
+  the trainer;
+* :class:`TableRow`: a sweep's tidy table (``table.csv``), built by :mod:`sparsejax.sweep.table`.
+
+Each ``to_dict`` writes the JSON form below; readers keep working on plain dicts, so files
+written by earlier versions read as before.
 
 ``results.json`` (written by :func:`write_results`, produced by ``evaluation.evaluate_run``)::
 
@@ -20,10 +30,13 @@ quantity, value)``: the CSV written next to it, and what sweeps collect. Trainin
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import pathlib
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
 
 from sparsejax import rundir
 
@@ -36,6 +49,152 @@ MAX_LOG_PERPLEXITY = 50.0  # exp(50) ≈ 5e21: a diverged loss reads as huge, no
 def perplexity(loss: float) -> float:
     """exp(loss), capped so that a diverged loss does not overflow."""
     return math.exp(min(float(loss), MAX_LOG_PERPLEXITY))
+
+
+# --------------------------------------------------------------------------- the schemas
+@dataclasses.dataclass
+class MetricResult:
+    """One sparsity metric's pass over the evaluation set at one checkpoint. ``params``: the
+    metric's own parameters (``eps``, ``k``/``fraction``, ``cett``, ``thresholds``, ``p``, ...),
+    written beside the quantities."""
+
+    ratio_layers: list[float]
+    dead_share_layers: list[float]
+    loss: float
+    ppl_ratio: float
+    chunk_sparsity: dict[str, float]
+    chunk_sparsity_independent: dict[str, float]
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        # np.mean, as results were always averaged (its summation order, to the last bit).
+        return {"ratio": float(np.mean(self.ratio_layers)),
+                "ratio_layers": list(self.ratio_layers), "loss": self.loss,
+                "perplexity": perplexity(self.loss), "ppl_ratio": self.ppl_ratio,
+                "dead_share": float(np.mean(self.dead_share_layers)),
+                "dead_share_layers": list(self.dead_share_layers),
+                "chunk_sparsity": dict(self.chunk_sparsity),
+                "chunk_sparsity_independent": dict(self.chunk_sparsity_independent),
+                **self.params}
+
+
+@dataclasses.dataclass
+class CheckpointResult:
+    """Every metric at one checkpoint, with the dense pass's loss and activation histograms."""
+
+    step: int
+    tokens_seen: float
+    dense_loss: float
+    histograms: dict
+    results: dict[str, MetricResult] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "dense_loss": self.dense_loss,
+                "dense_perplexity": perplexity(self.dense_loss),
+                "results": {name: r.to_dict() for name, r in self.results.items()},
+                "histograms": self.histograms}
+
+
+@dataclasses.dataclass
+class EvalResults:
+    """eval.py's ``results.json`` (field by field in the module docstring)."""
+
+    workdir: str
+    config_name: str
+    activation: str
+    ffn_type: str
+    d_model: int
+    n_layers: int
+    d_ff: int
+    params: dict[str, int]
+    eval_tokens: int
+    eval_batches: int
+    metrics: list[str]
+    options: dict
+    cett_ppl: Optional[dict]
+    forward_passes: int
+    seconds: float
+    checkpoints: list[CheckpointResult]
+    vanished_steps: list[int] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("checkpoints", "vanished_steps")}
+        if self.vanished_steps:  # only when a live trainer deleted steps while eval read them
+            out["vanished_steps"] = sorted(set(self.vanished_steps))
+        out["checkpoints"] = [c.to_dict() for c in self.checkpoints]
+        return out
+
+
+def _present(record) -> dict:
+    """A record's fields without the optional ones left at None, extras merged in."""
+    out = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+           if f.name != "extra" and getattr(record, f.name) is not None}
+    return {**out, **record.extra}
+
+
+@dataclasses.dataclass
+class TrainRecord:
+    """One training step's line of ``metrics.jsonl``. Activation fields are present with the
+    in-graph statistics on; ``extra`` holds a recipe's terms (``step.RECIPE_METRICS``)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    tokens_seen: float
+    tokens_per_s: float
+    mfu: Optional[float]
+    activation_ratio: Optional[float] = None
+    activation_ratio_layers: Optional[list[float]] = None
+    dead_in_batch_layers: Optional[list[float]] = None
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = _present(self)
+        out["perplexity"] = perplexity(self.loss)
+        # Written in the order readers of older files know (perplexity after the loss).
+        order = ["step", "loss", "perplexity"]
+        return {**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in order}}
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    """One in-training evaluation's line of ``metrics.jsonl`` (the train step's eval loss)."""
+
+    step: int
+    eval_loss: float
+    eval_activation_ratio: Optional[float] = None
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = _present(self)
+        head = {"step": self.step, "eval_loss": self.eval_loss,
+                "eval_perplexity": perplexity(self.eval_loss)}
+        return {**head, **{k: v for k, v in out.items() if k not in head}}
+
+
+@dataclasses.dataclass
+class TableRow:
+    """One row of a sweep's tidy table: a run (with its grid coordinates), a step and one
+    metric's value there."""
+
+    run: str
+    activation: Optional[str]
+    size: str
+    params: int
+    width: int
+    depth: int
+    tokens: float
+    step: int
+    metric: str
+    value: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TABLE_COLUMNS = tuple(f.name for f in dataclasses.fields(TableRow))
 
 
 def checkpoint_rows(results: dict) -> Iterator[dict]:

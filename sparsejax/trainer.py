@@ -191,19 +191,19 @@ class _Loop:
                     f"values in the loss, gradients or updated parameters); stopping without "
                     f"saving. Last good checkpoint: {self._where_good()}")
             self.tokens_seen += float(m["tokens"])
-            record = {"step": step_no, "loss": loss, "perplexity": results.perplexity(loss),
-                      "grad_norm": grad_norm,
-                      "learning_rate": float(self.lr_schedule(step_no - 1)),
-                      "tokens_seen": self.tokens_seen, "tokens_per_s": tok_per_s,
-                      "mfu": flops.mfu(tok_per_s, self.flops_per_token, jax.device_count(), self.peak)}
+            record = results.TrainRecord(
+                step=step_no, loss=loss, grad_norm=grad_norm,
+                learning_rate=float(self.lr_schedule(step_no - 1)), tokens_seen=self.tokens_seen,
+                tokens_per_s=tok_per_s,
+                mfu=flops.mfu(tok_per_s, self.flops_per_token, jax.device_count(), self.peak),
+                # the objective, its terms and their current values (a recipe's)
+                extra={key: int(m[key]) if key == "topk_k" else float(m[key])
+                       for key in step.RECIPE_METRICS if key in m})
             if "activation_ratio" in m:
-                record["activation_ratio"] = float(m["activation_ratio"])
-                record["activation_ratio_layers"] = [float(x) for x in m["activation_ratio_layers"]]
-                record["dead_in_batch_layers"] = [float(x) for x in m["dead_in_batch_layers"]]
-            for key in step.RECIPE_METRICS:  # the objective, its terms and their current values
-                if key in m:
-                    record[key] = int(m[key]) if key == "topk_k" else float(m[key])
-            records.append(record)
+                record.activation_ratio = float(m["activation_ratio"])
+                record.activation_ratio_layers = [float(x) for x in m["activation_ratio_layers"]]
+                record.dead_in_batch_layers = [float(x) for x in m["dead_in_batch_layers"]]
+            records.append(record.to_dict())
         self.writer.write(records)
         self.last_record = records[-1]
         if self.bar is not None:
@@ -221,14 +221,14 @@ class _Loop:
                                  for b in self.dataset.validation])
         tokens = sum(float(x["tokens"]) for x in totals)
         loss = sum(float(x["loss_sum"]) for x in totals) / tokens
-        record = {"step": self.step_no, "eval_loss": loss, "eval_perplexity": results.perplexity(loss)}
+        record = results.EvalRecord(step=self.step_no, eval_loss=loss)
         if self.log_activations:
             act = np.sum([x["act_sum_layers"] for x in totals], axis=0) / (tokens * self.cfg.model.d_ff)
-            record["eval_activation_ratio"] = float(np.mean(act))
-        self.writer.write([record])
+            record.eval_activation_ratio = float(np.mean(act))
+        self.writer.write([record.to_dict()])
         if self.bar is not None:
             self.bar.write(f"step {self.step_no}: eval loss {loss:.4f}" + (
-                f", activation ratio {record['eval_activation_ratio']:.4f}" if self.log_activations else ""))
+                f", activation ratio {record.eval_activation_ratio:.4f}" if self.log_activations else ""))
 
     def save(self) -> None:
         """Checkpoint the current step (once), after checking every step up to it was finite."""

@@ -10,14 +10,15 @@ from sparsejax import results, rundir, writers
 from sparsejax.sweep.resolved import ResolvedRun
 from sparsejax.sweep.runner import write_json
 
-COLUMNS = ("run", "activation", "size", "params", "width", "depth", "tokens", "step", "metric", "value")
+COLUMNS = results.TABLE_COLUMNS  # the fields of results.TableRow
 EVAL_QUANTITIES = ("ratio", "ppl_ratio", "dead_share")  # eval.py quantity q of metric m -> "m_q"
 
 
 def _row(run: ResolvedRun, tokens: float, step: int, metric: str, value: float) -> dict:
-    return {"run": run.name, "activation": run.activation, "size": run.size, "params": run.params,
-            "width": run.width, "depth": run.depth, "tokens": float(tokens), "step": int(step),
-            "metric": metric, "value": float(value)}
+    return results.TableRow(run=run.name, activation=run.activation, size=run.size,
+                            params=run.params, width=run.width, depth=run.depth,
+                            tokens=float(tokens), step=int(step), metric=metric,
+                            value=float(value)).to_dict()
 
 
 def metrics_rows(run: ResolvedRun, records: Sequence[dict]) -> list[dict]:
