@@ -40,6 +40,7 @@ import fcntl
 import json
 import os
 import pathlib
+import posixpath
 import socket
 import tempfile
 import time
@@ -67,10 +68,16 @@ RUN_FILES = (CONFIG, CHECKPOINTS, METRICS, TENSORBOARD, PLOT, EVAL, REJECTED)
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory (layout above). ``root`` is a local ``pathlib.Path`` or an
-    object-store path (``storage.path``); every property is a path of the same kind."""
+    """The paths of one run directory (layout above). ``root`` is a local ``pathlib.Path``, an
+    object-store path (``storage.path``) or a string (a path on another machine, as printed in a
+    command line); every property is a path of the same kind."""
 
     root: Any
+
+    def _join(self, *parts: str):
+        if isinstance(self.root, str):
+            return posixpath.join(self.root, *parts)
+        return self.root.joinpath(*parts)
 
     @classmethod
     def at(cls, workdir) -> "RunDir":
@@ -78,48 +85,48 @@ class RunDir:
 
     @property
     def config(self):
-        return self.root / CONFIG
+        return self._join(CONFIG)
 
     @property
     def checkpoints(self):
-        return self.root / CHECKPOINTS
+        return self._join(CHECKPOINTS)
 
     @property
     def metrics(self):
-        return self.root / METRICS
+        return self._join(METRICS)
 
     @property
     def tensorboard(self):
-        return self.root / TENSORBOARD
+        return self._join(TENSORBOARD)
 
     @property
     def plot(self):
-        return self.root / PLOT
+        return self._join(PLOT)
 
     @property
     def eval_dir(self):
-        return self.root / EVAL
+        return self._join(EVAL)
 
     @property
     def eval_results(self):
         """eval.py's default output (``results.csv`` and plots go beside it)."""
-        return self.root / EVAL / EVAL_RESULTS
+        return self._join(EVAL, EVAL_RESULTS)
 
     @property
     def rejected(self):
-        return self.root / REJECTED
+        return self._join(REJECTED)
 
     @property
     def previous(self):
-        return self.root / PREVIOUS
+        return self._join(PREVIOUS)
 
     @property
     def lock(self):
-        return self.root / LOCK
+        return self._join(LOCK)
 
     @property
     def sweep_marker(self):
-        return self.root / SWEEP_MARKER
+        return self._join(SWEEP_MARKER)
 
     @staticmethod
     def debug_log_name(process_index: int = 0) -> str:

@@ -51,7 +51,7 @@ def test_runs_on_a_recipe_trained_run(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "block_sparse runs the pure-JAX reference path" in out
+    assert "block_sparse runs the pure-JAX tile path" in out
     assert "tiles 8 tokens × 32 neurons" in out  # the recipe's chunk length; 32 divides 160
     rows = [line for line in out.splitlines() if line.startswith(("| forward", "| train step"))]
     assert len(rows) == 2, out

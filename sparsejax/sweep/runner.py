@@ -44,7 +44,8 @@ def eval_command(run: ResolvedRun, workdir, options: EvalOptions, *, python: str
                  script=REPO / "eval.py") -> list[str]:
     """eval.py's command line: every checkpoint, every option spelled out (eval_options.to_argv)."""
     return [python, str(script), "--workdir", str(workdir), "--checkpoints", "all",
-            *to_argv(options), "--out", str(rundir.RunDir(workdir).eval_results), "--no-progress"]
+            *to_argv(options), "--out", str(rundir.RunDir(str(workdir)).eval_results),
+            "--no-progress"]
 
 
 def tpu_script(sweep: Sweep, runs: Sequence[ResolvedRun], out: str) -> str:
