@@ -141,12 +141,12 @@ def main(argv=None) -> int:
             raise trained_run.RunError(f"--step {step} not found; available: {run.steps}")
         cfg = run.cfg
         m = cfg.model
-        chunked = cfg.recipe.chunk.values and any(cfg.recipe.chunk.values)
-        block_t = args.block_t or (cfg.recipe.chunk_len if chunked else m.ffn_block_t)
+        chunked = any(cfg.sparsity.chunk.values)
+        block_t = args.block_t or (cfg.sparsity.chunk_len if chunked else m.ffn_block_t)
         block_f = args.block_f or (m.ffn_block_f if m.d_ff % m.ffn_block_f == 0 else
                                    max(b for b in (8, 16, 32, 64, 128) if m.d_ff % b == 0))
         # Both variants: no recipe (block_sparse refuses its terms), one device, the run's model.
-        base = dataclasses.replace(cfg, recipe=config_lib.RecipeConfig(),
+        base = dataclasses.replace(cfg, sparsity=config_lib.SparsityConfig(),
                                    mesh=config_lib.MeshConfig(data=1, fsdp=1, tensor=1))
         variants = {
             "einsum": configure.apply_overrides(base, ["model.ffn_impl=reference"]),

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax.config import Config, ConfigError, choice, recipe_terms_on
+from sparsejax.config import Config, ConfigError, choice, terms_on
 
 Array = jax.Array
 
@@ -173,20 +173,18 @@ def _users(param: str) -> list[str]:
 
 
 def check_config(cfg: Config) -> None:
-    """``model.activation`` is registered, and the activation parameters set (model's and the
-    recipe's scheduled threshold) are ones it declares; ConfigError naming the field."""
+    """``model.activation`` is registered, and the activation parameters set (``model.activation_alpha``,
+    ``sparsity.activation_threshold``) are ones it declares; ConfigError naming the field."""
     m = cfg.model
     choice("model.activation", m.activation, names())
     spec = get(m.activation)
-    if m.activation_threshold != 0.0 and "threshold" not in spec.params:
-        raise ConfigError(
-            f"model.activation_threshold={m.activation_threshold} is only used by "
-            f"{_users('threshold')}, not by model.activation={m.activation!r}; set it to 0")
     if m.activation_alpha != 0.0 and "alpha" not in spec.params:
         raise ConfigError(
             f"model.activation_alpha={m.activation_alpha} is only used by {_users('alpha')}, "
             f"not by model.activation={m.activation!r}; set it to 0")
-    if "activation_threshold" in recipe_terms_on(cfg) and "threshold" not in spec.params:
-        raise ConfigError(f"recipe.activation_threshold is only used by model.activation in "
-                          f"{_users('threshold')}, not {m.activation!r} (FATReLU with threshold 0 "
-                          f"is ReLU)")
+    if "activation_threshold" in terms_on(cfg) and "threshold" not in spec.params:
+        s = cfg.sparsity.activation_threshold
+        value = s.values[0] if s.kind == "constant" else f"a {s.kind} schedule"
+        raise ConfigError(f"sparsity.activation_threshold={value} is only used by model.activation "
+                          f"in {_users('threshold')}, not {m.activation!r} (FATReLU with "
+                          f"threshold 0 is ReLU); set it to 0")

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +45,10 @@ import numpy as np
 
 from sparsejax import (cett as cett_lib, config as config_lib, data, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
-                       recipes, sharding, sparsity as sparsity_lib, trained_run)
+                       sharding, sparsity as sparsity_lib, trained_run)
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401 - re-exported
 from sparsejax.loss import model_loss
+from sparsejax.sparsity_plan import SparsityPlan
 
 CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
                  "reference": cett_lib.cett_threshold_reference}
@@ -115,11 +116,11 @@ class Evaluator:
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
         self.batch_progress = False  # a progress bar over each pass's batches
-        # A recipe's scheduled top-k k / threshold (sparsejax.recipes) are part of the trained
-        # model: every pass runs with their values at the checkpoint's step (``at_step``).
-        self._recipe = recipes.of(cfg)
-        self._coefs: dict = {}
-        self._trained_topk = 0 < m.topk_k < m.d_ff or self._recipe.topk
+        # The training-time sparsity controls (static, or scheduled and then valued at the
+        # checkpoint's step: ``at_step``) are part of the trained model: every pass runs with
+        # the plan's input.
+        self.sparsity = SparsityPlan.of(cfg)
+        self._coefs: Optional[dict] = None
         # The one fraction -> k rule, the one training uses (sparsity.topk_count).
         self.topk_k = sparsity_lib.topk_count(
             float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
@@ -128,18 +129,17 @@ class Evaluator:
         self._dense_keep = None
         self._threshold = {t: self._compile(self._model, t, keep_hidden=False)
                            for t in sparsity_lib.MASK_TARGETS}
-        # The per-token top-k pass is the training-time top-k of the einsum FFN at k.
-        topk_model = dataclasses.replace(m, topk=float(self.topk_k), topk_mode="exact",
-                                         topk_ste=False, ffn_impl="reference")
-        self._topk = self._compile(model_lib.Model(topk_model, self._rules), "topk",
-                                   keep_hidden=False)
+        # The per-token top-k pass is the training-time top-k of the einsum FFN at k (exact, no
+        # STE: ``SparsityPlan.model_input(topk_k=k)``).
+        self._topk = self._compile(model_lib.Model(dataclasses.replace(m, ffn_impl="reference"),
+                                                   self._rules), "topk", keep_hidden=False)
         self.topk_fraction = self.topk_k / m.d_ff
         self._topk_global = self._compile(self._model, "topk_global", keep_hidden=False)
 
     # -- compiled passes ---------------------------------------------------------------------
     def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F):
         """The measured mask of a pass, by the one rule of ``sparsity.active``."""
-        keep = sparsity_lib.trained_keep(hidden_BxLxF, self._trained_topk)
+        keep = sparsity_lib.trained_keep(hidden_BxLxF, self.sparsity.trained_topk)
         if rule == "zero":
             return sparsity_lib.active(act_BxLxF, None, keep)
         if rule == "topk":
@@ -153,19 +153,19 @@ class Evaluator:
         return sparsity_lib.active(measured, threshold_F, keep)
 
     def at_step(self, step: int) -> None:
-        """Evaluate the checkpoint of ``step``: the recipe's model coefficients at that step."""
-        if self._recipe.active:
-            self._coefs = recipes.model_coefficients(
-                self._recipe, recipes.coefficients(self._recipe, step))
+        """Evaluate the checkpoint of ``step``: the traced terms' values at that step."""
+        if self.sparsity.active:
+            self._coefs = self.sparsity.coefficients(step)
 
     def _compile(self, model: model_lib.Model, rule: str, keep_hidden: bool):
         def pass_fn(params, batch, stats, thresholds_NxF, coefs):
-            sp = sparsity_lib.Sparsity(coefficients=coefs) if coefs else None
+            masks = {}
             if rule in sparsity_lib.MASK_TARGETS:
-                sp = sparsity_lib.Sparsity(thresholds=thresholds_NxF, mask_target=rule,
-                                           coefficients=coefs)
+                masks = {"thresholds": thresholds_NxF, "mask_target": rule}
             elif rule == "topk_global":
-                sp = sparsity_lib.Sparsity(global_topk=self.topk_fraction, coefficients=coefs)
+                masks = {"global_topk": self.topk_fraction}
+            sp = self.sparsity.model_input(
+                coefs, topk_k=self.topk_k if rule == "topk" else None, **masks)
             mean_loss, tokens, inter = model_loss(model, params, batch, sparsity=sp,
                                                   collect=("intermediates",),
                                                   loss_tile_len=self.cfg.train.loss_tile_len)

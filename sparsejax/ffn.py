@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sparsejax import activations, objectives, sparsity as sparsity_lib
-from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive, recipe_terms_on
+from sparsejax.sparsity_plan import SparsityPlan
+from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive
 from sparsejax.sparsity import Sparsity
 
 Array = jax.Array
@@ -88,39 +89,34 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"model.ffn_block_f={m.ffn_block_f} must divide model.d_ff={m.d_ff} "
                               f"for model.ffn_impl='block_sparse'")
     able = lambda feature: [n for n in ffn_impl_names() if feature in FFN_FEATURES[n]]  # noqa: E731
-    if m.topk and "topk" not in features:
-        raise ConfigError(f"model.topk={m.topk} must be 0 with model.ffn_impl={m.ffn_impl!r} "
-                          f"(a tile mask cannot express a per-token top-k); use one of "
-                          f"{able('topk')}")
-    on = recipe_terms_on(cfg)
-    if on and "recipe" not in features:
+    plan = SparsityPlan.of(cfg)
+    if plan.topk_k and "topk" not in features:
+        raise ConfigError(f"sparsity.topk={cfg.sparsity.topk.values[0]} must be 0 with "
+                          f"model.ffn_impl={m.ffn_impl!r} (a tile mask cannot express a per-token "
+                          f"top-k); use one of {able('topk')}")
+    if plan.traced and "recipe" not in features:
         allowed = able("recipe")
         want = repr(allowed[0]) if len(allowed) == 1 else f"one of {allowed}"
-        raise ConfigError(f"recipe.{on[0]} needs model.ffn_impl={want} (got {m.ffn_impl!r}): "
-                          f"the block-sparse kernels take no traced top-k, threshold or penalty")
+        raise ConfigError(f"sparsity.{next(iter(plan.traced))} needs model.ffn_impl={want} (got "
+                          f"{m.ffn_impl!r}): the block-sparse kernels take no traced top-k, "
+                          f"threshold or penalty")
 
 
-def _trained_topk(cfg: ModelConfig, sp: Optional[Sparsity] = None) -> bool:
-    """A training-time top-k mask is part of the forward pass: ``model.topk``, or a traced k
-    from the recipe (``sp.coefficients["topk_k"]``)."""
-    return 0 < cfg.topk_k < cfg.d_ff or (sp is not None and "topk_k" in sp.coefficients)
-
-
-def _apply_training_topk(cfg: ModelConfig, activation_BxLxF: Array, hidden_BxLxF: Array,
-                         sp: Optional[Sparsity] = None) -> Array:
-    if not _trained_topk(cfg, sp):
+def _apply_training_topk(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity) -> Array:
+    """The training-time top-k of the plan's input: a static k (``lax.top_k`` or
+    ``approx_max_k``) and/or a scheduled k (rank-vs-k, so k changes between steps without
+    recompiling), kept by the one ``sparsity.topk_keep`` rule; STE if asked."""
+    if not sp.trained_topk:
         return hidden_BxLxF
     score_BxLxF = jnp.abs(activation_BxLxF).astype(jnp.float32)
     keep_BxLxF = jnp.ones_like(score_BxLxF)
-    if 0 < cfg.topk_k < cfg.d_ff:
-        keep_BxLxF = sparsity_lib.topk_keep(score_BxLxF, cfg.topk_k,
-                                            approximate=cfg.topk_mode == "approx",
-                                            recall=cfg.topk_recall)
-    if sp is not None and "topk_k" in sp.coefficients:
-        # A scheduled k (recipe.topk): rank-vs-k, so k changes between steps without recompiling.
+    if sp.topk_k:
+        keep_BxLxF = sparsity_lib.topk_keep(score_BxLxF, sp.topk_k, approximate=sp.topk_approx,
+                                            recall=sp.topk_recall)
+    if "topk_k" in sp.coefficients:
         keep_BxLxF = keep_BxLxF * sparsity_lib.topk_keep_traced(score_BxLxF, sp.coefficients["topk_k"])
     keep_BxLxF = jax.lax.stop_gradient(keep_BxLxF).astype(hidden_BxLxF.dtype)
-    if cfg.topk_ste:
+    if sp.topk_ste:
         # Q-Sparse straight-through estimator: forward is masked, backward is dense.
         return hidden_BxLxF + jax.lax.stop_gradient(hidden_BxLxF * keep_BxLxF - hidden_BxLxF)
     return hidden_BxLxF * keep_BxLxF
@@ -143,11 +139,10 @@ def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity
     return hidden_BxLxF
 
 
-def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
+def _aux(activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
     if not sp.wants_stats:
         return FfnAux(activation_BxLxF, hidden_BxLxF)
-    trained_topk = _trained_topk(cfg, sp)
-    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp, trained_topk)
+    count_F, total = sparsity_lib.layer_stats(activation_BxLxF, hidden_BxLxF, sp)
     stats = {}
     for name in sp.regularisers:
         # Reduced here, so the objective's terms never need a [B, L, F] tensor out of the block.
@@ -155,18 +150,16 @@ def _aux(cfg, activation_BxLxF, hidden_BxLxF, sp: Sparsity) -> FfnAux:
             activation_BxLxF, sp.stats_weights_BxL, sp.chunk_len, sp.chunk_tau)
     if sp.chunk_len:
         mask = sparsity_lib.active(activation_BxLxF, sp.stats_threshold,
-                                   sparsity_lib.trained_keep(hidden_BxLxF, trained_topk))
+                                   sparsity_lib.trained_keep(hidden_BxLxF, sp.trained_topk))
         stats["chunk_active"], stats["chunks"] = sparsity_lib.chunk_stats(
             mask, sp.stats_weights_BxL, sp.chunk_len)
     return FfnAux(activation_BxLxF, hidden_BxLxF, count_F, total, stats or None)
 
 
-def _activation_fn(cfg: ModelConfig, sp: Sparsity, static_fn):
-    """σ with the recipe's traced threshold when ``sp`` carries one, else the static σ."""
-    if "activation_threshold" not in sp.coefficients:
-        return static_fn
-    return activations.make(cfg.activation, threshold=sp.coefficients["activation_threshold"],
-                            alpha=cfg.activation_alpha)
+def _activation_fn(cfg: ModelConfig, sp: Sparsity):
+    """σ with the plan's threshold: the scheduled one when ``sp`` carries it, else the static."""
+    threshold = sp.coefficients.get("activation_threshold", sp.threshold)
+    return activations.make(cfg.activation, threshold=threshold, alpha=cfg.activation_alpha)
 
 
 @register_ffn_impl("reference")
@@ -174,11 +167,9 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
     """The einsum FFN: ``W_out[σ(W_gate x) ⊙ W_in x]`` or ``W_out σ(W_in x)``, training top-k,
     evaluation masks (docs/sparsity_metrics_and_laws.md §Activation ratio)."""
     spec = activations.get(cfg.activation)
-    static_act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                                     alpha=cfg.activation_alpha)
 
     def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
-        act_fn = _activation_fn(cfg, sp, static_act_fn)
+        act_fn = _activation_fn(cfg, sp)
         x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
         up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF), "ffn_up")
         if w.w_gate_DxF is not None:
@@ -190,10 +181,10 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
         else:
             activation_BxLxF = act_fn(up_BxLxF)
             hidden_BxLxF = activation_BxLxF
-        hidden_BxLxF = _apply_training_topk(cfg, activation_BxLxF, hidden_BxLxF, sp)
+        hidden_BxLxF = _apply_training_topk(activation_BxLxF, hidden_BxLxF, sp)
         # Reported before the evaluation mask, so an evaluator can tell "dropped by the mask" from
         # "exactly zero" (docs/sparsity_metrics_and_laws.md §Reference procedure).
-        aux = _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+        aux = _aux(activation_BxLxF, hidden_BxLxF, sp)
         hidden_BxLxF = _apply_eval_masks(activation_BxLxF, hidden_BxLxF, sp)
         hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
         hidden_BxLxF = checkpoint_name(hidden_BxLxF, "ffn_hidden")
@@ -218,14 +209,13 @@ def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
     from sparsejax import kernels  # noqa: PLC0415 - Pallas imports only when this impl is chosen
 
     spec = activations.get(cfg.activation)
-    act_fn = activations.make(cfg.activation, threshold=cfg.activation_threshold,
-                              alpha=cfg.activation_alpha)
     reference = reference_ffn(cfg)
     block_t, block_f = cfg.ffn_block_t, cfg.ffn_block_f
 
     def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
         if sp.thresholds is not None or sp.global_topk:
             return reference(x_BxLxD, w, sp)
+        act_fn = _activation_fn(cfg, sp)  # a static threshold only: the config refuses traced ones
         x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)
         src_DxF = w.w_in_DxF if w.w_gate_DxF is None else w.w_gate_DxF
         activation_BxLxF = act_fn(jnp.einsum("bld,df->blf", x_BxLxD, src_DxF))
@@ -242,6 +232,6 @@ def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
         else:
             up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w.w_in_DxF)
             hidden_BxLxF = activation_BxLxF * (act_fn(up_BxLxF) if spec.gate_and_up else up_BxLxF)
-        return y_BxLxD, _aux(cfg, activation_BxLxF, hidden_BxLxF, sp)
+        return y_BxLxD, _aux(activation_BxLxF, hidden_BxLxF, sp)
 
     return ffn

@@ -82,14 +82,20 @@ class Regulariser:
     """One penalty as the FFN block and the step use it.
 
     ``layer_sum(act_BxLxF, weights_BxL, chunk_len, tau)``: the layer's sum, reduced in the block;
-    ``count(weights_BxL, chunk_len)``: its divisor, from the token weights alone.
+    ``count(weights_BxL, chunk_len)``: its divisor, from the token weights alone;
+    ``metric``: its name in the step's metrics (its weight's is ``<name>_coef``).
+
+    A regulariser is on when the ``sparsity`` config section's schedule of the same name is
+    (``sparsejax.sparsity_plan``): adding one is an entry here and a Schedule field there.
     """
 
     layer_sum: Callable[[Array, Array, int, float], Array]
     count: Callable[[Array, int], Array]
+    metric: str
 
 
 REGULARISERS: dict[str, Regulariser] = {
-    "l1": Regulariser(lambda a, w, c, tau: l1_penalty(a, w)[0], lambda w, c: token_count(w)),
-    "chunk": Regulariser(lambda a, w, c, tau: chunk_penalty(a, w, c, tau)[0], chunk_token_count),
+    "l1": Regulariser(lambda a, w, c, tau: l1_penalty(a, w)[0], lambda w, c: token_count(w), "l1"),
+    "chunk": Regulariser(lambda a, w, c, tau: chunk_penalty(a, w, c, tau)[0], chunk_token_count,
+                         "chunk_loss"),
 }

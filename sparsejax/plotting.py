@@ -350,7 +350,7 @@ def plot_activation_ratio(records: list[dict], out_path, title: str = "",
     """Activation ratio vs tokens seen: one thin line per layer, the layer mean in bold.
 
     ``records`` are ``metrics.jsonl`` training records; writes ``out_path`` (a ``.png`` path).
-    ``stages``: steps where a training recipe's stage begins (``recipes.stage_boundaries``),
+    ``stages``: steps where a training recipe's stage begins (``SparsityPlan.stage_boundaries``),
     drawn as dashed vertical lines at the tokens seen by then.
     """
     rows = [r for r in records if "activation_ratio_layers" in r]

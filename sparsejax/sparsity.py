@@ -199,6 +199,14 @@ class Sparsity:
     chunk_len: chunk length of the chunk penalty and of the per-layer chunk statistics
         (``chunk_active``, ``chunks``: :func:`chunk_stats` by the statistics' rule); 0 = none.
     chunk_tau: the chunk penalty's temperature.
+    topk_k: the static training-time top-k k (0 = none): ``lax.top_k`` (``topk_approx``:
+        ``lax.approx_max_k`` at ``topk_recall``), with the Q-Sparse straight-through estimator
+        when ``topk_ste``; a scheduled k is the ``topk_k`` coefficient instead.
+    threshold: the static ``threshold`` parameter of the activation (fatrelu, shifted_relu); a
+        scheduled one is the ``activation_threshold`` coefficient instead.
+
+    Built by :meth:`sparsejax.sparsity_plan.SparsityPlan.model_input`, the one reading of the
+    config's ``sparsity`` section; ``Sparsity()`` is the dense model.
     """
 
     thresholds: Optional[Array] = None
@@ -210,6 +218,11 @@ class Sparsity:
     regularisers: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     chunk_len: int = flax.struct.field(pytree_node=False, default=0)
     chunk_tau: float = flax.struct.field(pytree_node=False, default=0.1)
+    topk_k: int = flax.struct.field(pytree_node=False, default=0)
+    topk_approx: bool = flax.struct.field(pytree_node=False, default=False)
+    topk_recall: float = flax.struct.field(pytree_node=False, default=0.95)
+    topk_ste: bool = flax.struct.field(pytree_node=False, default=False)
+    threshold: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def __post_init__(self):
         if self.mask_target not in MASK_TARGETS:
@@ -220,6 +233,11 @@ class Sparsity:
     @property
     def wants_stats(self) -> bool:
         return self.stats_weights_BxL is not None
+
+    @property
+    def trained_topk(self) -> bool:
+        """A training-time top-k mask is part of the forward pass (static or scheduled k)."""
+        return self.topk_k > 0 or "topk_k" in self.coefficients
 
     def layer(self, i: int) -> "Sparsity":
         """Layer i's input: per-layer fields sliced, the rest shared."""
@@ -238,14 +256,14 @@ class Sparsity:
             coefficients={k: 0 for k in self.coefficients})
 
 
-def layer_stats(activation_BxLxF: Array, hidden_BxLxF: Array, sparsity: Sparsity,
-                trained_topk: bool) -> tuple[Array, Array]:
+def layer_stats(activation_BxLxF: Array, hidden_BxLxF: Array,
+                sparsity: Sparsity) -> tuple[Array, Array]:
     """(active count per neuron [F], active sum []) of one layer over the weighted tokens.
 
     Reduced where the activations are, so nothing of size [B, L, F] leaves the block in training.
     """
     w_BxLx1 = sparsity.stats_weights_BxL[..., None].astype(jnp.float32)
     mask = active(activation_BxLxF, sparsity.stats_threshold,
-                  trained_keep(hidden_BxLxF, trained_topk))
+                  trained_keep(hidden_BxLxF, sparsity.trained_topk))
     count_F = jnp.sum(mask.astype(jnp.float32) * w_BxLx1, axis=(0, 1))
     return count_F, jnp.sum(count_F)

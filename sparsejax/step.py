@@ -8,14 +8,14 @@ logical axis names, batches by the ``batch`` rule), so ``jax.jit`` with ``in_sha
 feeds batches sharded exactly as the step was compiled for (``StepFunctions.plan``).
 
 The three step functions are pure functions of a static :class:`StepSetup` (model, optimizer,
-recipe, statistics rule) and arrays, as in nanodo and MaxText; :func:`make_step_functions` binds
+sharding plan, sparsity plan) and arrays, as in nanodo and MaxText; :func:`make_step_functions` binds
 the setup and adds the jit/sharding wrapper.
 
 Activation statistics (docs/sparsity_metrics_and_laws.md §Activation ratio) are reduced inside
 each block (``sparsity.layer_stats``) to a count of tokens per neuron and its sum, so nothing of
 size [tokens × d_ff] leaves a layer; the step turns them into ``[n_layers]`` ratios. A neuron is
 active for a token by the one rule of :func:`sparsejax.sparsity.active`: σ(gate) ≠ 0 (ReLU
-family, exact zeros) or |σ(gate)| ≥ ``train.fat_eps`` + 1e-18 (other activations: FAT-ε), and,
+family, exact zeros) or |σ(gate)| ≥ ``sparsity.fat_eps`` + 1e-18 (other activations: FAT-ε), and,
 under top-k, kept by the mask — the evaluator's *zero* and FAT-ε criteria, tested equal.
 """
 
@@ -29,22 +29,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import (activations, model as model_lib, objectives, recipes, sharding,
-                       sparsity as sparsity_lib)
+from sparsejax import model as model_lib, objectives, sharding
+from sparsejax.sparsity_plan import METRIC_NAMES, SparsityPlan
 from sparsejax.config import Config
 from sparsejax.loss import model_loss
 
 PyTree = Any
 # Regulariser -> its metric (the LM loss keeps the name ``loss``; docs/recipes.md §Metrics).
-REGULARISER_METRICS = {"l1": "l1", "chunk": "chunk_loss"}
+REGULARISER_METRICS = {name: r.metric for name, r in objectives.REGULARISERS.items()}
 # Every metric a recipe adds to the step's (trainer.py writes those present).
-RECIPE_METRICS = ("objective", *REGULARISER_METRICS.values(), *recipes.METRIC_NAMES.values(),
+RECIPE_METRICS = ("objective", *REGULARISER_METRICS.values(), *METRIC_NAMES.values(),
                   "train_chunk_sparsity")
-
-
-def stats_threshold(exact_zeros: bool, fat_eps: float):
-    """The training statistics' rule for ``sparsity.active``: zero (None) or FAT-ε."""
-    return None if exact_zeros else sparsity_lib.fat_threshold(fat_eps)
 
 
 def all_finite(*trees) -> jax.Array:
@@ -66,8 +61,7 @@ class StepSetup:
     model: model_lib.Model
     tx: optax.GradientTransformation
     plan: sharding.ShardingPlan
-    recipe: recipes.Recipe
-    stats_threshold: Optional[Any]
+    sparsity: SparsityPlan
     log_activations: bool
     grad_accum: int
     loss_tile_len: int
@@ -77,10 +71,7 @@ class StepSetup:
     def of(cls, cfg: Config, plan: sharding.ShardingPlan, tx: optax.GradientTransformation, *,
            log_activations: bool = True) -> "StepSetup":
         return cls(model=model_lib.Model(cfg.model, sharding.rules(cfg.mesh)), tx=tx, plan=plan,
-                   recipe=recipes.of(cfg),
-                   stats_threshold=stats_threshold(activations.get(cfg.model.activation).exact_zeros,
-                                                   cfg.train.fat_eps),
-                   log_activations=log_activations, grad_accum=cfg.train.grad_accum,
+                   sparsity=SparsityPlan.of(cfg), log_activations=log_activations, grad_accum=cfg.train.grad_accum,
                    loss_tile_len=cfg.train.loss_tile_len,
                    fault_nan_at_step=cfg.train.fault_nan_at_step)
 
@@ -95,7 +86,7 @@ class StepSetup:
     @property
     def stats_on(self) -> bool:
         # Regularisers are reduced over the token weights inside the blocks, so they need them.
-        return self.log_activations or bool(self.recipe.regularisers)
+        return self.log_activations or bool(self.sparsity.regularisers)
 
     def init_annotated(self, key: jax.Array, seq_len: int) -> PyTree:
         """A fresh state whose parameters (and moments) carry their logical axis names."""
@@ -111,36 +102,32 @@ def loss_fn(setup: StepSetup, params: PyTree, batch: dict, coefs: Optional[dict]
     · R_r`` (R_r: regulariser r's sum over tokens and layers); dividing it by the batch's token
     count gives the per-token objective. ``scale_r`` = tokens / (r's own count), known for the
     whole batch up front (it depends on the token weights only), so that micro-batch sums add up
-    exactly under gradient accumulation. With no recipe (``coefs`` None) it is the LM loss sum.
+    exactly under gradient accumulation. Without traced terms (``coefs`` None) it is the LM
+    loss sum.
     """
-    model, recipe = setup.model, setup.recipe
-    model_coefs = recipes.model_coefficients(recipe, coefs) if recipe.active else {}
+    model, plan = setup.model, setup.sparsity
     collected = None
     if setup.stats_on:
-        sp = sparsity_lib.Sparsity(
-            stats_weights_BxL=batch["weights"], stats_threshold=setup.stats_threshold,
-            coefficients=model_coefs, regularisers=recipe.regularisers,
-            chunk_len=recipe.chunk_len if recipe.active else 0, chunk_tau=recipe.chunk_tau)
+        sp = plan.model_input(coefs, stats_weights_BxL=batch["weights"])
         mean_loss, tokens, collected = model_loss(model, params, batch, sparsity=sp,
                                                   collect=("stats",),
                                                   loss_tile_len=setup.loss_tile_len)
         act_sum_N, count_NxF = model.layer_stats(collected)
     else:
-        sp = sparsity_lib.Sparsity(coefficients=model_coefs) if model_coefs else None
-        mean_loss, tokens, _ = model_loss(model, params, batch, sparsity=sp,
+        mean_loss, tokens, _ = model_loss(model, params, batch, sparsity=plan.model_input(coefs),
                                           loss_tile_len=setup.loss_tile_len)
         act_sum_N, count_NxF = jnp.zeros(setup.n_layers), jnp.zeros((setup.n_layers, setup.d_ff))
     loss_sum = mean_loss * tokens
     aux = {"tokens": tokens, "act_sum_N": act_sum_N, "count_NxF": count_NxF}
-    if not recipe.active:
+    if not plan.active:
         return loss_sum, aux
     objective = loss_sum
     aux["loss_sum"] = loss_sum
-    for name in recipe.regularisers:
+    for name in plan.regularisers:
         total = jnp.sum(model.layer_stat(collected, f"reg_{name}"))
         aux[f"reg_{name}"] = total
         objective = objective + coefs[name] * scales[name] * total
-    if recipe.chunk_len and collected is not None:
+    if plan.stats_chunk_len and collected is not None:
         aux["chunk_active"] = jnp.sum(model.layer_stat(collected, "chunk_active"))
         aux["chunks"] = jnp.sum(model.layer_stat(collected, "chunks"))
     return objective, aux
@@ -176,13 +163,13 @@ def _gradients(setup: StepSetup, params: PyTree, batch: dict, coefs, scales):
 
 def train_step(setup: StepSetup, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
     """One optimizer step on ``batch``: (new state, metrics)."""
-    recipe, params = setup.recipe, state["params"]
+    plan, params = setup.sparsity, state["params"]
     coefs, scales, counts = None, None, {}
-    if recipe.active:
+    if plan.active:
         # Step t (1-based) trains with the schedules' values at t: in-graph, from the state.
-        coefs = recipes.coefficients(recipe, state["step"] + 1)
-        counts = {name: objectives.REGULARISERS[name].count(batch["weights"], recipe.chunk_len)
-                  for name in recipe.regularisers}
+        coefs = plan.coefficients(state["step"] + 1)
+        counts = {name: objectives.REGULARISERS[name].count(batch["weights"], plan.chunk_len)
+                  for name in plan.regularisers}
         all_tokens = jnp.maximum(objectives.token_count(batch["weights"]), 1.0)
         scales = {name: all_tokens / jnp.maximum(c, 1.0) for name, c in counts.items()}
     (objective_sum, aux), grad_sum = _gradients(setup, params, batch, coefs, scales)
@@ -198,12 +185,12 @@ def train_step(setup: StepSetup, state: PyTree, batch: dict) -> tuple[PyTree, di
     new_params = optax.apply_updates(params, updates)
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     # ``loss`` is the LM loss alone, with or without a recipe (comparable across runs).
-    loss_sum = aux["loss_sum"] if recipe.active else objective_sum
+    loss_sum = aux["loss_sum"] if plan.active else objective_sum
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                # A checkpoint is written only after steps whose flag is true (trainer.py).
                "finite": all_finite(loss, grad_norm, new_params)}
-    if recipe.active:
+    if plan.active:
         metrics.update(recipe_metrics(setup, coefs, counts, aux, objective_sum / denom))
     if setup.log_activations:
         ratio_N = act_sum_N / (denom * setup.d_ff)
@@ -217,10 +204,10 @@ def recipe_metrics(setup: StepSetup, coefs: dict, counts: dict, aux: dict, objec
     and layers; ``chunk_loss``: per chunk token, summed over layers), each term's current value,
     and the training chunk sparsity (this batch, recipe.chunk_len, the statistics' active rule)."""
     out = {"objective": objective}
-    for name in setup.recipe.regularisers:
+    for name in setup.sparsity.regularisers:
         out[REGULARISER_METRICS[name]] = aux[f"reg_{name}"] / jnp.maximum(counts[name], 1.0)
     for field, value in coefs.items():
-        out[recipes.METRIC_NAMES[field]] = value
+        out[METRIC_NAMES[field]] = value
     if "chunk_active" in aux:
         out["train_chunk_sparsity"] = 1.0 - aux["chunk_active"] / jnp.maximum(
             aux["chunks"] * setup.d_ff, 1.0)
@@ -229,11 +216,11 @@ def recipe_metrics(setup: StepSetup, coefs: dict, counts: dict, aux: dict, objec
 
 def eval_step(setup: StepSetup, state: PyTree, batch: dict) -> dict:
     """LM loss sum, token count and per-layer active sums of one validation batch."""
-    recipe = setup.recipe
-    # The model as trained at its last step: the recipe's values at that step.
-    coefs = recipes.coefficients(recipe, state["step"]) if recipe.active else None
-    scales = ({name: jnp.float32(0.0) for name in recipe.regularisers}
-              if recipe.active else None)  # evaluation reports the LM loss alone
+    plan = setup.sparsity
+    # The model as trained at its last step: the traced terms' values at that step.
+    coefs = plan.coefficients(state["step"]) if plan.active else None
+    scales = ({name: jnp.float32(0.0) for name in plan.regularisers}
+              if plan.active else None)  # evaluation reports the LM loss alone
     objective_sum, aux = loss_fn(setup, state["params"], batch, coefs, scales)
     loss_sum = aux.get("loss_sum", objective_sum)
     return {"loss_sum": loss_sum, "tokens": aux["tokens"], "act_sum_layers": aux["act_sum_N"]}

@@ -35,8 +35,9 @@ import jax
 import numpy as np
 
 from sparsejax import (checkpointing, config as config_lib, data, flops, lifecycle, optim, plotting,
-                       recipes, resources, results, rundir, sharding, step, storage, warm_start,
+                       resources, results, rundir, sharding, step, storage, warm_start,
                        writers)
+from sparsejax.sparsity_plan import SparsityPlan
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
     """Fields that differ between two config dicts and may not change on resume.
 
     A field the old config lacks (it was saved by a version without that field) counts as its
-    default value, so adding a config field does not lock users out of their running runs.
+    default value, so adding a config field does not lock users out of their running runs; a
+    config saved before fields moved (the sparsity section) is read in today's layout
+    (``config.upgrade``).
     """
-    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    a = _flatten(config_lib.upgrade(json.loads(json.dumps(old))))
+    b = _flatten(json.loads(json.dumps(new)))
     defaults = _flatten(config_lib.to_json_dict(config_lib.Config()))
     a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
@@ -469,7 +473,7 @@ def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSum
     if is_main and log_activations and records:
         plot_path = plotting.plot_activation_ratio(records, run.plot,
                                                    title=f"{cfg.name}: FFN activation ratio",
-                                                   stages=recipes.stage_boundaries(cfg))
+                                                   stages=SparsityPlan.of(cfg).stage_boundaries())
     last = records[-1] if records else loop.last_record
     start = restored[0] if restored is not None else 0
     return RunSummary(workdir, loop.step_no, last.get("loss", float("nan")),

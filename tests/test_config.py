@@ -10,6 +10,7 @@ import pytest
 
 from sparsejax import config, model
 from sparsejax import configure
+from sparsejax.schedules import Schedule
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
@@ -47,9 +48,10 @@ def test_paper_table_values():
 def test_overrides_parse_types_and_copy():
     base = config.proxy_config("tiny")
     cfg = configure.apply_overrides(base, [
-        "model.activation=silu", "model.topk=0.25", "train.steps=7", "model.topk_ste=true",
+        "model.activation=silu", "sparsity.topk=0.25", "train.steps=7", "sparsity.topk_ste=true",
         "train.learning_rate=1e-3", "name=x"])
-    assert (cfg.model.activation, cfg.model.topk, cfg.train.steps, cfg.model.topk_ste) == ("silu", 0.25, 7, True)
+    assert (cfg.model.activation, cfg.sparsity.topk, cfg.train.steps, cfg.sparsity.topk_ste) == (
+        "silu", Schedule("constant", (0.25,)), 7, True)
     assert cfg.train.learning_rate == 1e-3 and cfg.name == "x"
     assert base.model.activation == "relu" and base.train.steps == 300  # original untouched
 
@@ -59,11 +61,13 @@ def test_overrides_parse_types_and_copy():
     ("model.ffn_type=moe", "model.ffn_type"),
     ("model.n_layers=0", "model.n_layers"),
     ("model.head_dim=31", "model.head_dim"),
-    ("model.topk=321", "model.topk"),
-    ("model.topk=2.5", "model.topk"),
-    ("model.topk=-1", "model.topk"),
-    ("model.topk_mode=fast", "model.topk_mode"),
-    ("model.activation_threshold=0.1", "model.activation_threshold"),
+    ("sparsity.topk=321", "sparsity.topk"),
+    ("sparsity.topk=2.5", "sparsity.topk"),
+    ("sparsity.topk=-1", "sparsity.topk"),
+    ("sparsity.topk_mode=fast", "sparsity.topk_mode"),
+    ("sparsity.activation_threshold=0.1", "sparsity.activation_threshold"),
+    ("sparsity.topk=abc", "sparsity.topk"),
+    ("sparsity.fat_eps=-0.1", "sparsity.fat_eps"),
     ("model.dtype=float16", "model.dtype"),
     ("model.vocab_size=0", "model.vocab_size"),
     ("model.vocab_size=100", "model.vocab_size"),
@@ -79,7 +83,10 @@ def test_overrides_parse_types_and_copy():
     ("train.checkpoint_steps=0", "train.checkpoint_steps"),
     ("train.checkpoint_steps=5,100000", "train.checkpoint_steps"),
     ("train.checkpoint_steps=5,x", "train.checkpoint_steps"),
-    ("model.topk_ste=maybe", "model.topk_ste"),
+    ("sparsity.topk_ste=maybe", "sparsity.topk_ste"),
+    # A field's path from before the sparsity section still sets it; errors name where it is now.
+    ("model.topk=321", "sparsity.topk"),
+    ("recipe.l1.kind=cubic", "sparsity.l1.kind"),
     ("model.nonexistent=1", "model.nonexistent"),
     ("bogus.field=1", "bogus.field"),
 ])
@@ -96,8 +103,23 @@ def test_allowed_values_are_listed():
 
 def test_threshold_allowed_for_fatrelu_and_d_model_heads_free():
     cfg = configure.apply_overrides(config.proxy_config("tiny"),
-                                 ["model.activation=fatrelu", "model.activation_threshold=0.01"])
-    assert cfg.model.activation_threshold == 0.01
+                                    ["model.activation=fatrelu", "sparsity.activation_threshold=0.01"])
+    assert cfg.sparsity.activation_threshold == Schedule("constant", (0.01,))
+
+
+def test_paths_from_before_the_sparsity_section_set_the_same_fields():
+    base = config.proxy_config("tiny")
+    old = configure.apply_overrides(base, [
+        "model.activation=fatrelu", "model.activation_threshold=0.01", "model.topk=0.25",
+        "model.topk_ste=true", "train.fat_eps=0.05", "recipe.l1.kind=linear",
+        "recipe.l1.values=0,1e-3", "recipe.l1.boundaries=0,10", "recipe.chunk_len=4"])
+    new = configure.apply_overrides(base, [
+        "model.activation=fatrelu", "sparsity.activation_threshold=0.01", "sparsity.topk=0.25",
+        "sparsity.topk_ste=true", "sparsity.fat_eps=0.05", "sparsity.l1.kind=linear",
+        "sparsity.l1.values=0,1e-3", "sparsity.l1.boundaries=0,10", "sparsity.chunk_len=4"])
+    assert old == new
+    assert set(config.MOVED_FIELDS.values()) <= {f"sparsity.{f.name}" for f in
+                                                 dataclasses.fields(config.SparsityConfig)}
 
 
 def test_load_errors(tmp_path):
@@ -145,3 +167,63 @@ def test_moved_loaders_still_answer_under_their_old_names_with_a_warning():
     assert old is configure.apply_overrides
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         config.nope  # noqa: B018
+
+
+# ------------------------------------------------------- configs saved before the sparsity section
+SAVED = pathlib.Path(__file__).parent / "fixtures" / "config_before_sparsity_section.json"
+
+
+def _saved_equivalent():
+    """Today's spelling of the config in SAVED (written by the version of 2026-12-06 that had
+    model.topk, model.activation_threshold, train.fat_eps and a recipe section)."""
+    return configure.apply_overrides(config.proxy_config("tiny"), [
+        "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
+        "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=2",
+        "model.activation=fatrelu", "sparsity.activation_threshold=0.01", "sparsity.topk=0.5",
+        "sparsity.topk_ste=true", "sparsity.fat_eps=0.05", "sparsity.l1.kind=linear",
+        "sparsity.l1.values=0,1e-3", "sparsity.l1.boundaries=0,4", "sparsity.chunk_len=4",
+        "train.steps=2", "train.checkpoint_every=2", "train.eval_every=1000",
+        "train.log_every=1", "train.eval_batches=1", "name=saved_2026_12_06"])
+
+
+def test_a_config_saved_before_the_sparsity_section_reads_as_today():
+    old = json.loads(SAVED.read_text())
+    assert "recipe" in old and old["model"]["topk"] == 0.5  # the fixture is the old layout
+    want = _saved_equivalent()
+    assert configure.from_dict(old) == want
+    assert config.upgrade(config.to_json_dict(want)) == config.to_json_dict(want)  # idempotent
+    from sparsejax import trainer
+
+    assert trainer.config_differences(old, config.to_dict(want)) == []
+    other = configure.apply_overrides(want, ["sparsity.topk=0.25"])
+    assert trainer.config_differences(old, config.to_dict(other)) == ["sparsity.topk.values"]
+
+
+@pytest.mark.slow
+def test_a_run_written_before_the_sparsity_section_resumes_and_evaluates(tmp_path):
+    """A run whose config.json and checkpoint meta hold the old layout (as the version of
+    2026-12-06 wrote them) resumes under today's spelling of its config, and evaluates."""
+    from sparsejax import evaluation, trainer
+
+    cfg = _saved_equivalent()
+    trainer.train(cfg, tmp_path, progress=False)
+    old_text = SAVED.read_text()
+    (tmp_path / "config.json").write_text(old_text)
+    metas = [p for p in (tmp_path / "checkpoints" / "2").rglob("*")
+             if p.is_file() and p.parent.name == "meta" and '"config"' in p.read_text(errors="ignore")]
+    assert len(metas) == 1, sorted(map(str, (tmp_path / "checkpoints" / "2").rglob("*")))
+    meta = json.loads(metas[0].read_text())
+    meta["config"] = json.loads(old_text)
+    metas[0].write_text(json.dumps(meta))
+    from sparsejax import checkpointing, rundir
+
+    raw, _ = checkpointing.read_run_config(rundir.RunDir(tmp_path))
+    assert "recipe" in raw  # the checkpoint now holds the old layout
+    summary = trainer.train(configure.apply_overrides(cfg, ["train.steps=4"]), tmp_path,
+                            progress=False)
+    assert summary.resumed_from == 2 and summary.final_step == 4
+    results = evaluation.evaluate_run(tmp_path, evaluation.EvalOptions(metrics=("zero",)),
+                                      checkpoints="2", progress=False)
+    assert results["checkpoints"][0]["step"] == 2
+    # top-k 0.5 of d_ff 160 is trained into the model: at most 80 of 160 neurons are active
+    assert 0 < results["checkpoints"][0]["results"]["zero"]["ratio"] <= 0.5

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import activations, model, sparsity
+from sparsejax import activations, config, configure, model, sparsity
 from sparsejax.config import ModelConfig
 from sparsejax.loss import next_token_loss
 from sparsejax.sparsity import Sparsity
+from sparsejax.sparsity_plan import SparsityPlan
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=80,
                    max_seq_len=32)
@@ -97,9 +98,9 @@ def test_approx_topk_recall():
 
 @pytest.mark.parametrize("ffn_type", ["gated", "plain"])
 def test_topk_ffn_keeps_k_largest_activations(ffn_type):
-    cfg = _cfg(ffn_type=ffn_type, activation="silu", topk=12)
+    cfg = _cfg(ffn_type=ffn_type, activation="silu")
     ffn, x, p = _ffn_params(cfg)
-    _, state = ffn.apply({"params": p}, x, mutable=["intermediates"])
+    _, state = ffn.apply({"params": p}, x, Sparsity(topk_k=12), mutable=["intermediates"])
     act = np.asarray(state["intermediates"]["activation"][0])
     hidden = np.asarray(state["intermediates"]["hidden"][0])
     assert ((hidden != 0).sum(-1) == 12).all()
@@ -112,9 +113,13 @@ def test_topk_fraction_and_full_k_equal_dense():
     cfg = _cfg(activation="silu")
     ffn, x, p = _ffn_params(cfg)
     dense = ffn.apply({"params": p}, x)
-    full = model.FeedForward(_cfg(activation="silu", topk=cfg.d_ff)).apply({"params": p}, x)
-    np.testing.assert_array_equal(dense, full)
-    assert _cfg(topk=0.25).topk_k == 20
+    # k = d_ff is no mask: the plan leaves it out of the model's input.
+    full_cfg = configure.apply_overrides(config.proxy_config("tiny"), ["sparsity.topk=320"])
+    full_input = SparsityPlan.of(full_cfg).model_input()
+    assert full_input.topk_k == 0 and not full_input.trained_topk
+    np.testing.assert_array_equal(dense, ffn.apply({"params": p}, x, full_input))
+    quarter = configure.apply_overrides(config.proxy_config("tiny"), ["sparsity.topk=0.25"])
+    assert SparsityPlan.of(quarter).model_input().topk_k == 80  # the one rule: 320 − int(240)
 
 
 @pytest.mark.parametrize("ffn_type", ["gated", "plain"])
@@ -123,19 +128,18 @@ def test_topk_straight_through_gradient(ffn_type):
     gradient does not depend on the forward values: kept neurons get the dense gradient in both
     modes; dropped neurons get zero without STE and the dense gradient with STE (Q-Sparse)."""
     cfg_dense = _cfg(activation="silu", ffn_type=ffn_type)
-    cfg_mask = _cfg(activation="silu", ffn_type=ffn_type, topk=10)
-    cfg_ste = _cfg(activation="silu", ffn_type=ffn_type, topk=10, topk_ste=True)
+    dense_in, mask_in, ste_in = Sparsity(), Sparsity(topk_k=10), Sparsity(topk_k=10, topk_ste=True)
     ffn, _, p = _ffn_params(cfg_dense)
     x = jax.random.normal(jax.random.key(5), (1, 1, cfg_dense.d_model))
     c = jax.random.normal(jax.random.key(9), (1, 1, cfg_dense.d_model))
     first = "w_gate" if ffn_type == "gated" else "w_in"
 
-    def first_layer_grad(cfg):
-        loss = lambda params: jnp.sum(model.FeedForward(cfg).apply({"params": params}, x) * c)  # noqa: E731
+    def first_layer_grad(sp):
+        loss = lambda params: jnp.sum(ffn.apply({"params": params}, x, sp) * c)  # noqa: E731
         return np.asarray(jax.grad(loss)(p)[first]["kernel"])
 
-    g_dense, g_mask, g_ste = (first_layer_grad(c_) for c_ in (cfg_dense, cfg_mask, cfg_ste))
-    out_mask = model.FeedForward(cfg_mask).apply({"params": p}, x, mutable=["intermediates"])[1]
+    g_dense, g_mask, g_ste = (first_layer_grad(sp) for sp in (dense_in, mask_in, ste_in))
+    out_mask = ffn.apply({"params": p}, x, mask_in, mutable=["intermediates"])[1]
     kept_F = np.asarray(out_mask["intermediates"]["hidden"][0])[0, 0] != 0
     assert kept_F.sum() == 10
     np.testing.assert_allclose(g_mask[:, kept_F], g_dense[:, kept_F], rtol=1e-5, atol=1e-7)
@@ -143,8 +147,8 @@ def test_topk_straight_through_gradient(ffn_type):
     np.testing.assert_allclose(g_ste, g_dense, rtol=1e-5, atol=1e-7)
     assert np.abs(g_dense[:, ~kept_F]).max() > 0  # the check above is not vacuous
     # The forward pass of STE and plain masking is the same.
-    np.testing.assert_array_equal(model.FeedForward(cfg_ste).apply({"params": p}, x),
-                                  model.FeedForward(cfg_mask).apply({"params": p}, x))
+    np.testing.assert_array_equal(ffn.apply({"params": p}, x, ste_in),
+                                  ffn.apply({"params": p}, x, mask_in))
 
 
 def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
@@ -173,14 +177,15 @@ def test_sparse_forward_threshold_zero_is_dense_and_masks_work():
 
 
 def test_causality():
-    cfg = _cfg(activation="silu", topk=20)
+    cfg = _cfg(activation="silu")
     m = model.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, cfg.vocab_size)
     v = m.init(jax.random.key(1), tokens)
-    base = np.asarray(m.apply(v, tokens))
+    topk = Sparsity(topk_k=20)
+    base = np.asarray(m.apply(v, tokens, sparsity=topk))
     for t in (0, 7, 15):
         changed = tokens.at[0, t].set((tokens[0, t] + 1) % cfg.vocab_size)
-        out = np.asarray(m.apply(v, changed))
+        out = np.asarray(m.apply(v, changed, sparsity=topk))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert not np.allclose(out[:, t], base[:, t])
 

@@ -128,8 +128,8 @@ def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
                                   r"\['none', 'full'"),
     (["model.ffn_impl=block_sparse", "model.ffn_block_f=96"], "model.ffn_block_f=96 must divide "
                                                               "model.d_ff=320"),
-    (["model.ffn_impl=block_sparse", "model.ffn_block_f=64", "model.topk=0.5"],
-     "model.topk=0.5 must be 0 with model.ffn_impl='block_sparse'"),
+    (["model.ffn_impl=block_sparse", "model.ffn_block_f=64", "sparsity.topk=0.5"],
+     "sparsity.topk=0.5 must be 0 with model.ffn_impl='block_sparse'"),
     (["model.ffn_impl=block_sparse", "model.ffn_block_t=0"], "model.ffn_block_t=0 must be > 0"),
 ])
 def test_config_errors_name_field_and_allowed_values(overrides, match):

@@ -19,11 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparsejax import (config, data, ffn, metrics, model, optim, plotting, recipes,
+from sparsejax import (config, data, ffn, metrics, model, optim, plotting,
                        sharding, sparsity, step, trainer, warm_start, writers)
 from sparsejax import configure
 from sparsejax.config import ConfigError
 from sparsejax.sparsity import Sparsity
+from sparsejax.sparsity_plan import SparsityPlan
 from run_wait import wait_for_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ def _cfg(*extra, base="relu"):
 
 
 def _sched(field, kind, values, bounds=()):
-    out = [f"recipe.{field}.kind={kind}", f"recipe.{field}.values={','.join(map(str, values))}"]
-    return out + [f"recipe.{field}.boundaries={','.join(map(str, bounds))}"]
+    out = [f"sparsity.{field}.kind={kind}", f"sparsity.{field}.values={','.join(map(str, values))}"]
+    return out + [f"sparsity.{field}.boundaries={','.join(map(str, bounds))}"]
 
 
 def _train(cfg, n_steps, *, seed_batches=0):
@@ -98,7 +99,7 @@ def test_objective_terms_normalisation_and_grad_accumulation():
     """Every term reported on its own; the same per-token values with 1 and 4 micro-batches;
     the in-graph chunk sparsity equals metrics.chunk_sparsity on the model's activations."""
     extra = (_sched("l1", "linear", (0.0, 1e-3), (0, 4)) + _sched("chunk", "constant", (0.2,))
-             + ["recipe.chunk_len=4"])
+             + ["sparsity.chunk_len=4"])
     runs = {a: _train(_cfg(*extra, f"train.grad_accum={a}"), 3) for a in (1, 4)}
     (m1, s1, fns, mesh), (m4, _, _, _) = runs[1], runs[4]
     for key in ("loss", "objective", "l1", "chunk_loss", "grad_norm", "train_chunk_sparsity"):
@@ -147,15 +148,15 @@ def test_prosparse_l1_lowers_the_activation_ratio_at_a_bounded_loss_cost():
 
 @pytest.mark.slow
 def test_topk_schedule_ends_at_exactly_k_active_per_token():
-    cfg = _cfg("model.activation=silu", "model.topk_ste=true",
+    cfg = _cfg("model.activation=silu", "sparsity.topk_ste=true",
                *_sched("topk", "linear", (0, 16), (2, 6)))
     ms, state, _, _ = _train(cfg, 8)
     # by hand: dense (160) until step 2, linear in counts to 16 at step 6: 160, 124, 88, 52, 16
     assert [int(m["topk_k"]) for m in ms] == [160, 160, 124, 88, 52, 16, 16, 16]
     assert ms[-1]["activation_ratio"] <= 16 / 160 + 1e-7
     # The model after 8 steps, with the recipe's values at step 8: exactly 16 kept per token.
-    rec = recipes.of(cfg)
-    sp = Sparsity(coefficients=recipes.model_coefficients(rec, recipes.coefficients(rec, 8)))
+    plan = SparsityPlan.of(cfg)
+    sp = plan.model_input(plan.coefficients(8))
     batch = next(data.Dataset(cfg).train)
     _, inter = model.Model(cfg.model).apply(jax.device_get(state["params"]), batch["inputs"],
                                             sparsity=sp, collect=("intermediates",))
@@ -165,7 +166,7 @@ def test_topk_schedule_ends_at_exactly_k_active_per_token():
 
 @pytest.mark.slow
 def test_chunk_loss_raises_chunk_level_sparsity():
-    base = ["train.steps=60", "recipe.chunk_len=8"]
+    base = ["train.steps=60", "sparsity.chunk_len=8"]
     # λ = 0 on a schedule that is not the default: the term is on (so chunk sparsity is logged)
     # and contributes exactly 0.
     control, *_ = _train(_cfg(*base, *_sched("chunk", "linear", (0.0, 0.0), (5, 25))), 60)
@@ -177,24 +178,26 @@ def test_chunk_loss_raises_chunk_level_sparsity():
 
 # --------------------------------------------------------------------------- config and errors
 @pytest.mark.parametrize("overrides, needles", [
-    (_sched("l1", "cosine", (1.0,)), ["recipe.l1.kind='cosine'", "allowed values"]),
-    (_sched("l1", "linear", (0.0, 1.0), (5,)), ["recipe.l1", "one value per boundary"]),
-    (_sched("chunk", "linear", (0.0, 1.0), (9, 3)), ["recipe.chunk.boundaries", "strictly increasing"]),
-    (_sched("l1", "constant", (-1.0,)), ["recipe.l1.values", ">= 0"]),
-    (_sched("topk", "constant", (2.5,)), ["recipe.topk.values", "integer k in [1, d_ff=160]"]),
-    (_sched("topk", "constant", (161,)), ["recipe.topk.values", "d_ff=160"]),
-    (_sched("topk", "constant", (16,)) + ["model.topk=8"], ["recipe.topk", "model.topk=8"]),
+    (_sched("l1", "cosine", (1.0,)), ["sparsity.l1.kind='cosine'", "allowed values"]),
+    (_sched("l1", "linear", (0.0, 1.0), (5,)), ["sparsity.l1", "one value per boundary"]),
+    (_sched("chunk", "linear", (0.0, 1.0), (9, 3)), ["sparsity.chunk.boundaries", "strictly increasing"]),
+    (_sched("l1", "constant", (-1.0,)), ["sparsity.l1=-1.0", ">= 0"]),
+    (_sched("l1", "linear", (0.0, -1.0), (0, 5)), ["sparsity.l1.values=(0.0, -1.0)", ">= 0"]),
+    (_sched("topk", "constant", (2.5,)), ["sparsity.topk=2.5", "integer k in [1, d_ff=160]"]),
+    (["sparsity.topk=161"], ["sparsity.topk=161", "d_ff=160"]),
+    (_sched("topk", "linear", (0, 16), (2, 6)) + ["sparsity.topk_mode=approx"],
+     ["sparsity.topk_mode='approx'", "constant sparsity.topk"]),
     (_sched("activation_threshold", "constant", (0.01,)),
-     ["recipe.activation_threshold", "'fatrelu'", "'relu'"]),
-    (_sched("activation_threshold", "constant", (0.01,)) + ["model.activation=fatrelu",
-     "model.activation_threshold=0.1"], ["model.activation_threshold=0.1", "set that to 0"]),
-    (_sched("chunk", "constant", (0.1,)) + ["recipe.chunk_len=5"],
-     ["recipe.chunk_len=5", "train.seq_len=32"]),
-    (["recipe.chunk_tau=0"], ["recipe.chunk_tau=0", "> 0"]),
+     ["sparsity.activation_threshold", "'fatrelu'", "'relu'"]),
+    (["model.activation=fatrelu", "sparsity.activation_threshold=-0.1"],
+     ["sparsity.activation_threshold=-0.1", ">= 0"]),
+    (_sched("chunk", "constant", (0.1,)) + ["sparsity.chunk_len=5"],
+     ["sparsity.chunk_len=5", "train.seq_len=32"]),
+    (["sparsity.chunk_tau=0"], ["sparsity.chunk_tau=0", "> 0"]),
     (_sched("l1", "constant", (1e-3,)) + ["model.ffn_impl=block_sparse", "model.ffn_block_f=32",
-     "model.ffn_block_t=32"], ["recipe.l1", "model.ffn_impl='reference'"]),
-    (["recipe.l1.values=a,b"], ["recipe.l1.values='a'", "float"]),
-    (["recipe.l1.speed=1"], ["recipe.l1.speed", "fields"]),
+     "model.ffn_block_t=32"], ["sparsity.l1", "model.ffn_impl='reference'"]),
+    (["sparsity.l1.values=a,b"], ["sparsity.l1.values='a'", "float"]),
+    (["sparsity.l1.speed=1"], ["sparsity.l1.speed", "fields"]),
 ])
 def test_bad_recipe_configs_give_one_line_errors(overrides, needles):
     with pytest.raises(ConfigError) as err:
@@ -211,11 +214,11 @@ def test_recipe_survives_the_config_round_trip_and_old_configs_resume():
     assert configure.from_dict(raw) == cfg
     assert trainer.config_differences(raw, config.to_dict(cfg)) == []
     plain = json.loads(json.dumps(config.to_dict(config.proxy_config("tiny"))))
-    del plain["recipe"]  # written before the section existed: every recipe field its default
+    del plain["sparsity"]  # written before the section existed: every field its default
     assert trainer.config_differences(plain, config.to_dict(config.proxy_config("tiny"))) == []
     changed = trainer.config_differences(plain, config.to_dict(_cfg(*_sched("l1", "constant", (1e-3,)))))
-    assert "recipe.l1.values" in changed
-    assert recipes.stage_boundaries(cfg) == [0, 20, 80, 140, 160]
+    assert "sparsity.l1.values" in changed
+    assert SparsityPlan.of(cfg).stage_boundaries() == [0, 20, 80, 140, 160]
 
 
 def test_activation_plot_marks_stage_boundaries(tmp_path):
@@ -263,7 +266,7 @@ def _records(workdir):
     return [r for r in writers.read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
 
 
-ALL_TERMS = (["model.activation=fatrelu", "model.topk_ste=true", "recipe.chunk_len=8"]
+ALL_TERMS = (["model.activation=fatrelu", "sparsity.topk_ste=true", "sparsity.chunk_len=8"]
              + _sched("l1", "sine_stages", (0.0, 1e-3, 2e-3), (10, 40, 70))
              + _sched("chunk", "linear", (0.0, 0.1), (20, 60))
              + _sched("topk", "piecewise", (0, 96), (0, 50))

@@ -49,7 +49,7 @@ def test_other_kinds_by_hand(kind, values, bounds, checks):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (Schedule("cosine", (1.0,), ()), r"recipe.l1.kind='cosine'.*allowed values"),
+    (Schedule("cosine", (1.0,), ()), r"sparsity.l1.kind='cosine'.*allowed values"),
     (Schedule("constant", (1.0, 2.0), ()), "one value and no boundaries"),
     (Schedule("linear", (1.0, 2.0), (10,)), "one value per boundary"),
     (Schedule("linear", (1.0, 2.0), (20, 10)), "strictly increasing"),
@@ -57,22 +57,22 @@ def test_other_kinds_by_hand(kind, values, bounds, checks):
 ])
 def test_malformed_schedules_name_the_field(bad, match):
     with pytest.raises(ScheduleError, match=match):
-        schedules.validate(bad, "recipe.l1")
+        schedules.validate(bad, "sparsity.l1")
 
 
 def test_a_recipe_evaluates_its_schedules_in_graph_by_hand():
-    """recipes.coefficients at boundaries and midpoints; top-k values become neuron counts by the
-    one fraction -> k rule (float64, on the host) and k is interpolated in counts, rounded."""
-    from sparsejax import config, recipes
-    from sparsejax import configure
+    """SparsityPlan.coefficients at boundaries and midpoints; top-k values become neuron counts by
+    the one fraction -> k rule (float64, on the host) and k is interpolated in counts, rounded."""
+    from sparsejax import config, configure
+    from sparsejax.sparsity_plan import SparsityPlan
 
     cfg = configure.apply_overrides(config.proxy_config("tiny"), [  # d_ff = 320
-        "recipe.topk.kind=linear", "recipe.topk.values=0,0.9,32", "recipe.topk.boundaries=10,20,30",
-        "recipe.l1.kind=sine_stages", "recipe.l1.values=0,1e-4,3e-4", "recipe.l1.boundaries=0,100,200"])
-    r = recipes.of(cfg)
+        "sparsity.topk.kind=linear", "sparsity.topk.values=0,0.9,32", "sparsity.topk.boundaries=10,20,30",
+        "sparsity.l1.kind=sine_stages", "sparsity.l1.values=0,1e-4,3e-4", "sparsity.l1.boundaries=0,100,200"])
+    r = SparsityPlan.of(cfg)
     # 0 -> dense 320; 0.9 -> 320 - int(320 * 0.09999999999999998) = 289 (not round(288.0))
-    assert r.schedules["topk"].values == (320.0, 289.0, 32.0)
-    at = jax.jit(lambda t: recipes.coefficients(r, t))
+    assert r.traced["topk"].values == (320.0, 289.0, 32.0)
+    at = jax.jit(lambda t: r.coefficients(t))
     want_k = {1: 320, 10: 320, 15: 304, 20: 289, 25: 160, 30: 32, 10**6: 32}  # 304.5 -> 304 (even)
     for t, k in want_k.items():
         got = at(jnp.int32(t))
@@ -80,15 +80,20 @@ def test_a_recipe_evaluates_its_schedules_in_graph_by_hand():
     assert float(at(jnp.int32(50))["l1"]) == pytest.approx(0.5e-4, rel=1e-5)  # stage 1 midpoint
     assert float(at(jnp.int32(150))["l1"]) == pytest.approx(2e-4, rel=1e-5)  # stage 2 midpoint
     assert float(at(jnp.int32(100))["l1"]) == pytest.approx(1e-4, rel=1e-6)  # boundary
-    assert set(recipes.of(config.proxy_config("tiny")).schedules) == set()  # defaults: all off
+    assert SparsityPlan.of(config.proxy_config("tiny")).traced == {}  # defaults: all off
+    # A constant is a static control, compiled in: no coefficient, the lax.top_k path.
+    static = SparsityPlan.of(configure.apply_overrides(config.proxy_config("tiny"), [
+        "sparsity.topk=0.9", "model.activation=fatrelu", "sparsity.activation_threshold=0.01"]))
+    assert static.traced == {} and static.topk_k == 289 and static.threshold == 0.01
+    assert static.model_input().topk_k == 289 and static.model_input().threshold == 0.01
 
 
 def test_schedules_are_set_from_the_command_line():
     from sparsejax import config, configure
 
     cfg = configure.apply_overrides(config.proxy_config("tiny"), [
-        "recipe.chunk.kind=piecewise", "recipe.chunk.values=0, 0.1", "recipe.chunk.boundaries=0,5e1"])
-    assert cfg.recipe.chunk == Schedule("piecewise", (0.0, 0.1), (0, 50))
-    assert config.proxy_config("tiny").recipe.chunk == Schedule()  # the base is untouched
-    with pytest.raises(config.ConfigError, match=r"recipe.chunk.boundaries='2.5': expected an int"):
-        configure.apply_overrides(config.proxy_config("tiny"), ["recipe.chunk.boundaries=2.5"])
+        "sparsity.chunk.kind=piecewise", "sparsity.chunk.values=0, 0.1", "sparsity.chunk.boundaries=0,5e1"])
+    assert cfg.sparsity.chunk == Schedule("piecewise", (0.0, 0.1), (0, 50))
+    assert config.proxy_config("tiny").sparsity.chunk == Schedule()  # the base is untouched
+    with pytest.raises(config.ConfigError, match=r"sparsity.chunk.boundaries='2.5': expected an int"):
+        configure.apply_overrides(config.proxy_config("tiny"), ["sparsity.chunk.boundaries=2.5"])

@@ -44,7 +44,7 @@ def test_runs_on_a_recipe_trained_run(tmp_path):
         "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=160",
         "train.batch_size=8", "train.seq_len=64", "train.steps=12", "train.warmup_steps=2",
         "train.eval_every=1000", "train.checkpoint_every=12", "train.log_every=12",
-        "recipe.chunk.boundaries=0,6"])
+        "sparsity.chunk.boundaries=0,6"])
     trainer.train(cfg, tmp_path / "run", progress=False)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_speed.py"),
                            "--workdir", str(tmp_path / "run"), "--batches", "1", "--repeats", "1"],

@@ -35,31 +35,37 @@ def test_active_rules_against_literal_values():
 @pytest.mark.slow
 @pytest.mark.parametrize("d_ff", PAPER_D_FF)
 def test_training_and_evaluation_topk_keep_the_same_k(d_ff):
-    """ModelConfig.topk (training), sparsity.topk_count / topk_active_TxF and the evaluator's k
+    """sparsity.topk (training, through the plan), sparsity.topk_count / topk_active_TxF and the evaluator's k
     agree, and equal the count the reference's prune_topk keeps (int(numel · (1 − f)) dropped);
     the training FFN's mask keeps exactly that many per token."""
     act_TxF = jax.random.normal(jax.random.key(d_ff), (3, d_ff)) + 5.0  # no exact zeros
     for f in FRACTIONS:
         reference_keeps = d_ff - int(d_ff * (1.0 - f))
-        cfg = ModelConfig(vocab_size=256, d_model=8, n_layers=1, n_heads=1, head_dim=8, d_ff=d_ff,
-                          activation="silu", topk=f)
-        assert cfg.topk_k == reference_keeps == sparsity.topk_count(f, d_ff), (d_ff, f)
+        train_k = _plan(d_ff, f).topk_k
+        assert train_k == reference_keeps == sparsity.topk_count(f, d_ff), (d_ff, f)
         eval_counts = np.asarray(metrics.topk_active_TxF(act_TxF, f)).sum(-1)
         np.testing.assert_array_equal(eval_counts, reference_keeps)
-        train_keep = sparsity.topk_keep(jnp.abs(act_TxF), cfg.topk_k)
+        train_keep = sparsity.topk_keep(jnp.abs(act_TxF), train_k)
         np.testing.assert_array_equal(np.asarray(train_keep).sum(-1), reference_keeps)
     # the float64 corner the two old rules disagreed on
-    assert ModelConfig(d_ff=320, topk=0.9).topk_k == 289
-    assert ModelConfig(d_ff=160, topk=0.3).topk_k == 48  # the golden eval test's k: unchanged
+    assert _plan(320, 0.9).topk_k == 289
+    assert _plan(160, 0.3).topk_k == 48  # the golden eval test's k: unchanged
+
+
+def _plan(d_ff, topk):
+    from sparsejax.sparsity_plan import SparsityPlan
+
+    return SparsityPlan.of(configure.apply_overrides(config.proxy_config("tiny"), [
+        f"model.d_ff={d_ff}", "model.activation=silu", f"sparsity.topk={topk}"]))
 
 
 def test_training_ffn_keeps_config_k_per_token():
     cfg = ModelConfig(vocab_size=256, d_model=8, n_layers=1, n_heads=1, head_dim=8, d_ff=320,
-                      activation="silu", topk=0.9)
+                      activation="silu")
     ffn = model.FeedForward(cfg)
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     params = ffn.init(jax.random.key(1), x)
-    _, st = ffn.apply(params, x, mutable=["intermediates"])
+    _, st = ffn.apply(params, x, _plan(320, 0.9).model_input(), mutable=["intermediates"])
     hidden = np.asarray(st["intermediates"]["hidden"][0])
     np.testing.assert_array_equal((hidden != 0).sum(-1), 289)
 
@@ -110,7 +116,7 @@ def test_in_graph_training_ratio_equals_evaluation_ratio(activation, n_layers, c
     would see pruned inputs: one layer keeps the comparison exact.)"""
     eps = 0.05
     cfg = configure.apply_overrides(config.proxy_config("tiny", activation), MICRO + [
-        f"model.n_layers={n_layers}", f"train.fat_eps={eps}"])
+        f"model.n_layers={n_layers}", f"sparsity.fat_eps={eps}"])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
     state = fns.init(jax.random.key(2))

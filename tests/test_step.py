@@ -6,6 +6,7 @@ import pytest
 from sparsejax import config, model, optim, sharding, step
 from sparsejax import configure
 from sparsejax.config import ConfigError, MeshConfig
+from sparsejax.sparsity_plan import SparsityPlan
 from step_data import random_batches, train_steps
 
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
@@ -56,15 +57,16 @@ def test_gradient_accumulation_matches_full_batch():
 @pytest.mark.slow
 @pytest.mark.parametrize("activation, topk", [("relu", 0), ("silu", 0), ("silu", 40)])
 def test_in_graph_activation_ratio_matches_numpy(activation, topk):
-    cfg = _cfg(f"model.activation={activation}", f"model.topk={topk}", "train.fat_eps=0.05")
+    cfg = _cfg(f"model.activation={activation}", f"sparsity.topk={topk}", "sparsity.fat_eps=0.05")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
     state = fns.init(jax.random.key(1))
     batch = random_batches(cfg, 1, seed=7)[0]
     batch["weights"][0, :10] = 0.0  # masked tokens must not count
     params = jax.device_get(state["params"])
-    _, inter = model.Transformer(cfg.model).apply({"params": params}, batch["inputs"],
-                                                 mutable=["intermediates"])
+    _, inter = model.Transformer(cfg.model).apply(
+        {"params": params}, batch["inputs"], sparsity=SparsityPlan.of(cfg).model_input(),
+        mutable=["intermediates"])
     acts, hiddens = model.ffn_intermediates(inter, cfg.model.n_layers)
     _, metrics = fns.train(state, fns.plan.global_batch(batch))
     w = batch["weights"].astype(bool)

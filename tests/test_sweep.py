@@ -390,7 +390,7 @@ def test_marker_from_older_code_still_counts_as_done(tmp_path):
         (workdir / sweep.MARKER).write_text(json.dumps({"run": "relu", "config": cfg}))
 
     older = json.loads(json.dumps(relu.config_dict))
-    del older["recipe"]  # as written before recipes existed
+    del older["sparsity"]  # as written before the section existed
     del older["train"]["warm_start"]
     write(older)
     assert sweep.train_done(workdir, relu)

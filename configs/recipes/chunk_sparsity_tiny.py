@@ -12,6 +12,6 @@ from sparsejax.schedules import Schedule
 def get_config():
     cfg = proxy_config("tiny", activation="relu")
     cfg.name = "chunk_sparsity_tiny"
-    cfg.recipe.chunk = Schedule("linear", (0.0, 0.3), (30, 100))
-    cfg.recipe.chunk_len = 8
+    cfg.sparsity.chunk = Schedule("linear", (0.0, 0.3), (30, 100))
+    cfg.sparsity.chunk_len = 8
     return cfg

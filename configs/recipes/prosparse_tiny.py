@@ -21,7 +21,7 @@ def get_config():
     cfg.train.warmup_steps = 10  # a fresh optimizer on warm weights: a short warm-up
     cfg.train.warm_start = "runs/recipes/silu_warm"
     # λ_0 = 0 until step 20 (ReLU settles), S-curve to λ_1 by 80, to λ_2 by 140, then flat.
-    cfg.recipe.l1 = Schedule("sine_stages", (0.0, 1e-3, 3e-3), (20, 80, 140))
+    cfg.sparsity.l1 = Schedule("sine_stages", (0.0, 1e-3, 3e-3), (20, 80, 140))
     # The final stage: FATReLU threshold 0.01 from step 160 (ProSparse's default).
-    cfg.recipe.activation_threshold = Schedule("piecewise", (0.0, 0.01), (0, 160))
+    cfg.sparsity.activation_threshold = Schedule("piecewise", (0.0, 0.01), (0, 160))
     return cfg

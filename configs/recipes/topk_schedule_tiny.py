@@ -12,7 +12,7 @@ from sparsejax.schedules import Schedule
 def get_config():
     cfg = proxy_config("tiny", activation="silu")
     cfg.name = "topk_schedule_tiny"
-    cfg.model.topk_ste = True
+    cfg.sparsity.topk_ste = True
     # 0 = dense (k = d_ff); linear in neuron counts between the boundaries.
-    cfg.recipe.topk = Schedule("linear", (0.0, 32.0), (30, 200))
+    cfg.sparsity.topk = Schedule("linear", (0.0, 32.0), (30, 200))
     return cfg

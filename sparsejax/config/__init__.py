@@ -15,18 +15,20 @@ implementations, remat policies, RoPE types, tokenizer files) — is :mod:`spars
 imports the model.
 """
 
-from sparsejax.config.checks import check, choice, positive, recipe_terms_on
+from sparsejax.config.checks import SPARSITY_TERMS, check, choice, positive, terms_on
 from sparsejax.config.overrides import call_file_function, read_file, with_overrides
 from sparsejax.config.presets import (PAPER_SIZES, PAPER_VOCAB_SIZE, PROXY_SIZES, paper_config,
                                       paper_pod_config, proxy_config)
-from sparsejax.config.schema import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig,
-                                     RecipeConfig, TrainConfig, from_raw, to_dict, to_json_dict)
+from sparsejax.config.schema import (MOVED_FIELDS, Config, ConfigError, DataConfig, MeshConfig,
+                                     ModelConfig, SparsityConfig, TrainConfig, from_raw, moved_path,
+                                     to_dict, to_json_dict, upgrade)
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "PAPER_SIZES",
-    "PAPER_VOCAB_SIZE", "PROXY_SIZES", "RecipeConfig", "TrainConfig", "call_file_function",
-    "check", "choice", "from_raw", "paper_config", "paper_pod_config", "positive",
-    "proxy_config", "read_file", "recipe_terms_on", "to_dict", "to_json_dict", "with_overrides",
+    "Config", "ConfigError", "DataConfig", "MOVED_FIELDS", "MeshConfig", "ModelConfig",
+    "PAPER_SIZES", "PAPER_VOCAB_SIZE", "PROXY_SIZES", "SPARSITY_TERMS", "SparsityConfig",
+    "TrainConfig", "call_file_function", "check", "choice", "from_raw", "moved_path",
+    "paper_config", "paper_pod_config", "positive", "proxy_config", "read_file", "terms_on",
+    "to_dict", "to_json_dict", "upgrade", "with_overrides",
 ]
 
 

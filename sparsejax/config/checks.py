@@ -9,19 +9,22 @@ runs these checks and theirs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 from sparsejax import schedules
-from sparsejax.config.schema import Config, ConfigError
+from sparsejax.config.schema import Config, ConfigError, SparsityConfig
 from sparsejax.schedules import Schedule
 
-RECIPE_TERMS = ("l1", "chunk", "topk", "activation_threshold")
+# The terms of the sparsity section: its schedule fields (a new regulariser is one more).
+SPARSITY_TERMS = tuple(f.name for f in dataclasses.fields(SparsityConfig)
+                       if f.default_factory is Schedule)
 
 
-def recipe_terms_on(cfg: Config) -> list[str]:
-    """The recipe's terms whose schedule is not the default (constant 0): the terms that are on."""
-    return [n for n in RECIPE_TERMS if not schedules.is_default(getattr(cfg.recipe, n))]
+def terms_on(cfg: Config) -> list[str]:
+    """The sparsity section's terms whose schedule is not the default (constant 0): those on."""
+    return [n for n in SPARSITY_TERMS if not schedules.is_default(getattr(cfg.sparsity, n))]
 
 
 def choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -61,17 +64,6 @@ def check(cfg: Config) -> Config:
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     choice("model.ffn_type", m.ffn_type, ("gated", "plain"))
-    if m.activation_threshold < 0:
-        raise ConfigError(f"model.activation_threshold={m.activation_threshold} must be >= 0")
-    choice("model.topk_mode", m.topk_mode, ("exact", "approx"))
-    if not 0 < m.topk_recall <= 1:
-        raise ConfigError(f"model.topk_recall={m.topk_recall} must be in (0, 1]")
-    if m.topk < 0 or not math.isfinite(m.topk):
-        raise ConfigError(f"model.topk={m.topk} must be 0 (off), a fraction in (0, 1), "
-                          f"or an integer k in [1, d_ff={m.d_ff}]")
-    if m.topk >= 1 and (m.topk != int(m.topk) or m.topk > m.d_ff):
-        raise ConfigError(f"model.topk={m.topk} must be an integer k in [1, d_ff={m.d_ff}] "
-                          f"or a fraction in (0, 1)")
     choice("model.dtype", m.dtype, ("float32", "bfloat16"))
     d = cfg.data
     choice("data.source", d.source, ("embedded", "tfds", "text"))
@@ -107,7 +99,6 @@ def check(cfg: Config) -> Config:
     positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     positive("train.weight_decay", t.weight_decay, allow_zero=True)
     positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    positive("train.fat_eps", t.fat_eps, allow_zero=True)
     positive("train.peak_tflops", t.peak_tflops, allow_zero=True)
     positive("train.fault_nan_at_step", t.fault_nan_at_step, allow_zero=True)
     choice("train.optimizer", t.optimizer, ("adamw",))
@@ -128,7 +119,7 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
 
-    _check_recipe(cfg)
+    _check_sparsity(cfg)
 
     for name in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, name)
@@ -139,36 +130,40 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
-def _check_recipe(cfg: Config) -> None:
-    """The recipe section: well-formed schedules, values in range, compatible with the model."""
-    r, m = cfg.recipe, cfg.model
-    for name in RECIPE_TERMS:
-        s = getattr(r, name)
+def _term_text(name: str, s: Schedule) -> str:
+    """How a term reads in an error: ``sparsity.x=<number>`` when constant, else its values."""
+    if s.kind == "constant":
+        return f"sparsity.{name}={s.values[0]!r}"
+    return f"sparsity.{name}.values={tuple(s.values)!r}"
+
+
+def _check_sparsity(cfg: Config) -> None:
+    """The sparsity section: well-formed schedules, values in range, compatible with the model."""
+    sp, m = cfg.sparsity, cfg.model
+    for name in SPARSITY_TERMS:
+        s = getattr(sp, name)
         if not isinstance(s, Schedule):
-            raise ConfigError(f"recipe.{name} must be a Schedule, got {type(s).__name__}")
+            raise ConfigError(f"sparsity.{name} must be a Schedule, got {type(s).__name__}")
         try:
-            schedules.validate(s, f"recipe.{name}")
+            schedules.validate(s, f"sparsity.{name}")
         except schedules.ScheduleError as err:
             raise ConfigError(str(err)) from None
         if any(v < 0 for v in s.values):
-            raise ConfigError(f"recipe.{name}.values={tuple(s.values)!r} must all be >= 0")
-    for v in r.topk.values:
+            raise ConfigError(f"{_term_text(name, s)} must be >= 0")
+    for v in sp.topk.values:
         if v >= 1 and (v != int(v) or v > m.d_ff):
-            raise ConfigError(f"recipe.topk.values: {v!r} is not allowed; allowed: 0 (dense), a "
-                              f"fraction in (0, 1), or an integer k in [1, d_ff={m.d_ff}]")
-    positive("recipe.chunk_len", r.chunk_len)
-    positive("recipe.chunk_tau", r.chunk_tau)
-    on = recipe_terms_on(cfg)
-    if "topk" in on and m.topk:
-        raise ConfigError(f"recipe.topk and model.topk={m.topk} are both set; set model.topk=0 "
-                          f"(the recipe's schedule replaces it)")
-    if "activation_threshold" in on:
-        # Whether model.activation takes a threshold is the activation registry's check.
-        if m.activation_threshold:
-            raise ConfigError(f"recipe.activation_threshold replaces model.activation_threshold="
-                              f"{m.activation_threshold}; set that to 0")
-    if "chunk" in on and cfg.train.seq_len % r.chunk_len:
-        raise ConfigError(f"recipe.chunk_len={r.chunk_len} must divide train.seq_len="
+            raise ConfigError(f"{_term_text('topk', sp.topk)}: {v!r} is not allowed; allowed: "
+                              f"0 (dense), a fraction in (0, 1), or an integer k in "
+                              f"[1, d_ff={m.d_ff}]")
+    choice("sparsity.topk_mode", sp.topk_mode, ("exact", "approx"))
+    if not 0 < sp.topk_recall <= 1:
+        raise ConfigError(f"sparsity.topk_recall={sp.topk_recall} must be in (0, 1]")
+    if sp.topk_mode == "approx" and sp.topk.kind != "constant":
+        raise ConfigError("sparsity.topk_mode='approx' needs a constant sparsity.topk (a scheduled "
+                          "k uses the exact rank mask)")
+    positive("sparsity.chunk_len", sp.chunk_len)
+    positive("sparsity.chunk_tau", sp.chunk_tau)
+    positive("sparsity.fat_eps", sp.fat_eps, allow_zero=True)
+    if "chunk" in terms_on(cfg) and cfg.train.seq_len % sp.chunk_len:
+        raise ConfigError(f"sparsity.chunk_len={sp.chunk_len} must divide train.seq_len="
                           f"{cfg.train.seq_len} for the chunk penalty")
-
-

@@ -8,7 +8,8 @@ import importlib.util
 import pathlib
 from typing import Any, Sequence
 
-from sparsejax.config.schema import Config, ConfigError
+from sparsejax.config.schema import Config, ConfigError, moved_path
+from sparsejax.schedules import Schedule
 
 
 def _parse_value(path: str, text: str, annotation: Any) -> Any:
@@ -51,7 +52,9 @@ def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         path, text = item.split("=", 1)
-        cfg = _set_path(cfg, path.strip(), path.strip().split("."), text)
+        # A field's path before it moved (model.topk, recipe.l1.kind, ...) sets it where it is.
+        path = moved_path(path.strip())
+        cfg = _set_path(cfg, path, path.split("."), text)
     return cfg
 
 
@@ -66,6 +69,10 @@ def _set_path(target: Any, path: str, parts: list[str], text: str, depth: int = 
         raise ConfigError(f"unknown field {path!r}: {where} has fields {names}")
     current = getattr(target, part)
     if depth == len(parts) - 1:
+        if isinstance(current, Schedule):
+            # A number sets a constant schedule (a static value: sparsity.topk=0.25).
+            value = _parse_value(path, text, "float")
+            return dataclasses.replace(target, **{part: Schedule("constant", (value,))})
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"{path!r} is a section; set one of its fields")
         field = next(f for f in dataclasses.fields(target) if f.name == part)

@@ -9,6 +9,7 @@ ranges and cross-field rules in :mod:`sparsejax.config.checks`, the choices a re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -33,14 +34,9 @@ class ModelConfig:
     d_ff: int = 320
     ffn_type: str = "gated"  # "gated": W_out[σ(W_gate x) ⊙ W_in x]; "plain": W_out σ(W_in x)
     activation: str = "relu"
-    # Used only by activations that declare it (fatrelu, shifted_relu: threshold; xsilu: alpha).
-    activation_threshold: float = 0.0
+    # Shape parameter of activations that declare it (xsilu). The threshold of fatrelu /
+    # shifted_relu is a sparsity control: sparsity.activation_threshold.
     activation_alpha: float = 0.0
-    # Top-k FFN sparsity: 0 disables; 0 < topk < 1 is a fraction of d_ff; topk >= 1 an integer k.
-    topk: float = 0.0
-    topk_mode: str = "exact"  # "exact" (lax.top_k) or "approx" (lax.approx_max_k)
-    topk_recall: float = 0.95  # recall target of approx_max_k
-    topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
     # RoPE frequency scaling (sparsejax.model.ROPE_TYPES; what HF configs call rope_type):
@@ -76,13 +72,6 @@ class ModelConfig:
     # Rematerialisation of each block (sparsejax.model.REMAT_POLICIES): "none", "full",
     # "minimal", "save_dots_except_ffn_hidden", "save_qkv_proj".
     remat_policy: str = "none"
-
-    @property
-    def topk_k(self) -> int:
-        """Number of neurons kept per token, or 0 when top-k is off (``sparsity.topk_count``)."""
-        from sparsejax import sparsity  # lazy: config files and sweep specs load without JAX
-
-        return sparsity.config_topk_k(self.topk, self.d_ff)
 
     @property
     def kv_heads(self) -> int:
@@ -137,9 +126,6 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # Activation-ratio logging: FAT-ε for activations that are not ReLU-family
-    # (docs/sparsity_metrics_and_laws.md §Criteria).
-    fat_eps: float = 1e-2
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
@@ -161,30 +147,42 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class RecipeConfig:
-    """Training-time sparsity recipe (docs/recipes.md): each term follows a schedule of the step
-    (sparsejax.schedules), computed in-graph, so stage changes never recompile and a resumed run
-    continues exactly. A schedule left at its default (constant 0) turns its term off.
+class SparsityConfig:
+    """Every control of FFN activation sparsity in training, in one section (docs/recipes.md):
+    what the forward pass keeps (top-k, the activation's threshold), the regularisers of the
+    objective, and the rule the in-graph statistics count active neurons by. One
+    :class:`sparsejax.sparsity_plan.SparsityPlan` reads it.
 
-    Set from the command line as ``recipe.l1.kind=sine_stages``, ``recipe.l1.values=0,1e-4``,
-    ``recipe.l1.boundaries=0,200`` (comma-separated).
+    A term is a schedule of the training step (:mod:`sparsejax.schedules`), computed in-graph so
+    that stage changes never recompile and a resumed run continues exactly; a constant schedule
+    is a static value (compiled in, e.g. ``lax.top_k`` at a fixed k), and the default (constant
+    0) turns the term off. From the command line a number sets a constant
+    (``sparsity.topk=0.25``), and a schedule is set field by field
+    (``sparsity.l1.kind=sine_stages``, ``sparsity.l1.values=0,1e-4``,
+    ``sparsity.l1.boundaries=0,200``; comma-separated).
     """
 
+    # Per-token top-k (Q-Sparse, Lazy Neuron): 0 = dense, a fraction in (0, 1) of d_ff, or an
+    # integer k in [1, d_ff]; fractions become counts by the one rule (sparsity.topk_count),
+    # a scheduled k is interpolated in counts and rounded.
+    topk: Schedule = dataclasses.field(default_factory=Schedule)
+    topk_mode: str = "exact"  # a static k: "exact" (lax.top_k) or "approx" (lax.approx_max_k)
+    topk_recall: float = 0.95  # recall target of approx_max_k
+    topk_ste: bool = False  # straight-through gradient through the top-k mask (Q-Sparse)
+    # The `threshold` parameter of model.activation (fatrelu, shifted_relu), e.g. ProSparse's
+    # final FATReLU stage.
+    activation_threshold: Schedule = dataclasses.field(default_factory=Schedule)
     # λ of the L1 penalty on σ(gate) (ProSparse): per token, summed over neurons and layers.
     l1: Schedule = dataclasses.field(default_factory=Schedule)
     # λ of the chunk-level penalty (BlockFFN-style, objectives.chunk_penalty), per token.
     chunk: Schedule = dataclasses.field(default_factory=Schedule)
-    # Per-token top-k k (Q-Sparse), in the convention of model.topk: 0 = dense, a fraction in
-    # (0, 1), or an integer k in [1, d_ff]. Values become neuron counts by the one fraction -> k
-    # rule, and k is interpolated in counts and rounded. STE: model.topk_ste.
-    topk: Schedule = dataclasses.field(default_factory=Schedule)
-    # The `threshold` parameter of model.activation (fatrelu, shifted_relu) over training, e.g.
-    # ProSparse's final FATReLU stage; replaces model.activation_threshold (keep that at 0).
-    activation_threshold: Schedule = dataclasses.field(default_factory=Schedule)
     # Chunk length (tokens) of the chunk penalty and of the logged training chunk sparsity.
     chunk_len: int = 8
     # Temperature τ of the chunk penalty's soft "active in the chunk": u = 1 − exp(−Σ|a| / τ).
     chunk_tau: float = 0.1
+    # The in-graph statistics' rule for activations without exact zeros: FAT-ε
+    # (docs/sparsity_metrics_and_laws.md §Criteria); the ReLU family counts σ ≠ 0.
+    fat_eps: float = 1e-2
 
 
 @dataclasses.dataclass
@@ -214,7 +212,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
+    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
 
 
 
@@ -252,9 +250,63 @@ def _build(cls: type, raw: dict) -> Any:
     return cls(**kwargs)
 
 
+# Fields that moved into the ``sparsity`` section on 2026-12-06: old dotted path -> new. Configs
+# saved before (config.json, checkpoints' meta, sweep markers) are read through :func:`upgrade`,
+# and ``--set`` accepts the old paths (``sparsejax.config.overrides``).
+MOVED_FIELDS = {
+    "model.topk": "sparsity.topk", "model.topk_mode": "sparsity.topk_mode",
+    "model.topk_recall": "sparsity.topk_recall", "model.topk_ste": "sparsity.topk_ste",
+    "model.activation_threshold": "sparsity.activation_threshold",
+    "train.fat_eps": "sparsity.fat_eps",
+    "recipe.l1": "sparsity.l1", "recipe.chunk": "sparsity.chunk", "recipe.topk": "sparsity.topk",
+    "recipe.activation_threshold": "sparsity.activation_threshold",
+    "recipe.chunk_len": "sparsity.chunk_len", "recipe.chunk_tau": "sparsity.chunk_tau",
+}
+# Static values that became constant schedules (0 = off, the default schedule).
+_STATIC_TO_SCHEDULE = ("sparsity.topk", "sparsity.activation_threshold")
+
+
+def moved_path(path: str) -> str:
+    """Today's dotted path of a field given by its path before the move (or itself)."""
+    for old, new in MOVED_FIELDS.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
+def upgrade(raw: dict) -> dict:
+    """A config dict written before the ``sparsity`` section existed, in today's layout (a copy;
+    today's dicts come back equal). A static ``model.topk`` / ``model.activation_threshold``
+    becomes a constant schedule, the ``recipe`` section's schedules move as they are."""
+    raw = copy.deepcopy(raw)
+    sparsity = dict(raw.get("sparsity") or {})
+    moved = False
+    for old, new in MOVED_FIELDS.items():
+        section, name = old.split(".")
+        fields = raw.get(section)
+        if not isinstance(fields, dict) or name not in fields:
+            continue
+        value, moved = fields.pop(name), True
+        if new in _STATIC_TO_SCHEDULE and not isinstance(value, dict):
+            if not value:
+                continue  # off; a schedule of the recipe section may still set the field
+            value = {"kind": "constant", "values": [value], "boundaries": []}
+        elif isinstance(value, dict) and new.split(".")[1] in sparsity \
+                and json.loads(json.dumps(value)) == json.loads(json.dumps(dataclasses.asdict(Schedule()))):
+            continue  # a recipe schedule left at its default does not replace a static value
+        sparsity[new.split(".")[1]] = value
+    if not moved:
+        return raw
+    raw.pop("recipe", None)
+    raw["sparsity"] = sparsity
+    return raw
+
+
 def from_raw(raw: dict) -> Config:
-    """Inverse of :func:`to_dict` (a run's ``config.json``, a checkpoint's meta), not validated:
-    ``sparsejax.configure.from_dict`` validates. Fields a section no longer has are dropped."""
+    """Inverse of :func:`to_dict` (a run's ``config.json``, a checkpoint's meta; one written before
+    the sparsity section through :func:`upgrade`), not validated: ``sparsejax.configure.from_dict``
+    validates. Fields a section no longer has are dropped."""
+    raw = upgrade(raw)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     kwargs = {}
     for key, value in raw.items():

@@ -23,7 +23,7 @@ def _row(run: ResolvedRun, tokens: float, step: int, metric: str, value: float) 
 
 def metrics_rows(run: ResolvedRun, records: Sequence[dict]) -> list[dict]:
     """train_loss and train_activation_ratio (in-graph: zero-based for the ReLU family, FAT-ε with
-    ε = train.fat_eps otherwise) per logged step, and eval_loss; the last record of a step wins."""
+    ε = sparsity.fat_eps otherwise) per logged step, and eval_loss; the last record of a step wins."""
     train, evals = results.training_records(records)
     tokens = {s: r.get("tokens_seen", s * run.tokens_per_step) for s, r in train.items()}
     rows = []
