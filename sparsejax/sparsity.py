@@ -193,7 +193,7 @@ class Sparsity:
         ``topk_k`` (a traced top-k k: rank-vs-k mask, :func:`topk_keep_traced`) and
         ``activation_threshold`` (the activation's ``threshold`` parameter, traced); a name's
         presence is static (pytree structure), so it decides what is compiled
-        (:mod:`sparsejax.recipes`).
+        (:class:`sparsejax.sparsity_plan.SparsityPlan`).
     regularisers: names in ``objectives.REGULARISERS`` whose per-layer sums each block reduces
         over the ``stats_weights_BxL`` tokens and reports (differentiably) as ``reg_<name>``.
     chunk_len: chunk length of the chunk penalty and of the per-layer chunk statistics
