@@ -137,9 +137,10 @@ class Evaluator:
         self._topk_global = self._compile(self._model, "topk_global", keep_hidden=False)
 
     # -- compiled passes ---------------------------------------------------------------------
-    def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F):
-        """The measured mask of a pass, by the one rule of ``sparsity.active``."""
-        keep = sparsity_lib.trained_keep(hidden_BxLxF, self.sparsity.trained_topk)
+    def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F, sp):
+        """The measured mask of a pass, by the one rule of ``sparsity.active``; a neuron the
+        training top-k dropped is inactive when the pass's input ``sp`` applies one."""
+        keep = sparsity_lib.trained_keep(hidden_BxLxF, sp.trained_topk)
         if rule == "zero":
             return sparsity_lib.active(act_BxLxF, None, keep)
         if rule == "topk":
@@ -172,7 +173,7 @@ class Evaluator:
             acts, hiddens = model.ffn_intermediates(inter)
             valid_BxL = batch["weights"] > 0
             new_stats = [
-                metrics_lib.stats_update(s, self._active(rule, a, h, thresholds_NxF[i]),
+                metrics_lib.stats_update(s, self._active(rule, a, h, thresholds_NxF[i], sp),
                                          a if rule == "zero" else None, valid_BxL)
                 for i, (s, a, h) in enumerate(zip(stats, acts, hiddens))]
             out = (mean_loss * tokens, tokens, new_stats)

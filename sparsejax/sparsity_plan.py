@@ -10,8 +10,8 @@ Every training-time sparsity control reaches the FFN through the plan, and only 
 * the model's input built from both (:meth:`SparsityPlan.model_input`, a
   :class:`sparsejax.sparsity.Sparsity`): FFN implementations read the per-layer values there and
   nothing of the config;
-* whether a neuron kept by the training top-k counts (:attr:`SparsityPlan.trained_topk`), for
-  the training statistics and the evaluator alike.
+* whether the training top-k applies, decided on that input (``Sparsity.trained_topk``) by the
+  FFN, the training statistics and the evaluator alike.
 
 Step convention: training step t (1-based, the step being trained) uses the schedules at t; a
 model *after* t steps (evaluation, a checkpoint of step t) is used with the values at t too.
@@ -103,11 +103,6 @@ class SparsityPlan:
     @property
     def regularisers(self) -> tuple[str, ...]:
         return tuple(name for name in objectives.REGULARISERS if name in self.traced)
-
-    @property
-    def trained_topk(self) -> bool:
-        """The forward pass applies a per-token top-k in training (static or scheduled)."""
-        return 0 < self.topk_k < self.d_ff or "topk" in self.traced
 
     @property
     def stats_threshold(self):
