@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax.config import Config, ConfigError, choice, terms_on
+from sparsejax.config import Config, ConfigError, choice, term_text, terms_on
 
 Array = jax.Array
 
@@ -183,8 +183,6 @@ def check_config(cfg: Config) -> None:
             f"model.activation_alpha={m.activation_alpha} is only used by {_users('alpha')}, "
             f"not by model.activation={m.activation!r}; set it to 0")
     if "activation_threshold" in terms_on(cfg) and "threshold" not in spec.params:
-        s = cfg.sparsity.activation_threshold
-        value = s.values[0] if s.kind == "constant" else f"a {s.kind} schedule"
-        raise ConfigError(f"sparsity.activation_threshold={value} is only used by model.activation "
-                          f"in {_users('threshold')}, not {m.activation!r} (FATReLU with "
-                          f"threshold 0 is ReLU); set it to 0")
+        raise ConfigError(f"{term_text('activation_threshold', cfg.sparsity.activation_threshold)} "
+                          f"is only used by model.activation in {_users('threshold')}, not "
+                          f"{m.activation!r} (FATReLU with threshold 0 is ReLU); set it to 0")

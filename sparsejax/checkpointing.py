@@ -154,7 +154,8 @@ class Checkpointer:
 
     def _reject(self, step: int, reason: str) -> None:
         self.close()  # the manager caches its step list; reopen it after the move
-        where = rundir.move_aside(self.directory / str(step), self.directory.parent / rundir.REJECTED)
+        where = rundir.move_aside(self.directory / str(step),
+                                  rundir.RunDir(self.directory.parent).rejected)
         log.warning("checkpoint step %d rejected: %s; moved to %s", step, reason, where)
         print(f"WARNING: checkpoint step {step} rejected, {reason}; moved to {where}", flush=True)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options,

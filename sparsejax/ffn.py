@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sparsejax import activations, objectives, sparsity as sparsity_lib
 from sparsejax.sparsity_plan import SparsityPlan
-from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive
+from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive, term_text
 from sparsejax.sparsity import Sparsity
 
 Array = jax.Array
@@ -91,7 +91,7 @@ def check_config(cfg: Config) -> None:
     able = lambda feature: [n for n in ffn_impl_names() if feature in FFN_FEATURES[n]]  # noqa: E731
     plan = SparsityPlan.of(cfg)
     if plan.topk_k and "topk" not in features:
-        raise ConfigError(f"sparsity.topk={cfg.sparsity.topk.values[0]} must be 0 with "
+        raise ConfigError(f"{term_text('topk', cfg.sparsity.topk)} must be 0 with "
                           f"model.ffn_impl={m.ffn_impl!r} (a tile mask cannot express a per-token "
                           f"top-k); use one of {able('topk')}")
     if plan.traced and "recipe" not in features:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax.config import Config, ConfigError, ModelConfig, choice
+from sparsejax.config import Config, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
 
@@ -202,9 +202,7 @@ class FeedForward(nn.Module):
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
-        if cfg.ffn_impl not in FFN_IMPLS:
-            raise ConfigError(f"model.ffn_impl={cfg.ffn_impl!r} is not allowed; allowed values: "
-                              f"{ffn_impl_names()}")
+        choice("model.ffn_impl", cfg.ffn_impl, ffn_impl_names())  # a model built unvalidated
         w_in = lambda name: Kernel((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std,  # noqa
                                    dtype, name=name)()
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
@@ -342,9 +340,7 @@ def check_config(cfg: Config) -> None:
 
 
 def _block_class(cfg: ModelConfig):
-    if cfg.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat_policy={cfg.remat_policy!r} is not allowed; allowed "
-                          f"values: {remat_policy_names()}")
+    choice("model.remat_policy", cfg.remat_policy, remat_policy_names())  # a model built unvalidated
     if cfg.remat_policy == "none":
         return Block
     # prevent_cse only matters outside scan (MaxText: prevent_cse = not scan_layers).

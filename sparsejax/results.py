@@ -126,11 +126,12 @@ class EvalResults:
         return out
 
 
-def _present(record) -> dict:
-    """A record's fields without the optional ones left at None, extras merged in."""
-    out = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
-           if f.name != "extra" and getattr(record, f.name) is not None}
-    return {**out, **record.extra}
+def _record(record, head: dict) -> dict:
+    """A metrics.jsonl line: ``head`` first (the order readers of older files know), then the
+    record's other fields without the optional ones left at None, then its extras."""
+    rest = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+            if f.name != "extra" and f.name not in head and getattr(record, f.name) is not None}
+    return {**head, **rest, **record.extra}
 
 
 @dataclasses.dataclass
@@ -151,11 +152,8 @@ class TrainRecord:
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = _present(self)
-        out["perplexity"] = perplexity(self.loss)
-        # Written in the order readers of older files know (perplexity after the loss).
-        order = ["step", "loss", "perplexity"]
-        return {**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in order}}
+        return _record(self, {"step": self.step, "loss": self.loss,
+                              "perplexity": perplexity(self.loss)})
 
 
 @dataclasses.dataclass
@@ -168,10 +166,8 @@ class EvalRecord:
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = _present(self)
-        head = {"step": self.step, "eval_loss": self.eval_loss,
-                "eval_perplexity": perplexity(self.eval_loss)}
-        return {**head, **{k: v for k, v in out.items() if k not in head}}
+        return _record(self, {"step": self.step, "eval_loss": self.eval_loss,
+                              "eval_perplexity": perplexity(self.eval_loss)})
 
 
 @dataclasses.dataclass

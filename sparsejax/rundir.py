@@ -66,6 +66,11 @@ LOCK = ".lock"
 RUN_FILES = (CONFIG, CHECKPOINTS, METRICS, TENSORBOARD, PLOT, EVAL, REJECTED)
 
 
+def _member(*parts: str, doc: str = "") -> property:
+    """A RunDir property: the path ``root/parts...`` (of root's kind)."""
+    return property(lambda self: self._join(*parts), doc=doc or "/".join(parts))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """The paths of one run directory (layout above). ``root`` is a local ``pathlib.Path``, an
@@ -79,54 +84,18 @@ class RunDir:
             return posixpath.join(self.root, *parts)
         return self.root.joinpath(*parts)
 
-    @classmethod
-    def at(cls, workdir) -> "RunDir":
-        return cls(storage.path(workdir))
-
-    @property
-    def config(self):
-        return self._join(CONFIG)
-
-    @property
-    def checkpoints(self):
-        return self._join(CHECKPOINTS)
-
-    @property
-    def metrics(self):
-        return self._join(METRICS)
-
-    @property
-    def tensorboard(self):
-        return self._join(TENSORBOARD)
-
-    @property
-    def plot(self):
-        return self._join(PLOT)
-
-    @property
-    def eval_dir(self):
-        return self._join(EVAL)
-
-    @property
-    def eval_results(self):
-        """eval.py's default output (``results.csv`` and plots go beside it)."""
-        return self._join(EVAL, EVAL_RESULTS)
-
-    @property
-    def rejected(self):
-        return self._join(REJECTED)
-
-    @property
-    def previous(self):
-        return self._join(PREVIOUS)
-
-    @property
-    def lock(self):
-        return self._join(LOCK)
-
-    @property
-    def sweep_marker(self):
-        return self._join(SWEEP_MARKER)
+    config = _member(CONFIG)
+    checkpoints = _member(CHECKPOINTS)
+    metrics = _member(METRICS)
+    tensorboard = _member(TENSORBOARD)
+    plot = _member(PLOT)
+    eval_dir = _member(EVAL)
+    eval_results = _member(EVAL, EVAL_RESULTS,
+                           doc="eval.py's default output (results.csv and plots go beside it)")
+    rejected = _member(REJECTED)
+    previous = _member(PREVIOUS)
+    lock = _member(LOCK)
+    sweep_marker = _member(SWEEP_MARKER)
 
     @staticmethod
     def debug_log_name(process_index: int = 0) -> str:
@@ -221,7 +190,7 @@ def move_previous_run(workdir: pathlib.Path) -> pathlib.Path | None:
     present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
     if not present:
         return None
-    target = workdir / PREVIOUS / _stamp()
+    target = RunDir(workdir).previous / _stamp()
     target.mkdir(parents=True)
     for path in present:
         path.replace(target / path.name)
@@ -237,7 +206,7 @@ class RunLock:
     """Exclusive ownership of a run directory for the life of this process (see module doc)."""
 
     def __init__(self, workdir: str | pathlib.Path):
-        self.path = pathlib.Path(workdir) / LOCK
+        self.path = RunDir(pathlib.Path(workdir)).lock
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":

@@ -59,7 +59,6 @@ class SparsityPlan:
 
     d_ff: int
     n_layers: int
-    activation: str
     exact_zeros: bool
     fat_eps: float
     topk_k: int
@@ -88,7 +87,7 @@ class SparsityPlan:
                 threshold = value
             else:
                 traced[term] = topk_counts(s, m.d_ff) if term == "topk" else s
-        return cls(d_ff=m.d_ff, n_layers=m.n_layers, activation=m.activation,
+        return cls(d_ff=m.d_ff, n_layers=m.n_layers,
                    exact_zeros=activations.get(m.activation).exact_zeros, fat_eps=sp.fat_eps,
                    topk_k=static_k, topk_approx=sp.topk_mode == "approx", topk_recall=sp.topk_recall,
                    topk_ste=sp.topk_ste, threshold=threshold, traced=traced, chunk_len=sp.chunk_len,
@@ -141,8 +140,7 @@ class SparsityPlan:
                 for term, name in MODEL_COEFFICIENTS.items() if coefs and term in coefs}
 
     def model_input(self, coefs: Optional[dict] = None, *, stats_weights_BxL=None,
-                    regularisers: bool = True, topk_k: Optional[int] = None,
-                    **eval_masks) -> sparsity_lib.Sparsity:
+                    topk_k: Optional[int] = None, **eval_masks) -> sparsity_lib.Sparsity:
         """The model's sparsity input: the static controls, the traced model terms' values
         (``coefs`` from :meth:`coefficients`), and — with ``stats_weights_BxL`` — the in-block
         statistics, regulariser sums and chunk statistics.
@@ -156,7 +154,7 @@ class SparsityPlan:
             stats_weights_BxL=stats_weights_BxL,
             stats_threshold=self.stats_threshold if stats else None,
             coefficients=self.model_coefficients(coefs),
-            regularisers=self.regularisers if stats and regularisers else (),
+            regularisers=self.regularisers if stats else (),
             chunk_len=self.stats_chunk_len if stats else 0, chunk_tau=self.chunk_tau,
             topk_k=static_k if 0 < static_k < self.d_ff else 0,
             topk_approx=self.topk_approx and topk_k is None, topk_recall=self.topk_recall,

@@ -120,15 +120,15 @@ def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -
         return
     try:
         old, source = checkpointing.read_run_config(run)
-        if old is None:
-            raise checkpointing.RunConfigError(f"{run.config.name}: no config in the checkpoints "
-                                               f"and no {run.config.name}")
+        unknown = None if old is not None else f"no config in the checkpoints and no {run.config.name}"
     except checkpointing.RunConfigError as err:
+        unknown = str(err)
+    if unknown:
         if force:
             return
         raise config_lib.ConfigError(
-            f"{workdir} holds checkpoints but their config is unknown ({err}); pass --force "
-            f"if they are this config's, or --no-resume to move them aside") from None
+            f"{workdir} holds checkpoints but their config is unknown ({unknown}); pass --force "
+            f"if they are this config's, or --no-resume to move them aside")
     diffs = config_differences(old, config_lib.to_dict(cfg))
     if diffs and not force:
         raise config_lib.ConfigError(

@@ -32,7 +32,7 @@ class MetricsWriter:
             if self._object is not None:
                 storage.register_tensorboard()
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(rundir.RunDir(workdir).tensorboard))
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps > step (they are recomputed identically after a resume).

@@ -15,7 +15,8 @@ implementations, remat policies, RoPE types, tokenizer files) — is :mod:`spars
 imports the model.
 """
 
-from sparsejax.config.checks import SPARSITY_TERMS, check, choice, positive, terms_on
+from sparsejax.config.checks import (SPARSITY_TERMS, check, choice, positive, term_text,
+                                     terms_on)
 from sparsejax.config.overrides import call_file_function, read_file, with_overrides
 from sparsejax.config.presets import (PAPER_SIZES, PAPER_VOCAB_SIZE, PROXY_SIZES, paper_config,
                                       paper_pod_config, proxy_config)
@@ -27,7 +28,8 @@ __all__ = [
     "Config", "ConfigError", "DataConfig", "MOVED_FIELDS", "MeshConfig", "ModelConfig",
     "PAPER_SIZES", "PAPER_VOCAB_SIZE", "PROXY_SIZES", "SPARSITY_TERMS", "SparsityConfig",
     "TrainConfig", "call_file_function", "check", "choice", "from_raw", "moved_path",
-    "paper_config", "paper_pod_config", "positive", "proxy_config", "read_file", "terms_on",
+    "paper_config", "paper_pod_config", "positive", "proxy_config", "read_file", "term_text",
+    "terms_on",
     "to_dict", "to_json_dict", "upgrade", "with_overrides",
 ]
 

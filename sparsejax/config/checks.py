@@ -130,7 +130,7 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
-def _term_text(name: str, s: Schedule) -> str:
+def term_text(name: str, s: Schedule) -> str:
     """How a term reads in an error: ``sparsity.x=<number>`` when constant, else its values."""
     if s.kind == "constant":
         return f"sparsity.{name}={s.values[0]!r}"
@@ -149,10 +149,10 @@ def _check_sparsity(cfg: Config) -> None:
         except schedules.ScheduleError as err:
             raise ConfigError(str(err)) from None
         if any(v < 0 for v in s.values):
-            raise ConfigError(f"{_term_text(name, s)} must be >= 0")
+            raise ConfigError(f"{term_text(name, s)} must be >= 0")
     for v in sp.topk.values:
         if v >= 1 and (v != int(v) or v > m.d_ff):
-            raise ConfigError(f"{_term_text('topk', sp.topk)}: {v!r} is not allowed; allowed: "
+            raise ConfigError(f"{term_text('topk', sp.topk)}: {v!r} is not allowed; allowed: "
                               f"0 (dense), a fraction in (0, 1), or an integer k in "
                               f"[1, d_ff={m.d_ff}]")
     choice("sparsity.topk_mode", sp.topk_mode, ("exact", "approx"))

@@ -15,6 +15,7 @@ import json
 import typing
 from typing import Any
 
+from sparsejax import schedules
 from sparsejax.schedules import Schedule
 
 
@@ -286,15 +287,15 @@ def upgrade(raw: dict) -> dict:
         fields = raw.get(section)
         if not isinstance(fields, dict) or name not in fields:
             continue
-        value, moved = fields.pop(name), True
+        value, moved, field = fields.pop(name), True, new.split(".")[1]
         if new in _STATIC_TO_SCHEDULE and not isinstance(value, dict):
             if not value:
                 continue  # off; a schedule of the recipe section may still set the field
             value = {"kind": "constant", "values": [value], "boundaries": []}
-        elif isinstance(value, dict) and new.split(".")[1] in sparsity \
-                and json.loads(json.dumps(value)) == json.loads(json.dumps(dataclasses.asdict(Schedule()))):
+        elif isinstance(value, dict) and field in sparsity \
+                and schedules.is_default(_build(Schedule, value)):
             continue  # a recipe schedule left at its default does not replace a static value
-        sparsity[new.split(".")[1]] = value
+        sparsity[field] = value
     if not moved:
         return raw
     raw.pop("recipe", None)
