@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Learning-rate pilot for the finding sweeps: eval loss of each shape at each LR, on the protocol's
-regime (sparsejax.sweep.protocol) cut to its first ``--steps`` steps.
+"""Learning-rate pilot for the finding sweeps: eval loss and activation ratio of each shape at each LR,
+on the protocol's regime (sparsejax.sweep.protocol) cut to its first ``--steps`` steps.
 
     python benchmarks/lr_pilot.py --shapes 16x8x8,24x4x8 --lrs 3e-3,1e-2,2e-2 \\
-        [--steps 300] [--activation relu] [--jobs 2] [--json notebooks/results/lr_pilot_width_depth.json]
+        [--steps 300] [--mup-bases 0,16] [--tokens-per-param 300] [--activation relu] [--jobs 2] \\
+        [--json notebooks/results/lr_pilot_width_depth.json]
+
+``--mup-bases``: the parametrisations to pilot, 0 = standard, B > 0 = µP with widths measured
+against B (``protocol.mup_overrides``; the LR is then the base LR). Piloting several widths under
+both gives the learning-rate transfer table (µP: one best LR for every width). Each row also carries
+the run's in-graph activation ratio, averaged over the last 10% of its logged steps, so the same
+table shows how the ratio moves with the learning rate at a fixed shape.
 
 A shape is ``d_model x n_layers x head_dim`` (gated FFN, d_ff = 2.5·d_model, byte tokens on the
 embedded corpus, configs/tiny_relu.py otherwise). Each (shape, LR) trains ``train.py`` in a child
@@ -53,17 +60,28 @@ def _lrs(text: str) -> list[float]:
     return values
 
 
-def pilot(shape, lr: float, steps: int, activation: str, workroot: Path) -> dict:
+def _late_mean(workdir: Path, key: str, share: float = 0.1) -> float:
+    """Mean of a metric over the last ``share`` of the logged training steps."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    values = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "eval_loss" not in r]
+    last = values[-1][0]
+    late = [v for step, v in values if step >= (1 - share) * last]
+    return sum(late) / len(late)
+
+
+def pilot(shape, lr: float, steps: int, activation: str, workroot: Path, mup_base: int = 0,
+          tokens_per_param: float = protocol.TOKENS_PER_PARAM) -> dict:
     d, layers, head = shape
-    point = protocol.shape_point(d, layers, head_dim=head, learning_rate=lr)
-    run = protocol.shape_regime(d, layers, head_dim=head)
+    point = protocol.shape_point(d, layers, head_dim=head, learning_rate=lr, mup_base=mup_base,
+                                 tokens_per_param=tokens_per_param)
+    run = protocol.shape_regime(d, layers, head_dim=head, tokens_per_param=tokens_per_param)
     n = min(steps, run.steps)
     sets = [o for o in point.overrides if not o.startswith(("train.steps=", "train.checkpoint_steps=",
                                                             "train.checkpoint_every=", "train.keep_every=",
                                                             "train.eval_every="))]
     sets += [f"train.steps={n}", f"train.checkpoint_every={n}", f"train.keep_every={n}",
              f"train.eval_every={n}", f"model.activation={activation}"]
-    workdir = workroot / f"d{d}_l{layers}_h{head}_lr{lr:g}"
+    workdir = workroot / f"d{d}_l{layers}_h{head}_lr{lr:g}_mup{mup_base}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny_relu.py"),
            "--workdir", str(workdir), "--no-progress"] + [a for s in sets for a in ("--set", s)]
     start = time.monotonic()
@@ -73,9 +91,34 @@ def pilot(shape, lr: float, steps: int, activation: str, workroot: Path) -> dict
         raise RuntimeError(f"pilot {workdir.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     losses = [json.loads(line)["eval_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"eval_loss"' in line]
-    return {"d_model": d, "n_layers": layers, "head_dim": head, "params": run.params, "lr": lr, "steps": n,
-            "batch_size": run.batch_size, "tokens": n * run.batch_size * protocol.SEQ_LEN,
-            "eval_loss": losses[-1], "seconds": round(seconds, 1)}
+    return {"d_model": d, "n_layers": layers, "head_dim": head, "params": run.params, "mup_base": mup_base,
+            "lr": lr, "steps": n, "batch_size": run.batch_size, "tokens": n * run.batch_size * protocol.SEQ_LEN,
+            "eval_loss": losses[-1], "activation_ratio": _late_mean(workdir, "activation_ratio"),
+            "seconds": round(seconds, 1)}
+
+
+def _bases(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mup-bases {text!r} must be comma-separated integers")
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--mup-bases {text!r}: 0 (standard) or a width > 0 (µP)")
+    return values
+
+
+def _param_name(base: int) -> str:
+    return f"µP (base {base})" if base else "standard"
+
+
+def best_lrs(rows: list[dict]) -> dict[tuple[int, int, int, int], dict]:
+    """The row of lowest eval loss per (d_model, n_layers, head_dim, mup_base)."""
+    best = {}
+    for r in rows:
+        key = (r["d_model"], r["n_layers"], r["head_dim"], r.get("mup_base", 0))
+        if key not in best or r["eval_loss"] < best[key]["eval_loss"]:
+            best[key] = r
+    return best
 
 
 def main(argv=None) -> int:
@@ -84,40 +127,48 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", type=_lrs, default=[3e-3, 1e-2, 2e-2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--activation", default="relu")
+    ap.add_argument("--mup-bases", type=_bases, default=[0],
+                    help="comma-separated: 0 = standard parameterisation, B > 0 = µP with base width B")
+    ap.add_argument("--tokens-per-param", type=float, default=protocol.TOKENS_PER_PARAM,
+                    help="the regime's budget (the run stops at min(--steps, its steps))")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the rows here (with the best LR per shape)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.jobs < 1:
-        ap.error("--steps and --jobs must be >= 1")
-    grid = [(s, lr) for s in args.shapes for lr in args.lrs]
+    if args.steps < 1 or args.jobs < 1 or args.tokens_per_param <= 0:
+        ap.error("--steps and --jobs must be >= 1 and --tokens-per-param > 0")
+    grid = [(s, b, lr) for s in args.shapes for b in args.mup_bases for lr in args.lrs]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lr_pilot_") as tmp, \
             concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(pilot, s, lr, args.steps, args.activation, Path(tmp)): (s, lr) for s, lr in grid}
+        futures = {pool.submit(pilot, s, lr, args.steps, args.activation, Path(tmp), b,
+                               args.tokens_per_param): (s, b, lr) for s, b, lr in grid}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             row = fut.result()
             rows.append(row)
-            print(f"[{i}/{len(grid)}] {row['d_model']}x{row['n_layers']} lr {row['lr']:g}: "
-                  f"eval loss {row['eval_loss']:.4f} ({row['seconds']:.0f} s)", flush=True)
-    best = {}
-    for r in rows:
-        key = (r["d_model"], r["n_layers"], r["head_dim"])
-        if key not in best or r["eval_loss"] < best[key]["eval_loss"]:
-            best[key] = r
-    print(f"\n| shape | params | tokens | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |")
-    print("|---|---|---|" + "---|" * len(args.lrs))
-    for key in args.shapes:
-        cells = []
-        for lr in args.lrs:
-            r = next(r for r in rows if (r["d_model"], r["n_layers"], r["head_dim"]) == key and r["lr"] == lr)
-            cells.append(f"{r['eval_loss']:.4f}{' *' if r is best[key] else ''}")
-        print(f"| {key[0]}x{key[1]} (heads of {key[2]}) | {best[key]['params']} | {best[key]['tokens']} | "
-              + " | ".join(cells) + " |")
+            print(f"[{i}/{len(grid)}] {row['d_model']}x{row['n_layers']} {_param_name(row['mup_base'])} "
+                  f"lr {row['lr']:g}: eval loss {row['eval_loss']:.4f}, activation ratio "
+                  f"{row['activation_ratio']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    best = best_lrs(rows)
+    for base in args.mup_bases:
+        print(f"\n{_param_name(base)}: eval loss (activation ratio); * = best LR of the shape")
+        print("| shape | params | tokens | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |")
+        print("|---|---|---|" + "---|" * len(args.lrs))
+        for shape in args.shapes:
+            key = (*shape, base)
+            cells = []
+            for lr in args.lrs:
+                r = next(r for r in rows if (r["d_model"], r["n_layers"], r["head_dim"], r["mup_base"]) == key
+                         and r["lr"] == lr)
+                cells.append(f"{r['eval_loss']:.4f} ({r['activation_ratio']:.3f}){' *' if r is best[key] else ''}")
+            print(f"| {shape[0]}x{shape[1]} (heads of {shape[2]}) | {best[key]['params']} | "
+                  f"{best[key]['tokens']} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"activation": args.activation, "steps": args.steps, "rows": sorted(rows, key=lambda r: (
-            r["d_model"], r["n_layers"], r["lr"])), "best_lr": {f"{k[0]}x{k[1]}x{k[2]}": v["lr"]
-                                                             for k, v in best.items()}}
+        out = {"activation": args.activation, "steps": args.steps, "tokens_per_param": args.tokens_per_param,
+               "mup_bases": args.mup_bases,
+               "rows": sorted(rows, key=lambda r: (r["mup_base"], r["d_model"], r["n_layers"], r["lr"])),
+               "best_lr": {f"{k[0]}x{k[1]}x{k[2]}" + (f"_mup{k[3]}" if k[3] else ""): v["lr"]
+                           for k, v in best.items()}}
         args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

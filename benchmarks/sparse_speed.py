@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         tile = vcfg.train.loss_tile_len
         fwd = jax.jit(lambda p, b, model=model, tile=tile: model_loss(
             model, p, b, loss_tile_len=tile)[0])
-        fns = step_lib.make_step_functions(vcfg, mesh, optim.make_optimizer(vcfg.train),
+        fns = step_lib.make_step_functions(vcfg, mesh, optim.make_optimizer(vcfg),
                                            log_activations=False)
         state = fns.init(jax.random.key(0))
         state = {**state, "params": params}

@@ -135,7 +135,7 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
     shards = sharding.plan(cfg.mesh, devices)
     shards.check_batch(cfg.train.batch_size, cfg.train.grad_accum)
     mesh = shards.mesh
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     batch = fns.plan.batch_shapes(cfg.train.batch_size, cfg.train.seq_len)
     start = time.perf_counter()
     compiled = fns.train.lower(fns.abstract_state, batch).compile()

@@ -74,7 +74,7 @@ def time_shape(cfg, layouts: str, steps: int, rounds: int) -> dict[str, list[flo
     """Per-step seconds of each variant, compiled first, then timed in alternating rounds."""
     plan = sharding.plan(cfg.mesh)
     mesh = plan.mesh
-    tx = optim.make_optimizer(cfg.train)
+    tx = optim.make_optimizer(cfg)
     batches = _batches(cfg, plan, steps)
     live = {}
     for name, run_cfg, log_activations in _variants(cfg, layouts):

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from sparsejax import mup
 from sparsejax.config import Config, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
@@ -203,9 +204,10 @@ class FeedForward(nn.Module):
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
         choice("model.ffn_impl", cfg.ffn_impl, ffn_impl_names())  # a model built unvalidated
-        w_in = lambda name: Kernel((cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std,  # noqa
+        stds = mup.init_stds(cfg)
+        w_in = lambda name: Kernel((cfg.d_model, cfg.d_ff), ("embed", "mlp"), stds.matrix,  # noqa
                                    dtype, name=name)()
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 residual-branch scaling
+        out_std = stds.branch_out
         weights = FfnWeights(
             w_in_DxF=w_in("w_in"),
             w_gate_DxF=w_in("w_gate") if cfg.ffn_type == "gated" else None,
@@ -229,9 +231,11 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array]) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
+        stds = mup.init_stds(cfg)
+
         def proj(name, heads, heads_axis="heads"):
             return Projection((cfg.d_model, heads, cfg.head_dim), ("embed", heads_axis, "kv"),
-                              "bld,dhk->blhk", cfg.init_std, dtype, name=name)
+                              "bld,dhk->blhk", stds.matrix, dtype, name=name)
 
         # Grouped-query key/value heads get their own logical axis "kv_heads": it has no rule in
         # the default mesh.rules (replicated), since n_kv_heads need not divide the tensor axis.
@@ -243,9 +247,8 @@ class Attention(nn.Module):
         v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
         out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
                                        repeat_kv(v_BxLxGxK, cfg.n_heads))
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
-                               "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
+                               "blhk,hkd->bld", stds.branch_out, dtype, name="out")(out_BxLxHxK)
         return checkpoint_name(out_BxLxD, "attn_out")
 
 
@@ -375,8 +378,9 @@ class Transformer(nn.Module):
         sp = Sparsity() if sparsity is None else sparsity
         rope_sin_cos = rope_tables(positions_BxL, tokens_BxL.shape[1], cfg.head_dim, cfg.rope_theta,
                                    rope_frequencies(cfg))
+        stds = mup.init_stds(cfg)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
-                         embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
+                         embedding_init=_init(stds.embedding, ("vocab", "embed")), name="embed")
         x_BxLxD = _scaled(cfg.scale_emb)(embed(tokens_BxL))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         block = _block_class(cfg)
@@ -396,15 +400,15 @@ class Transformer(nn.Module):
             # The projection at the parameter path of the logits branch below (same init).
             if cfg.tie_embeddings:
                 return OutputHead(x_BxLxD, embed.embedding, vocab_major=True)
-            w_DxV = Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                           name="unembed")()
+            w_DxV = Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), stds.matrix,
+                           name=mup.UNEMBED)()
             return OutputHead(x_BxLxD, w_DxV, vocab_major=False)
         # ---- end output head ----
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
             logits = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "bld,dv->blv",
-                                cfg.init_std, dtype, name="unembed")(x_BxLxD)
+                                stds.matrix, dtype, name=mup.UNEMBED)(x_BxLxD)
         return logits.astype(jnp.float32)
 
 

@@ -9,10 +9,12 @@ to reason about.
 
 from __future__ import annotations
 
-import jax
+import warnings
+
 import optax
 
-from sparsejax.config import TrainConfig
+from sparsejax import mup
+from sparsejax.config import Config, TrainConfig
 
 
 def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
@@ -31,10 +33,24 @@ def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
         [warmup, warmup + stable_steps])
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW; no weight decay on vectors (norm scales)."""
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
+def make_optimizer(cfg: Config | TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (weight decay on matrices and embeddings, not on norm
+    scales), then the per-class learning-rate multipliers of µP (:func:`sparsejax.mup.lr_multipliers`:
+    weight matrices' updates × dim_model_base / d_model when ``model.mup`` is on; nothing is added
+    to the chain otherwise, so a standard-parameterisation run's optimizer state is unchanged)."""
+    if isinstance(cfg, TrainConfig):
+        warnings.warn("make_optimizer(TrainConfig) is deprecated: pass the whole Config (µP's "
+                      "learning-rate multipliers depend on the model section)", DeprecationWarning,
+                      stacklevel=2)
+        cfg = Config(train=cfg)
+    t = cfg.train
     chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
     chain.append(optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2,
-                             weight_decay=t.weight_decay, mask=decay_mask))
+                             weight_decay=t.weight_decay, mask=mup.decayed))
+    multipliers = mup.lr_multipliers(cfg.model)
+    if any(v != 1.0 for v in multipliers.values()):
+        # Scaling AdamW's whole update scales its decoupled weight decay too, as a per-group
+        # learning rate does in PyTorch (the reference implementation's parameter groups).
+        chain.append(optax.multi_transform(
+            {name: optax.scale(value) for name, value in multipliers.items()}, mup.classes))
     return optax.chain(*chain)

@@ -355,7 +355,7 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     mesh = shards.mesh
     # A warm start whose shapes do not fit is refused here (metadata only), before compiling.
     warm = warm_start.plan(cfg, mesh)
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg),
                                    log_activations=log_activations)
     budget, limit_name = resources.device_budget()
     resources.check_state_fits(fns.abstract_state, budget, limit_name)

@@ -20,7 +20,7 @@ def random_batches(cfg, n, seed=0):
 def train_steps(cfg, devices, n_steps=3):
     """(losses [n], per-layer activation ratios [n, N], final state) of ``n_steps`` real steps."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     state = fns.init(jax.random.key(0))
     losses, ratios = [], []
     for batch in random_batches(cfg, n_steps):

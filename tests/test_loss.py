@@ -105,7 +105,7 @@ def _cfg(*extra):
 
 def _steps(cfg, devices, n_steps=2):
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     state = fns.init(jax.random.key(0))
     batches = random_batches(cfg, n_steps + 1, seed=3)
     batches[0]["weights"][:2, :5] = 0.0
@@ -144,7 +144,7 @@ def test_evaluator_loss_with_tiled_loss_equals_plain():
     batches = random_batches(plain_cfg, 2, seed=5)
     batches[1]["weights"][:, -3:] = 0.0
     mesh = sharding.make_mesh(plain_cfg.mesh)
-    params = step.make_step_functions(plain_cfg, mesh, optim.make_optimizer(plain_cfg.train)
+    params = step.make_step_functions(plain_cfg, mesh, optim.make_optimizer(plain_cfg)
                                       ).init(jax.random.key(0))["params"]
     results = [evaluation.Evaluator(c, evaluation.EvalOptions(), batches=batches).dense(params)
                for c in (plain_cfg, tiled_cfg)]

@@ -45,7 +45,7 @@ def _sched(field, kind, values, bounds=()):
 def _train(cfg, n_steps, *, seed_batches=0):
     """Metrics of ``n_steps`` real steps on the embedded corpus (one device), and the state."""
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     state = fns.init(jax.random.key(cfg.train.seed))
     train = data.Dataset(cfg).train
     out = []

@@ -49,7 +49,7 @@ def test_state_and_params_take_their_shardings_from_the_plan():
     """The step's state and a checkpoint reader's parameters: one computation, same shardings."""
     cfg = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     params = model.abstract_params(cfg.model, cfg.train.seq_len, fns.plan)
     want = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
     assert jax.tree.map(lambda a: a.sharding, params) == want
@@ -58,7 +58,7 @@ def test_state_and_params_take_their_shardings_from_the_plan():
     # An indivisible sharded dimension is a config error naming the field.
     bad = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.d_ff=161")
     with pytest.raises(ConfigError, match=r"model.d_ff=161 is not divisible by mesh.tensor=2"):
-        step.make_step_functions(bad, mesh, optim.make_optimizer(bad.train))
+        step.make_step_functions(bad, mesh, optim.make_optimizer(bad))
 
 
 @pytest.mark.slow

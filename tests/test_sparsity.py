@@ -118,7 +118,7 @@ def test_in_graph_training_ratio_equals_evaluation_ratio(activation, n_layers, c
     cfg = configure.apply_overrides(config.proxy_config("tiny", activation), MICRO + [
         f"model.n_layers={n_layers}", f"sparsity.fat_eps={eps}"])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     state = fns.init(jax.random.key(2))
     params = jax.device_get(state["params"])
     batch = _batch(cfg)

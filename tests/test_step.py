@@ -59,7 +59,7 @@ def test_gradient_accumulation_matches_full_batch():
 def test_in_graph_activation_ratio_matches_numpy(activation, topk):
     cfg = _cfg(f"model.activation={activation}", f"sparsity.topk={topk}", "sparsity.fat_eps=0.05")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train))
+    fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg))
     state = fns.init(jax.random.key(1))
     batch = random_batches(cfg, 1, seed=7)[0]
     batch["weights"][0, :10] = 0.0  # masked tokens must not count
@@ -92,7 +92,7 @@ def test_logging_off_gives_same_loss():
     mesh, batch = shards.mesh, shards.global_batch(random_batches(cfg, 1)[0])
     out = []
     for log_activations in (True, False):
-        fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg.train),
+        fns = step.make_step_functions(cfg, mesh, optim.make_optimizer(cfg),
                                        log_activations=log_activations)
         _, m = fns.train(fns.init(jax.random.key(0)), batch)
         out.append(m)
@@ -113,16 +113,26 @@ def test_wsd_and_cosine_schedules():
     assert float(cos(55)) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
 
 
-def test_weight_decay_skips_vectors():
-    t = _cfg("train.learning_rate=0.1", "train.weight_decay=0.5", "train.grad_clip=0",
-             "train.warmup_steps=0").train
-    tx = optim.make_optimizer(t)
-    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}
+@pytest.mark.parametrize("scanned", [False, True])
+def test_weight_decay_skips_norm_scales_in_either_layout(scanned):
+    cfg = _cfg("train.learning_rate=0.1", "train.weight_decay=0.5", "train.grad_clip=0",
+               "train.warmup_steps=0")
+    tx = optim.make_optimizer(cfg)
+    lead = (3,) if scanned else ()  # scan_layers stacks [N] onto every leaf: a norm scale is 2-D
+    params = {"embed": {"embedding": jnp.ones((4, 2))},
+              "layers" if scanned else "layer_0": {
+                  "ffn": {"w_in": {"kernel": jnp.ones(lead + (2, 2))}},
+                  "ffn_norm": {"scale": jnp.ones(lead + (2,))}},
+              "final_norm": {"scale": jnp.ones(2)}}
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
-    assert float(jnp.abs(updates["scale"]).max()) == 0.0
-    # Zero gradients: the only update is decoupled decay, −lr · wd · w, on matrices alone.
-    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    layer = updates["layers" if scanned else "layer_0"]
+    assert float(jnp.abs(layer["ffn_norm"]["scale"]).max()) == 0.0
+    assert float(jnp.abs(updates["final_norm"]["scale"]).max()) == 0.0
+    # Zero gradients: the only update is decoupled decay, −lr · wd · w, on matrices and embeddings.
+    np.testing.assert_allclose(layer["ffn"]["w_in"]["kernel"], -0.1 * 0.5 * np.ones(lead + (2, 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(updates["embed"]["embedding"], -0.05 * np.ones((4, 2)), rtol=1e-6)
 
 
 def test_mesh_shape_resolution_and_errors():
@@ -175,7 +185,7 @@ def test_imported_architecture_options_train_one_device_equals_eight():
     # in 4 steps; the steps still move the new parameters.
     assert np.all(np.isfinite(l1))
     mesh1 = sharding.make_mesh(cfg1.mesh, jax.devices()[:1])
-    init = step.make_step_functions(cfg1, mesh1, optim.make_optimizer(cfg1.train)).init(
+    init = step.make_step_functions(cfg1, mesh1, optim.make_optimizer(cfg1)).init(
         jax.random.key(0))
     assert not np.allclose(np.asarray(init["params"]["unembed"]["kernel"]),
                            np.asarray(s1["params"]["unembed"]["kernel"]))

@@ -18,7 +18,8 @@ imports the model.
 from sparsejax.config.checks import (SPARSITY_TERMS, check, choice, positive, term_text,
                                      terms_on)
 from sparsejax.config.overrides import call_file_function, read_file, with_overrides
-from sparsejax.config.presets import (PAPER_SIZES, PAPER_VOCAB_SIZE, PROXY_SIZES, paper_config,
+from sparsejax.config.presets import (PAPER_LEARNING_RATE, PAPER_MUP, PAPER_SIZES,
+                                      PAPER_VOCAB_SIZE, PROXY_SIZES, paper_config,
                                       paper_pod_config, proxy_config)
 from sparsejax.config.schema import (MOVED_FIELDS, Config, ConfigError, DataConfig, MeshConfig,
                                      ModelConfig, SparsityConfig, TrainConfig, from_raw, moved_path,
@@ -26,7 +27,7 @@ from sparsejax.config.schema import (MOVED_FIELDS, Config, ConfigError, DataConf
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "MOVED_FIELDS", "MeshConfig", "ModelConfig",
-    "PAPER_SIZES", "PAPER_VOCAB_SIZE", "PROXY_SIZES", "SPARSITY_TERMS", "SparsityConfig",
+    "PAPER_LEARNING_RATE", "PAPER_MUP", "PAPER_SIZES", "PAPER_VOCAB_SIZE", "PROXY_SIZES", "SPARSITY_TERMS", "SparsityConfig",
     "TrainConfig", "call_file_function", "check", "choice", "from_raw", "moved_path",
     "paper_config", "paper_pod_config", "positive", "proxy_config", "read_file", "term_text",
     "terms_on",

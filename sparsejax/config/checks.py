@@ -61,6 +61,9 @@ def check(cfg: Config) -> Config:
     positive("model.scale_depth", m.scale_depth, allow_zero=True)
     positive("model.dim_model_base", m.dim_model_base, allow_zero=True)
     positive("model.init_std", m.init_std)
+    if m.mup and m.dim_model_base <= 0:
+        raise ConfigError(f"model.mup=true needs model.dim_model_base > 0 (the width the base "
+                          f"learning rate is tuned at); got {m.dim_model_base}")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     choice("model.ffn_type", m.ffn_type, ("gated", "plain"))

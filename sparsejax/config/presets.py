@@ -20,13 +20,17 @@ PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 PAPER_VOCAB_SIZE = 122_753
 
 
-def paper_config(size: str, activation: str = "relu") -> Config:
-    """Config of one Sparsing Law model size (docs/sparsity_metrics_and_laws.md §Paper models),
-    gated FFN, sequence 4096.
+# The paper models' µP constants (MiniCPM's, which the Sparsing Law models share): embeddings ×
+# 12, residual branches × 1.4/√n_layers, widths measured against 256, init std 0.1 (matrices
+# 0.1/√(d_model/256)), one peak learning rate 0.01 for every size (matrices 0.01·256/d_model).
+PAPER_MUP = dict(mup=True, scale_emb=12.0, scale_depth=1.4, dim_model_base=256, init_std=0.1)
+PAPER_LEARNING_RATE = 1e-2
 
-    Departure from the paper: the paper trains with µP (MiniCPM-style width scaling of
-    initialisation and learning rates); sparsejax uses standard parameterisation, so the paper's
-    peak LR 0.01 is not directly transferable and the default here is lower.
+
+def paper_config(size: str, activation: str = "relu") -> Config:
+    """Config of one Sparsing Law model size (docs/sparsity_metrics_and_laws.md §Paper models):
+    gated FFN, sequence 4096, µP (:data:`PAPER_MUP`, :mod:`sparsejax.mup`) with the paper's peak
+    learning rate 0.01 at every size, RMSNorm ε 1e-5, AdamW (0.9, 0.95), weight decay 0.1, WSD.
     """
     if size not in PAPER_SIZES:
         raise ConfigError(f"paper size {size!r} unknown; allowed: {sorted(PAPER_SIZES)}")
@@ -36,12 +40,13 @@ def paper_config(size: str, activation: str = "relu") -> Config:
         model=ModelConfig(
             vocab_size=PAPER_VOCAB_SIZE, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             head_dim=128, d_ff=d_ff, ffn_type="gated", activation=activation,
-            max_seq_len=4096, dtype="bfloat16",
+            max_seq_len=4096, dtype="bfloat16", norm_eps=1e-5, **PAPER_MUP,
         ),
         data=DataConfig(source="tfds", tfds_name="c4", tokenizer="sentencepiece",
                         sentencepiece_vocab_size=PAPER_VOCAB_SIZE),
-        train=TrainConfig(batch_size=512, seq_len=4096, learning_rate=3e-3, schedule="wsd",
-                          steps=100_000, warmup_steps=2_000, b1=0.9, b2=0.95, weight_decay=0.1),
+        train=TrainConfig(batch_size=512, seq_len=4096, learning_rate=PAPER_LEARNING_RATE,
+                          schedule="wsd", steps=100_000, warmup_steps=2_000, b1=0.9, b2=0.95,
+                          weight_decay=0.1),
     )
 
 

@@ -60,6 +60,10 @@ class ModelConfig:
     scale_emb: float = 1.0
     scale_depth: float = 0.0
     dim_model_base: int = 0
+    # µP training (sparsejax.mup): weight matrices initialised with init_std / sqrt(m) and trained
+    # with learning rate LR / m, m = d_model / dim_model_base (which must be > 0), so one LR serves
+    # every width. The forward scalings above are separate fields (the paper presets set all).
+    mup: bool = False
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     # FFN implementation (registry sparsejax.ffn.FFN_IMPLS): "reference" (einsum) or

@@ -50,6 +50,19 @@ EVAL = EvalOptions(metrics=("zero", "cett_ppl"), cett_ppl_mode="joint", joint_la
 # The learning rates a shape is piloted at (benchmarks/lr_pilot.py picks the best by eval loss).
 LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
 
+# µP (sparsejax.mup) on the CPU proxies: MiniCPM's constants (config.PAPER_MUP) with widths measured
+# against MUP_BASE, the narrowest width the CPU sweeps train, instead of the paper's 256.
+MUP_BASE = 16
+
+
+def mup_overrides(dim_model_base: int) -> tuple[str, ...]:
+    """``--set`` overrides that train a shape with µP as the paper presets do, widths measured
+    against ``dim_model_base``."""
+    from sparsejax.config import PAPER_MUP
+
+    fields = {**PAPER_MUP, "dim_model_base": dim_model_base}
+    return tuple(f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
+
 # The plateau test (see plateau_verdict), fixed before any sweep data was read.
 PLATEAU_DECADES = 1.0  # the window: the last decade of training tokens
 PLATEAU_MAX_CHANGE = 0.05  # the equivalence margin: |change per decade| < 5% of the level
@@ -138,10 +151,12 @@ def shape_regime(d_model: int, n_layers: int, *, head_dim: int, tokens_per_param
 
 
 def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: float = LEARNING_RATE,
-                size: str = "", tokens_per_param: float = TOKENS_PER_PARAM, **regime_kwargs):
+                size: str = "", tokens_per_param: float = TOKENS_PER_PARAM, mup_base: int = 0,
+                **regime_kwargs):
     """A sweep axis point: the shape (gated FFN, d_ff = 2.5·d_model, heads of ``head_dim``) together
     with its protocol regime (``regime_kwargs``: seq_len, max_batch, eval_tokens) and learning rate,
-    so that every run's budget follows its own size."""
+    so that every run's budget follows its own size. ``mup_base`` > 0: trained with µP
+    (:func:`mup_overrides`), ``learning_rate`` then being the base learning rate."""
     from sparsejax.sweep import spec
 
     d_ff = gated_d_ff(d_model)
@@ -150,7 +165,8 @@ def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: fl
     base = spec.shape_point(f"w{d_model}_l{n_layers}", d_model=d_model, n_layers=n_layers,
                             n_heads=max(1, d_model // head_dim), head_dim=head_dim, d_ff=d_ff,
                             size=size or f"{run.params / 1e3:.1f}k")
-    return dataclasses.replace(base, overrides=base.overrides + run.overrides(learning_rate))
+    mup = mup_overrides(mup_base) if mup_base else ()
+    return dataclasses.replace(base, overrides=base.overrides + mup + run.overrides(learning_rate))
 
 
 @dataclasses.dataclass(frozen=True)
