@@ -35,9 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsejax.sweep import protocol  # noqa: E402
-
-SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+from sparsejax.sweep import protocol, runner  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -85,7 +83,7 @@ def pilot(shape, lr: float, steps: int, activation: str, workroot: Path, mup_bas
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny_relu.py"),
            "--workdir", str(workdir), "--no-progress"] + [a for s in sets for a in ("--set", s)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": SINGLE_THREAD}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=runner.single_threaded(os.environ), capture_output=True, text=True)
     seconds = time.monotonic() - start
     if proc.returncode:
         raise RuntimeError(f"pilot {workdir.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")

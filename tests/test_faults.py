@@ -250,6 +250,48 @@ def test_a_terminated_sweep_logs_its_trainers_stop_line(tmp_path):
     assert line in stdout  # echoed to the console as well (read back from the log)
 
 
+SWEEP_TWO = """
+from sparsejax import sweep
+
+def get_sweep():
+    runs = tuple(sweep.Run(name=a, config="configs/tiny_relu.py", overrides={overrides!r}, activation=a)
+                 for a in ("relu", "silu"))
+    return sweep.Sweep(name="term2", runs=runs, eval=sweep.EvalOptions(metrics=("zero",)))
+"""
+
+
+@pytest.mark.slow
+def test_a_terminated_parallel_sweep_stops_every_trainer_and_a_restart_finishes_both(tmp_path):
+    overrides = tuple(MICRO) + ("train.steps=200", "train.log_every=1", "train.checkpoint_every=50")
+    spec = tmp_path / "term2_sweep.py"
+    spec.write_text(textwrap.dedent(SWEEP_TWO.format(overrides=overrides)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sparsejax.sweep", str(spec), "--out", str(out), "--skip-eval",
+           "--n-boot", "0", "--jobs", "2"]
+    workdirs = [out / "runs" / name for name in ("relu", "silu")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for workdir in workdirs:
+            wait_for_step(workdir, 5, proc, timeout=240)
+        pids = [json.loads((w / ".lock").read_text())["pid"] for w in workdirs]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    for workdir, pid in zip(workdirs, pids):
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in pathlib.Path(
+            f"/proc/{pid}/status").read_text(), f"{workdir.name}'s trainer outlived its sweep"
+        saved = _steps(workdir)
+        assert saved and f"stopped by SIGTERM after saving a checkpoint at step {saved[-1]}" in (
+            workdir / "train.log").read_text()
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for workdir in workdirs:
+        assert _loss_steps(workdir) == list(range(1, 201))  # resumed: every step once
+
+
 # ---------------------------------------------------------------- 4. --no-resume never mixes
 def test_no_resume_moves_the_old_run_aside(tmp_path):
     _ok(_train(tmp_path, "train.steps=10", "train.checkpoint_every=10", "train.seed=0"))

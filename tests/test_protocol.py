@@ -15,8 +15,8 @@ from sparsejax import sweep
 from sparsejax.sweep import protocol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FINDING_SWEEPS = ("cpu_width_depth", "cpu_scale", "cpu_activations", "gpu_width_depth", "gpu_scale",
-                  "tpu_width_depth", "tpu_scale")
+FINDING_SWEEPS = ("cpu_width_depth", "cpu_scale", "cpu_activations", "cpu_width_depth_mup", "cpu_scale_mup",
+                  "gpu_width_depth", "gpu_scale", "tpu_width_depth", "tpu_scale")
 
 
 def test_log_spaced_steps_match_geomspace():
@@ -69,10 +69,20 @@ def test_finding_sweeps_follow_the_protocol(name):
         tokens = t["steps"] * t["batch_size"] * t["seq_len"]
         assert tokens / run.params >= 300, (run.name, tokens / run.params)
         assert len(t["checkpoint_steps"]) == protocol.N_CHECKPOINTS
-    if name.endswith("_scale"):  # a fixed width/depth and at least an 8× span of sizes
+    if name.endswith("_mup") or name.startswith(("gpu", "tpu")):  # µP, one LR for every shape
+        models = [r.config_dict["model"] for r in runs]
+        assert all(m["mup"] and m["dim_model_base"] > 0 for m in models)
+        assert len({r.config_dict["train"]["learning_rate"] for r in runs}) == 1
+        assert len({m["dim_model_base"] for m in models}) == 1
+    if name.endswith("_mup"):
+        assert all(r.config_dict["train"]["learning_rate"] == protocol.MUP_LEARNING_RATE for r in runs)
+        for run in runs:
+            t = run.config_dict["train"]
+            assert t["steps"] * t["batch_size"] * t["seq_len"] / run.params >= protocol.LIMIT_TOKENS_PER_PARAM
+    if name.endswith(("_scale", "_scale_mup")):  # a fixed width/depth and at least an 8× span of sizes
         sizes = sorted({r.params for r in runs})
         assert sizes[-1] / sizes[0] >= 8 and len({r.width / r.depth for r in runs}) == 1
-    if name == "cpu_width_depth":
+    if name.startswith("cpu_width_depth"):
         ratios = sorted({r.width / r.depth for r in runs})
         assert ratios[0] <= 2 and ratios[-1] >= 48
     if name == "tpu_width_depth":  # straddles the paper's bottleneck (≈ 114) at ≈ 20M parameters

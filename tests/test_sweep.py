@@ -377,6 +377,71 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
                                             **cmds)] == ["done"]
 
 
+FAKE_SLOW_TRAIN = textwrap.dedent("""
+    import argparse, json, os, pathlib, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--config"); p.add_argument("--workdir"); p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args()
+    sets = dict(s.split("=", 1) for s in a.set)
+    wd = pathlib.Path(a.workdir)
+    start = time.time()
+    time.sleep(1.5)
+    with open(wd.parents[1] / "spans.jsonl", "a") as f:
+        f.write(json.dumps({"run": sets["name"], "start": start, "end": time.time(),
+                            "xla_flags": os.environ.get("XLA_FLAGS", "")}) + "\\n")
+    with (wd / "metrics.jsonl").open("w") as f:
+        for s in range(1, int(sets["train.steps"]) + 1):
+            f.write(json.dumps({"step": s, "loss": 5.0 / s, "tokens_seen": 1000.0 * s,
+                                "activation_ratio": 0.05 + 0.5 / s}) + "\\n")
+""")
+
+
+@pytest.mark.slow
+def test_jobs_run_side_by_side_single_threaded_and_resume(tmp_path):
+    train = tmp_path / "fake_slow_train.py"
+    train.write_text(FAKE_SLOW_TRAIN)
+    evaluate = _fake_scripts(tmp_path)[1]
+    spec = _two_run_sweep()
+    runs = sweep.resolve(spec)
+    out = tmp_path / "out"
+    cmds = {"train_cmd": lambda run, wd: sweep.train_command(run, wd, script=train),
+            "eval_cmd": lambda run, wd, o: sweep.eval_command(run, wd, o, script=evaluate)}
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    logged = []
+    outcomes = sweep.execute(spec, runs, out, progress=True, log=logged.append, jobs=2, env=env, **cmds)
+    assert [(o.run, o.status) for o in outcomes] == [("relu", "done"), ("silu", "done")]  # run order
+    spans = {s["run"]: s for s in map(json.loads, (out / "spans.jsonl").read_text().splitlines())}
+    assert set(spans) == {"relu", "silu"}
+    assert max(s["start"] for s in spans.values()) < min(s["end"] for s in spans.values()), "not concurrent"
+    for s in spans.values():  # each child held to one thread, the caller's flags kept
+        assert s["xla_flags"] == "--xla_force_host_platform_device_count=1 " + sweep.SINGLE_THREAD_XLA_FLAGS
+    for run in runs:
+        assert sweep.train_done(out / "runs" / run.name, run)
+        assert sweep.eval_done(out / "runs" / run.name, spec.eval.metrics)
+    assert sum("training" in line for line in logged) == 2
+    # Resumed with jobs=2: both complete, nothing started again.
+    again = sweep.execute(spec, runs, out, progress=False, log=lambda _: None, jobs=2, env=env, **cmds)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert len((out / "spans.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--jobs", "0"), "--jobs=0 must be >= 1"),
+    (("--jobs", "2", "--launch", "tpu-vm"), "--jobs=2 applies to --launch local"),
+])
+def test_bad_jobs_is_one_line_exit_2(tmp_path, args, message):
+    path = _sweep_file(tmp_path, """
+        def get_sweep():
+            runs = sweep.cross(sweep.activation_points(["relu"]), config="configs/tiny_relu.py")
+            return sweep.Sweep(name="jobs", runs=runs)
+    """)
+    proc = _cli(path, "--out", tmp_path / "out", *args)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"sweep error: {message}" + (
+        "; --launch tpu-vm submits one job per run" if "launch" in message else "")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_marker_from_older_code_still_counts_as_done(tmp_path):
     """A marker written before a config field existed (the field missing from its saved config) is

@@ -12,9 +12,10 @@ ReLU (gated FFN, d_ff = 2.5·d_model, heads of 16) at ≈ 0.1M non-embedding par
 protocol (:mod:`sparsejax.sweep.protocol`): 300 tokens per non-embedding parameter (28M–43M tokens),
 sequences of 256, up to 256 per step, 12 log-spaced checkpoints, joint CETT-PPL-1%, plateau test.
 
-Learning rate: width-scaled, 1e-2 · 32 / d_model (``protocol.GPU``; 1e-2 at d_model 32, as the CPU
-pilot found for its narrow shapes), stated rather than piloted; piloting 3 LRs per shape with ``--only`` and
-``--set train.learning_rate=…`` triples the cost.
+Learning rate: µP (``protocol.GPU``: widths measured against ``protocol.MUP_BASE``) with one base LR for
+every shape, ``protocol.MUP_LEARNING_RATE``, the best LR of the CPU proxies' µP pilot, which transfers
+across their widths (notebooks/results/lr_transfer.json); no per-shape pilot, so shape is not
+confounded with learning rate.
 
 Estimated cost on one H100: these models are overhead-bound (≈ 10 ms per step of 256 × 256 tokens
 with the einsum FFN, i.e. ≈ 6M tokens/s, an estimate, not a measurement): training ≈ 5–8 s per 1M
@@ -25,7 +26,7 @@ and start-up ≈ 10 s per process: ≈ 10 minutes in all.
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-SETUP = protocol.GPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
+SETUP = protocol.GPU  # heads, data, regime, µP and its one LR (sparsejax.sweep.protocol)
 SHAPES = ((32, 8), (48, 4), (64, 2), (96, 1), (112, 1))  # width/depth 4 … 112
 SEEDS = (0, 1)
 

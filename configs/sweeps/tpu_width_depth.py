@@ -16,7 +16,7 @@ model's pod settings otherwise (``configs/sparsing_law_0.1b.py``: fsdp over the 
 rematerialised layers, bf16). The protocol (:mod:`sparsejax.sweep.protocol`): 300 tokens per
 non-embedding parameter (5.7B–7.2B tokens), 12 log-spaced checkpoints, joint CETT-PPL-1%, plateau test.
 
-Learning rate: width-scaled, 3e-3 · 512 / d_model (``protocol.TPU``), stated rather than piloted.
+Learning rate: the paper's µP (base width 256) with its one peak LR 0.01 for every shape (``protocol.TPU``).
 
 Estimated cost: 6·(N + d_model·V)·D FLOPs per run (the logits matmul counts: d_model·V is 8M–33M
 here) ≈ 1.0e18–2.5e18, 9.1e18 for the sweep; a v5e-16 slice peaks at 16 × 197 TFLOP/s (bf16), and at
@@ -28,7 +28,7 @@ held-out tokens, ≈ 330 forward passes per run for 12 checkpoints and the joint
 from sparsejax import sweep
 from sparsejax.sweep import protocol
 
-SETUP = protocol.TPU  # heads, data, regime and width-scaled LR (sparsejax.sweep.protocol)
+SETUP = protocol.TPU  # heads, data, regime, µP and its one LR (sparsejax.sweep.protocol)
 SHAPES = ((256, 26), (384, 12), (512, 7), (640, 4), (768, 3), (1024, 2))
 
 

@@ -24,7 +24,8 @@ from sparsejax.sweep.spec import (DEFAULT_PLOTS, PLOT_KINDS, Point, Run, Sweep, 
 
 _LAZY = {
     "resolved": ("REPO", "ResolvedRun", "law_map", "resolve", "select", "config_path"),
-    "runner": ("MARKER", "Outcome", "eval_command", "eval_done", "execute", "stop_process_group",
+    "runner": ("MARKER", "Outcome", "SINGLE_THREAD_XLA_FLAGS", "eval_command", "eval_done", "execute",
+               "single_threaded", "stop_process_group",
                "tpu_script", "train_command", "train_done", "write_json"),
     "table": ("COLUMNS", "EVAL_QUANTITIES", "_row", "collect", "eval_rows", "metrics_rows", "write_table"),
     "fits": ("TOKENS_PER_D", "LawFit", "bootstrap_block", "fit_run_metric", "fit_runs",

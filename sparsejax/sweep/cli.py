@@ -5,13 +5,14 @@ crossing axes of :class:`Point` (activation × size × width/depth × tokens) wi
 
     python -m sparsejax.sweep configs/sweeps/cpu_proxy.py --out runs/cpu_proxy
         [--print-commands] [--skip-eval] [--only RUN,...] [--set key=value ...]
-        [--n-boot 200] [--fit-workers N] [--collect-only] [--publish DIR] [--no-progress]
+        [--jobs N] [--n-boot 200] [--fit-workers N] [--collect-only] [--publish DIR] [--no-progress]
 
 For each run, ``train.py`` then ``eval.py`` run in subprocesses (workdir ``OUT/runs/<run>``,
 output in ``train.log`` / ``eval.log`` there). Resumable: a run whose training finished (marker
 ``sweep_train_done.json``, written only after train.py exits 0, holding the config) and whose
 eval results are newer than the marker is skipped; a half-finished run is simply started again
 and train.py resumes from its checkpoints. A failing run is recorded and the sweep goes on.
+``--jobs N`` runs N at a time, each child on one intra-op thread (its output then in its logs only).
 
 Then OUT gets ``sweep.json`` (the resolved runs), ``table.csv``/``.json`` (tidy: one row per
 run, step and metric, see :data:`COLUMNS`), ``fits.json`` (one Sparsing Law fit per run and
@@ -94,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="after a complete sweep, copy its small results (sweep.json, fits.json, a thinned "
                         "table.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local runs at a time, each child single-threaded (default 1: one after "
+                        "another, with the machine's threads)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (0: no CIs)")
     p.add_argument("--fit-workers", type=int, default=os.cpu_count() or 1,
                    help="processes fitting the laws in parallel (default: one per CPU core)")
@@ -136,6 +140,11 @@ def main(argv=None) -> int:
             raise SweepError(f"--n-boot={args.n_boot} must be >= 0")
         if args.fit_workers < 1:
             raise SweepError(f"--fit-workers={args.fit_workers} must be >= 1")
+        if args.jobs < 1:
+            raise SweepError(f"--jobs={args.jobs} must be >= 1")
+        if args.jobs > 1 and args.launch != "local":
+            raise SweepError(f"--jobs={args.jobs} applies to --launch local; --launch {args.launch} "
+                             f"submits one job per run")
         if args.publish:
             _check_publish_dir(args.publish, pathlib.Path(args.out))
     except SweepError as err:
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
     if not args.collect_only:
         t0 = time.perf_counter()
         outcomes = execute(
-            sweep, selected, out, skip_eval=args.skip_eval, progress=args.progress,
+            sweep, selected, out, skip_eval=args.skip_eval, progress=args.progress, jobs=args.jobs,
             train_cmd=lambda run, wd: train_command(run, wd, script=args.train_script),
             eval_cmd=lambda run, wd, options: eval_command(run, wd, options, script=args.eval_script))
         print(f"runs finished in {time.perf_counter() - t0:.0f}s")

@@ -51,8 +51,14 @@ EVAL = EvalOptions(metrics=("zero", "cett_ppl"), cett_ppl_mode="joint", joint_la
 LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
 
 # µP (sparsejax.mup) on the CPU proxies: MiniCPM's constants (config.PAPER_MUP) with widths measured
-# against MUP_BASE, the narrowest width the CPU sweeps train, instead of the paper's 256.
+# against MUP_BASE, the narrowest width the CPU sweeps train, instead of the paper's 256, and one
+# base learning rate for every shape: the best of the µP pilot over widths 16–128
+# (notebooks/results/lr_transfer.json, benchmarks/lr_pilot.py --mup-bases 0,16).
 MUP_BASE = 16
+MUP_LEARNING_RATE = 1e-2
+# The limit findings' budget under µP: 1,000 tokens per non-embedding parameter (the 300 of
+# TOKENS_PER_PARAM left every CPU run short of its plateau).
+LIMIT_TOKENS_PER_PARAM = 1000
 
 
 def mup_overrides(dim_model_base: int) -> tuple[str, ...]:
@@ -172,42 +178,43 @@ def shape_point(d_model: int, n_layers: int, *, head_dim: int, learning_rate: fl
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
     """What the GPU or TPU versions of a finding sweep share (``configs/sweeps/{gpu,tpu}_*.py``):
-    the base config and data overrides, heads, the regime's sequence/batch/eval sizes, and a
-    width-scaled learning rate ``lr_ref · d_ref / d_model`` (stated instead of a per-shape pilot)."""
+    the base config and data overrides, heads, the regime's sequence/batch/eval sizes, and µP with
+    widths measured against ``mup_base`` and one base ``learning_rate`` for every shape (µP's
+    learning-rate transfer, shown on the CPU proxies by ``benchmarks/lr_pilot.py --mup-bases``)."""
 
     config: str
     data: tuple[str, ...]  # --set overrides common to every run (dataset, tokenizer, lengths)
     head_dim: int
-    lr_ref: float
-    d_ref: int
+    mup_base: int
+    learning_rate: float
     seq_len: int
     max_batch: int
     eval_tokens: int
 
-    def learning_rate(self, d_model: int) -> float:
-        return self.lr_ref * self.d_ref / d_model
-
     def point(self, d_model: int, n_layers: int, *, size: str = ""):
-        """:func:`shape_point` with this setup's heads, regime and learning rate."""
-        return shape_point(d_model, n_layers, head_dim=self.head_dim,
-                           learning_rate=self.learning_rate(d_model), size=size, seq_len=self.seq_len,
+        """:func:`shape_point` with this setup's heads, regime, µP and learning rate."""
+        return shape_point(d_model, n_layers, head_dim=self.head_dim, learning_rate=self.learning_rate,
+                           size=size, mup_base=self.mup_base, seq_len=self.seq_len,
                            max_batch=self.max_batch, eval_tokens=self.eval_tokens)
 
 
 # One GPU, ~0.1M parameters: byte tokens from TFDS lm1b (the embedded corpus is too small for
-# 30M tokens per run), sequences of 256. 1e-2 at d_model 32, as the CPU pilot found for narrow shapes.
+# 30M tokens per run), sequences of 256; µP against the CPU proxies' base width and learning rate.
 GPU = Accelerator(config="configs/tiny_relu.py",
                   data=("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test",
                         "model.max_seq_len=256"),
-                  head_dim=16, lr_ref=1e-2, d_ref=32, seq_len=256, max_batch=256, eval_tokens=16 * 256 * 256)
+                  head_dim=16, mup_base=MUP_BASE, learning_rate=MUP_LEARNING_RATE, seq_len=256,
+                  max_batch=256, eval_tokens=16 * 256 * 256)
 # A v5e-16 slice, 2–50M parameters: C4 with a 32,000-piece SentencePiece vocabulary, sequences of
-# 1,024, the 0.1B paper model's pod settings otherwise. 3e-3 at d_model 512.
+# 1,024, the 0.1B paper model's pod settings otherwise, and the paper's µP: base width 256, one
+# peak learning rate 0.01 (config.PAPER_MUP, PAPER_LEARNING_RATE).
 TPU_VOCAB = 32_000
 TPU = Accelerator(config="configs/sparsing_law_0.1b.py",
                   data=("data.source=tfds", "data.tfds_name=c4", "data.tokenizer=sentencepiece",
                         f"data.sentencepiece_vocab_size={TPU_VOCAB}", f"model.vocab_size={TPU_VOCAB}",
                         "model.max_seq_len=1024", "train.grad_accum=1"),
-                  head_dim=64, lr_ref=3e-3, d_ref=512, seq_len=1024, max_batch=256, eval_tokens=8 * 1024 * 256)
+                  head_dim=64, mup_base=256, learning_rate=1e-2, seq_len=1024, max_batch=256,
+                  eval_tokens=8 * 1024 * 256)
 
 
 def shape_params(d_model: int, n_layers: int, *, head_dim: int, d_ff: int, ffn_type: str = "gated") -> int:
