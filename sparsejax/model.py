@@ -6,7 +6,8 @@ Options that imported checkpoints need (:mod:`sparsejax.hf_import`), off by defa
 in training: grouped-query attention (``model.n_kv_heads``), an untied output projection
 (``model.tie_embeddings=False``), and MiniCPM's embedding, residual and logit scalings
 (``model.scale_emb``, ``model.scale_depth``, ``model.dim_model_base``; :func:`residual_scale`,
-:func:`logit_scale`), and RoPE frequency scalings (``model.rope_type``: linear, Llama 3.1's
+:func:`logit_scale`) with µP's initialisation when ``model.mup`` is on (:mod:`sparsejax.mup`), and
+RoPE frequency scalings (``model.rope_type``: linear, Llama 3.1's
 llama3; :data:`ROPE_TYPES`). The output projection and its logit scale are exposed as
 :func:`output_projection` and :func:`logit_scale` for losses that take the final hidden state.
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,

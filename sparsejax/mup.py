@@ -14,9 +14,9 @@ With width multiplier m = d_model / ``model.dim_model_base``:
   parameter groups do.
 
 Together they keep each layer's activations and their per-step updates O(1) as d_model grows,
-so one base learning rate serves every width (``benchmarks/mup.py`` measures both: the coordinate
-check and the learning-rate transfer table). The forward scalings are ordinary model fields that
-imported MiniCPM checkpoints also use; ``model.mup`` adds the training half (initialisation and
+so one base learning rate serves every width (``benchmarks/mup_coord_check.py`` measures the first,
+``benchmarks/lr_pilot.py --mup-bases`` the second; docs/sparsity_metrics_and_laws.md §µP). The
+forward scalings are ordinary model fields that imported MiniCPM checkpoints also use; ``model.mup`` adds the training half (initialisation and
 learning rates) and requires ``dim_model_base``.
 
 Parameter classes are decided by the leaf's name, so the same rule holds in both layer layouts

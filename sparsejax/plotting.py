@@ -283,6 +283,28 @@ def plot_convergence_vs_params(
     return _finish(fig, ax, "parameters (B)", "tokens until settled (B)", log_x, out_path)
 
 
+def plot_vs_learning_rate(
+    series: Mapping[str, tuple],
+    *,
+    ylabel: str,
+    title: str,
+    best: Mapping[str, float] | None = None,
+    out_path=None,
+) -> Figure:
+    """A quantity against the learning rate (log x), one line per label: label -> (learning rates,
+    values); labels starting "µP" are drawn solid, others dashed (the standard parameterisation).
+    ``best``: label -> the label's best learning rate, ringed."""
+    colours = _colours([label.split(" ", 1)[-1] for label in series])
+    fig, ax = _new_axes(title)
+    for label, (lrs, values) in series.items():
+        colour = colours[label.split(" ", 1)[-1]]
+        ax.plot(lrs, values, "o-" if label.startswith("µP") else "s--", color=colour, label=label)
+        if best and label in best:
+            i = list(lrs).index(best[label])
+            ax.plot([lrs[i]], [values[i]], "o", ms=12, mfc="none", mec=colour, mew=1.5)
+    return _finish(fig, ax, "learning rate", ylabel, True, out_path)
+
+
 def plot_ratio_vs_loss(
     points: Mapping[str, tuple],
     *,

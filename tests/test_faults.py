@@ -254,7 +254,8 @@ SWEEP_TWO = """
 from sparsejax import sweep
 
 def get_sweep():
-    runs = tuple(sweep.Run(name=a, config="configs/tiny_relu.py", overrides={overrides!r}, activation=a)
+    runs = tuple(sweep.Run(name=a, config="configs/tiny_relu.py", activation=a,
+                           overrides={overrides!r} + (f"model.activation={{a}}",))
                  for a in ("relu", "silu"))
     return sweep.Sweep(name="term2", runs=runs, eval=sweep.EvalOptions(metrics=("zero",)))
 """
