@@ -367,3 +367,39 @@ def test_write_failure_leaves_nothing_half_written(tmp_path):
     proc = _export_process(args)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_trained_sentencepiece_model_is_found_and_copied(tmp_path, capsys):
+    """data.tokenizer=sentencepiece: the model the run's Dataset trained (cached by content hash
+    in data.cache_dir) is the one exported; a deleted cache is one line naming data.cache_dir."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = data.load_corpus_text()
+    for i in range(20):
+        (docs / f"{i}.txt").write_text(text[i * 5000:(i + 1) * 5000])
+    cfg = _cfg("data.source=text", f"data.text_files={docs}", "data.tokenizer=sentencepiece",
+               "data.sentencepiece_vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}",
+               "model.vocab_size=512")
+    trained_model = data.Dataset(cfg).tokenizer.model_path
+    assert data.tokenizer_file(cfg) == trained_model
+    _write_run(tmp_path / "run", cfg)
+    assert hf_export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == trained_model.read_bytes()
+    trained_model.unlink()
+    assert hf_export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.cache_dir=" in err and not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.parametrize("activation", sorted(hf_export.ACTIVATION_EXPORTS))
+def test_hidden_act_reads_back_as_the_same_function(activation):
+    """Each exportable activation's hidden_act is read by the importer as the same function
+    (fatrelu and shifted_relu at threshold 0, xsilu at alpha 0: ReLU and SiLU)."""
+    from sparsejax import activations
+
+    hidden_act, warnings = hf_export.check_exportable(_cfg(f"model.activation={activation}"), 1)
+    assert warnings == []
+    back = activations.make(hf_import.ACTIVATIONS[hidden_act])
+    x = jnp.linspace(-4, 4, 101)
+    np.testing.assert_array_equal(back(x), activations.make(activation)(x))
