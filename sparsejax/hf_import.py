@@ -23,9 +23,10 @@ Anything else — another ``model_type``, dynamic / YaRN / LongRoPE scaling, att
 biases, MoE or MLA variants, an activation this project lacks — is an :class:`HfImportError` naming the
 ``config.json`` key and its value (``eval.py`` prints it on one line and exits 2).
 
-Weight layout. HF stores ``nn.Linear`` weights as [out, in]; this project's kernels are [in, out]
-with heads split out: q/k/v [D, heads, head_dim], o [heads, head_dim, D], gate/up [D, F],
-down [F, D], ``lm_head`` [D, V]. RoPE needs no permutation: HF's ``rotate_half`` rotates the two
+Weight layout (:func:`param_mapping`, the one table of names and conversions, which
+:mod:`sparsejax.hf_export` writes by in the other direction). HF stores ``nn.Linear`` weights as
+[out, in]; this project's kernels are [in, out] with heads split out: q/k/v [D, heads, head_dim],
+o [heads, head_dim, D], gate/up [D, F], down [F, D], ``lm_head`` [D, V]. RoPE needs no permutation: HF's ``rotate_half`` rotates the two
 halves of each head with frequency θ^(-2j/K) on the pair (j, j + K/2) — HF's conversion scripts
 already permuted Meta's interleaved pairs into that layout — and :func:`sparsejax.model.apply_rope`
 rotates the same halves with the same frequencies.
