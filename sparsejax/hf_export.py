@@ -98,10 +98,13 @@ def _refuse_text(setting: str, why: str) -> ExportError:
 
 def activation_threshold(cfg: config_lib.Config, step: int) -> float:
     """The activation threshold the model computed with at ``step`` (0 when there is none)."""
-    from sparsejax import schedules
+    from sparsejax import schedules, sparsity_plan
 
     s = cfg.sparsity.activation_threshold
-    return 0.0 if schedules.is_default(s) else float(schedules.value(s, step))
+    if schedules.is_default(s):
+        return 0.0
+    constant = sparsity_plan.constant_value(s)  # the config's number, not its float32 rounding
+    return constant if constant is not None else float(schedules.value(s, step))
 
 
 def check_exportable(cfg: config_lib.Config, step: int) -> tuple[str, list[str]]:
@@ -128,8 +131,9 @@ def check_exportable(cfg: config_lib.Config, step: int) -> tuple[str, list[str]]
     warnings = []
     threshold = activation_threshold(cfg, step)
     if threshold != 0 and exp.threshold == "refuse":
-        raise _refuse("sparsity.activation_threshold", threshold,
-                      f"({m.activation} at step {step}) has no Hugging Face hidden_act; only 0 (ReLU) has")
+        raise _refuse_text(f"sparsity.activation_threshold={threshold:g}",
+                           f"({m.activation} at step {step}) has no Hugging Face hidden_act; "
+                           f"only 0 (ReLU) has")
     if threshold != 0:
         warnings.append(f"warning: {m.activation} threshold {threshold:g} (sparsity."
                         f"activation_threshold at step {step}) is not expressible in config.json: "

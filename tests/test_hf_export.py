@@ -271,7 +271,7 @@ REFUSED = [
     (["model.activation=polynorm"], "model.activation='polynorm'"),
     (["model.activation=xsilu", "model.activation_alpha=0.5"], "model.activation_alpha=0.5"),
     (["model.activation=shifted_relu", "sparsity.activation_threshold=0.1"],
-     "sparsity.activation_threshold=0.1"),
+     "sparsity.activation_threshold=0.1 (shifted_relu at step 1)"),
     (["model.ffn_type=plain"], "model.ffn_type='plain' has no LLaMA/MiniCPM form"),
     (["sparsity.topk=0.25"], "sparsity.topk=0.25 (a trained top-k)"),
     (["model.scale_emb=4", "model.head_dim=16"], "model.head_dim=16 with MiniCPM scalings"),
