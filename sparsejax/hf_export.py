@@ -13,10 +13,11 @@ writes, into ``DIR``:
 * ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors`` with
   ``model.safetensors.index.json`` above ``--max-shard-size``), ``float32`` (the trained
   parameters exactly) or ``bfloat16``;
-* ``generation_config.json``; the tokenizer: the run's SentencePiece model as
-  ``tokenizer.model`` or its ``tokenizer.json``, and the byte tokenizer as a ``tokenizer.json``
+* ``generation_config.json``; the tokenizer: the run's ``tokenizer.json``, or its SentencePiece
+  model as ``tokenizer.model`` plus (unigram models) a ``tokenizer.json`` that encodes as it
+  does (:func:`sentencepiece_tokenizer_json`), and the byte tokenizer as a ``tokenizer.json``
   (byte-level BPE without merges: token id = UTF-8 byte) that encodes every text as it does;
-  ``tokenizer_config.json``;
+  ``tokenizer_config.json`` (transformers' fast tokenizer over that tokenizer.json);
 * ``sparsejax.json``: the run, the step, the activation as trained and the whole ``sparsity``
   section, including what ``config.json`` cannot say (a FATReLU threshold: named in a
   ``warning:`` line too, since a loader of ``config.json`` computes plain ReLU).
@@ -219,6 +220,41 @@ def byte_tokenizer_json() -> str:
     return tok.to_str(pretty=True)
 
 
+# SentencePiece ModelProto.SentencePiece.Type values that text may match: NORMAL, USER_DEFINED.
+_SPM_MATCHED = (1, 4)
+_SPM_UNIGRAM = 1  # TrainerSpec.ModelType.UNIGRAM
+
+
+def sentencepiece_tokenizer_json(model_path: pathlib.Path) -> str | None:
+    """A SentencePiece unigram model as a ``tokenizers`` tokenizer.json (None for other model
+    types), as transformers' SpmConverter builds one: the model's normalization (its precompiled
+    NFKC charsmap; leading, trailing and repeated spaces removed), "▁" for spaces with one in
+    front (``add_dummy_prefix``), words split at "▁", the unigram pieces with their scores, and
+    byte fallback. Pieces text must not match (control, unknown, byte pieces) get a score far
+    below any other, so they are chosen only where SentencePiece would too — except in a text
+    that spells one out (``<s>``, ``<0x41>``) with characters outside the vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    if proto.trainer_spec.model_type != _SPM_UNIGRAM:
+        return None
+    vocab = [(p.piece, p.score if p.type in _SPM_MATCHED else -1e9) for p in proto.pieces]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id,
+                                   byte_fallback=proto.trainer_spec.byte_fallback))
+    spec = proto.normalizer_spec
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if spec.add_dummy_prefix else "never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return tok.to_str(pretty=True)
+
+
 @dataclasses.dataclass
 class TokenizerFiles:
     """The files that carry the run's tokenizer into the export, and its special tokens."""
@@ -255,10 +291,15 @@ def tokenizer_files(cfg: config_lib.Config) -> TokenizerFiles:
     sp = spm.SentencePieceProcessor(model_file=str(path))
     special = {k: v for k, v in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()))
                if v >= 0}
-    # The run encodes without BOS / EOS (documents packed back to back).
-    slow = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-            "legacy": True, "model_max_length": fast["model_max_length"]}
-    return TokenizerFiles({"tokenizer.model": copy("tokenizer.model")}, special, slow)
+    # tokenizer.model for the converters that read it (llama.cpp, PowerInfer); tokenizer.json,
+    # which transformers' fast tokenizer reads, for a unigram model (the kind data.tokenizer=
+    # sentencepiece trains). transformers' LlamaTokenizer would read tokenizer.model as BPE.
+    files = {"tokenizer.model": copy("tokenizer.model")}
+    text = sentencepiece_tokenizer_json(path)
+    if text is None:
+        return TokenizerFiles(files, special, {})
+    files["tokenizer.json"] = lambda p: p.write_text(text)
+    return TokenizerFiles(files, special, fast)
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -446,7 +487,8 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
         write_safetensors(tmp, tensors, max_shard_bytes)
         for name, write in plan.tokenizer.files.items():
             write(tmp / name)
-        _json(tmp / "tokenizer_config.json", plan.tokenizer.tokenizer_config)
+        if plan.tokenizer.tokenizer_config:
+            _json(tmp / "tokenizer_config.json", plan.tokenizer.tokenizer_config)
         _json(tmp / SPARSEJAX_FILE, {
             "source": str(pathlib.Path(workdir).resolve()), "step": plan.step,
             "activation": plan.cfg.model.activation,

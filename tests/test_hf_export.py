@@ -246,22 +246,55 @@ def test_overwrite_replaces_only_with_the_flag(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_sentencepiece_tokenizer_is_copied(tmp_path):
+def _sentencepiece(tmp_path, **options) -> pathlib.Path:
     import sentencepiece as spm
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(data.load_corpus_text()[:50_000])
+    corpus.write_text(data.load_corpus_text()[:100_000])
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=300, model_type="unigram", minloglevel=2)
-    cfg = _cfg(f"data.tokenizer_path={tmp_path / 'sp.model'}", "model.vocab_size=300")
+                                   vocab_size=600, minloglevel=2, **options)
+    return tmp_path / "sp.model"
+
+
+# Whitespace at the ends and repeated, NFKC-normalized forms, characters outside the training
+# text (byte fallback), and the corpus itself.
+SPM_TEXTS = TEXTS[:-1] + [" leading", "trailing   ", "a  b   c", "\n\n\n", "ﬁ ligature ①②",
+                          "ＡＢＣ full width", "First Citizen:\nBefore we proceed"] + [
+    data.load_corpus_text()[i:i + 300] for i in range(200_000, 260_000, 6007)]
+
+
+def test_sentencepiece_tokenizer_is_copied_and_converted(tmp_path):
+    """A SentencePiece unigram model (the kind data.tokenizer=sentencepiece trains: byte
+    fallback, full character coverage) is copied, and its tokenizer.json encodes every text as
+    SentencePiece does."""
+    from tokenizers import Tokenizer
+
+    model = _sentencepiece(tmp_path, model_type="unigram", byte_fallback=True,
+                           character_coverage=1.0)
+    cfg = _cfg(f"data.tokenizer_path={model}", "model.vocab_size=600")
     _write_run(tmp_path / "run", cfg)
     hf_export.export(tmp_path / "run", tmp_path / "hf", log=lambda line: None)
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tmp_path / "sp.model").read_bytes()
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == model.read_bytes()
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
-    tok = hf_import.HfTokenizer(tmp_path / "hf")
-    np.testing.assert_array_equal(tok.encode("Hello there"),
-                                  data.SentencePieceModel(tmp_path / "sp.model").encode("Hello there"))
+    sp = data.SentencePieceModel(model)
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    for text in SPM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        np.testing.assert_array_equal(np.asarray(ids, np.int32), sp.encode(text), err_msg=repr(text))
+        assert tok.decode(ids) == sp.decode(ids), repr(text)
+    # The importer reads the same tokenizer.json.
+    np.testing.assert_array_equal(hf_import.HfTokenizer(tmp_path / "hf").encode(SPM_TEXTS[5]),
+                                  sp.encode(SPM_TEXTS[5]))
+
+
+def test_sentencepiece_bpe_model_is_copied_without_a_tokenizer_json(tmp_path):
+    model = _sentencepiece(tmp_path, model_type="bpe")
+    cfg = _cfg(f"data.tokenizer_path={model}", "model.vocab_size=600")
+    _write_run(tmp_path / "run", cfg)
+    hf_export.export(tmp_path / "run", tmp_path / "hf", log=lambda line: None)
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert "tokenizer.model" in names and not names & {"tokenizer.json", "tokenizer_config.json"}
 
 
 # ---------------------------------------------------------------------------------- refusals
