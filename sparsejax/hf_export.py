@@ -313,8 +313,23 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def hf_tensors(params: dict, m: config_lib.ModelConfig, dtype: str) -> dict[str, np.ndarray]:
-    """HF name -> array in HF layout and ``dtype``, by the one table (hf_import.param_mapping)."""
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+    """One tensor to write: its HF shape and dtype now, its array (HF layout) when asked, so
+    that only one shard's converted copies exist at a time beside the parameters."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    array: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def hf_tensors(params: dict, m: config_lib.ModelConfig, dtype: str) -> dict[str, HfTensor]:
+    """HF name -> :class:`HfTensor` in HF layout and ``dtype``, by the one table
+    (``hf_import.param_mapping``), in the table's order."""
     import ml_dtypes
 
     from sparsejax import hf_import
@@ -325,24 +340,27 @@ def hf_tensors(params: dict, m: config_lib.ModelConfig, dtype: str) -> dict[str,
         value = params
         for key in entry.path:
             value = value[key]
-        out[name] = np.ascontiguousarray(entry.to_hf(np.asarray(value, np.float32)).astype(np_dtype))
+        out[name] = HfTensor(
+            hf_import.hf_shape(entry.path, tuple(np.shape(value))), np_dtype,
+            lambda value=value, entry=entry: np.ascontiguousarray(
+                entry.to_hf(np.asarray(value, np.float32)).astype(np_dtype)))
     return out
 
 
-def shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    """Tensors in order, a new shard whenever the next would pass ``max_bytes`` (a tensor larger
-    than the limit gets a shard of its own), as transformers' ``save_pretrained`` does."""
-    shards, size = [{}], 0
-    for name, array in tensors.items():
-        if shards[-1] and size + array.nbytes > max_bytes:
-            shards.append({})
+def shard(tensors: dict[str, HfTensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, a new shard whenever the next would pass ``max_bytes`` (a tensor
+    larger than the limit gets a shard of its own), as transformers' ``save_pretrained`` does."""
+    shards, size = [[]], 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = array
-        size += array.nbytes
+        shards[-1].append(name)
+        size += tensor.nbytes
     return shards
 
 
-def write_safetensors(out: pathlib.Path, tensors: dict[str, np.ndarray], max_bytes: int) -> list[str]:
+def write_safetensors(out: pathlib.Path, tensors: dict[str, HfTensor], max_bytes: int) -> list[str]:
     """``model.safetensors``, or shards and their index; returns the file names written."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
@@ -354,14 +372,16 @@ def write_safetensors(out: pathlib.Path, tensors: dict[str, np.ndarray], max_byt
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     for name, part in zip(names, shards):
+        arrays = {t: tensors[t].array() for t in part}
         try:
-            save_file(part, str(out / name), metadata=meta)
+            save_file(arrays, str(out / name), metadata=meta)
         except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
             raise OSError(f"{name}: {err}") from None
+        del arrays
     if len(shards) == 1:
         return names
     weight_map = {t: name for name, part in zip(names, shards) for t in part}
-    total = sum(a.nbytes for a in tensors.values())
+    total = sum(t.nbytes for t in tensors.values())
     (out / hf_import.INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return names + [hf_import.INDEX_FILE]

@@ -325,7 +325,7 @@ def check_tensors(m: config_lib.ModelConfig, shapes: dict[str, tuple[tuple[int, 
                 raise HfImportError("the checkpoint has no lm_head.weight but config.json "
                                     "tie_word_embeddings=false")
             raise HfImportError(f"tensor {name} is missing from the checkpoint")
-        expected = _hf_shape(path, want[path])
+        expected = hf_shape(path, want[path])
         if tuple(shapes[name][0]) != expected:
             raise HfImportError(f"tensor {name} has shape {list(shapes[name][0])}, which does not "
                                 f"fit config.json (expected {list(expected)})")
@@ -336,8 +336,8 @@ def check_tensors(m: config_lib.ModelConfig, shapes: dict[str, tuple[tuple[int, 
                             f"({len(extra)} such tensors; e.g. biases or extra modules)")
 
 
-def _hf_shape(path: tuple[str, ...], ours: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF [out, in] shape of one of this project's kernels (for error messages)."""
+def hf_shape(path: tuple[str, ...], ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF [out, in] shape of one of this project's parameters (error messages, the exporter)."""
     if path[-1] == "kernel" and path[-2] in ("query", "key", "value"):
         return (ours[1] * ours[2], ours[0])
     if path[-1] == "kernel" and path[-2] == "out":

@@ -194,6 +194,10 @@ def test_sharded_export_reads_as_the_single_file(tmp_path):
         held = [tensors[t].nbytes for t, f in index["weight_map"].items() if f == s]
         assert sum(held) <= 20_000 or len(held) == 1, (s, held)
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values())
+    for name, tensor in tensors.items():  # the sizes planned are the arrays written
+        array = tensor.array()
+        assert (array.shape, array.dtype, array.nbytes) == (tensor.shape, tensor.dtype,
+                                                            tensor.nbytes), name
     tokens = _tokens(cfg)
     a = _forward(*_model_params(tmp_path / "one"), tokens)
     b = _forward(*_model_params(tmp_path / "many"), tokens)
@@ -215,7 +219,7 @@ def test_layout_table_round_trips_every_tensor():
             value = value[key]
         hf = entry.to_hf(np.asarray(value))
         np.testing.assert_array_equal(entry.to_ours(hf), value, err_msg=name)
-        assert hf.shape == hf_import._hf_shape(entry.path, value.shape), name
+        assert hf.shape == hf_import.hf_shape(entry.path, value.shape), name
 
 
 def test_fatrelu_threshold_is_recorded_and_warned(tmp_path, capsys):
