@@ -25,7 +25,7 @@ writes, into ``DIR``:
 What the target formats cannot compute is refused before anything is written (one line naming
 the config field, exit 2): activations other than those of :data:`ACTIVATION_EXPORTS` (ReLU²-GLU
 is ``relu2`` in transformers' ``ACT2FN``; dReLU, xSiLU with α ≠ 0, GoLU, PolyCom, identity and a
-shifted ReLU with a threshold have no ``hidden_act``), a plain (non-gated) FFN (LLaMA's MLP is
+shifted ReLU with a threshold have no ``hidden_act``; identity is ``linear``), a plain (non-gated) FFN (LLaMA's MLP is
 always gated), a trained top-k, and MiniCPM with a ``head_dim`` other than d_model / n_heads.
 
 The name and layout table is :func:`sparsejax.hf_import.param_mapping` (its ``to_hf``
@@ -86,6 +86,14 @@ ACTIVATION_EXPORTS = {
     "fatrelu": ActivationExport("relu", threshold="record"),
     "shifted_relu": ActivationExport("relu", threshold="refuse"),
     "xsilu": ActivationExport("silu", alpha_zero=True),
+    "identity": ActivationExport("identity"),
+}
+# Why the other activations have no hidden_act (the refusal names it).
+MISSING = {
+    "drelu": "dReLU applies ReLU to the up projection too; LLaMA's MLP computes act(gate)·up",
+    "golu": "transformers' ACT2FN has no GoLU",
+    "polyrelu": "PolyCom's polynomial of ReLU is not in transformers' ACT2FN",
+    "polynorm": "PolyCom's normalized polynomial is not in transformers' ACT2FN",
 }
 
 
@@ -115,8 +123,9 @@ def check_exportable(cfg: config_lib.Config, step: int) -> tuple[str, list[str]]
     m = cfg.model
     exp = ACTIVATION_EXPORTS.get(m.activation)
     if exp is None:
-        raise _refuse("model.activation", m.activation,
-                      f"has no Hugging Face hidden_act (exportable: {', '.join(ACTIVATION_EXPORTS)})")
+        why = MISSING.get(m.activation, "it is not in transformers' ACT2FN")
+        raise _refuse("model.activation", m.activation, f"has no Hugging Face hidden_act ({why}; "
+                      f"exportable: {', '.join(ACTIVATION_EXPORTS)})")
     if exp.alpha_zero and m.activation_alpha != 0:
         raise _refuse("model.activation_alpha", m.activation_alpha,
                       f"({m.activation}) has no Hugging Face hidden_act; only alpha=0 (SiLU) does")

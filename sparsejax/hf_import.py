@@ -49,11 +49,12 @@ INDEX_FILE = "model.safetensors.index.json"
 # sparsejax.activations name -> the HF ``hidden_act`` (transformers' ACT2FN name) of the same
 # function: what an export writes (sparsejax.hf_export).
 HIDDEN_ACTS = {"relu": "relu", "silu": "silu", "swish": "silu", "gelu": "gelu",
-               "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2"}
+               "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2", "identity": "linear"}
 # HF ``hidden_act`` -> sparsejax.activations name (the same function): the names above and
 # HF's aliases of them.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu2": "relu2"}
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu2": "relu2",
+               "linear": "identity"}
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 
