@@ -1,7 +1,7 @@
 """A trained run as a Hugging Face checkpoint: ``python -m sparsejax.hf_export``.
 
     python -m sparsejax.hf_export --workdir RUN [--step N] --out DIR [--dtype float32|bfloat16]
-        [--max-shard-size 5GB] [--overwrite]
+        [--max-shard-size 5GB] [--overwrite] [--tokenizer FILE]
 
 writes, into ``DIR``:
 
@@ -273,20 +273,42 @@ class TokenizerFiles:
     tokenizer_config: dict
 
 
-def tokenizer_files(cfg: config_lib.Config) -> TokenizerFiles:
-    """The run's tokenizer as export files; ExportError if its file is gone."""
+TOKENIZER_SUFFIXES = (".model", ".json")
+
+
+def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> TokenizerFiles:
+    """The run's tokenizer as export files (``override``: a SentencePiece .model or a
+    tokenizer.json to use instead); ExportError if its file cannot be found."""
     from sparsejax import data
 
-    path = data.tokenizer_file(cfg)
     fast = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
             "model_max_length": max(cfg.model.max_seq_len, cfg.train.seq_len)}
+    if override:
+        path = pathlib.Path(override)
+        if path.suffix not in TOKENIZER_SUFFIXES or not path.is_file():
+            raise ExportError(f"--tokenizer={override!r} is not a readable SentencePiece .model or "
+                              f"tokenizer.json file")
+        try:
+            size = data.tokenizer_file_vocab_size(str(path))
+        except data.DataError as err:
+            raise ExportError(str(err).replace("data.tokenizer_path", "--tokenizer")) from None
+        if size > cfg.model.vocab_size:
+            raise ExportError(f"--tokenizer={override!r} has {size} tokens, more than the model's "
+                              f"model.vocab_size={cfg.model.vocab_size}")
+    else:
+        try:
+            path = data.tokenizer_file(cfg)
+        except data.DataError as err:  # the training text that finds a cached SentencePiece model
+            raise ExportError(f"the run's SentencePiece model cannot be found without its training "
+                              f"data ({err}); give its file with --tokenizer") from None
     if path is None:
         text = byte_tokenizer_json()
         return TokenizerFiles({"tokenizer.json": lambda p: p.write_text(text)}, {}, fast)
     field = "data.tokenizer_path" if cfg.data.tokenizer_path else "data.cache_dir"
     if not path.is_file():
         raise ExportError(f"the run's tokenizer {path} ({field}={getattr(cfg.data, field.split('.')[1])!r}) "
-                          f"is not there; run from the directory the run was trained from")
+                          f"is not there; run from the directory the run was trained from, or "
+                          f"give the file with --tokenizer")
     copy = lambda name: (lambda p: shutil.copyfile(path, p))  # noqa: E731
     if path.suffix == ".json":
         from tokenizers import Tokenizer
@@ -458,15 +480,16 @@ class ExportPlan:
     tokenizer: TokenizerFiles
 
 
-def plan_export(run, step: int | None) -> ExportPlan:
-    """Check the run's model against the target formats and pick the step (newest by default)."""
+def plan_export(run, step: int | None, tokenizer: str | None = None) -> ExportPlan:
+    """Check the run's model against the target formats, pick the step (newest by default) and
+    find the tokenizer."""
     if step is None:
         step = run.steps[-1]
     elif step not in run.steps:
         raise ExportError(f"--step {step} is not a finished checkpoint of {run.workdir}; "
                           f"available: {run.steps}")
     hidden_act, warnings = check_exportable(run.cfg, step)
-    return ExportPlan(run.cfg, step, hidden_act, warnings, tokenizer_files(run.cfg))
+    return ExportPlan(run.cfg, step, hidden_act, warnings, tokenizer_files(run.cfg, tokenizer))
 
 
 def read_params(run, step: int) -> dict:
@@ -485,7 +508,7 @@ def read_params(run, step: int) -> dict:
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
            dtype: str = "float32", max_shard_bytes: int | None = None, overwrite: bool = False,
-           log: Callable[[str], None] = print) -> pathlib.Path:
+           tokenizer: str | None = None, log: Callable[[str], None] = print) -> pathlib.Path:
     """Export one step of the run in ``workdir`` to ``out``; returns ``out``."""
     from sparsejax import config as config_lib, trained_run
 
@@ -500,7 +523,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
         run = trained_run.load(workdir)
     except trained_run.RunError as err:
         raise ExportError(str(err)) from None
-    plan = plan_export(run, step)
+    plan = plan_export(run, step, tokenizer)
     for line in plan.warnings:
         log(line)
     try:
@@ -540,6 +563,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"above this, model.safetensors is split into shards with an index "
                         f"(default {DEFAULT_MAX_SHARD})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--tokenizer", default=None,
+                   help="a SentencePiece .model or tokenizer.json to export instead of the run's "
+                        "(when its cached SentencePiece model or training data is elsewhere)")
     return p.parse_args(argv)
 
 
@@ -557,7 +583,7 @@ def main(argv=None) -> int:
     try:
         out = export(args.workdir, args.out, step=args.step, dtype=args.dtype,
                      max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
-                     log=lambda line: print(line, file=sys.stderr))
+                     tokenizer=args.tokenizer, log=lambda line: print(line, file=sys.stderr))
     except ExportError as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2

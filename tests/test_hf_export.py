@@ -425,3 +425,28 @@ def test_hidden_act_reads_back_as_the_same_function(activation):
     back = activations.make(hf_import.ACTIVATIONS[hidden_act])
     x = jnp.linspace(-4, 4, 101)
     np.testing.assert_array_equal(back(x), activations.make(activation)(x))
+
+
+def test_tokenizer_flag_when_the_training_data_is_elsewhere(tmp_path, capsys):
+    """A SentencePiece model trained on TFDS data is found through that data; without it, one
+    line pointing to --tokenizer, which then supplies the file (checked against the model)."""
+    model = _sentencepiece(tmp_path, model_type="unigram", byte_fallback=True)
+    cfg = _cfg("data.source=tfds", "data.tfds_name=no_such_dataset",
+               f"data.tfds_data_dir={tmp_path / 'tfds'}", "data.tokenizer=sentencepiece",
+               "data.sentencepiece_vocab_size=600", "model.vocab_size=600")
+    _write_run(tmp_path / "run", cfg)
+    args = ["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]
+    assert hf_export.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer" in err and "no_such_dataset" in err
+    assert not (tmp_path / "hf").exists()
+    assert hf_export.main(args + ["--tokenizer", str(tmp_path / "corpus.txt")]) == 2
+    assert "--tokenizer=" in capsys.readouterr().err
+    assert hf_export.main(args + ["--tokenizer", str(model)]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == model.read_bytes()
+    # A tokenizer with more tokens than the model's vocabulary is refused.
+    _write_run(tmp_path / "run512", _cfg("model.vocab_size=512"))
+    assert hf_export.main(["--workdir", str(tmp_path / "run512"), "--out", str(tmp_path / "hf512"),
+                           "--tokenizer", str(model)]) == 2
+    assert "600 tokens, more than the model's model.vocab_size=512" in capsys.readouterr().err
+    assert not (tmp_path / "hf512").exists()
