@@ -23,9 +23,10 @@ writes, into ``DIR``:
   ``warning:`` line too, since a loader of ``config.json`` computes plain ReLU).
 
 What the target formats cannot compute is refused before anything is written (one line naming
-the config field, exit 2): activations other than those of :data:`ACTIVATION_EXPORTS` (ReLU²-GLU
-is ``relu2`` in transformers' ``ACT2FN``; dReLU, xSiLU with α ≠ 0, GoLU, PolyCom, identity and a
-shifted ReLU with a threshold have no ``hidden_act``; identity is ``linear``), a plain (non-gated) FFN (LLaMA's MLP is
+the config field and what is missing, exit 2): activations other than those of
+:data:`ACTIVATION_EXPORTS` (which include ReLU²-GLU, ``relu2`` in transformers' ``ACT2FN``, and
+identity, ``linear`` there; dReLU, xSiLU with α ≠ 0, GoLU, PolyCom and a shifted ReLU with a
+threshold have no ``hidden_act``: :data:`MISSING`), a plain (non-gated) FFN (LLaMA's MLP is
 always gated), a trained top-k, and MiniCPM with a ``head_dim`` other than d_model / n_heads.
 
 The name and layout table is :func:`sparsejax.hf_import.param_mapping` (its ``to_hf``
@@ -169,10 +170,11 @@ def _rope_scaling(m: config_lib.ModelConfig) -> dict | None:
     return out
 
 
-def hf_config(cfg: config_lib.Config, *, hidden_act: str, dtype: str,
-              special: dict[str, int]) -> dict:
+def hf_config(cfg: config_lib.Config, *, hidden_act: str, dtype: str) -> dict:
     """``config.json`` of the run's model: every key :func:`sparsejax.hf_import.model_config`
-    reads, in transformers' LlamaConfig (or MiniCPM's MiniCPMConfig) names."""
+    reads, in transformers' LlamaConfig (or MiniCPM's MiniCPMConfig) names. No
+    ``bos_token_id``: the run trained on documents packed without BOS / EOS, so a reader that
+    prepends the config's BOS (``eval.py --hf``) must not."""
     m = cfg.model
     out = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -183,7 +185,7 @@ def hf_config(cfg: config_lib.Config, *, hidden_act: str, dtype: str,
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": _rope_scaling(m),
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": m.init_std,
-        "use_cache": True, "torch_dtype": dtype, **special,
+        "use_cache": True, "torch_dtype": dtype,
     }
     if minicpm_scalings(m):
         # MiniCPM (openbmb remote code): scale_depth / sqrt(n_layers) multiplies each residual
@@ -253,12 +255,16 @@ def sentencepiece_tokenizer_json(model_path: pathlib.Path) -> str | None:
     tok = Tokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id,
                                    byte_fallback=proto.trainer_spec.byte_fallback))
     spec = proto.normalizer_spec
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+        steps += [normalizers.Strip(left=True, right=True),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if spec.add_dummy_prefix else "never", split=True)
+        replacement="▁", prepend_scheme="always" if spec.add_dummy_prefix else "never",
+        split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return tok.to_str(pretty=True)
@@ -304,9 +310,9 @@ def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> Toke
     if path is None:
         text = byte_tokenizer_json()
         return TokenizerFiles({"tokenizer.json": lambda p: p.write_text(text)}, {}, fast)
-    field = "data.tokenizer_path" if cfg.data.tokenizer_path else "data.cache_dir"
+    field = "tokenizer_path" if cfg.data.tokenizer_path else "cache_dir"
     if not path.is_file():
-        raise ExportError(f"the run's tokenizer {path} ({field}={getattr(cfg.data, field.split('.')[1])!r}) "
+        raise ExportError(f"the run's tokenizer {path} (data.{field}={getattr(cfg.data, field)!r}) "
                           f"is not there; run from the directory the run was trained from, or "
                           f"give the file with --tokenizer")
     copy = lambda name: (lambda p: shutil.copyfile(path, p))  # noqa: E731
@@ -314,7 +320,8 @@ def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> Toke
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path))
-        special = {k: tok.token_to_id(t) for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"))
+        special = {k: tok.token_to_id(t)
+                   for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"))
                    if tok.token_to_id(t) is not None}
         return TokenizerFiles({"tokenizer.json": copy("tokenizer.json")}, special, fast)
     import sentencepiece as spm
@@ -531,11 +538,11 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
     except trained_run.RunError as err:
         raise ExportError(str(err)) from None
     tensors = hf_tensors(params, plan.cfg.model, dtype)
-    special = plan.tokenizer.special
     with staged_dir(out) as tmp:
-        _json(tmp / "config.json", hf_config(plan.cfg, hidden_act=plan.hidden_act, dtype=dtype,
-                                             special=special))
-        _json(tmp / "generation_config.json", {"_from_model_config": True, **special})
+        _json(tmp / "config.json", hf_config(plan.cfg, hidden_act=plan.hidden_act, dtype=dtype))
+        # The tokenizer's own BOS / EOS ids, for generation (the run saw neither in training).
+        _json(tmp / "generation_config.json",
+              {"_from_model_config": True, **plan.tokenizer.special})
         write_safetensors(tmp, tensors, max_shard_bytes)
         for name, write in plan.tokenizer.files.items():
             write(tmp / name)
@@ -553,7 +560,8 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
 
 # ------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sparsejax.hf_export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparsejax.hf_export",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="the trained run's directory (read-only)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="the Hugging Face checkpoint directory to write")

@@ -281,6 +281,8 @@ def test_sentencepiece_tokenizer_is_copied_and_converted(tmp_path):
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == model.read_bytes()
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    # Not in config.json: the run trained without BOS, so eval.py --hf must not prepend one.
+    assert "bos_token_id" not in json.loads((tmp_path / "hf" / "config.json").read_text())
     sp = data.SentencePieceModel(model)
     tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     for text in SPM_TEXTS:
