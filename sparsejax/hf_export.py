@@ -517,7 +517,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
            dtype: str = "float32", max_shard_bytes: int | None = None, overwrite: bool = False,
            tokenizer: str | None = None, log: Callable[[str], None] = print) -> pathlib.Path:
     """Export one step of the run in ``workdir`` to ``out``; returns ``out``."""
-    from sparsejax import config as config_lib, trained_run
+    from sparsejax import trained_run
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r} is not allowed; allowed values: {list(DTYPES)}")
