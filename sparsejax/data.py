@@ -150,12 +150,8 @@ class SentencePieceTokenizer(SentencePieceModel):
     def __init__(self, texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path):
         import sentencepiece as spm
 
-        digest = hashlib.sha256()
-        for text in texts:
-            digest.update(text.encode("utf-8"))
-        cache = pathlib.Path(cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        prefix = cache / f"spm_{vocab_size}_{digest.hexdigest()[:16]}"
+        prefix = self.cached_model(texts, vocab_size, cache_dir).with_suffix("")
+        prefix.parent.mkdir(parents=True, exist_ok=True)
         if not prefix.with_suffix(".model").exists():
             tmp_prefix = prefix.with_name(prefix.name + "_partial")
             spm.SentencePieceTrainer.train(
@@ -167,6 +163,14 @@ class SentencePieceTokenizer(SentencePieceModel):
             tmp_prefix.with_suffix(".vocab").replace(prefix.with_suffix(".vocab"))
             tmp_prefix.with_suffix(".model").replace(prefix.with_suffix(".model"))
         super().__init__(prefix.with_suffix(".model"))
+
+    @staticmethod
+    def cached_model(texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path) -> pathlib.Path:
+        """Where the model trained on ``texts`` is cached (by content hash; it may not exist)."""
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(text.encode("utf-8"))
+        return pathlib.Path(cache_dir) / f"spm_{vocab_size}_{digest.hexdigest()[:16]}.model"
 
 
 def load_corpus_text() -> str:
@@ -542,6 +546,23 @@ class Dataset:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                             f"model.vocab_size={cfg.model.vocab_size}")
+
+
+def tokenizer_file(cfg: Config) -> pathlib.Path | None:
+    """The file of the run's tokenizer, read-only: ``data.tokenizer_path``, or the SentencePiece
+    model trained for this config (its cache path, found from the same training text the run
+    trained it on; it may have been deleted); None for the byte tokenizer."""
+    if cfg.data.tokenizer_path:
+        return pathlib.Path(cfg.data.tokenizer_path)
+    if cfg.data.tokenizer == "byte":
+        return None
+    if cfg.data.source == "embedded":
+        texts = [split_text(load_corpus_text(), cfg.data.validation_fraction)[0]]
+    else:
+        train_source, text_key = RECORD_SOURCES[cfg.data.source](cfg, "train")
+        texts = _spm_sample(cfg, train_source, text_key)
+    return SentencePieceTokenizer.cached_model(texts, cfg.data.sentencepiece_vocab_size,
+                                               cfg.data.cache_dir)
 
 
 def _spm_sample(cfg: Config, train_source, text_key: str | None) -> list[str]:

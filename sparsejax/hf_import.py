@@ -23,9 +23,10 @@ Anything else — another ``model_type``, dynamic / YaRN / LongRoPE scaling, att
 biases, MoE or MLA variants, an activation this project lacks — is an :class:`HfImportError` naming the
 ``config.json`` key and its value (``eval.py`` prints it on one line and exits 2).
 
-Weight layout. HF stores ``nn.Linear`` weights as [out, in]; this project's kernels are [in, out]
-with heads split out: q/k/v [D, heads, head_dim], o [heads, head_dim, D], gate/up [D, F],
-down [F, D], ``lm_head`` [D, V]. RoPE needs no permutation: HF's ``rotate_half`` rotates the two
+Weight layout (:func:`param_mapping`, the one table of names and conversions, which
+:mod:`sparsejax.hf_export` writes by in the other direction). HF stores ``nn.Linear`` weights as
+[out, in]; this project's kernels are [in, out] with heads split out: q/k/v [D, heads, head_dim],
+o [heads, head_dim, D], gate/up [D, F], down [F, D], ``lm_head`` [D, V]. RoPE needs no permutation: HF's ``rotate_half`` rotates the two
 halves of each head with frequency θ^(-2j/K) on the pair (j, j + K/2) — HF's conversion scripts
 already permuted Meta's interleaved pairs into that layout — and :func:`sparsejax.model.apply_rope`
 rotates the same halves with the same frequencies.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -45,9 +46,15 @@ from sparsejax import configure
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-# HF ``hidden_act`` -> sparsejax.activations name (the same function).
+# sparsejax.activations name -> the HF ``hidden_act`` (transformers' ACT2FN name) of the same
+# function: what an export writes (sparsejax.hf_export).
+HIDDEN_ACTS = {"relu": "relu", "silu": "silu", "swish": "silu", "gelu": "gelu",
+               "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2", "identity": "linear"}
+# HF ``hidden_act`` -> sparsejax.activations name (the same function): the names above and
+# HF's aliases of them.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu2": "relu2"}
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu2": "relu2",
+               "linear": "identity"}
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 
@@ -254,30 +261,47 @@ def _iter_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------------- mapping
-def param_mapping(m: config_lib.ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable]]:
-    """HF tensor name -> (path in this project's params, HF array -> this project's array)."""
+class TensorMap(NamedTuple):
+    """One HF tensor: its path in this project's params and the two layout conversions."""
+
+    path: tuple[str, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]  # HF array -> this project's array
+    to_hf: Callable[[np.ndarray], np.ndarray]  # this project's array -> HF array (the inverse)
+
+
+def param_mapping(m: config_lib.ModelConfig) -> dict[str, TensorMap]:
+    """HF tensor name -> :class:`TensorMap`: the one name and layout table, read by the importer
+    and written by :mod:`sparsejax.hf_export`. HF ``nn.Linear`` weights are [out, in]."""
     d, h, g, k = m.d_model, m.n_heads, m.kv_heads, m.head_dim
 
-    def heads_in(n):  # [n·K, D] (out, in) -> [D, n, K]
-        return lambda w: w.T.reshape(d, n, k)
+    def same(path):
+        return TensorMap(path, lambda w: w, lambda w: w)
 
-    table = {"model.embed_tokens.weight": (("embed", "embedding"), lambda w: w),
-             "model.norm.weight": (("final_norm", "scale"), lambda w: w)}
+    def linear(path):  # [out, in] <-> [in, out]
+        return TensorMap(path, lambda w: w.T, lambda w: w.T)
+
+    def heads_in(path, n):  # [n·K, D] (out, in) <-> [D, n, K]
+        return TensorMap(path, lambda w: w.T.reshape(d, n, k), lambda w: w.reshape(d, n * k).T)
+
+    def heads_out(path):  # [D, H·K] (out, in) <-> [H, K, D]
+        return TensorMap(path, lambda w: w.T.reshape(h, k, d), lambda w: w.reshape(h * k, d).T)
+
+    table = {"model.embed_tokens.weight": same(("embed", "embedding")),
+             "model.norm.weight": same(("final_norm", "scale"))}
     if not m.tie_embeddings:
-        table["lm_head.weight"] = (("unembed", "kernel"), lambda w: w.T)
+        table["lm_head.weight"] = linear(("unembed", "kernel"))
     for i in range(m.n_layers):
         hf, ours = f"model.layers.{i}.", f"layer_{i}"
         table.update({
-            hf + "input_layernorm.weight": ((ours, "attn_norm", "scale"), lambda w: w),
-            hf + "post_attention_layernorm.weight": ((ours, "ffn_norm", "scale"), lambda w: w),
-            hf + "self_attn.q_proj.weight": ((ours, "attn", "query", "kernel"), heads_in(h)),
-            hf + "self_attn.k_proj.weight": ((ours, "attn", "key", "kernel"), heads_in(g)),
-            hf + "self_attn.v_proj.weight": ((ours, "attn", "value", "kernel"), heads_in(g)),
-            hf + "self_attn.o_proj.weight": ((ours, "attn", "out", "kernel"),
-                                             lambda w: w.T.reshape(h, k, d)),
-            hf + "mlp.gate_proj.weight": ((ours, "ffn", "w_gate", "kernel"), lambda w: w.T),
-            hf + "mlp.up_proj.weight": ((ours, "ffn", "w_in", "kernel"), lambda w: w.T),
-            hf + "mlp.down_proj.weight": ((ours, "ffn", "w_out", "kernel"), lambda w: w.T),
+            hf + "input_layernorm.weight": same((ours, "attn_norm", "scale")),
+            hf + "post_attention_layernorm.weight": same((ours, "ffn_norm", "scale")),
+            hf + "self_attn.q_proj.weight": heads_in((ours, "attn", "query", "kernel"), h),
+            hf + "self_attn.k_proj.weight": heads_in((ours, "attn", "key", "kernel"), g),
+            hf + "self_attn.v_proj.weight": heads_in((ours, "attn", "value", "kernel"), g),
+            hf + "self_attn.o_proj.weight": heads_out((ours, "attn", "out", "kernel")),
+            hf + "mlp.gate_proj.weight": linear((ours, "ffn", "w_gate", "kernel")),
+            hf + "mlp.up_proj.weight": linear((ours, "ffn", "w_in", "kernel")),
+            hf + "mlp.down_proj.weight": linear((ours, "ffn", "w_out", "kernel")),
         })
     return table
 
@@ -296,13 +320,13 @@ def _expected_shapes(m: config_lib.ModelConfig) -> dict[tuple[str, ...], tuple[i
 def check_tensors(m: config_lib.ModelConfig, shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
     """Every tensor the model needs is there with the right shape, and nothing unknown is."""
     table, want = param_mapping(m), _expected_shapes(m)
-    for name, (path, _) in table.items():
+    for name, (path, *_) in table.items():
         if name not in shapes:
             if name == "lm_head.weight":
                 raise HfImportError("the checkpoint has no lm_head.weight but config.json "
                                     "tie_word_embeddings=false")
             raise HfImportError(f"tensor {name} is missing from the checkpoint")
-        expected = _hf_shape(path, want[path])
+        expected = hf_shape(path, want[path])
         if tuple(shapes[name][0]) != expected:
             raise HfImportError(f"tensor {name} has shape {list(shapes[name][0])}, which does not "
                                 f"fit config.json (expected {list(expected)})")
@@ -313,8 +337,8 @@ def check_tensors(m: config_lib.ModelConfig, shapes: dict[str, tuple[tuple[int, 
                             f"({len(extra)} such tensors; e.g. biases or extra modules)")
 
 
-def _hf_shape(path: tuple[str, ...], ours: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF [out, in] shape of one of this project's kernels (for error messages)."""
+def hf_shape(path: tuple[str, ...], ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF [out, in] shape of one of this project's parameters (error messages, the exporter)."""
     if path[-1] == "kernel" and path[-2] in ("query", "key", "value"):
         return (ours[1] * ours[2], ours[0])
     if path[-1] == "kernel" and path[-2] == "out":
@@ -375,8 +399,9 @@ def load_params(ckpt: HfCheckpoint, *, progress: bool = False) -> dict:
     for name, array in tensors:
         if name not in table:  # ignored buffers, a tied checkpoint's duplicate lm_head
             continue
-        path, convert = table[name]
-        _set(params, path, np.ascontiguousarray(convert(array.astype(np.float32)).astype(dtype)))
+        entry = table[name]
+        _set(params, entry.path,
+             np.ascontiguousarray(entry.to_ours(array.astype(np.float32)).astype(dtype)))
     return params
 
 
