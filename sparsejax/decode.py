@@ -75,12 +75,14 @@ def choose(logits_BxV: Array, key: Array, temperature: float, top_p: float) -> A
 
 @dataclasses.dataclass
 class Generation:
-    """Generated tokens per row and the time taken (decode excludes the prefill)."""
+    """Generated tokens per row and the time taken (decode excludes the prefill; both exclude
+    compilation, ``compile_s``)."""
 
     tokens: list[list[int]]
     prefill_s: float
     decode_s: float
     decode_steps: int
+    compile_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -170,10 +172,21 @@ class Decoder:
         key = jax.random.key(seed)
         start = jnp.asarray(start_B)
         cache = self.init_cache(batch, cache_len)
-        step = self.step_fn(ffn, capacity, temperature, top_p)
+        t0 = time.perf_counter()  # compiled ahead, so the timings below are the passes alone
+        compiled = self.__dict__.setdefault("_compiled", {})
+        shape_key = (batch, length, cache_len, ffn, capacity, temperature, top_p)
+        if shape_key not in compiled:
+            compiled[shape_key] = (
+                self._prefill.lower(self.params, cache, jnp.asarray(tokens_BxP), start,
+                                    self.sparsity, cache_len=cache_len).compile(),
+                self.step_fn(ffn, capacity, temperature, top_p).lower(
+                    self.params, cache, jnp.zeros((batch, 1), jnp.int32), jnp.int32(length),
+                    start, self.sparsity, key, cache_len=cache_len).compile())
+        prefill, step = compiled[shape_key]
+        compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        last_BxV, cache = self._prefill(self.params, cache, jnp.asarray(tokens_BxP), start,
-                                        self.sparsity, cache_len=cache_len)
+        last_BxV, cache = prefill(self.params, cache, jnp.asarray(tokens_BxP), start,
+                                  self.sparsity)
         token_B = choose(last_BxV, jax.random.fold_in(key, 0), temperature, top_p)
         out = [np.asarray(token_B)]
         prefill_s = time.perf_counter() - t0
@@ -186,7 +199,7 @@ class Decoder:
                 break
             token_B, _, cache, _ = step(self.params, cache, token_B[:, None],
                                         jnp.int32(length + i - 1), start, self.sparsity,
-                                        jax.random.fold_in(key, i), cache_len=cache_len)
+                                        jax.random.fold_in(key, i))
             out.append(np.asarray(token_B))  # waits for the step: the time is the step's
             if on_tokens:
                 on_tokens(out[-1])
@@ -194,7 +207,41 @@ class Decoder:
                 done = done | (out[-1] == stop_id)
         decode_s = time.perf_counter() - t1
         rows = np.stack(out, axis=1)
-        return Generation([list(map(int, r)) for r in rows], prefill_s, decode_s, len(out) - 1)
+        return Generation([list(map(int, r)) for r in rows], prefill_s, decode_s, len(out) - 1,
+                          compile_s)
+
+
+    def teacher_forced(self, prompts: Sequence[np.ndarray], continuation_BxN: np.ndarray, *,
+                       ffn: str = "dense", capacity: int = 0, tokens_per_step: int = 1
+                       ) -> tuple[np.ndarray, list[dict]]:
+        """Prefill, then feed ``continuation_BxN`` ``tokens_per_step`` at a time (k draft tokens
+        verified at once): (logits [B, N, V] of every fed token, each step's stats as numpy)."""
+        tokens_BxP, start_B = left_pad(prompts)
+        batch, length = tokens_BxP.shape
+        n = continuation_BxN.shape[1]
+        if n % tokens_per_step:
+            raise DecodeError(f"{n} continuation tokens are not a multiple of {tokens_per_step}")
+        cache_len = length + n
+        start = jnp.asarray(start_B)
+        _, cache = self._prefill(self.params, self.init_cache(batch, cache_len),
+                                 jnp.asarray(tokens_BxP), start, self.sparsity, cache_len=cache_len)
+        step = self.step_fn(ffn, capacity)
+        logits, stats = [], []
+        for i in range(0, n, tokens_per_step):
+            _, lg, cache, st = step(self.params, cache,
+                                    jnp.asarray(continuation_BxN[:, i:i + tokens_per_step]),
+                                    jnp.int32(length + i), start, self.sparsity,
+                                    jax.random.key(0), cache_len=cache_len)
+            logits.append(np.asarray(lg))
+            stats.append(jax.tree.map(np.asarray, st))
+        return np.concatenate(logits, axis=1), stats
+
+
+def step_stats(stats: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(active union count per layer [N], fallback flag per layer [N]) of one sparse step's
+    ``stats`` collection."""
+    return (np.asarray(model_lib.layer_stat({"stats": stats}, n_layers, "decode_active")),
+            np.asarray(model_lib.layer_stat({"stats": stats}, n_layers, "decode_fallback")))
 
 
 # --------------------------------------------------------------------------- calibration
@@ -208,7 +255,7 @@ def token_active_counts(model: model_lib.Model, params: PyTree, tokens_BxL: Arra
     for layer, a_BxLxF in enumerate(acts):
         a_NxF = a_BxLxF.reshape(-1, a_BxLxF.shape[-1])
         counts.append(jnp.sum(decode_ffn.active_mask(a_NxF, sp.layer(layer)), axis=-1))
-    return np.asarray(jnp.stack(counts))
+    return jnp.stack(counts)
 
 
 def calibrate(model: model_lib.Model, params: PyTree, batches: Sequence[dict], sp: Sparsity,
@@ -257,4 +304,4 @@ def capacity_for(per_token: int, tokens: int, d_ff: int) -> int:
 
 __all__ = ["Decoder", "DecodeError", "Generation", "calibrate", "left_pad", "loss_change",
            "sample_logits", "token_active_counts", "fat_thresholds", "cache_bytes",
-           "capacity_for"]
+           "capacity_for", "step_stats"]
