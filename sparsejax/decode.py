@@ -67,7 +67,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature, top_p) -> Array:
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def choose(logits_BxV: Array, key: Array, temperature: float, top_p: float) -> Array:
+    """The next tokens [B]: greedy at temperature 0, else :func:`sample_logits`."""
     if temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     return sample_logits(logits_BxV, key, temperature, top_p)
