@@ -208,9 +208,11 @@ def main(argv=None) -> int:
         _, stats = dec.teacher_forced(prompts, cont, ffn="sparse", capacity=cfg.d_ff,
                                       tokens_per_step=k)
         active = np.array([decode.step_stats(s, cfg.n_layers)[0] for s in stats])  # [steps, N]
-        capacity = args.capacity or int(min(cfg.d_ff, -(-active.max() // 8) * 8))
+        # Per layer the most any measured step needed, rounded up to a multiple of 8.
+        capacity = (args.capacity if args.capacity else
+                    tuple(int(min(cfg.d_ff, -(-c // 8) * 8)) for c in active.max(0)))
         density = float(active.mean()) / cfg.d_ff
-        read = capacity / cfg.d_ff
+        read = (capacity if isinstance(capacity, int) else float(np.mean(capacity))) / cfg.d_ff
         # Timed: one step at the end of the prompt, dense and sparse, alternating.
         cache_len = context
         tokens_BxP, start_B = decode.left_pad(prompts)

@@ -104,7 +104,7 @@ class Decoder:
 
     # ------------------------------------------------------------------------------ passes
     def _apply(self, params, cache, tokens_BxT, index, start_B, sp, *, cache_len: int,
-               ffn: str, capacity: int):
+               ffn: str, capacity):
         length = tokens_BxT.shape[1]
         positions_BxT = jnp.maximum(index + jnp.arange(length)[None, :] - start_B[:, None], 0)
         decode = model_lib.Decode(index=jnp.asarray(index, jnp.int32), start_B=start_B,
@@ -134,7 +134,7 @@ class Decoder:
             return logits[:, -1], cache
         return prefill
 
-    def step_fn(self, ffn: str = "dense", capacity: int = 0, temperature: float = 0.0,
+    def step_fn(self, ffn: str = "dense", capacity: int | tuple = 0, temperature: float = 0.0,
                 top_p: float = 1.0):
         """The jitted step ``(params, cache, tokens_BxT, index, start_B, sp, key) -> (next
         token [B], logits [B, T, V], cache, per-layer stats)``; T = 1 when generating, k when
@@ -153,7 +153,7 @@ class Decoder:
     # -------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[np.ndarray], max_new_tokens: int, *,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 ffn: str = "dense", capacity: int = 0, stop_id: Optional[int] = None,
+                 ffn: str = "dense", capacity: int | tuple = 0, stop_id: Optional[int] = None,
                  on_tokens: Optional[Callable[[np.ndarray], None]] = None) -> Generation:
         """Prefill, then one jitted step per token. ``on_tokens`` gets each step's tokens [B] as
         they come (streaming). Greedy at temperature 0. Sampling keys are ``fold_in(key(seed),
@@ -214,7 +214,7 @@ class Decoder:
 
 
     def teacher_forced(self, prompts: Sequence[np.ndarray], continuation_BxN: np.ndarray, *,
-                       ffn: str = "dense", capacity: int = 0, tokens_per_step: int = 1
+                       ffn: str = "dense", capacity: int | tuple = 0, tokens_per_step: int = 1
                        ) -> tuple[np.ndarray, list[dict]]:
         """Prefill, then feed ``continuation_BxN`` ``tokens_per_step`` at a time (k draft tokens
         verified at once): (logits [B, N, V] of every fed token, each step's stats as numpy)."""
@@ -299,9 +299,12 @@ def cache_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
     return 2 * cfg.n_layers * batch * cache_len * cfg.kv_heads * cfg.head_dim * itemsize
 
 
-def capacity_for(per_token: int, tokens: int, d_ff: int) -> int:
-    """A step's capacity for ``tokens`` tokens: per-token capacity × tokens, at most d_ff."""
-    return int(min(d_ff, max(1, per_token) * max(1, tokens)))
+def capacity_for(per_token, tokens: int, d_ff: int):
+    """A step's capacity for ``tokens`` tokens (batch rows × draft tokens, whose active sets it
+    unites): per-token capacity × tokens, at most d_ff; an int, or a tuple per layer."""
+    if isinstance(per_token, (int, np.integer)):
+        return int(min(d_ff, max(1, int(per_token)) * max(1, tokens)))
+    return tuple(capacity_for(int(c), tokens, d_ff) for c in per_token)
 
 
 __all__ = ["Decoder", "DecodeError", "Generation", "calibrate", "left_pad", "loss_change",

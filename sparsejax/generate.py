@@ -13,8 +13,8 @@ last line gives decode tokens/s (all rows, prefill excluded).
 
 ``--ffn sparse`` decodes with the sparse FFN of :mod:`sparsejax.decode_ffn`: for activations with
 exact zeros it equals dense decoding (a step with more active neurons than ``--capacity`` runs
-dense), capacity by default the most neurons any validation token activates in any layer
-(a calibration pass); for activations without zeros neurons with |σ(gate)| below ``--threshold``
+dense), capacity by default per layer the most neurons any validation token activates there
+(a calibration pass; times the batch size, since a step reads the union of its rows' neurons); for activations without zeros neurons with |σ(gate)| below ``--threshold``
 (FAT-ε) are dropped, and the loss change this costs on validation text is printed first.
 
 Read-only on the run directory, like eval.py: parameters are restored without an optimizer and
@@ -193,12 +193,16 @@ def sparse_setup(loaded: Loaded, args, n_tokens: int) -> tuple[object, int, str]
     if args.capacity:
         per_token = args.capacity
     else:
-        per_layer = decode.calibrate(model, loaded.params, loaded.calibration, sp)
-        per_token = int(per_layer.max())
-        lines.append(f"capacity {per_token} of d_ff {cfg.d_ff} per token (calibrated: the most "
-                     f"active neurons of a validation token; per layer {per_layer.tolist()})")
+        per_token = tuple(int(c) for c in decode.calibrate(model, loaded.params,
+                                                          loaded.calibration, sp))
+        lines.append(f"capacity per layer {list(per_token)} of d_ff {cfg.d_ff} per token "
+                     f"(calibrated: the most active neurons of a validation token)")
     capacity = decode.capacity_for(per_token, n_tokens, cfg.d_ff)
     return sp, capacity, "\n".join(lines)
+
+
+def _text(capacity) -> str:
+    return str(list(capacity)) if isinstance(capacity, tuple) else str(capacity)
 
 
 def main(argv=None) -> int:
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
             print(f"[{i}] {text}{loaded.tokenizer.decode(row)}")
     print(f"{result.decode_steps * len(prompts)} tokens in {result.decode_s:.3f} s: "
           f"{result.tokens_per_s:.1f} tokens/s (decode, batch {len(prompts)}, ffn {ffn}"
-          f"{f', capacity {capacity}' if ffn == 'sparse' else ''}; prefill of "
+          f"{f', capacity {_text(capacity)}' if ffn == 'sparse' else ''}; prefill of "
           f"{max(len(p) for p in prompts)} tokens {result.prefill_s:.3f} s)", file=sys.stderr)
     return 0
 

@@ -202,15 +202,22 @@ class Decode:
     start at slot ``start_B[b]`` (left padding before it is never attended to). ``cache_len``
     (static) is the cache's fixed number of slots. ``ffn`` (static) names a decode-time FFN in
     :data:`sparsejax.decode_ffn.DECODE_FFNS` ("" = the model's ``ffn_impl``), with its static
-    ``capacity`` (neurons read per step). None instead of a ``Decode``: the training forward pass,
-    whose graph this class does not touch.
+    ``capacity`` (neurons read per step: one for all layers, or one per layer; scanned layers
+    share one shape, so under ``scan_layers`` the largest). None instead of a ``Decode``: the
+    training forward pass, whose graph this class does not touch.
     """
 
     index: Array
     start_B: Array
     cache_len: int = flax.struct.field(pytree_node=False, default=0)
     ffn: str = flax.struct.field(pytree_node=False, default="")
-    capacity: int = flax.struct.field(pytree_node=False, default=0)
+    capacity: int | tuple[int, ...] = flax.struct.field(pytree_node=False, default=0)
+
+    def layer(self, i: Optional[int]) -> "Decode":
+        """Layer i's input (None: the scanned layers', the largest capacity)."""
+        if isinstance(self.capacity, int):
+            return self
+        return self.replace(capacity=max(self.capacity) if i is None else self.capacity[i])
 
 
 def cached_attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, index: Array,
@@ -479,9 +486,10 @@ def _decode_blocks(cfg: ModelConfig, x_BxLxD, rope_sin_cos, sp: Sparsity, decode
             Block, variable_axes={"params": 0, "intermediates": 0, "stats": 0, "cache": 0},
             split_rngs={"params": True}, in_axes=(nn.broadcast, sp.scan_axes(), nn.broadcast),
             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: SCAN_NAME})
-        return scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, rope_sin_cos, sp, decode)[0]
+        return scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, rope_sin_cos, sp,
+                                                          decode.layer(None))[0]
     for i in range(cfg.n_layers):
-        x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i), decode)
+        x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i), decode.layer(i))
     return x_BxLxD
 
 

@@ -166,6 +166,21 @@ def test_sparse_decode_equals_dense_with_fallback(name, cfg, sp):
         assert fallback.any() and not fallback.all()
 
 
+def test_per_layer_capacity():
+    """A capacity per layer: layer 0 never falls back, layer 1 (capacity 1) always does; the
+    logits still equal dense decoding's."""
+    cfg = _cfg()
+    m, params = _model(cfg, seed=1)
+    dec = decode.Decoder(cfg, params)
+    cont = np.array(dec.generate(PROMPTS[:1], 6).tokens)
+    dense, _ = dec.teacher_forced(PROMPTS[:1], cont)
+    sparse, stats = dec.teacher_forced(PROMPTS[:1], cont, ffn="sparse", capacity=(cfg.d_ff, 1))
+    np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-4)
+    fallback = np.array([decode.step_stats(s, cfg.n_layers)[1] for s in stats])
+    assert (fallback[:, 0] == 0).all() and (fallback[:, 1] == 1).all()
+    assert decode.capacity_for((3, 50), 4, cfg.d_ff) == (12, cfg.d_ff)
+
+
 @pytest.mark.slow
 def test_sparse_decode_batch_union_and_independent_active_count():
     """The step's active count is the union over the batch rows, counted independently here from
