@@ -45,6 +45,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -54,6 +55,7 @@ from sparsejax import (activations, configure, data, decode, model as model_lib,
                        sharding, trained_run)
 from sparsejax.sparsity import Sparsity  # noqa: E402
 from sparsejax.sparsity_plan import SparsityPlan  # noqa: E402
+from sparse_speed import ffn_bound, gate_share, model_bound  # noqa: E402 - the FFN bounds
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
@@ -67,18 +69,6 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
         fn(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return x.nbytes / statistics.median(times)
-
-
-def gate_share(cfg) -> float:
-    return 1 / 3 if cfg.ffn_type == "gated" else 1 / 2
-
-
-def ffn_bound(read: float, g: float) -> float:
-    return 1 / (g + read * (1 - g))
-
-
-def model_bound(ffn_b: float, share: float) -> float:
-    return 1 / ((1 - share) + share / ffn_b)
 
 
 def step_bytes(cfg, params, batch: int, cache_len: int, read: float = 1.0) -> int:
@@ -126,7 +116,9 @@ def load(args):
     if args.hf:
         from sparsejax import hf_import
 
-        ckpt = hf_import.open_checkpoint(args.hf, seq_len=args.context)
+        hf = hf_import.read_config(args.hf)
+        ckpt = hf_import.open_checkpoint(args.hf, seq_len=min(
+            args.context, int(hf.get("max_position_embeddings") or args.context)))
         return f"{args.hf} (imported)", ckpt.model, hf_import.load_params(ckpt), Sparsity(), None
     cfg = configure.load(args.random_init, args.set)
     m = dataclasses.replace(cfg.model, scan_layers=False, remat_policy="none")
@@ -143,7 +135,8 @@ def ffn_stack(cfg, params, sp, decode_arg):
 
     @jax.jit
     def run(xs):
-        return sum(ff.apply({"params": p}, x, sp.layer(i), decode_arg)
+        return sum(ff.apply({"params": p}, x, sp.layer(i),
+                            None if decode_arg is None else decode_arg.layer(i))
                    for i, (p, x) in enumerate(zip(layers, xs)))
     return run
 
@@ -170,7 +163,12 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, scan_layers=False)
     params = model_lib.convert_layout(model_lib.Model.unbox(params), cfg.n_layers, False)
     context = min(args.context, cfg.max_seq_len)
-    prompt_len = context - max(args.steps, 8 * 4)
+    chunks = [int(k) for k in args.chunk.split(",")]
+    prompt_len = context - args.steps * max(chunks)  # room for the longest measured continuation
+    if prompt_len < 8:
+        p.error(f"--context {context} (at most model.max_seq_len={cfg.max_seq_len}) leaves "
+                f"{prompt_len} prompt tokens for --steps {args.steps} x chunk {max(chunks)}; "
+                f"lower --steps")
     exact = activations.get(cfg.activation).exact_zeros or sp.topk_k > 0
     notes = [f"model: {label}; {cfg.n_layers} layers, D {cfg.d_model}, F {cfg.d_ff} "
              f"({cfg.ffn_type} {cfg.activation}), vocab {cfg.vocab_size}, {cfg.dtype}"]
@@ -193,10 +191,10 @@ def main(argv=None) -> int:
     else:
         stream = rng.integers(0, cfg.vocab_size, 1 << 16).astype(np.int32)
     dec = decode.Decoder(cfg, params, sp)
-    g = gate_share(cfg)
+    g = gate_share(cfg.ffn_type)
     rows = []
     configs = [(b, 1) for b in map(int, args.batch.split(","))]
-    configs += [(1, k) for k in map(int, args.chunk.split(",")) if k > 1]
+    configs += [(1, k) for k in chunks if k > 1]
     for batch, k in configs:
         span = prompt_len + args.steps * k
         if span > cfg.max_seq_len:
@@ -235,8 +233,9 @@ def main(argv=None) -> int:
             timed[name] = run
         # The FFN stack alone on this step's real FFN inputs (ffn_norm outputs).
         seq = jnp.asarray(seqs[:, :prompt_len + k])
-        _, inter = model.module.apply({"params": params}, seq, capture_intermediates=(
-            lambda mdl, _: mdl.name == "ffn_norm"), mutable=["intermediates"])
+        _, inter = jax.jit(lambda p, t: model.module.apply(
+            {"params": p}, t, sparsity=sp, capture_intermediates=(
+                lambda mdl, _: mdl.name == "ffn_norm"), mutable=["intermediates"]))(params, seq)
         xs = [inter["intermediates"][f"layer_{i}"]["ffn_norm"]["__call__"][0][:, -k:]
               for i in range(cfg.n_layers)]
         idx = jnp.int32(prompt_len)
