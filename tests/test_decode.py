@@ -324,3 +324,18 @@ def test_cli_bad_input_is_one_line_exit_2(relu_run, tmp_path, case, args, messag
     assert message in lines[0], (case, lines[0])
     assert _snapshot(relu_run) == before
     assert not any(empty.iterdir())
+
+
+@pytest.mark.slow
+def test_cli_hf_sparse_exact_and_thresholded():
+    """An imported checkpoint: MiniCPM's ReLU decodes the same tokens sparse and dense; Llama's
+    SiLU runs thresholded and reports the loss change on validation text first."""
+    hf = ROOT / "tests" / "fixtures" / "hf"
+    args = ["--prompt", "Hello", "--max-new-tokens", "10"]
+    dense = _cli("--hf", str(hf / "minicpm"), *args)
+    sparse = _cli("--hf", str(hf / "minicpm"), *args, "--ffn", "sparse")
+    assert dense.returncode == 0 and sparse.returncode == 0, (dense.stderr, sparse.stderr)
+    assert sparse.stdout == dense.stdout and "capacity per layer" in sparse.stderr
+    silu = _cli("--hf", str(hf / "llama_gqa"), *args, "--ffn", "sparse", "--threshold", "0.05")
+    assert silu.returncode == 0, silu.stderr
+    assert "FAT-eps 0.05; validation loss" in silu.stderr
