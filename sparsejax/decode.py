@@ -306,7 +306,3 @@ def capacity_for(per_token, tokens: int, d_ff: int):
         return int(min(d_ff, max(1, int(per_token)) * max(1, tokens)))
     return tuple(capacity_for(int(c), tokens, d_ff) for c in per_token)
 
-
-__all__ = ["Decoder", "DecodeError", "Generation", "calibrate", "left_pad", "loss_change",
-           "sample_logits", "token_active_counts", "fat_thresholds", "cache_bytes",
-           "capacity_for", "step_stats"]

@@ -46,6 +46,8 @@ DECODE_FFNS: dict[str, Callable[[ModelConfig, int], DecodeFfn]] = {}
 
 
 def register_decode_ffn(name: str):
+    """Decorator: register ``factory(cfg, capacity) -> ffn(x, weights, up_FxD, sparsity)`` as
+    the decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``)."""
     def deco(factory):
         DECODE_FFNS[name] = factory
         return factory
@@ -90,7 +92,6 @@ def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
 def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
     """Which (token, neuron) pairs are active in this step: the zero rule or the evaluation
     threshold (``sp.thresholds`` on the activation), and the training-time top-k."""
-    threshold = sp.thresholds if sp.thresholds is not None else None
     keep = None
     if sp.topk_k:
         keep = sparsity_lib.topk_keep(jnp.abs(activation_NxF).astype(jnp.float32), sp.topk_k) > 0
@@ -98,7 +99,7 @@ def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
         traced = sparsity_lib.topk_keep_traced(jnp.abs(activation_NxF).astype(jnp.float32),
                                                sp.coefficients["topk_k"]) > 0
         keep = traced if keep is None else keep & traced
-    return sparsity_lib.active(activation_NxF, threshold, keep)
+    return sparsity_lib.active(activation_NxF, sp.thresholds, keep)
 
 
 @register_decode_ffn("sparse")
