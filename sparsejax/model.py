@@ -38,6 +38,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,13 +195,61 @@ def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Ar
     return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
 
 
+# ------------------------------------------------------------------- decoding with a KV cache
+@flax.struct.dataclass
+class Decode:
+    """A forward pass that reads and writes the key/value cache (``cache`` collection).
+
+    The call's T tokens occupy cache slots ``index … index+T-1`` of every row; row b's own tokens
+    start at slot ``start_B[b]`` (left padding before it is never attended to). ``cache_len``
+    (static) is the cache's fixed number of slots. ``ffn`` (static) names a decode-time FFN in
+    :data:`sparsejax.decode_ffn.DECODE_FFNS` ("" = the model's ``ffn_impl``), with its static
+    ``capacity`` (neurons read per step: one for all layers, or one per layer; scanned layers
+    share one shape, so under ``scan_layers`` the largest). None instead of a ``Decode``: the
+    training forward pass, whose graph this class does not touch.
+    """
+
+    index: Array
+    start_B: Array
+    cache_len: int = flax.struct.field(pytree_node=False, default=0)
+    ffn: str = flax.struct.field(pytree_node=False, default="")
+    capacity: int | tuple[int, ...] = flax.struct.field(pytree_node=False, default=0)
+
+    def layer(self, i: Optional[int]) -> "Decode":
+        """Layer i's input (None: the scanned layers', the largest capacity)."""
+        if isinstance(self.capacity, int):
+            return self
+        return self.replace(capacity=max(self.capacity) if i is None else self.capacity[i])
+
+
+def cached_attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, index: Array,
+                     start_B: Array) -> Array:
+    """Attention of T new queries (slots ``index …``) over the whole fixed-size cache [B, S]:
+    slot s is visible to the query in slot i when ``start_B[b] <= s <= i``. Grouped-query heads
+    are read by a [G, H/G] split of the queries (no copy of the cache per query head); float32
+    scores and softmax as :func:`causal_attention`."""
+    batch, length, heads, dim = q_BxTxHxK.shape
+    groups, slots = k_BxSxGxK.shape[2], k_BxSxGxK.shape[1]
+    q_BxTxGxRxK = (q_BxTxHxK * jnp.asarray(dim ** -0.5, q_BxTxHxK.dtype)).reshape(
+        batch, length, groups, heads // groups, dim)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                        preferred_element_type=jnp.float32)
+    slot_S, query_T = jnp.arange(slots), index + jnp.arange(length)
+    visible_BxTxS = ((slot_S[None, None, :] <= query_T[None, :, None])
+                     & (slot_S[None, None, :] >= start_B[:, None, None]))
+    scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+    return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK).reshape(batch, length, heads, dim)
+
+
 class FeedForward(nn.Module):
     """Owns the FFN weights; the computation is ``FFN_IMPLS[cfg.ffn_impl]``."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, sparsity: Optional[Sparsity] = None) -> Array:
+    def __call__(self, x_BxLxD: Array, sparsity: Optional[Sparsity] = None,
+                 decode: Optional[Decode] = None) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
@@ -214,7 +263,12 @@ class FeedForward(nn.Module):
             w_gate_DxF=w_in("w_gate") if cfg.ffn_type == "gated" else None,
             w_out_FxD=Kernel((cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, dtype,
                              name="w_out")())
-        y_BxLxD, aux = FFN_IMPLS[cfg.ffn_impl](cfg)(x_BxLxD, weights, sp)
+        if decode is not None and decode.ffn:  # a decode-time FFN (sparsejax.decode_ffn)
+            from sparsejax import decode_ffn  # noqa: PLC0415 - only decoding needs it
+
+            y_BxLxD, aux = decode_ffn.apply(self, cfg, decode, x_BxLxD, weights, sp)
+        else:
+            y_BxLxD, aux = FFN_IMPLS[cfg.ffn_impl](cfg)(x_BxLxD, weights, sp)
         self.sow("intermediates", "activation", aux.activation_BxLxF)
         self.sow("intermediates", "hidden", aux.hidden_BxLxF)
         if aux.active_count_F is not None:
@@ -229,7 +283,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array]) -> Array:
+    def __call__(self, x_BxLxD: Array, rope_sin_cos: tuple[Array, Array],
+                 decode: Optional[Decode] = None) -> Array:
         cfg = self.cfg
         dtype = _dtype(cfg)
         stds = mup.init_stds(cfg)
@@ -246,8 +301,18 @@ class Attention(nn.Module):
         k_BxLxGxK = apply_rope(checkpoint_name(proj("key", cfg.kv_heads, kv_axis)(x_BxLxD), "key"),
                                rope_sin_cos)
         v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
-        out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
-                                       repeat_kv(v_BxLxGxK, cfg.n_heads))
+        if decode is None:
+            out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
+                                           repeat_kv(v_BxLxGxK, cfg.n_heads))
+        else:  # write this call's keys/values into their cache slots, attend over the cache
+            shape = (x_BxLxD.shape[0], decode.cache_len, cfg.kv_heads, cfg.head_dim)
+            cached = [self.variable("cache", name, jnp.zeros, shape, k_BxLxGxK.dtype)
+                      for name in ("cached_key", "cached_value")]
+            for var, new in zip(cached, (k_BxLxGxK, v_BxLxGxK)):
+                var.value = jax.lax.dynamic_update_slice(
+                    var.value, new.astype(var.value.dtype), (0, decode.index, 0, 0))
+            out_BxLxHxK = cached_attention(q_BxLxHxK, cached[0].value, cached[1].value,
+                                           decode.index, decode.start_B)
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                                "blhk,hkd->bld", stds.branch_out, dtype, name="out")(out_BxLxHxK)
         return checkpoint_name(out_BxLxD, "attn_out")
@@ -273,14 +338,14 @@ class Block(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, rope_sin_cos, sparsity: Sparsity):
+    def __call__(self, x_BxLxD, rope_sin_cos, sparsity: Sparsity, decode: Optional[Decode] = None):
         cfg = self.cfg
         dtype = _dtype(cfg)
         branch = _scaled(residual_scale(cfg))
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + branch(Attention(cfg, name="attn")(h, rope_sin_cos))
+        x_BxLxD = x_BxLxD + branch(Attention(cfg, name="attn")(h, rope_sin_cos, decode))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + branch(FeedForward(cfg, name="ffn")(h, sparsity))
+        x_BxLxD = x_BxLxD + branch(FeedForward(cfg, name="ffn")(h, sparsity, decode))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         return (x_BxLxD, None) if self.scanned else x_BxLxD
 
@@ -369,11 +434,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
-                 sparsity: Optional[Sparsity] = None, return_hidden: bool = False) -> Array:
+                 sparsity: Optional[Sparsity] = None, return_hidden: bool = False,
+                 decode: Optional[Decode] = None) -> Array:
         """``sparsity``: what to mask and measure, with per-layer fields on a leading [N] axis
         (:class:`sparsejax.sparsity.Sparsity`); None = the dense model, no statistics.
         ``return_hidden``: an :class:`OutputHead` (final hidden states and output projection)
-        instead of logits, for :func:`sparsejax.loss.tiled_next_token_loss`."""
+        instead of logits, for :func:`sparsejax.loss.tiled_next_token_loss`.
+        ``decode``: read and write the key/value cache (:class:`Decode`; ``positions_BxL``
+        required), as :mod:`sparsejax.decode` does."""
         cfg = self.cfg
         dtype = _dtype(cfg)
         sp = Sparsity() if sparsity is None else sparsity
@@ -385,7 +453,9 @@ class Transformer(nn.Module):
         x_BxLxD = _scaled(cfg.scale_emb)(embed(tokens_BxL))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         block = _block_class(cfg)
-        if cfg.scan_layers:
+        if decode is not None:
+            x_BxLxD = _decode_blocks(cfg, x_BxLxD, rope_sin_cos, sp, decode)
+        elif cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": 0, "intermediates": 0, "stats": 0},
                 split_rngs={"params": True}, in_axes=(nn.broadcast, sp.scan_axes()),
@@ -411,6 +481,21 @@ class Transformer(nn.Module):
             logits = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "bld,dv->blv",
                                 stds.matrix, dtype, name=mup.UNEMBED)(x_BxLxD)
         return logits.astype(jnp.float32)
+
+
+def _decode_blocks(cfg: ModelConfig, x_BxLxD, rope_sin_cos, sp: Sparsity, decode: Decode):
+    """The blocks of a cached (decoding) pass, in the same parameter layout as training's: no
+    remat (nothing is differentiated), the ``cache`` collection stacked like the parameters."""
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            Block, variable_axes={"params": 0, "intermediates": 0, "stats": 0, "cache": 0},
+            split_rngs={"params": True}, in_axes=(nn.broadcast, sp.scan_axes(), nn.broadcast),
+            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: SCAN_NAME})
+        return scanned(cfg, scanned=True, name=SCAN_NAME)(x_BxLxD, rope_sin_cos, sp,
+                                                          decode.layer(None))[0]
+    for i in range(cfg.n_layers):
+        x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i), decode.layer(i))
+    return x_BxLxD
 
 
 # ------------------------------------------------------------------- per-layer accessors

@@ -1,0 +1,148 @@
+"""Decode-time FFN implementations: the FFN of a cached decoding step (:class:`sparsejax.model.Decode`
+``ffn``), chosen per call and never used in training.
+
+Decoding reads every weight once per step for a handful of tokens, so its time is the bytes it
+reads. ``sparse`` reads only the rows of the active neurons:
+
+1. the gate (plain FFN: ``W_in``) is computed densely, σ applied (with the run's training-time
+   top-k and activation threshold, and any evaluation threshold in ``Sparsity.thresholds``);
+2. the step's active neurons — by the one rule :func:`sparsejax.sparsity.active`, united over
+   the step's tokens (batch rows and draft tokens) — are selected by ``lax.top_k`` on their
+   largest |σ(gate)|, ``capacity`` of them;
+3. only their rows are read of ``W_in`` (gated FFN; stored transposed [F, D] under the FFN's
+   :data:`UP_ROWS` parameter by :func:`with_row_layout`, so a row is contiguous) and of
+   ``W_out`` (already [F, D]): ``y = (σ(gate)[idx] ⊙ (x · W_in[idx]ᵀ)) · W_out[idx]``.
+
+When more neurons are active than ``capacity`` the step falls back to the dense FFN
+(``lax.cond``; only the branch taken runs), so for activations with exact zeros (ReLU family,
+FATReLU, ReLU², dReLU, a trained top-k) the sparse step *is* the dense step up to float
+summation order. For activations without zeros (SiLU, GELU, SwiGLU) nothing is zero, so the
+caller supplies a threshold (``Sparsity.thresholds`` on |σ(gate)|, FAT-ε): the sparse step then
+equals the dense step with that evaluation mask, which is an approximation of the unmasked model
+whose loss change :mod:`sparsejax.decode` reports.
+
+Each call sows ``decode_active`` (the step's union count of active neurons) and
+``decode_fallback`` (1 when it ran dense) into ``stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax import activations, ffn as ffn_lib, sparsity as sparsity_lib
+from sparsejax.config import ModelConfig
+from sparsejax.ffn import FfnAux, FfnWeights
+from sparsejax.sparsity import Sparsity
+
+Array = jax.Array
+UP_ROWS = "w_in_FxD"  # the FFN's W_in transposed [F, D] (gated FFNs), added by with_row_layout
+
+DecodeFfn = Callable[[Array, FfnWeights, Array, Sparsity], tuple[Array, FfnAux]]
+DECODE_FFNS: dict[str, Callable[[ModelConfig, int], DecodeFfn]] = {}
+
+
+def register_decode_ffn(name: str):
+    """Decorator: register ``factory(cfg, capacity) -> ffn(x, weights, up_FxD, sparsity)`` as
+    the decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``)."""
+    def deco(factory):
+        DECODE_FFNS[name] = factory
+        return factory
+    return deco
+
+
+def decode_ffn_names() -> list[str]:
+    return ["dense", *sorted(DECODE_FFNS)]
+
+
+def needs_row_layout(cfg: ModelConfig) -> bool:
+    return cfg.ffn_type == "gated"
+
+
+def apply(module: nn.Module, cfg: ModelConfig, decode, x_BxTxD: Array, weights: FfnWeights,
+          sp: Sparsity) -> tuple[Array, FfnAux]:
+    """Called by :class:`sparsejax.model.FeedForward` inside its scope for ``decode.ffn``."""
+    up_FxD = None
+    if needs_row_layout(cfg):
+        up_FxD = module.param(UP_ROWS, nn.initializers.zeros, (cfg.d_ff, cfg.d_model),
+                              jnp.float32).astype(weights.w_in_DxF.dtype)
+    return DECODE_FFNS[decode.ffn](cfg, decode.capacity)(x_BxTxD, weights, up_FxD, sp)
+
+
+def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
+    """``params`` (unboxed) with each layer's W_in also stored transposed [F, D] (gated FFNs;
+    done once at load time so the sparse step's row gather is contiguous)."""
+    if not needs_row_layout(cfg):
+        return params
+
+    def add(ffn: dict) -> dict:
+        w_DxF = ffn["w_in"]["kernel"]
+        return {**ffn, UP_ROWS: jnp.swapaxes(w_DxF, -1, -2).copy()}
+
+    out = dict(params)
+    for name, layer in params.items():
+        if name == "layers" or name.startswith("layer_"):
+            out[name] = {**layer, "ffn": add(layer["ffn"])}
+    return out
+
+
+def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
+    """Which (token, neuron) pairs are active in this step: the zero rule or the evaluation
+    threshold (``sp.thresholds`` on the activation), and the training-time top-k."""
+    keep = None
+    if sp.topk_k:
+        keep = sparsity_lib.topk_keep(jnp.abs(activation_NxF).astype(jnp.float32), sp.topk_k) > 0
+    if "topk_k" in sp.coefficients:
+        traced = sparsity_lib.topk_keep_traced(jnp.abs(activation_NxF).astype(jnp.float32),
+                                               sp.coefficients["topk_k"]) > 0
+        keep = traced if keep is None else keep & traced
+    return sparsity_lib.active(activation_NxF, sp.thresholds, keep)
+
+
+@register_decode_ffn("sparse")
+def sparse_ffn(cfg: ModelConfig, capacity: int) -> DecodeFfn:
+    """Dense gate, the ``capacity`` active neurons' rows gathered, dense fallback above it."""
+    spec = activations.get(cfg.activation)
+    dense = ffn_lib.reference_ffn(cfg)
+    if not 0 < capacity <= cfg.d_ff:
+        raise ValueError(f"capacity={capacity} must be in [1, d_ff={cfg.d_ff}]")
+    if spec.gate_and_up:  # σ on both projections: an inactive gate does not zero the product
+        raise ValueError(f"model.activation={cfg.activation!r} applies σ to both W_gate x and "
+                         f"W_in x; the sparse decode FFN needs σ(gate) alone to decide")
+
+    def ffn(x_BxTxD, w: FfnWeights, up_FxD, sp: Sparsity):
+        if sp.mask_target != "activation" or sp.global_topk:
+            raise ValueError("the sparse decode FFN reads thresholds on the activation only")
+        act_fn = ffn_lib._activation_fn(cfg, sp)
+        shape = x_BxTxD.shape
+        x_NxD = x_BxTxD.reshape(-1, shape[-1]).astype(w.w_in_DxF.dtype)
+        src_DxF = w.w_in_DxF if w.w_gate_DxF is None else w.w_gate_DxF
+        activation_NxF = act_fn(x_NxD @ src_DxF)
+        active_NxF = active_mask(activation_NxF, sp)
+        union_F = jnp.any(active_NxF, axis=0)
+        count = jnp.sum(union_F.astype(jnp.int32))
+
+        def gathered(_):
+            score_F = jnp.where(union_F, jnp.max(jnp.abs(activation_NxF), axis=0), -1.0)
+            idx_K = jax.lax.top_k(score_F.astype(jnp.float32), capacity)[1]
+            keep_NxK = jnp.take(active_NxF, idx_K, axis=1)
+            h_NxK = jnp.take(activation_NxF, idx_K, axis=1)
+            if up_FxD is not None:
+                h_NxK = h_NxK * (x_NxD @ jnp.take(up_FxD, idx_K, axis=0).T)
+            h_NxK = jnp.where(keep_NxK, h_NxK, jnp.zeros_like(h_NxK))
+            return (h_NxK @ jnp.take(w.w_out_FxD, idx_K, axis=0)).astype(x_BxTxD.dtype)
+
+        def full(_):
+            return dense(x_NxD[None], w, sp)[0][0].astype(x_BxTxD.dtype)
+
+        fallback = count > capacity
+        y_NxD = jax.lax.cond(fallback, full, gathered, None)
+        stats = {"decode_active": count.astype(jnp.float32),
+                 "decode_fallback": fallback.astype(jnp.float32)}
+        activation = activation_NxF.reshape(*shape[:-1], -1)
+        return y_NxD.reshape(shape), FfnAux(activation, activation, stats=stats)
+
+    return ffn
