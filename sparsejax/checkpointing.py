@@ -229,8 +229,9 @@ class CheckpointReader:
         self._manager.close()
 
 
-def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
-    """The config stored in the newest step whose meta can be read (read-only), or None."""
+def meta_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
+    """The meta of the newest step whose meta can be read and holds a config (read-only), or
+    None."""
     directory = storage.path(directory)
     if not directory.is_dir():
         return None
@@ -238,14 +239,20 @@ def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
     try:
         for step in reversed(reader.all_steps()):
             try:
-                config = reader.meta(step).get("config")
+                meta = reader.meta(step)
             except Exception:  # a damaged step: try the one before
                 continue
-            if isinstance(config, dict):
-                return config
+            if isinstance(meta.get("config"), dict):
+                return meta
     finally:
         reader.close()
     return None
+
+
+def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
+    """The config stored in the newest step whose meta can be read (read-only), or None."""
+    meta = meta_from_checkpoints(directory)
+    return None if meta is None else meta["config"]
 
 
 class RunConfigError(ValueError):

@@ -1,0 +1,122 @@
+"""A run knows what it was trained on, with real files and processes: text files edited, added
+or removed, and a tokenizer file replaced at the same path, are refused on resume (one line
+naming what changed, exit 2, nothing written); ``--force`` names what it overrides and the step
+from which the new settings apply; ``DIR`` and ``DIR/`` holding the same files are one run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sparsejax import writers
+
+pytestmark = pytest.mark.slow  # real training processes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MICRO = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.head_dim=16",
+         "model.d_ff=64", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=2",
+         "train.eval_batches=1", "train.eval_every=1000", "train.checkpoint_every=2",
+         "train.log_every=1"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _train(workdir, *overrides, extra=(), timeout=240):
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny_relu.py"),
+            "--workdir", str(workdir), "--no-progress", *extra]
+    for o in MICRO + list(overrides):
+        args += ["--set", o]
+    return subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _snapshot(root):
+    """Every file under ``root`` with its size and modification time (what "nothing written"
+    compares), the debug log (library logging of the refused attempt) and the lock aside."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file() and "train_debug" not in p.name and p.name != ".lock"}
+
+
+def _refused(proc, *needles):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, f"exit {proc.returncode}\n{proc.stderr}"
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]
+
+
+def _write_docs(directory, n, salt=""):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (directory / f"doc{i:02d}.txt").write_text(
+            f"document {i}{salt}: " + "the quick brown fox jumps over the lazy dog. " * 20)
+
+
+def test_changed_text_files_are_refused_on_resume_and_force_names_them(tmp_path):
+    docs, run = tmp_path / "docs", tmp_path / "run"
+    _write_docs(docs, 8)
+    common = ["data.source=text", f"data.text_files={docs}"]
+    _ok(_train(run, *common, "train.steps=2"))
+    # The same files named as DIR/ are the same run.
+    _ok(_train(run, "data.source=text", f"data.text_files={docs}/", "train.steps=4"))
+    before = _snapshot(run)
+    (docs / "doc03.txt").write_text("edited " * 100)
+    (docs / "doc09.txt").write_text("a new document " * 50)
+    line = _refused(_train(run, *common, "train.steps=6"), "other data",
+                    f"1 file(s) added: {docs / 'doc09.txt'}", f"1 file(s) changed: {docs / 'doc03.txt'}",
+                    "--force")
+    assert "doc05" not in line
+    assert _snapshot(run) == before
+    (docs / "doc09.txt").unlink()
+    for i in range(1, 8):
+        (docs / f"doc{i:02d}.txt").unlink()  # most of them removed
+    (docs / "doc01.txt").write_text("another " * 80)
+    _refused(_train(run, *common, "train.steps=6"), "6 file(s) removed", "and 3 more", "1 file(s) changed")
+    assert _snapshot(run) == before
+    # --force resumes and says exactly what it overrode, and from which step.
+    forced = _ok(_train(run, *common, "train.steps=6", extra=["--force"]))
+    assert "--force: resuming" in forced.stdout and "file(s) removed" in forced.stdout, forced.stdout
+    assert "the new settings apply from step 5" in forced.stdout, forced.stdout
+    meta = json.loads((run / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["forced"][0]["applies_from_step"] == 5
+    assert any("removed" in o for o in meta["forced"][0]["overridden"])
+    assert sorted(meta["data_identity"]["files"]) == [str((docs / "doc00.txt").resolve()),
+                                                       str((docs / "doc01.txt").resolve())]
+    steps = [r["step"] for r in writers.read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 7))
+
+
+def test_a_replaced_tokenizer_file_is_refused_on_resume(tmp_path):
+    import sentencepiece as spm
+
+    docs, run = tmp_path / "docs", tmp_path / "run"
+    _write_docs(docs, 6)
+    texts = {"a": ["alpha beta gamma delta epsilon " * 5 + str(i) for i in range(200)],
+             "b": ["zeta eta theta iota kappa lambda " * 5 + str(i) for i in range(200)]}
+    for name, sentences in texts.items():
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences),
+                                       model_prefix=str(tmp_path / name), vocab_size=300,
+                                       model_type="unigram", byte_fallback=True,
+                                       hard_vocab_limit=False, minloglevel=2)
+    tok = tmp_path / "tok.model"
+    tok.write_bytes((tmp_path / "a.model").read_bytes())
+    common = ["data.source=text", f"data.text_files={docs}", f"data.tokenizer_path={tok}",
+              "model.vocab_size=0"]
+    _ok(_train(run, *common, "train.steps=2"))
+    before = _snapshot(run)
+    tok.write_bytes((tmp_path / "b.model").read_bytes())  # same path, same vocabulary size
+    _refused(_train(run, *common, "train.steps=4"), f"tokenizer {tok}", "sha256")
+    assert _snapshot(run) == before
+    tok.write_bytes((tmp_path / "a.model").read_bytes())  # put back: the run resumes
+    resumed = _ok(_train(run, *common, "train.steps=4"))
+    assert "resumed from" in resumed.stdout and "--force" not in resumed.stdout
