@@ -74,6 +74,11 @@ class TrainedRun:
                            f"its files are damaged, or they do not match this run's config "
                            f"(model.scan_layers={want_scan}, checkpoint's {stored_scan}); "
                            f"{type(err).__name__}: {first}") from None
+        bad = checkpointing.non_finite_leaf(params)
+        if bad is not None:
+            raise RunError(f"checkpoint step {step} in {self.reader.directory}: parameter {bad} "
+                           f"holds non-finite values (NaN or infinity); evaluate other steps "
+                           f"with --checkpoints")
         if stored_scan != want_scan:
             params = jax.device_put(
                 model_lib.convert_layout(params, self.cfg.model.n_layers, want_scan),

@@ -120,3 +120,58 @@ def test_a_replaced_tokenizer_file_is_refused_on_resume(tmp_path):
     tok.write_bytes((tmp_path / "a.model").read_bytes())  # put back: the run resumes
     resumed = _ok(_train(run, *common, "train.steps=4"))
     assert "resumed from" in resumed.stdout and "--force" not in resumed.stdout
+
+
+def _poison(step_dir, leaf=("params", "layer_0", "ffn", "w_in", "kernel")):
+    """Rewrite a checkpoint step's state with one NaN in ``leaf`` (real orbax files)."""
+    import shutil
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
+    node = tree
+    for key in leaf[:-1]:
+        node = node[key]
+    value = np.array(node[leaf[-1]])
+    value.flat[0] = np.nan
+    node[leaf[-1]] = value
+    shutil.rmtree(step_dir / "state")
+    ocp.PyTreeCheckpointer().save(step_dir / "state", tree)
+    return "/".join(leaf[1:])  # named within the parameters
+
+
+def test_non_finite_weights_are_refused_by_eval_and_warm_start(tmp_path):
+    run = tmp_path / "run"
+    _ok(_train(run, "train.steps=2"))
+    bad = _poison(run / "checkpoints" / "2")
+    before = _snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--workdir", str(run),
+                           "--metrics", "zero", "--no-progress"], env=_env(), capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
+    _refused(proc, "eval error: checkpoint step 2", f"parameter {bad} holds non-finite values")
+    warm = _train(tmp_path / "warm", f"train.warm_start={run}", "train.steps=2")
+    _refused(warm, "config error: train.warm_start=", f"parameter {bad} holds non-finite values")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "warm").exists()
+
+
+def test_eval_hf_refuses_a_checkpoint_with_nan_weights(tmp_path):
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "nan_model"
+    shutil.copytree(REPO / "tests" / "fixtures" / "hf" / "mistral", path)
+    tensors = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[5] = np.nan
+    save_file(tensors, str(path / "model.safetensors"))
+    out = tmp_path / "out" / "results.json"
+    for metrics in ("zero", "zero,fat,topk,cett,cett_ppl"):
+        proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--hf", str(path), "--seq-len",
+                               "16", "--metrics", metrics, "--out", str(out), "--no-progress"],
+                              env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+        _refused(proc, f"tensor {name} holds non-finite values")
+    assert not out.exists()
