@@ -312,6 +312,7 @@ class _Loop:
                 self.flush(drain=False)
         self.flush()
         if stop.signum is not None:
+            stop.stopping()  # the watchdog stands down: the loop is not blocked
             if self.step_no > 0:
                 self.save()
                 self.wait_saves()
@@ -391,6 +392,8 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     try:
         dataset = data.Dataset(cfg, jax.process_index(), jax.process_count())
         dataset.identity = data_identity.describe(cfg, dataset.tokenizer)
+        dataset.own_validation_batches = len(dataset.validation)
+        dataset.validation = dataset.validation[:sharding.agreed_minimum(len(dataset.validation))]
     except data.DataError as err:
         raise config_lib.ConfigError(str(err)) from None
     except OSError as err:  # a file removed or unreadable between the two reads
@@ -406,14 +409,18 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
 
 
 def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
-          force: bool = False, progress: bool = True, log_activations: bool = True) -> RunSummary:
+          force: bool = False, progress: bool = True, log_activations: bool = True,
+          stop_timeout_s: float | None = lifecycle.DEFAULT_STOP_TIMEOUT_S) -> RunSummary:
+    """Train ``cfg`` in ``workdir`` (module docstring). ``stop_timeout_s``: after SIGTERM /
+    SIGINT, exit with one line if the loop has not reached a step boundary this much later
+    (``lifecycle.StopSignals``; None: wait for ever)."""
     workdir = storage.path(workdir)  # local, or gs:// (see sparsejax.storage)
     is_main = jax.process_index() == 0
     rundir.check_writable_dir(workdir, "--workdir")
     lock = rundir.run_lock(workdir) if is_main else None
     # Signals are deferred from here on: one that arrives while compiling stops the run before
     # its first step, with nothing half-written.
-    with lifecycle.StopSignals() as stop:
+    with lifecycle.StopSignals(stop_timeout_s) as stop:
         try:
             if lock is not None and workdir.is_dir():
                 lock.acquire()  # a second trainer is refused before it compiles anything
@@ -449,6 +456,8 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
              jax.process_index(), jax.process_count(),
              f"{rows.start}:{rows.stop}" if isinstance(rows, slice)
              else f"(grain shard: {getattr(dataset.train, 'shard', '?')})", t.batch_size)
+    log.info("validation: %d batches on every process (this process's share of the records "
+             "gave %d)", len(dataset.validation), dataset.own_validation_batches)
     run = rundir.RunDir(workdir)
     ckpt = checkpointing.Checkpointer(run.checkpoints, keep_last=t.keep_last,
                                       keep_every=t.keep_every, keep_steps=t.checkpoint_steps)

@@ -364,3 +364,72 @@ def test_a_launch_on_a_workdir_in_use_returns_at_once_with_one_line(tmp_path):
     # Start-up (imports, jax.distributed) takes ~10 s here; before the fix the launcher returned
     # after 42-45 s, when process 0's distributed shutdown gave up on its peer.
     assert elapsed < 30, (elapsed, second.stderr[-3000:])
+
+
+def _text_run(tmp_path, *extra):
+    """Twenty .txt documents whose two validation documents (the split data.source=text draws)
+    are uneven: process 0's gives four validation batches, process 1's one."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _, valid = data.split_documents(20, 0.1)
+    for i in range(20):
+        n = 300 if i == valid[0] else 40 if i == valid[1] else 400
+        (docs / f"doc{i:02d}.txt").write_text(("abcdefghij" * 50)[:n])
+    sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.head_dim=16",
+            "model.d_ff=64", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=2",
+            "train.log_every=1", "data.source=text", f"data.text_files={docs}",
+            "data.validation_fraction=0.1", *extra]
+    args = ["--config", str(REPO / "configs/tiny_relu.py"), "--workdir", str(tmp_path / "run"),
+            "--no-progress"]
+    for o in sets:
+        args += ["--set", o]
+    return args
+
+
+def test_uneven_validation_shards_evaluate_on_both_processes_without_deadlock(tmp_path):
+    args = _text_run(tmp_path, "train.steps=2", "train.eval_every=2", "train.eval_batches=4",
+                     "train.checkpoint_every=2")
+    proc = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                           "--devices-per-process", "1", "--", *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [r["step"] for r in writers.read_jsonl(run / "metrics.jsonl") if "eval_loss" in r] == [2]
+    counts = [re.findall(r"validation: (\d+) batches on every process \(this process's share of "
+                         r"the records gave (\d+)\)", (run / log).read_text())[-1]
+              for log in ("train_debug.log", "train_debug.1.log")]
+    assert counts == [("1", "4"), ("1", "1")], counts
+
+
+def test_a_stop_signal_while_blocked_in_a_collective_exits_within_the_timeout(tmp_path):
+    """Process 1 is stopped (SIGSTOP), so process 0 blocks in the next collective and never
+    returns to Python; SIGTERM to it must still end it, with one line saying why, well before a
+    launcher's grace (and JAX's 100 s heartbeat) would."""
+    args = _text_run(tmp_path, "train.steps=100000", "train.eval_every=100000",
+                     "train.checkpoint_every=100000") + ["--stop-timeout", "3"]
+    cmds = local.process_commands(args, 2, local.free_port())
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    run = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len(_steps_with_loss(run)) >= 3):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = procs[0].communicate(timeout=40)
+        took = time.monotonic() - sent
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 143, err[-2000:]
+    assert took < 30, f"{took:.0f} s"
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("stopped by SIGTERM: the run did not reach a step boundary within "
+                                "3 s of the signal"), err[-2000:]
