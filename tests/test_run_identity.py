@@ -175,3 +175,32 @@ def test_eval_hf_refuses_a_checkpoint_with_nan_weights(tmp_path):
                               env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
         _refused(proc, f"tensor {name} holds non-finite values")
     assert not out.exists()
+
+
+def _eval_zero(run, out):
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--workdir", str(run), "--metrics",
+                           "zero,topk", "--topk", "0.5", "--out", str(out), "--no-progress"],
+                          env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    _ok(proc)
+    return {c["step"]: c for c in json.loads(out.read_text())["checkpoints"]}
+
+
+def test_each_checkpoint_is_evaluated_with_the_settings_it_was_trained_with(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    _ok(_train(run, "train.steps=4"))
+    shutil.copytree(run, tmp_path / "before")
+    before = _eval_zero(tmp_path / "before", tmp_path / "before.json")
+    forced = _ok(_train(run, "train.steps=6", "sparsity.topk=0.25", extra=["--force"]))
+    named = "sparsity.topk.values=(0.25,)"  # the field as config differences name it, new value
+    assert named in forced.stdout and "apply from step 5" in forced.stdout, forced.stdout
+    meta = json.loads((run / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["forced"] == [{"applies_from_step": 5, "overridden": [named]}]
+    after = _eval_zero(run, tmp_path / "after.json")
+    for step in (2, 4):  # dense checkpoints stay dense: the same numbers as before the restart
+        assert after[step]["results"] == before[step]["results"]
+        assert after[step]["dense_loss"] == before[step]["dense_loss"]
+        assert after[step]["results"]["zero"]["ratio"] > 0.3
+    # The forced step runs with its trained top-k: at most a quarter of the neurons active.
+    assert after[6]["results"]["zero"]["ratio"] <= 0.25 + 1e-6
