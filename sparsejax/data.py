@@ -21,6 +21,7 @@ Tokens: bytes, a SentencePiece model trained on the training text, or an existin
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
@@ -166,7 +167,13 @@ class SentencePieceTokenizer(SentencePieceModel):
             # Rename last so a crash mid-training never leaves a half-written cached model.
             tmp_prefix.with_suffix(".vocab").replace(prefix.with_suffix(".vocab"))
             tmp_prefix.with_suffix(".model").replace(prefix.with_suffix(".model"))
-        super().__init__(prefix.with_suffix(".model"))
+        try:
+            super().__init__(prefix.with_suffix(".model"))
+        except Exception as err:  # sentencepiece raises plain RuntimeErrors for damaged files
+            text = (str(err).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"data.cache_dir={str(cache_dir)!r}: the cached SentencePiece model "
+                            f"{prefix.with_suffix('.model')} cannot be loaded ({type(err).__name__}: "
+                            f"{text}); delete it and it is trained again") from None
 
 
 def load_corpus_text() -> str:
@@ -333,6 +340,12 @@ def tfds_source(cfg: Config, split: str, field: str):
             f"internet (or, for local text, `python -m sparsejax.tfds_build`), or use "
             f"--set data.source=embedded") from err
     splits = sorted(builder.info.splits.keys())
+    slice_hint = (f"slices look like train[:90%], train[1000:], train[10%:20%] or "
+                  f"train[:90%]+validation; its splits: "
+                  f"{ {k: int(v.num_examples) for k, v in sorted(builder.info.splits.items())} }")
+    if any("[" in name or "]" in name for name in _split_names(split)):
+        raise DataError(f"{field}={split!r} is not a valid TFDS split slice (unbalanced "
+                        f"brackets); {slice_hint}")
     missing = [name for name in _split_names(split) if name not in splits]
     if missing:
         raise DataError(f"{field}={split!r}: TFDS dataset {d.tfds_name!r} has no split "
@@ -342,8 +355,16 @@ def tfds_source(cfg: Config, split: str, field: str):
         raise DataError(f"data.tfds_text_key={d.tfds_text_key!r} is not a feature of TFDS dataset "
                         f"{d.tfds_name!r}; its features: {features}")
     try:
-        return builder.as_data_source(split=split)
+        source = builder.as_data_source(split=split)
+        len(source)  # a reversed slice (train[5:2]) fails only here
+        return source
     except Exception as err:  # e.g. prepared in TFRecord format: no random access
+        text = (str(err).strip().splitlines() or [''])[0][:200]
+        if "[" in split and ("split" in text.lower() or "slice" in text.lower()
+                             or "__len__" in text):
+            raise DataError(f"{field}={split!r} is not a valid slice of TFDS dataset "
+                            f"{d.tfds_name!r} ({type(err).__name__}: {text}); "
+                            f"{slice_hint}") from None
         raise DataError(
             f"TFDS dataset data.tfds_name={d.tfds_name!r} split {split!r} cannot be read with random "
             f"access ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}); "
@@ -356,8 +377,14 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 
 def resolve_text_files(patterns) -> list[pathlib.Path]:
     """Files named by ``data.text_files``: paths, directories (their .txt / .jsonl files, searched
-    recursively) and glob patterns, in sorted order without repeats."""
+    recursively) and glob patterns, in sorted order without repeats.
+
+    A file reached by several paths (a symlink, or a symlinked directory: a recursive glob that
+    follows a symlink cycle meets the same files again and again, until the kernel stops
+    resolving the path) is kept once, by the first path that names it, so one document is never
+    counted twice nor in both splits."""
     files: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()  # resolved paths of the files kept
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
@@ -379,11 +406,18 @@ def resolve_text_files(patterns) -> list[pathlib.Path]:
             if path.is_dir():
                 continue  # a glob such as docs/** also yields directories
             if not path.is_file():
+                try:
+                    os.stat(match)
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        continue  # deeper round a symlink cycle than the kernel follows
                 raise DataError(f"data.text_files: {match} is not a regular file")
             if path.suffix not in TEXT_SUFFIXES:
                 raise DataError(f"data.text_files: {match} is not a text file; allowed suffixes: "
                                 f"{list(TEXT_SUFFIXES)}")
-            if path not in files:
+            resolved = path.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
                 files.append(path)
     return files
 

@@ -111,7 +111,11 @@ class Evaluator:
             eval_cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(
                     cfg.train, eval_batches=options.eval_batches or cfg.train.eval_batches))
-            batches = data.validation_batches(eval_cfg, jax.process_index(), jax.process_count())
+            try:
+                batches = data.validation_batches(eval_cfg, jax.process_index(),
+                                                  jax.process_count())
+            except data.DataError as err:  # e.g. the run's text files were moved or deleted
+                raise EvalError(f"the run's validation data cannot be read: {err}") from None
         self.batches = batches
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
@@ -122,8 +126,13 @@ class Evaluator:
         self.sparsity = SparsityPlan.of(cfg)
         self._coefs: Optional[dict] = None
         # The one fraction -> k rule, the one training uses (sparsity.topk_count).
-        self.topk_k = sparsity_lib.topk_count(
-            float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
+        try:
+            self.topk_k = sparsity_lib.topk_count(
+                float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
+        except ValueError:
+            raise EvalError(f"--topk={options.topk:g} is more neurons than this model has "
+                            f"(d_ff={m.d_ff}); give a fraction < 1 or a count in [1, {m.d_ff}]"
+                            ) from None
         self._model = model_lib.Model(m, self._rules)
         self._dense = self._compile(self._model, "zero", keep_hidden=False)
         self._dense_keep = None

@@ -204,3 +204,22 @@ def test_each_checkpoint_is_evaluated_with_the_settings_it_was_trained_with(tmp_
         assert after[step]["results"]["zero"]["ratio"] > 0.3
     # The forced step runs with its trained top-k: at most a quarter of the neurons active.
     assert after[6]["results"]["zero"]["ratio"] <= 0.25 + 1e-6
+
+
+def test_a_run_whose_text_files_are_gone_is_one_line_for_train_and_eval(tmp_path):
+    import shutil
+
+    docs, run = tmp_path / "docs", tmp_path / "run"
+    _write_docs(docs, 6)
+    common = ["data.source=text", f"data.text_files={docs}"]
+    _ok(_train(run, *common, "train.steps=2"))
+    shutil.rmtree(docs)
+    before = _snapshot(tmp_path)
+    _refused(_train(run, *common, "train.steps=4"), "config error: data.text_files:",
+             "does not exist")
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--workdir", str(run),
+                           "--metrics", "zero", "--no-progress"], env=_env(), capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
+    _refused(proc, "eval error: the run's validation data cannot be read: data.text_files:",
+             "does not exist")
+    assert _snapshot(tmp_path) == before
