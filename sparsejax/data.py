@@ -160,7 +160,7 @@ class SentencePieceTokenizer(SentencePieceModel):
         if not prefix.with_suffix(".model").exists():
             tmp_prefix = prefix.with_name(prefix.name + "_partial")
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(line for t in texts for line in t.splitlines() if line),
+                sentence_iterator=_sentences(texts),
                 model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="unigram",
                 character_coverage=1.0, byte_fallback=True, hard_vocab_limit=False,
                 minloglevel=2)
@@ -174,6 +174,47 @@ class SentencePieceTokenizer(SentencePieceModel):
             raise DataError(f"data.cache_dir={str(cache_dir)!r}: the cached SentencePiece model "
                             f"{prefix.with_suffix('.model')} cannot be loaded ({type(err).__name__}: "
                             f"{text}); delete it and it is trained again") from None
+
+
+ENCODE_CHARS = 1 << 16  # a document is tokenized in pieces of at most this many characters
+
+
+def _pieces(text: str, limit: int, keep_space: bool):
+    """``text`` cut at spaces into pieces of at most ``limit`` characters (at ``limit`` where a
+    stretch has no space). ``keep_space``: the space starts the next piece (so that bytes and
+    byte-level BPE see the same text); otherwise it is dropped."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut if keep_space else cut + (text[cut:cut + 1] == " ")
+    if start < len(text):
+        yield text[start:]
+
+
+def encode_bounded(tokenizer, text: str, limit: int = ENCODE_CHARS) -> np.ndarray:
+    """``tokenizer.encode(text)`` with memory bounded by ``limit`` characters, not by the
+    document: a long document is encoded in pieces cut at spaces (the space starts the next
+    piece) and the ids joined. SentencePiece's unigram lattice and a ``tokenizer.json``'s
+    encoding objects grow with their input (gigabytes for a document of megabytes); cut at a
+    space, byte tokens are exactly the same, and SentencePiece and byte-level BPE, which start
+    a word at its space, give the same pieces."""
+    if len(text) <= limit:
+        return tokenizer.encode(text)
+    return np.concatenate([tokenizer.encode(piece) for piece in _pieces(text, limit, True)])
+
+
+SENTENCE_CHARS = 4000  # below SentencePiece's max_sentence_length (4192 bytes by default)
+
+
+def _sentences(texts: list[str]):
+    """The lines of ``texts`` as SentencePiece training sentences, a long line cut at spaces into
+    pieces of at most :data:`SENTENCE_CHARS` characters (the trainer skips longer ones, so a
+    corpus of long one-line documents would leave it nothing to train on)."""
+    for text in texts:
+        for line in text.splitlines():
+            yield from (piece for piece in _pieces(line, SENTENCE_CHARS, False) if piece)
 
 
 def load_corpus_text() -> str:
@@ -255,6 +296,9 @@ def sequential_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: 
 
 
 # ----------------------------------------------------------------------------------- grain/TFDS
+READ_THREADS, READ_AHEAD = 2, 8  # grain read options of the packed pipelines
+
+
 class GrainPacked:
     """Any random-access source of text records -> shuffled, tokenized, packed, batched rows."""
 
@@ -275,12 +319,15 @@ class GrainPacked:
             text = record[text_key] if isinstance(record, dict) else record
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
-            return {"tokens": tokenizer.encode(text)}
+            return {"tokens": encode_bounded(tokenizer, text)}
 
         ds = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=seed)
         if repeat:
             ds = ds.repeat()
-        ds = ds.map(tokenize).to_iter_dataset()
+        # Few records read ahead: grain's default (16 threads, 500 records) holds up to 500
+        # tokenized documents at once, gigabytes when documents are megabytes long.
+        ds = ds.map(tokenize).to_iter_dataset(grain.ReadOptions(
+            num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD))
         ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
         self._iter = iter(ds.batch(global_batch // process_count, drop_remainder=True))
 

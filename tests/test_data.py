@@ -409,3 +409,28 @@ def test_a_corrupt_cached_sentencepiece_model_is_one_line(tmp_path):
         data.SentencePieceTokenizer([text], vocab_size=400, cache_dir=tmp_path)
     assert f"the cached SentencePiece model {tok.model_path} cannot be loaded" in str(err.value)
     assert "delete it" in str(err.value) and "\n" not in str(err.value)
+
+
+class _Recording(data.ByteTokenizer):
+    """Byte tokens that remember the longest text they were asked to encode."""
+
+    longest = 0
+
+    def encode(self, text):
+        self.longest = max(self.longest, len(text))
+        return super().encode(text)
+
+
+def test_long_documents_are_tokenized_in_bounded_pieces_with_the_same_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "the", "of", "and", "neuron", "x" * 300]
+    text = " ".join(rng.choice(words, size=5000)) + " " + "y" * 2500 + " end"
+    tok = _Recording()
+    ids = data.encode_bounded(tok, text, limit=1000)
+    assert tok.longest <= 1000
+    np.testing.assert_array_equal(ids, data.ByteTokenizer().encode(text))  # bytes: exactly equal
+    sp = data.SentencePieceTokenizer([" ".join(rng.choice(words[:-1], size=3000))], vocab_size=512,
+                                     cache_dir=tmp_path)
+    spaced = " ".join(rng.choice(words[:-1], size=4000))
+    # SentencePiece starts each word at its space: cut at spaces, the pieces are the same.
+    np.testing.assert_array_equal(data.encode_bounded(sp, spaced, limit=700), sp.encode(spaced))
