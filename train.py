@@ -74,6 +74,10 @@ def _quiet_exit(workdir: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stop_timeout < 0:
+        print(f"config error: --stop-timeout={args.stop_timeout:g} must be >= 0 (0: wait for ever)",
+              file=sys.stderr)
+        return 2
     from sparsejax import lifecycle
 
     # Until the trainer handles them (from before its first write), SIGTERM / SIGINT during the
