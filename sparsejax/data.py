@@ -620,6 +620,9 @@ class Dataset:
                                      t.seq_len, t.seed, process_index, process_count)
             self.train_tokens_available = None
         self.validation = validation_batches(cfg, process_index, process_count, self.tokenizer)
+        # This process's own count; a multi-process trainer keeps the count every process has.
+        self.own_validation_batches = len(self.validation)
+        self.identity: dict | None = None  # the trainer's data_identity.describe of this data
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                             f"model.vocab_size={cfg.model.vocab_size}")

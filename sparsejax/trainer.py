@@ -9,8 +9,10 @@ written and before any parameter is allocated:
    compiled ahead of time from abstract shapes and its compiled memory is checked too;
 4. a warm start's parameters are read (a fresh run's); then the workdir is created and locked;
    library logging goes to ``train_debug.log`` in it;
-5. the run's identity is checked against its checkpoints' config (``--force`` overrides), or an
-   earlier run is moved aside (``--no-resume``); the newest good checkpoint is restored;
+5. the run's identity — its config and the fingerprint of its data and tokenizer
+   (``data_identity``) — is checked against its checkpoints' (``--force`` overrides, naming what
+   it overrides and recording the step from which that applies), or an earlier run is moved
+   aside (``--no-resume``); the newest good checkpoint is restored;
 6. the loop (:class:`_Loop`) runs.
 
 Metrics stay on device as they are produced and are fetched together every ``log_every`` steps
@@ -271,7 +273,7 @@ class _Loop:
         states = _all_process_states(self.dataset.train.get_state())
         meta = {"data": states[0], "data_processes": states, "tokens_seen": self.tokens_seen,
                 "seed": self.t.seed, "step": self.step_no, "config": config_lib.to_dict(self.cfg),
-                "data_identity": getattr(self.dataset, "identity", None), "forced": self.forced}
+                "data_identity": self.dataset.identity, "forced": self.forced}
         try:
             self.ckpt.save(self.step_no, self.state, meta)
         except checkpointing.CheckpointError as err:
@@ -392,7 +394,6 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     try:
         dataset = data.Dataset(cfg, jax.process_index(), jax.process_count())
         dataset.identity = data_identity.describe(cfg, dataset.tokenizer)
-        dataset.own_validation_batches = len(dataset.validation)
         dataset.validation = dataset.validation[:sharding.agreed_minimum(len(dataset.validation))]
     except data.DataError as err:
         raise config_lib.ConfigError(str(err)) from None
