@@ -366,19 +366,29 @@ def test_a_launch_on_a_workdir_in_use_returns_at_once_with_one_line(tmp_path):
     assert elapsed < 30, (elapsed, second.stderr[-3000:])
 
 
-def _text_run(tmp_path, *extra):
-    """Twenty .txt documents whose two validation documents (the split data.source=text draws)
-    are uneven: process 0's gives four validation batches, process 1's one."""
+def _text_run(tmp_path, *extra, source="text"):
+    """Twenty documents whose two validation documents are uneven: one gives four validation
+    batches, the other one. ``text``: .txt files (the validation documents are those
+    data.source=text draws); ``tfds``: the same documents as a TFDS dataset built on disk."""
     docs = tmp_path / "docs"
     docs.mkdir()
     _, valid = data.split_documents(20, 0.1)
-    for i in range(20):
-        n = 300 if i == valid[0] else 40 if i == valid[1] else 400
-        (docs / f"doc{i:02d}.txt").write_text(("abcdefghij" * 50)[:n])
+    texts = [("abcdefghij" * 50)[:300 if i == valid[0] else 40 if i == valid[1] else 400]
+             for i in range(20)]
+    if source == "text":
+        for i, text in enumerate(texts):
+            (docs / f"doc{i:02d}.txt").write_text(text)
+        data_sets = [f"data.text_files={docs}", "data.validation_fraction=0.1"]
+    else:
+        from sparsejax import tfds_build
+
+        tfds_build.build({"train": [t for i, t in enumerate(texts) if i not in valid],
+                          "validation": [texts[i] for i in valid]}, docs, name="uneven_docs")
+        data_sets = ["data.tfds_name=uneven_docs", f"data.tfds_data_dir={docs}",
+                     "data.tfds_eval_split=validation"]
     sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.head_dim=16",
             "model.d_ff=64", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=2",
-            "train.log_every=1", "data.source=text", f"data.text_files={docs}",
-            "data.validation_fraction=0.1", *extra]
+            "train.log_every=1", f"data.source={source}", *data_sets, *extra]
     args = ["--config", str(REPO / "configs/tiny_relu.py"), "--workdir", str(tmp_path / "run"),
             "--no-progress"]
     for o in sets:
@@ -386,9 +396,10 @@ def _text_run(tmp_path, *extra):
     return args
 
 
-def test_uneven_validation_shards_evaluate_on_both_processes_without_deadlock(tmp_path):
+@pytest.mark.parametrize("source", ["text", "tfds"])
+def test_uneven_validation_shards_evaluate_on_both_processes_without_deadlock(tmp_path, source):
     args = _text_run(tmp_path, "train.steps=2", "train.eval_every=2", "train.eval_batches=4",
-                     "train.checkpoint_every=2")
+                     "train.checkpoint_every=2", source=source)
     proc = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
                            "--devices-per-process", "1", "--", *args], cwd=REPO,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
@@ -399,7 +410,8 @@ def test_uneven_validation_shards_evaluate_on_both_processes_without_deadlock(tm
     counts = [re.findall(r"validation: (\d+) batches on every process \(this process's share of "
                          r"the records gave (\d+)\)", (run / log).read_text())[-1]
               for log in ("train_debug.log", "train_debug.1.log")]
-    assert counts == [("1", "4"), ("1", "1")], counts
+    # Each process read one validation document (4 and 1 batches); both evaluated 1.
+    assert sorted(counts) == [("1", "1"), ("1", "4")], counts
 
 
 def test_a_stop_signal_while_blocked_in_a_collective_exits_within_the_timeout(tmp_path):
