@@ -11,7 +11,10 @@ Face checkpoint (LLaMA, Mistral or MiniCPM architecture; sparsejax/hf_import.py)
 evaluates it on --text (default: the embedded corpus's validation split) with the same passes;
 default output runs/hf_<dir name>/eval/results.json. An unsupported architecture or option is
 one line naming the config.json key and value, exit 2; so is a model that will not fit in free
-memory (checked before loading).
+memory (checked before loading), and a tensor holding NaN or infinity. Options of the other
+source (--text, --seq-len, --batch-size, --dtype with --workdir; --checkpoints, --joint-last
+with --hf) would be ignored, so they are refused (exit 2). Each checkpoint of a run is evaluated
+with the model and sparsity settings of its own meta (what it was trained with).
 
 Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
