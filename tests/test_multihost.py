@@ -251,6 +251,16 @@ def _fake(cmds):
     return [subprocess.Popen(c) for c in cmds]
 
 
+def test_launcher_gives_its_processes_a_stop_timeout_within_its_grace():
+    cmds = local.process_commands(["--config", "c.py"], 2, 1234,
+                                  stop_timeout=local.stop_timeout_for(30))
+    assert all(c[c.index("--stop-timeout") + 1] == "22.5" for c in cmds)
+    assert local.stop_timeout_for(120) == 90 and local.stop_timeout_for(0.5) == 1
+    own = local.process_commands(["--stop-timeout", "5"], 2, 1234, stop_timeout=90)
+    assert all(c.count("--stop-timeout") == 1 and c[c.index("--stop-timeout") + 1] == "5"
+               for c in own)
+
+
 def test_launcher_kills_the_rest_when_one_dies():
     procs = _fake([["sleep", "120"], ["sh", "-c", "sleep 0.5; kill -9 $$"], ["sleep", "120"]])
     t0 = time.monotonic()
