@@ -296,6 +296,7 @@ def test_launcher_sigkills_after_the_grace_period():
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
      "--process-id=2; allowed values: 0 … 1"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "is not HOST:PORT"),
+    (["--stop-timeout", "-1"], "--stop-timeout=-1 must be >= 0"),
 ])
 def test_train_rejects_bad_process_flags(tmp_path, flags, needle):
     workdir = tmp_path / "run"
