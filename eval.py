@@ -11,7 +11,10 @@ Face checkpoint (LLaMA, Mistral or MiniCPM architecture; sparsejax/hf_import.py)
 evaluates it on --text (default: the embedded corpus's validation split) with the same passes;
 default output runs/hf_<dir name>/eval/results.json. An unsupported architecture or option is
 one line naming the config.json key and value, exit 2; so is a model that will not fit in free
-memory (checked before loading).
+memory (checked before loading), and a tensor holding NaN or infinity. Options of the other
+source (--text, --seq-len, --batch-size, --dtype with --workdir; --checkpoints, --joint-last
+with --hf) would be ignored, so they are refused (exit 2). Each checkpoint of a run is evaluated
+with the model and sparsity settings of its own meta (what it was trained with).
 
 Writes results.json (per checkpoint, per metric: mean and per-layer activation ratio, loss and
 perplexity ratio of the sparse pass, dead neurons, chunk-level sparsity, magnitude histograms),
@@ -67,7 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(flag, dest=field, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument("--out", default=None, help="results JSON path (default WORKDIR/eval/results.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Which options were given (not left at their defaults): parsed again with no defaults.
+    p.set_defaults(**{a.dest: None for a in p._actions if a.dest != "help"})
+    given = {dest for dest, value in vars(p.parse_args(argv)).items() if value is not None}
+    args.misplaced = [flag for dest, flag in (WORKDIR_ONLY if args.hf else HF_ONLY).items()
+                      if dest in given]
+    return args
+
+
+# Options that mean something for one source only: given with the other, they would be
+# silently ignored, so they are refused (exit 2).
+HF_ONLY = {"text": "--text", "seq_len": "--seq-len", "batch_size": "--batch-size",
+           "dtype": "--dtype"}
+WORKDIR_ONLY = {"checkpoints": "--checkpoints", "joint_last": "--joint-last"}
 
 
 def main(argv=None) -> int:
@@ -96,6 +112,11 @@ def main(argv=None) -> int:
     else:
         out = rundir.RunDir(pathlib.Path(args.workdir)).eval_results
     try:
+        if args.misplaced:
+            source, other = ("--hf", "--workdir") if args.hf else ("--workdir", "--hf")
+            raise eval_options.EvalError(
+                f"{', '.join(args.misplaced)} {'does' if len(args.misplaced) == 1 else 'do'} not "
+                f"apply to {source} (only to {other}); leave {'it' if len(args.misplaced) == 1 else 'them'} out")
         # Before any compute: a results path that cannot be written fails now, not after the run.
         if out.is_dir():
             raise eval_options.EvalError(f"--out {out} is a directory; give a file path such as {out / 'results.json'}")

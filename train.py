@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 … N-1")
     p.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
                    help="abort when a peer process has been unresponsive this long (JAX default 100)")
+    p.add_argument("--stop-timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="after SIGTERM/SIGINT, exit with one line if training has not reached a "
+                        "step boundary this much later, e.g. blocked in a collective with a peer "
+                        "that does not respond (default 90, below the local launcher's --grace; "
+                        "0: wait for ever)")
     p.add_argument("--no-activation-logging", dest="log_activations", action="store_false",
                    help="skip the in-graph activation statistics (for overhead measurements)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -69,6 +74,10 @@ def _quiet_exit(workdir: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stop_timeout < 0:
+        print(f"config error: --stop-timeout={args.stop_timeout:g} must be >= 0 (0: wait for ever)",
+              file=sys.stderr)
+        return 2
     from sparsejax import lifecycle
 
     # Until the trainer handles them (from before its first write), SIGTERM / SIGINT during the
@@ -141,7 +150,8 @@ def _train(args, cfg) -> int:
 
     try:
         summary = trainer.train(cfg, args.workdir, resume=args.resume, force=args.force,
-                                progress=args.progress, log_activations=args.log_activations)
+                                progress=args.progress, log_activations=args.log_activations,
+                                stop_timeout_s=args.stop_timeout or None)
     except trainer.Stopped as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code

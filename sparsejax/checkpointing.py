@@ -46,6 +46,23 @@ def all_finite(tree: Any) -> bool:
     return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
 
 
+def non_finite_leaf(tree: Any) -> str | None:
+    """The path (``params/layer_0/ffn/w_in``) of the first floating-point leaf of ``tree``
+    holding a NaN or infinity, or None when all are finite. Every reader of parameters (eval of
+    a run, warm start, Hugging Face import) refuses such a tree naming this leaf."""
+    import numpy as np
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            continue
+        finite = (bool(jnp.all(jnp.isfinite(leaf))) if isinstance(leaf, jax.Array)
+                  else bool(np.all(np.isfinite(np.asarray(leaf, np.float32)))))
+        if not finite:
+            return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return None
+
+
 # The part of an I/O error a user can act on, when orbax buries it in a long message.
 _CAUSES = ("No space left on device", "File too large", "Disk quota exceeded",
            "Read-only file system", "Permission denied", "Too many open files")
@@ -229,8 +246,9 @@ class CheckpointReader:
         self._manager.close()
 
 
-def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
-    """The config stored in the newest step whose meta can be read (read-only), or None."""
+def meta_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
+    """The meta of the newest step whose meta can be read and holds a config (read-only), or
+    None."""
     directory = storage.path(directory)
     if not directory.is_dir():
         return None
@@ -238,14 +256,20 @@ def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
     try:
         for step in reversed(reader.all_steps()):
             try:
-                config = reader.meta(step).get("config")
+                meta = reader.meta(step)
             except Exception:  # a damaged step: try the one before
                 continue
-            if isinstance(config, dict):
-                return config
+            if isinstance(meta.get("config"), dict):
+                return meta
     finally:
         reader.close()
     return None
+
+
+def config_from_checkpoints(directory: str | pathlib.Path) -> dict | None:
+    """The config stored in the newest step whose meta can be read (read-only), or None."""
+    meta = meta_from_checkpoints(directory)
+    return None if meta is None else meta["config"]
 
 
 class RunConfigError(ValueError):

@@ -21,6 +21,7 @@ Tokens: bytes, a SentencePiece model trained on the training text, or an existin
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
@@ -155,14 +156,61 @@ class SentencePieceTokenizer(SentencePieceModel):
         if not prefix.with_suffix(".model").exists():
             tmp_prefix = prefix.with_name(prefix.name + "_partial")
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(line for t in texts for line in t.splitlines() if line),
+                sentence_iterator=_sentences(texts),
                 model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="unigram",
                 character_coverage=1.0, byte_fallback=True, hard_vocab_limit=False,
                 minloglevel=2)
             # Rename last so a crash mid-training never leaves a half-written cached model.
             tmp_prefix.with_suffix(".vocab").replace(prefix.with_suffix(".vocab"))
             tmp_prefix.with_suffix(".model").replace(prefix.with_suffix(".model"))
-        super().__init__(prefix.with_suffix(".model"))
+        try:
+            super().__init__(prefix.with_suffix(".model"))
+        except Exception as err:  # sentencepiece raises plain RuntimeErrors for damaged files
+            text = (str(err).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"data.cache_dir={str(cache_dir)!r}: the cached SentencePiece model "
+                            f"{prefix.with_suffix('.model')} cannot be loaded ({type(err).__name__}: "
+                            f"{text}); delete it and it is trained again") from None
+
+
+ENCODE_CHARS = 1 << 16  # a document is tokenized in pieces of at most this many characters
+
+
+def _pieces(text: str, limit: int, keep_space: bool):
+    """``text`` cut at spaces into pieces of at most ``limit`` characters (at ``limit`` where a
+    stretch has no space). ``keep_space``: the space starts the next piece (so that bytes and
+    byte-level BPE see the same text); otherwise it is dropped."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut if keep_space else cut + (text[cut:cut + 1] == " ")
+    if start < len(text):
+        yield text[start:]
+
+
+def encode_bounded(tokenizer, text: str, limit: int = ENCODE_CHARS) -> np.ndarray:
+    """``tokenizer.encode(text)`` with memory bounded by ``limit`` characters, not by the
+    document: a long document is encoded in pieces cut at spaces (the space starts the next
+    piece) and the ids joined. SentencePiece's unigram lattice and a ``tokenizer.json``'s
+    encoding objects grow with their input (gigabytes for a document of megabytes); cut at a
+    space, byte tokens are exactly the same, and SentencePiece and byte-level BPE, which start
+    a word at its space, give the same pieces."""
+    if len(text) <= limit:
+        return tokenizer.encode(text)
+    return np.concatenate([tokenizer.encode(piece) for piece in _pieces(text, limit, True)])
+
+
+SENTENCE_CHARS = 4000  # below SentencePiece's max_sentence_length (4192 bytes by default)
+
+
+def _sentences(texts: list[str]):
+    """The lines of ``texts`` as SentencePiece training sentences, a long line cut at spaces into
+    pieces of at most :data:`SENTENCE_CHARS` characters (the trainer skips longer ones, so a
+    corpus of long one-line documents would leave it nothing to train on)."""
+    for text in texts:
+        for line in text.splitlines():
+            yield from (piece for piece in _pieces(line, SENTENCE_CHARS, False) if piece)
 
     @staticmethod
     def cached_model(texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path) -> pathlib.Path:
@@ -252,6 +300,9 @@ def sequential_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: 
 
 
 # ----------------------------------------------------------------------------------- grain/TFDS
+READ_THREADS, READ_AHEAD = 2, 8  # grain read options of the packed pipelines
+
+
 class GrainPacked:
     """Any random-access source of text records -> shuffled, tokenized, packed, batched rows."""
 
@@ -272,12 +323,15 @@ class GrainPacked:
             text = record[text_key] if isinstance(record, dict) else record
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
-            return {"tokens": tokenizer.encode(text)}
+            return {"tokens": encode_bounded(tokenizer, text)}
 
         ds = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=seed)
         if repeat:
             ds = ds.repeat()
-        ds = ds.map(tokenize).to_iter_dataset()
+        # Few records read ahead: grain's default (16 threads, 500 records) holds up to 500
+        # tokenized documents at once, gigabytes when documents are megabytes long.
+        ds = ds.map(tokenize).to_iter_dataset(grain.ReadOptions(
+            num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD))
         ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
         self._iter = iter(ds.batch(global_batch // process_count, drop_remainder=True))
 
@@ -337,6 +391,12 @@ def tfds_source(cfg: Config, split: str, field: str):
             f"internet (or, for local text, `python -m sparsejax.tfds_build`), or use "
             f"--set data.source=embedded") from err
     splits = sorted(builder.info.splits.keys())
+    slice_hint = (f"slices look like train[:90%], train[1000:], train[10%:20%] or "
+                  f"train[:90%]+validation; its splits: "
+                  f"{ {k: int(v.num_examples) for k, v in sorted(builder.info.splits.items())} }")
+    if any("[" in name or "]" in name for name in _split_names(split)):
+        raise DataError(f"{field}={split!r} is not a valid TFDS split slice (unbalanced "
+                        f"brackets); {slice_hint}")
     missing = [name for name in _split_names(split) if name not in splits]
     if missing:
         raise DataError(f"{field}={split!r}: TFDS dataset {d.tfds_name!r} has no split "
@@ -346,8 +406,16 @@ def tfds_source(cfg: Config, split: str, field: str):
         raise DataError(f"data.tfds_text_key={d.tfds_text_key!r} is not a feature of TFDS dataset "
                         f"{d.tfds_name!r}; its features: {features}")
     try:
-        return builder.as_data_source(split=split)
+        source = builder.as_data_source(split=split)
+        len(source)  # a reversed slice (train[5:2]) fails only here
+        return source
     except Exception as err:  # e.g. prepared in TFRecord format: no random access
+        text = (str(err).strip().splitlines() or [''])[0][:200]
+        if "[" in split and ("split" in text.lower() or "slice" in text.lower()
+                             or "__len__" in text):
+            raise DataError(f"{field}={split!r} is not a valid slice of TFDS dataset "
+                            f"{d.tfds_name!r} ({type(err).__name__}: {text}); "
+                            f"{slice_hint}") from None
         raise DataError(
             f"TFDS dataset data.tfds_name={d.tfds_name!r} split {split!r} cannot be read with random "
             f"access ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}); "
@@ -360,8 +428,14 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 
 def resolve_text_files(patterns) -> list[pathlib.Path]:
     """Files named by ``data.text_files``: paths, directories (their .txt / .jsonl files, searched
-    recursively) and glob patterns, in sorted order without repeats."""
+    recursively) and glob patterns, in sorted order without repeats.
+
+    A file reached by several paths (a symlink, or a symlinked directory: a recursive glob that
+    follows a symlink cycle meets the same files again and again, until the kernel stops
+    resolving the path) is kept once, by the first path that names it, so one document is never
+    counted twice nor in both splits."""
     files: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()  # resolved paths of the files kept
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
@@ -383,11 +457,18 @@ def resolve_text_files(patterns) -> list[pathlib.Path]:
             if path.is_dir():
                 continue  # a glob such as docs/** also yields directories
             if not path.is_file():
+                try:
+                    os.stat(match)
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        continue  # deeper round a symlink cycle than the kernel follows
                 raise DataError(f"data.text_files: {match} is not a regular file")
             if path.suffix not in TEXT_SUFFIXES:
                 raise DataError(f"data.text_files: {match} is not a text file; allowed suffixes: "
                                 f"{list(TEXT_SUFFIXES)}")
-            if path not in files:
+            resolved = path.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
                 files.append(path)
     return files
 
@@ -543,6 +624,9 @@ class Dataset:
                                      t.seq_len, t.seed, process_index, process_count)
             self.train_tokens_available = None
         self.validation = validation_batches(cfg, process_index, process_count, self.tokenizer)
+        # This process's own count; a multi-process trainer keeps the count every process has.
+        self.own_validation_batches = len(self.validation)
+        self.identity: dict | None = None  # the trainer's data_identity.describe of this data
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                             f"model.vocab_size={cfg.model.vocab_size}")

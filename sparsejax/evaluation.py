@@ -111,7 +111,11 @@ class Evaluator:
             eval_cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(
                     cfg.train, eval_batches=options.eval_batches or cfg.train.eval_batches))
-            batches = data.validation_batches(eval_cfg, jax.process_index(), jax.process_count())
+            try:
+                batches = data.validation_batches(eval_cfg, jax.process_index(),
+                                                  jax.process_count())
+            except data.DataError as err:  # e.g. the run's text files were moved or deleted
+                raise EvalError(f"the run's validation data cannot be read: {err}") from None
         self.batches = batches
         self.eval_tokens = int(sum(float(np.sum(b["weights"] > 0)) for b in batches))
         self.forward_passes = 0  # batches × passes, as in "the search costs ≈ its forward passes"
@@ -122,8 +126,13 @@ class Evaluator:
         self.sparsity = SparsityPlan.of(cfg)
         self._coefs: Optional[dict] = None
         # The one fraction -> k rule, the one training uses (sparsity.topk_count).
-        self.topk_k = sparsity_lib.topk_count(
-            float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
+        try:
+            self.topk_k = sparsity_lib.topk_count(
+                float(options.topk) if options.topk < 1 else int(options.topk), m.d_ff)
+        except ValueError:
+            raise EvalError(f"--topk={options.topk:g} is more neurons than this model has "
+                            f"(d_ff={m.d_ff}); give a fraction < 1 or a count in [1, {m.d_ff}]"
+                            ) from None
         self._model = model_lib.Model(m, self._rules)
         self._dense = self._compile(self._model, "zero", keep_hidden=False)
         self._dense_keep = None
@@ -339,6 +348,7 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
     cfg = run.cfg
     ev = Evaluator(cfg, options, batches)
     ev.batch_progress = batch_progress
+    evaluators = _StepEvaluators(run, ev)
     t0 = time.perf_counter()
     warmup = run.warmup_steps
     want = set(options.metrics)
@@ -358,7 +368,8 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
             if options.cett_ppl_mode == "joint":
                 joint = post_warmup[-options.joint_last:]
                 say(f"CETT-PPL-{options.ppl_p:g}%: searching c jointly on steps {joint}")
-                cett_ppl = _search_joint(ev, run, joint, target_ratio, spill_root, say, vanished)
+                cett_ppl = _search_joint(evaluators, run, joint, target_ratio, spill_root, say,
+                                         vanished)
             else:
                 cett_ppl = {"mode": "per_checkpoint"}
 
@@ -366,6 +377,7 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
         bar = _progress(_readable(run, steps, checkpoints, ev.mesh, vanished), progress, "checkpoints",
                         total=len(steps))
         for step_no, params, meta in bar:
+            ev = evaluators.at(step_no)  # the model and sparsity this step was trained with
             ev.at_step(step_no)
             need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
@@ -413,7 +425,7 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
         d_ff=cfg.model.d_ff, params={"total": counts.total, "non_embedding": counts.non_embedding},
         eval_tokens=ev.eval_tokens, eval_batches=len(ev.batches),
         metrics=[m for m in METRICS if m in want], options=dataclasses.asdict(options),
-        cett_ppl=cett_ppl, forward_passes=ev.forward_passes, seconds=elapsed,
+        cett_ppl=cett_ppl, forward_passes=evaluators.forward_passes(), seconds=elapsed,
         checkpoints=entries, vanished_steps=vanished).to_dict()
 
 
@@ -464,14 +476,45 @@ def _progress(items, enabled: bool, desc: str, total: int | None = None):
     return tqdm(items, desc=desc, unit="ckpt", dynamic_ncols=True, total=total)
 
 
-def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], target_ratio: float,
-                  spill_root: pathlib.Path, say, vanished: list[int]) -> dict:
+class _StepEvaluators:
+    """One :class:`Evaluator` per distinct model and sparsity settings among a run's checkpoints:
+    each step is evaluated with the settings it was trained with (its own meta's config,
+    ``TrainedRun.step_config``), so a ``--force`` restart that changed them cannot make older
+    checkpoints be measured as the new model. All share the first one's batches."""
+
+    def __init__(self, run, first: Evaluator):
+        self.run, self.first = run, first
+        self._by_key = {self._key(first.cfg): first}
+
+    @staticmethod
+    def _key(cfg: config_lib.Config) -> str:
+        return repr((cfg.model, cfg.sparsity))
+
+    def at(self, step: int) -> Evaluator:
+        step_config = getattr(self.run, "step_config", None)
+        if step_config is None:
+            return self.first
+        cfg = step_config(step)
+        key = self._key(cfg)
+        if key not in self._by_key:
+            ev = Evaluator(cfg, self.first.options, self.first.batches)
+            ev.batch_progress = self.first.batch_progress
+            self._by_key[key] = ev
+        return self._by_key[key]
+
+    def forward_passes(self) -> int:
+        return sum(ev.forward_passes for ev in self._by_key.values())
+
+
+def _search_joint(evaluators: _StepEvaluators, run: trained_run.TrainedRun, steps: list[int],
+                  target_ratio: float, spill_root: pathlib.Path, say, vanished: list[int]) -> dict:
     """Bisection on c for the mean perplexity ratio over ``steps``
-    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode). Steps a live trainer deletes
-    meanwhile are left out of the search (noted)."""
-    before = ev.forward_passes
+    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode), each step in its own settings.
+    Steps a live trainer deletes meanwhile are left out of the search (noted)."""
+    before = evaluators.forward_passes()
     cached = []
     for step_no in steps:
+        ev = evaluators.at(step_no)
         try:
             params, _ = run.params(step_no, ev.mesh)
         except trained_run.StepVanished as err:
@@ -482,6 +525,7 @@ def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], 
         cached.append((step_no, params, dense))
 
     def ratio_at(step_no, p, d, c):
+        ev = evaluators.at(step_no)
         ev.at_step(step_no)
         return ppl_ratio(ev.cett_pass(p, d.hidden, c)[0].loss, d.loss)
 
@@ -495,7 +539,8 @@ def _search_joint(ev: Evaluator, run: trained_run.TrainedRun, steps: list[int], 
         raise trained_run.RunError(f"CETT-PPL joint search: steps {steps} were all deleted while "
                                    f"being read")
     steps = [s for s, _, _ in cached]
-    search = bisect_cett(mean_ratio, target_ratio, ev.options.tolerance)
+    search = bisect_cett(mean_ratio, target_ratio, evaluators.first.options.tolerance)
     return {"mode": "joint", "cett": search.cett, "joint_steps": steps,
             "target_ppl_ratio": target_ratio, "iterations": len(search.evaluations),
-            "evaluations": search.evaluations, "forward_passes": ev.forward_passes - before}
+            "evaluations": search.evaluations,
+            "forward_passes": evaluators.forward_passes() - before}

@@ -400,8 +400,11 @@ def load_params(ckpt: HfCheckpoint, *, progress: bool = False) -> dict:
         if name not in table:  # ignored buffers, a tied checkpoint's duplicate lm_head
             continue
         entry = table[name]
-        _set(params, entry.path,
-             np.ascontiguousarray(entry.to_ours(array.astype(np.float32)).astype(dtype)))
+        array = array.astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise HfImportError(f"{ckpt.path}: tensor {name} holds non-finite values (NaN or "
+                                f"infinity); the checkpoint is damaged or diverged")
+        _set(params, entry.path, np.ascontiguousarray(entry.to_ours(array).astype(dtype)))
     return params
 
 

@@ -1,7 +1,8 @@
 """How a training process starts and stops: stop signals, dying with a parent, a debug log.
 
 * :class:`StopSignals`: SIGTERM / SIGINT become a flag the training loop checks after each
-  step (it then checkpoints once and exits 143 / 130) instead of killing the process mid-write.
+  step (it then checkpoints once and exits 143 / 130) instead of killing the process mid-write;
+  a watchdog exits with one line if the loop is blocked and never sees the flag.
 * :func:`debug_log`: library logging (orbax, absl, warnings, tracebacks of library threads) goes
   to a file in the run directory, not to the console.
 * :func:`die_with_parent`: a sweep's child processes end with their parent (below).
@@ -130,12 +131,27 @@ def stop_before_start(what: str = "training started"):
             signal.signal(sig, old)
 
 
-class StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+DEFAULT_STOP_TIMEOUT_S = 90.0  # below the local launcher's default --grace of 120 s
 
-    def __init__(self):
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, with a watchdog.
+
+    The flag is set by a Python signal handler, which runs only when the main thread returns to
+    the interpreter; a main thread blocked in a collective whose peer never answers (a stopped
+    or hung process) would never see it, and the launcher's SIGKILL would follow in silence. So,
+    with ``timeout_s``, a watchdog thread learns of the signal from the C-level handler
+    (``signal.set_wakeup_fd``) and, if the loop has not reached its stop point
+    (:meth:`stopping`) ``timeout_s`` seconds later, prints one line saying why and exits with
+    128 + signal, without a final checkpoint (the newest one on disk stays good).
+    """
+
+    def __init__(self, timeout_s: float | None = None):
         self.signum: int | None = None
+        self.timeout_s = timeout_s
         self._previous: dict = {}
+        self._reached = threading.Event()
+        self._wakeup = None
 
     def __enter__(self):
         def handler(signum, frame):
@@ -145,9 +161,48 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
                 pass
+        if self.timeout_s and self._previous:
+            import socket
+
+            read, write = socket.socketpair()
+            write.setblocking(False)
+            self._wakeup = (read, write, signal.set_wakeup_fd(write.fileno(),
+                                                              warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(read,), name="stop-watchdog",
+                             daemon=True).start()
         return self
 
+    def stopping(self) -> None:
+        """The loop has seen the stop flag and is saving and leaving: the watchdog stands down."""
+        self._reached.set()
+
+    def _watch(self, read) -> None:
+        while True:
+            try:
+                received = read.recv(64)
+            except OSError:
+                return
+            if not received:  # closed by __exit__
+                return
+            signums = [b for b in received if b in tuple(STOP_SIGNALS)]
+            if signums:
+                break
+        if self._reached.wait(self.timeout_s):
+            return
+        name = signal.Signals(signums[0]).name
+        os.write(2, (f"stopped by {name}: the run did not reach a step boundary within "
+                     f"{self.timeout_s:g} s of the signal (blocked, e.g. in a collective with a "
+                     f"process that does not respond); exiting without a final checkpoint, the "
+                     f"newest checkpoint on disk is unchanged\n").encode())
+        os._exit(128 + signums[0])
+
     def __exit__(self, *exc):
+        self._reached.set()
+        if self._wakeup is not None:
+            read, write, previous_fd = self._wakeup
+            signal.set_wakeup_fd(previous_fd)
+            write.close()  # the watchdog's recv returns b"" and it ends
+            self._wakeup = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 

@@ -298,3 +298,20 @@ def maybe_initialize_distributed(flag: str = "auto", *, coordinator: str | None 
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
         return True
     return False
+
+
+def agreed_minimum(n: int) -> int:
+    """The smallest ``n`` over all processes (every process calls this; one process: ``n``).
+
+    For counts that must be equal for collectives to match: each process reads its own share of
+    the validation records, so shares of uneven length give uneven batch counts, and a process
+    that evaluated one batch more than its peers would wait for ever in that batch's all-reduce.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return n
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int32(n))))

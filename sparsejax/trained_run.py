@@ -37,33 +37,60 @@ class TrainedRun:
     cfg: config_lib.Config
     reader: checkpointing.CheckpointReader
     steps: list[int]
-    _abstract: Any = None
+
+    _step_cfgs: dict = dataclasses.field(default_factory=dict)
+    _abstracts: dict = dataclasses.field(default_factory=dict)
 
     @property
     def warmup_steps(self) -> int:
         """Checkpoints at or before this step are warm-up (left out of CETT-PPL)."""
         return self.cfg.train.warmup_steps
 
+    def step_config(self, step: int) -> config_lib.Config:
+        """The config ``step`` was trained with, as evaluation reads it: the model and sparsity
+        settings of that checkpoint's own meta (a ``--force`` restart may have changed them after
+        it was written), the run's layout (``model.scan_layers``), data, batch and mesh. The
+        run's config when the meta holds none or cannot be read."""
+        if step not in self._step_cfgs:
+            cfg = self.cfg
+            try:
+                raw = self.reader.meta(step).get("config")
+            except Exception:  # unreadable meta: the restore reports the step
+                raw = None
+            if isinstance(raw, dict):
+                try:
+                    own = configure.from_dict(raw)
+                except (TypeError, KeyError, ValueError, config_lib.ConfigError) as err:
+                    raise RunError(f"checkpoint step {step} in {self.reader.directory}: its "
+                                   f"config is not valid here ({err})") from None
+                cfg = dataclasses.replace(
+                    cfg, sparsity=own.sparsity,
+                    model=dataclasses.replace(own.model, scan_layers=cfg.model.scan_layers))
+            self._step_cfgs[step] = (cfg, bool((raw or {}).get("model", {}).get(
+                "scan_layers", cfg.model.scan_layers)))
+        return self._step_cfgs[step][0]
+
+    def _abstract(self, model_cfg, mesh):
+        key = (repr(model_cfg), id(mesh))
+        if key not in self._abstracts:
+            self._abstracts[key] = model_lib.abstract_params(
+                model_cfg, self.cfg.train.seq_len, sharding.ShardingPlan(mesh, self.cfg.mesh))
+        return self._abstracts[key]
+
     def params(self, step: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
-        """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules.
+        """(params, meta) of one step, sharded over ``mesh`` by the run's logical-axis rules, in
+        the shapes of the step's own model (:meth:`step_config`).
 
         A checkpoint written with the other ``model.scan_layers`` layout (its own config, kept in
         its meta, says which) is read in that layout and converted to this config's.
         """
-        if self._abstract is None:
-            self._abstract = model_lib.abstract_params(
-                self.cfg.model, self.cfg.train.seq_len, sharding.ShardingPlan(mesh, self.cfg.mesh))
-        want_scan = self.cfg.model.scan_layers
-        try:
-            stored = self.reader.meta(step).get("config", {}).get("model", {})
-            stored_scan = bool(stored.get("scan_layers", False))
-        except Exception:  # unreadable meta: the restore below reports the step
-            stored_scan = want_scan
-        abstract = self._abstract
+        cfg = self.step_config(step)
+        stored_scan = self._step_cfgs[step][1]
+        want_scan = cfg.model.scan_layers
+        target = self._abstract(cfg.model, mesh)
+        abstract = target
         if stored_scan != want_scan:
-            abstract = model_lib.abstract_params(
-                dataclasses.replace(self.cfg.model, scan_layers=stored_scan),
-                self.cfg.train.seq_len, sharding.ShardingPlan(mesh, self.cfg.mesh))
+            abstract = self._abstract(dataclasses.replace(cfg.model, scan_layers=stored_scan), mesh)
         try:
             params, meta = self.reader.restore_params(step, abstract)
         except Exception as err:  # orbax raises many types for damaged or mismatched files
@@ -74,10 +101,15 @@ class TrainedRun:
                            f"its files are damaged, or they do not match this run's config "
                            f"(model.scan_layers={want_scan}, checkpoint's {stored_scan}); "
                            f"{type(err).__name__}: {first}") from None
+        bad = checkpointing.non_finite_leaf(params)
+        if bad is not None:
+            raise RunError(f"checkpoint step {step} in {self.reader.directory}: parameter {bad} "
+                           f"holds non-finite values (NaN or infinity); evaluate other steps "
+                           f"with --checkpoints")
         if stored_scan != want_scan:
             params = jax.device_put(
-                model_lib.convert_layout(params, self.cfg.model.n_layers, want_scan),
-                jax.tree.map(lambda a: a.sharding, self._abstract))
+                model_lib.convert_layout(params, cfg.model.n_layers, want_scan),
+                jax.tree.map(lambda a: a.sharding, target))
         return params, meta
 
 

@@ -9,8 +9,10 @@ written and before any parameter is allocated:
    compiled ahead of time from abstract shapes and its compiled memory is checked too;
 4. a warm start's parameters are read (a fresh run's); then the workdir is created and locked;
    library logging goes to ``train_debug.log`` in it;
-5. the run's identity is checked against its checkpoints' config (``--force`` overrides), or an
-   earlier run is moved aside (``--no-resume``); the newest good checkpoint is restored;
+5. the run's identity — its config and the fingerprint of its data and tokenizer
+   (``data_identity``) — is checked against its checkpoints' (``--force`` overrides, naming what
+   it overrides and recording the step from which that applies), or an earlier run is moved
+   aside (``--no-resume``); the newest good checkpoint is restored;
 6. the loop (:class:`_Loop`) runs.
 
 Metrics stay on device as they are produced and are fetched together every ``log_every`` steps
@@ -34,9 +36,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax import (checkpointing, config as config_lib, data, flops, lifecycle, optim, plotting,
-                       resources, results, rundir, sharding, step, storage, warm_start,
-                       writers)
+from sparsejax import (checkpointing, config as config_lib, data, data_identity, flops, lifecycle,
+                       optim, plotting, resources, results, rundir, sharding, step, storage,
+                       warm_start, writers)
 from sparsejax.sparsity_plan import SparsityPlan
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ RESUMABLE_CHANGES = {
     "name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_last", "train.keep_every", "train.checkpoint_steps", "train.peak_tflops",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
+    # the files it names are compared instead (``data_identity``): DIR and DIR/ are one run
+    "data.text_files",
 }
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
@@ -108,16 +112,23 @@ def _debug_log(workdir: pathlib.Path):
 
 
 # ------------------------------------------------------------------------------- run identity
-def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -> None:
-    """Refuse to resume checkpoints of a different config (ConfigError) unless ``force``.
+def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool,
+                   data_id: dict | None = None) -> list[str]:
+    """Refuse to resume checkpoints of a different config or different data (ConfigError) unless
+    ``force``; returns what ``force`` overrode (config fields and data changes, one phrase each),
+    empty when nothing differed.
 
     The config is read by the one rule (``checkpointing.read_run_config``): the checkpoints'
     own copy first, so deleting or damaging ``config.json`` cannot make a ReLU run resume as a
-    SiLU one.
+    SiLU one. ``data_id`` (``data_identity.describe``) is compared with the fingerprint in the
+    newest checkpoint's meta: files edited, added or removed, a replaced tokenizer file or a
+    rebuilt TFDS dataset are named. ``data.text_files`` itself may change (``DIR`` vs ``DIR/``)
+    when the files it resolves to are the same; a checkpoint without a fingerprint (saved by an
+    older version) is compared by the option string alone.
     """
     run = rundir.RunDir(workdir)
     if not run.has_checkpoints():
-        return
+        return []
     try:
         old, source = checkpointing.read_run_config(run)
         unknown = None if old is not None else f"no config in the checkpoints and no {run.config.name}"
@@ -125,16 +136,34 @@ def check_identity(workdir: pathlib.Path, cfg: config_lib.Config, force: bool) -
         unknown = str(err)
     if unknown:
         if force:
-            return
+            print(f"--force: resuming {workdir} although its checkpoints' config is unknown "
+                  f"({unknown})", flush=True)
+            return ["config unknown"]
         raise config_lib.ConfigError(
             f"{workdir} holds checkpoints but their config is unknown ({unknown}); pass --force "
             f"if they are this config's, or --no-resume to move them aside")
-    diffs = config_differences(old, config_lib.to_dict(cfg))
-    if diffs and not force:
+    new = config_lib.to_dict(cfg)
+    diffs = config_differences(old, new)
+    meta = checkpointing.meta_from_checkpoints(run.checkpoints) or {}
+    old_id = meta.get("data_identity")
+    if old_id is None and old.get("data", {}).get("text_files") != new["data"]["text_files"]:
+        diffs.append("data.text_files")
+    changed = data_identity.differences(old_id, data_id) if data_id is not None else []
+    if (diffs or changed) and not force:
+        what = []
+        if diffs:
+            what.append(f"a run with a different config ({source}; fields: {', '.join(diffs)})")
+        if changed:
+            what.append(f"a run on other data (changed since its last checkpoint: "
+                        f"{'; '.join(changed)})")
         raise config_lib.ConfigError(
-            f"{workdir} holds checkpoints of a run with a different config ({source}; fields: "
-            f"{', '.join(diffs)}); use another --workdir, --no-resume to move that run aside, "
-            f"or --force to resume anyway")
+            f"{workdir} holds checkpoints of {' and of '.join(what)}; use another --workdir, "
+            f"--no-resume to move that run aside, or --force to resume anyway")
+    overridden = [f"{d}={_flatten(new).get(d)!r}" for d in diffs] + changed
+    if overridden:
+        print(f"--force: resuming {workdir} although it differs from its checkpoints: "
+              f"{'; '.join(overridden)}", flush=True)
+    return overridden
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -142,12 +171,13 @@ class _Loop:
     """One training run's mutable state: the step loop, metric flushes, eval and saves."""
 
     def __init__(self, cfg, workdir, fns, train_step, dataset, ckpt, writer, mesh, *,
-                 state, start_step, tokens_seen, progress, log_activations):
+                 state, start_step, tokens_seen, progress, log_activations, forced=()):
         self.cfg, self.t, self.workdir = cfg, cfg.train, workdir
         self.fns, self.train_step, self.dataset = fns, train_step, dataset
         self.ckpt, self.writer, self.mesh = ckpt, writer, mesh
         self.state, self.step_no, self.tokens_seen = state, start_step, tokens_seen
         self.log_activations = log_activations
+        self.forced = list(forced)  # each --force restart: its first step and what it overrode
         self.extra_saves = frozenset(self.t.checkpoint_steps)
         self.last_good = start_step if start_step else None
         self.last_saved = start_step if start_step else None
@@ -242,7 +272,8 @@ class _Loop:
             return
         states = _all_process_states(self.dataset.train.get_state())
         meta = {"data": states[0], "data_processes": states, "tokens_seen": self.tokens_seen,
-                "seed": self.t.seed, "step": self.step_no, "config": config_lib.to_dict(self.cfg)}
+                "seed": self.t.seed, "step": self.step_no, "config": config_lib.to_dict(self.cfg),
+                "data_identity": self.dataset.identity, "forced": self.forced}
         try:
             self.ckpt.save(self.step_no, self.state, meta)
         except checkpointing.CheckpointError as err:
@@ -283,6 +314,7 @@ class _Loop:
                 self.flush(drain=False)
         self.flush()
         if stop.signum is not None:
+            stop.stopping()  # the watchdog stands down: the loop is not blocked
             if self.step_no > 0:
                 self.save()
                 self.wait_saves()
@@ -361,8 +393,13 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
     resources.check_state_fits(fns.abstract_state, budget, limit_name)
     try:
         dataset = data.Dataset(cfg, jax.process_index(), jax.process_count())
+        dataset.identity = data_identity.describe(cfg, dataset.tokenizer)
+        dataset.validation = dataset.validation[:sharding.agreed_minimum(len(dataset.validation))]
     except data.DataError as err:
         raise config_lib.ConfigError(str(err)) from None
+    except OSError as err:  # a file removed or unreadable between the two reads
+        raise config_lib.ConfigError(f"data: cannot read {err.filename} "
+                                     f"({err.strerror or err})") from None
     t0 = time.perf_counter()
     # AOT compile from abstract shapes: shape or memory problems surface before the first step.
     train_step = fns.train.lower(
@@ -373,14 +410,18 @@ def _prepare(cfg: config_lib.Config, log_activations: bool):
 
 
 def train(cfg: config_lib.Config, workdir: str | pathlib.Path, *, resume: bool = True,
-          force: bool = False, progress: bool = True, log_activations: bool = True) -> RunSummary:
+          force: bool = False, progress: bool = True, log_activations: bool = True,
+          stop_timeout_s: float | None = lifecycle.DEFAULT_STOP_TIMEOUT_S) -> RunSummary:
+    """Train ``cfg`` in ``workdir`` (module docstring). ``stop_timeout_s``: after SIGTERM /
+    SIGINT, exit with one line if the loop has not reached a step boundary this much later
+    (``lifecycle.StopSignals``; None: wait for ever)."""
     workdir = storage.path(workdir)  # local, or gs:// (see sparsejax.storage)
     is_main = jax.process_index() == 0
     rundir.check_writable_dir(workdir, "--workdir")
     lock = rundir.run_lock(workdir) if is_main else None
     # Signals are deferred from here on: one that arrives while compiling stops the run before
     # its first step, with nothing half-written.
-    with lifecycle.StopSignals() as stop:
+    with lifecycle.StopSignals(stop_timeout_s) as stop:
         try:
             if lock is not None and workdir.is_dir():
                 lock.acquire()  # a second trainer is refused before it compiles anything
@@ -409,14 +450,15 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
         moved = rundir.move_previous_run(workdir)
         if moved is not None:
             print(f"--no-resume: moved the previous run's files to {moved}")
-    if resume:
-        check_identity(workdir, cfg, force)
+    forced = check_identity(workdir, cfg, force, dataset.identity) if resume else []
     t = cfg.train
     rows = getattr(dataset.train, "rows", None)
     log.info("data: process %d of %d loads rows %s of each global batch of %d",
              jax.process_index(), jax.process_count(),
              f"{rows.start}:{rows.stop}" if isinstance(rows, slice)
              else f"(grain shard: {getattr(dataset.train, 'shard', '?')})", t.batch_size)
+    log.info("validation: %d batches on every process (this process's share of the records "
+             "gave %d)", len(dataset.validation), dataset.own_validation_batches)
     run = rundir.RunDir(workdir)
     ckpt = checkpointing.Checkpointer(run.checkpoints, keep_last=t.keep_last,
                                       keep_every=t.keep_every, keep_steps=t.checkpoint_steps)
@@ -426,10 +468,18 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
         restored = ckpt.restore_latest(fns.abstract_state) if resume else None
         if is_main:
             rundir.atomic_write(run.config, json.dumps(config_lib.to_dict(cfg), indent=2))
+        history: list[dict] = []
         if restored is not None:
             start_step, state, meta = restored
             dataset.train.set_state(_own_data_state(meta, cfg))
             tokens_seen = float(meta["tokens_seen"])
+            history = list(meta.get("forced", []))
+            if forced:
+                # Checkpoints up to start_step keep the settings they were trained with (their
+                # own meta's config); these apply from the next step on.
+                history.append({"applies_from_step": start_step + 1, "overridden": forced})
+                print(f"--force: the new settings apply from step {start_step + 1}; checkpoints "
+                      f"up to step {start_step} keep their own", flush=True)
             print(f"resumed from {ckpt.directory} at step {start_step}")
         else:
             start_step, tokens_seen = 0, 0.0
@@ -450,7 +500,7 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
                   flush=True)
         loop = _Loop(cfg, workdir, fns, train_step, dataset, ckpt, writer, mesh, state=state,
                      start_step=start_step, tokens_seen=tokens_seen, progress=progress,
-                     log_activations=log_activations)
+                     log_activations=log_activations, forced=history)
         loop.run(stop)
         loop.wait_saves()
     finally:

@@ -113,5 +113,10 @@ def load(warm: WarmStart, cfg: config_lib.Config, param_shardings: Any) -> Any:
         raise _unreadable(where, warm.directory, warm.step, err) from None
     finally:
         reader.close()
+    bad = checkpointing.non_finite_leaf(params)
+    if bad is not None:
+        raise ConfigError(f"train.warm_start={cfg.train.warm_start!r} (step {warm.step}): "
+                          f"parameter {bad} holds non-finite values (NaN or infinity); warm-start "
+                          f"from an earlier step or another run")
     params = model_lib.convert_layout(params, warm.source_cfg.model.n_layers, cfg.model.scan_layers)
     return jax.device_put(params, param_shardings)

@@ -1,5 +1,9 @@
 """Training metrics: ``metrics.jsonl`` (one JSON line per step) and TensorBoard events.
 
+Every line is strict JSON (RFC 8259): a value that is not a finite number (a NaN tokens/s of a
+window too short to time, an infinite perplexity) is written as ``null``, so any JSON reader
+(``jq``, pandas) reads the file; :func:`json_line` is the one encoder.
+
 The activation-ratio plot is drawn by :func:`sparsejax.plotting.plot_activation_ratio`."""
 
 from __future__ import annotations
@@ -11,6 +15,21 @@ import shutil
 from typing import Iterable
 
 from sparsejax import rundir, storage
+
+
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line of ``metrics.jsonl``: non-finite numbers as ``null``."""
+    return json.dumps(_finite_or_null(record), allow_nan=False)
 
 
 class MetricsWriter:
@@ -53,7 +72,7 @@ class MetricsWriter:
             print(f"WARNING: {self.path}: dropped {len(bad_inside)} unreadable line(s) "
                   f"(line {', '.join(map(str, bad_inside[:5]))}); the original is kept as {keep}",
                   flush=True)
-        kept = [json.dumps(r, allow_nan=True) for r in records
+        kept = [json_line(r) for r in records
                 if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
         text = "".join(line + "\n" for line in kept)
         if self._object is not None:
@@ -65,7 +84,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         records = list(records)
-        text = "".join(json.dumps(record, allow_nan=True) + "\n" for record in records)
+        text = "".join(json_line(record) + "\n" for record in records)
         if self._object is not None:
             self._object.append(text)
         else:

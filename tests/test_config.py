@@ -227,3 +227,23 @@ def test_a_run_written_before_the_sparsity_section_resumes_and_evaluates(tmp_pat
     assert results["checkpoints"][0]["step"] == 2
     # top-k 0.5 of d_ff 160 is trained into the model: at most 80 of 160 neurons are active
     assert 0 < results["checkpoints"][0]["results"]["zero"]["ratio"] <= 0.5
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model.topk=0.25", "sparsity.topk=0.5"], "sparsity.topk"),
+    (["sparsity.topk=0.5", "model.topk=0.25"], "sparsity.topk"),
+    (["recipe.l1.kind=constant", "sparsity.l1.values=1e-4"], "sparsity.l1"),
+    (["model.topk=0.5", "recipe.topk.values=0.25"], "sparsity.topk"),
+])
+def test_an_old_and_a_new_name_for_one_field_in_one_command_are_refused(overrides, field):
+    with pytest.raises(config.ConfigError) as err:
+        configure.load("configs/tiny_relu.py", overrides)
+    assert f"set the same field, {field}, by two names" in str(err.value)
+    assert all(o.split("=")[0] in str(err.value) for o in overrides)
+
+
+def test_one_name_twice_or_different_moved_fields_are_fine():
+    last = configure.load("configs/tiny_relu.py", ["model.topk=0.5", "model.topk=0.25"])
+    assert last.sparsity.topk.values == (0.25,)
+    both = configure.load("configs/tiny_relu.py", ["recipe.l1.values=1e-4", "sparsity.chunk_len=8"])
+    assert both.sparsity.l1.values == (1e-4,) and both.sparsity.chunk_len == 8

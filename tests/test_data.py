@@ -366,3 +366,71 @@ def test_tfds_missing_split_or_key_names_the_field_and_what_exists(marked_tfds, 
 def test_tfds_split_slices_are_allowed(marked_tfds):
     ds = data.Dataset(_tfds_cfg(marked_tfds[0], "data.tfds_train_split=train[:50%]"))
     assert ds.train.shard == "records 0::1 of 30"
+
+
+@pytest.mark.parametrize("split, needle", [
+    ("train[:200%]", "is not a valid slice of TFDS dataset 'marked_docs'"),
+    ("train[:500]", "is not a valid slice of TFDS dataset 'marked_docs'"),
+    ("train[40:10]", "is not a valid slice of TFDS dataset 'marked_docs'"),
+    ("train[:90%", "is not a valid TFDS split slice (unbalanced brackets)"),
+])
+def test_a_bad_tfds_split_slice_gets_a_slice_hint(marked_tfds, split, needle):
+    with pytest.raises(data.DataError) as err:
+        data.Dataset(_tfds_cfg(marked_tfds[0], f"data.tfds_train_split={split}"))
+    text = str(err.value)
+    assert text.startswith(f"data.tfds_train_split={split!r}") and needle in text, text
+    assert "slices look like train[:90%]" in text and "'train': 60, 'validation': 12" in text
+    assert "array_record" not in text and "\n" not in text
+
+
+def test_a_recursive_glob_through_a_symlink_cycle_keeps_each_file_once(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    for i in range(6):
+        (root / ("sub" if i % 2 else ".") / f"d{i}.txt").write_text(f"document {i} " * 10)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # docs/sub/loop -> docs
+    (root / "alias.txt").symlink_to(root / "d0.txt")
+    want = sorted(str((root / ("sub" if i % 2 else ".") / f"d{i}.txt").resolve()) for i in range(6))
+    for pattern in (f"{root}/**/*.txt", str(root)):
+        files = data.resolve_text_files([pattern])
+        assert sorted(str(f.resolve()) for f in files) == want, files
+    cfg = _cfg("data.source=text", f"data.text_files={root}/**/*.txt",
+               "data.validation_fraction=0.3")
+    train, valid = data.text_sources(cfg)
+    texts = [train[i] for i in range(len(train))], [valid[i] for i in range(len(valid))]
+    assert len(texts[0]) + len(texts[1]) == 6 and not set(texts[0]) & set(texts[1])
+
+
+def test_a_corrupt_cached_sentencepiece_model_is_one_line(tmp_path):
+    text = data.split_text(data.load_corpus_text(), 0.05)[0][:100_000]
+    tok = data.SentencePieceTokenizer([text], vocab_size=400, cache_dir=tmp_path)
+    tok.model_path.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(data.DataError) as err:
+        data.SentencePieceTokenizer([text], vocab_size=400, cache_dir=tmp_path)
+    assert f"the cached SentencePiece model {tok.model_path} cannot be loaded" in str(err.value)
+    assert "delete it" in str(err.value) and "\n" not in str(err.value)
+
+
+class _Recording(data.ByteTokenizer):
+    """Byte tokens that remember the longest text they were asked to encode."""
+
+    longest = 0
+
+    def encode(self, text):
+        self.longest = max(self.longest, len(text))
+        return super().encode(text)
+
+
+def test_long_documents_are_tokenized_in_bounded_pieces_with_the_same_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "the", "of", "and", "neuron", "x" * 300]
+    text = " ".join(rng.choice(words, size=5000)) + " " + "y" * 2500 + " end"
+    tok = _Recording()
+    ids = data.encode_bounded(tok, text, limit=1000)
+    assert tok.longest <= 1000
+    np.testing.assert_array_equal(ids, data.ByteTokenizer().encode(text))  # bytes: exactly equal
+    sp = data.SentencePieceTokenizer([" ".join(rng.choice(words[:-1], size=3000))], vocab_size=512,
+                                     cache_dir=tmp_path)
+    spaced = " ".join(rng.choice(words[:-1], size=4000))
+    # SentencePiece starts each word at its space: cut at spaces, the pieces are the same.
+    np.testing.assert_array_equal(data.encode_bounded(sp, spaced, limit=700), sp.encode(spaced))

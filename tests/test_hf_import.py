@@ -284,3 +284,23 @@ def test_llama3_rope_scaling_is_what_makes_the_logits_match():
     plain = dataclasses.replace(ckpt.model, rope_type="default")
     logits, _ = model_lib.Model(plain).apply(params, jnp.asarray(ref["input_ids"]))
     assert np.abs(np.asarray(logits) - ref["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--hf", "HF", "--checkpoints", "last"], "--checkpoints does not apply to --hf (only to --workdir)"),
+    (["--hf", "HF", "--joint-last", "3"], "--joint-last does not apply to --hf"),
+    (["--workdir", "RUN", "--text", "t.txt"], "--text does not apply to --workdir (only to --hf)"),
+    (["--workdir", "RUN", "--seq-len", "16", "--dtype", "float32"],
+     "--seq-len, --dtype do not apply to --workdir"),
+    (["--hf", "HF", "--seq-len", "16", "--batch-size", "8", "--topk", "100000"],
+     "--topk=100000 is more neurons than this model has (d_ff="),
+])
+def test_options_that_would_be_ignored_or_out_of_range_are_one_line(tmp_path, capsys, args, expected):
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "o" / "r.json"
+    args = [str(FIXTURES / "mistral") if a == "HF" else str(tmp_path / "run") if a == "RUN" else a
+            for a in args]
+    assert eval_cli.main([*args, "--metrics", "zero,topk", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval error: ") and expected in err[0], err
+    assert not out.parent.exists()

@@ -251,6 +251,16 @@ def _fake(cmds):
     return [subprocess.Popen(c) for c in cmds]
 
 
+def test_launcher_gives_its_processes_a_stop_timeout_within_its_grace():
+    cmds = local.process_commands(["--config", "c.py"], 2, 1234,
+                                  stop_timeout=local.stop_timeout_for(30))
+    assert all(c[c.index("--stop-timeout") + 1] == "22.5" for c in cmds)
+    assert local.stop_timeout_for(120) == 90 and local.stop_timeout_for(0.5) == 1
+    own = local.process_commands(["--stop-timeout", "5"], 2, 1234, stop_timeout=90)
+    assert all(c.count("--stop-timeout") == 1 and c[c.index("--stop-timeout") + 1] == "5"
+               for c in own)
+
+
 def test_launcher_kills_the_rest_when_one_dies():
     procs = _fake([["sleep", "120"], ["sh", "-c", "sleep 0.5; kill -9 $$"], ["sleep", "120"]])
     t0 = time.monotonic()
@@ -286,6 +296,7 @@ def test_launcher_sigkills_after_the_grace_period():
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
      "--process-id=2; allowed values: 0 … 1"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "is not HOST:PORT"),
+    (["--stop-timeout", "-1"], "--stop-timeout=-1 must be >= 0"),
 ])
 def test_train_rejects_bad_process_flags(tmp_path, flags, needle):
     workdir = tmp_path / "run"
@@ -364,3 +375,84 @@ def test_a_launch_on_a_workdir_in_use_returns_at_once_with_one_line(tmp_path):
     # Start-up (imports, jax.distributed) takes ~10 s here; before the fix the launcher returned
     # after 42-45 s, when process 0's distributed shutdown gave up on its peer.
     assert elapsed < 30, (elapsed, second.stderr[-3000:])
+
+
+def _text_run(tmp_path, *extra, source="text"):
+    """Twenty documents whose two validation documents are uneven: one gives four validation
+    batches, the other one. ``text``: .txt files (the validation documents are those
+    data.source=text draws); ``tfds``: the same documents as a TFDS dataset built on disk."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _, valid = data.split_documents(20, 0.1)
+    texts = [("abcdefghij" * 50)[:300 if i == valid[0] else 40 if i == valid[1] else 400]
+             for i in range(20)]
+    if source == "text":
+        for i, text in enumerate(texts):
+            (docs / f"doc{i:02d}.txt").write_text(text)
+        data_sets = [f"data.text_files={docs}", "data.validation_fraction=0.1"]
+    else:
+        from sparsejax import tfds_build
+
+        tfds_build.build({"train": [t for i, t in enumerate(texts) if i not in valid],
+                          "validation": [texts[i] for i in valid]}, docs, name="uneven_docs")
+        data_sets = ["data.tfds_name=uneven_docs", f"data.tfds_data_dir={docs}",
+                     "data.tfds_eval_split=validation"]
+    sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.head_dim=16",
+            "model.d_ff=64", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=2",
+            "train.log_every=1", f"data.source={source}", *data_sets, *extra]
+    args = ["--config", str(REPO / "configs/tiny_relu.py"), "--workdir", str(tmp_path / "run"),
+            "--no-progress"]
+    for o in sets:
+        args += ["--set", o]
+    return args
+
+
+@pytest.mark.parametrize("source", ["text", "tfds"])
+def test_uneven_validation_shards_evaluate_on_both_processes_without_deadlock(tmp_path, source):
+    args = _text_run(tmp_path, "train.steps=2", "train.eval_every=2", "train.eval_batches=4",
+                     "train.checkpoint_every=2", source=source)
+    proc = subprocess.run([sys.executable, "-m", "sparsejax.launch", "local", "--processes", "2",
+                           "--devices-per-process", "1", "--", *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [r["step"] for r in writers.read_jsonl(run / "metrics.jsonl") if "eval_loss" in r] == [2]
+    counts = [re.findall(r"validation: (\d+) batches on every process \(this process's share of "
+                         r"the records gave (\d+)\)", (run / log).read_text())[-1]
+              for log in ("train_debug.log", "train_debug.1.log")]
+    # Each process read one validation document (4 and 1 batches); both evaluated 1.
+    assert sorted(counts) == [("1", "1"), ("1", "4")], counts
+
+
+def test_a_stop_signal_while_blocked_in_a_collective_exits_within_the_timeout(tmp_path):
+    """Process 1 is stopped (SIGSTOP), so process 0 blocks in the next collective and never
+    returns to Python; SIGTERM to it must still end it, with one line saying why, well before a
+    launcher's grace (and JAX's 100 s heartbeat) would."""
+    args = _text_run(tmp_path, "train.steps=100000", "train.eval_every=100000",
+                     "train.checkpoint_every=100000") + ["--stop-timeout", "3"]
+    cmds = local.process_commands(args, 2, local.free_port())
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    run = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len(_steps_with_loss(run)) >= 3):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = procs[0].communicate(timeout=40)
+        took = time.monotonic() - sent
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 143, err[-2000:]
+    assert took < 30, f"{took:.0f} s"
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("stopped by SIGTERM: the run did not reach a step boundary within "
+                                "3 s of the signal"), err[-2000:]

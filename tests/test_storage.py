@@ -61,6 +61,28 @@ def test_metrics_round_trip_resume_and_damage(workdir):
     assert (workdir / "metrics.jsonl.damaged").read_text().splitlines()[2] == text[2]
 
 
+def _strict(line: str):
+    """Parse as RFC 8259 JSON: NaN / Infinity are not JSON and fail here."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_lines_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    w = writers.MetricsWriter(workdir, tensorboard=False)
+    record = {"step": 1, "loss": 5.0, "tokens_per_s": float("nan"), "mfu": float("inf"),
+              "activation_ratio_layers": [0.5, float("-inf")]}
+    w.write([record])
+    w.truncate_after(1)  # the rewrite on resume encodes the same way
+    w.close()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [_strict(line) for line in lines] == [
+        {"step": 1, "loss": 5.0, "tokens_per_s": None, "mfu": None,
+         "activation_ratio_layers": [0.5, None]}]
+
+
 def test_object_store_metrics_are_uploaded_whole_at_sync(gcs):
     """Between syncs the object keeps its last complete version (no partial appends)."""
     workdir = storage.path("gs://bucket/runs/lazy")

@@ -56,3 +56,40 @@ def test_command_bad_input_is_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_dataset_is_refused_and_overwrite_swaps_it_whole(tmp_path, capsys):
+    out = tmp_path / "out"
+
+    def docs(tag, n):
+        src = tmp_path / tag
+        src.mkdir()
+        for i in range(n):
+            (src / f"{i:02d}.txt").write_text(f"{tag} {i}\n")
+        return ["--data-dir", str(out), "--name", "mine", "--text-files", str(src)]
+
+    assert tfds_build.main(docs("old", 10)) == 0
+    capsys.readouterr()
+    new = docs("new", 12)
+    assert tfds_build.main(new) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds dataset 'mine'" in err[0] and "--overwrite" in err[0], err
+    old_records = _read(out, "mine", "train") + _read(out, "mine", "validation")
+    assert sorted(old_records) == sorted(f"old {i}\n" for i in range(10))
+    assert tfds_build.main(new + ["--overwrite"]) == 0, capsys.readouterr().err
+    records = _read(out, "mine", "train") + _read(out, "mine", "validation")
+    assert sorted(records) == sorted(f"new {i}\n" for i in range(12))
+    # No scratch directory or old copy left (TFDS itself keeps an empty downloads/).
+    assert sorted(p.name for p in out.iterdir()) == ["downloads", "mine"]
+
+
+def test_a_data_dir_that_is_a_file_and_a_text_key_alone_are_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, needle in [(["--data-dir", str(afile)], f"--data-dir {afile} is a file"),
+                         (["--data-dir", str(tmp_path / "out"), "--text-key", "body"],
+                          "--text-key applies to --text-files only")]:
+        assert tfds_build.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists() and afile.read_text() == "x"

@@ -8,7 +8,7 @@ import importlib.util
 import pathlib
 from typing import Any, Sequence
 
-from sparsejax.config.schema import Config, ConfigError, moved_path
+from sparsejax.config.schema import MOVED_FIELDS, Config, ConfigError, moved_path
 from sparsejax.schedules import Schedule
 
 
@@ -48,14 +48,42 @@ def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     cfg = dataclasses.replace(
         cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
                 for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    seen: list[tuple[str, str]] = []  # (path as given, today's path) of earlier overrides
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
-        path, text = item.split("=", 1)
+        given, text = item.split("=", 1)
+        given = given.strip()
         # A field's path before it moved (model.topk, recipe.l1.kind, ...) sets it where it is.
-        path = moved_path(path.strip())
+        path = moved_path(given)
+        for earlier_given, earlier in seen:
+            root = _moved_root(given) or _moved_root(earlier_given)
+            if root is None or _spelling(given) == _spelling(earlier_given):
+                continue
+            if all(p == root or p.startswith(root + ".") for p in (path, earlier)):
+                raise ConfigError(
+                    f"--set {earlier_given} and --set {given} set the same field, {root}, by two "
+                    f"names (one from before it moved to the sparsity section); give it once, "
+                    f"as {root}")
+        seen.append((given, path))
         cfg = _set_path(cfg, path, path.split("."), text)
     return cfg
+
+
+def _moved_root(given: str) -> str | None:
+    """Today's path of the moved field that ``given`` names by its old path (or a part of)."""
+    for old, new in MOVED_FIELDS.items():
+        if given == old or given.startswith(old + "."):
+            return new
+    return None
+
+
+def _spelling(given: str) -> str:
+    """The old path prefix a field was named by (``model.topk``, ``recipe.l1``), or today's."""
+    for old in MOVED_FIELDS:
+        if given == old or given.startswith(old + "."):
+            return old
+    return "today"
 
 
 def _set_path(target: Any, path: str, parts: list[str], text: str, depth: int = 0) -> Any:

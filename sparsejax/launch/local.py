@@ -54,17 +54,27 @@ def free_port() -> int:
 
 
 def process_commands(train_args: list[str], processes: int, port: int, *,
-                     python: str = sys.executable, heartbeat_timeout: int | None = None) -> list[list[str]]:
-    """The ``train.py`` command of each process (same args, its own ``--process-id``)."""
+                     python: str = sys.executable, heartbeat_timeout: int | None = None,
+                     stop_timeout: float | None = None) -> list[list[str]]:
+    """The ``train.py`` command of each process (same args, its own ``--process-id``).
+    ``stop_timeout``: ``train.py --stop-timeout`` unless the args set it."""
     if processes < 1:
         raise LaunchError(f"--processes={processes}; allowed values: integers >= 1")
     clash = [a.split("=")[0] for a in train_args if a.split("=")[0] in OWN_FLAGS]
     if clash:
         raise LaunchError(f"{clash[0]} is set by the launcher; remove it from the train.py args")
     extra = ["--heartbeat-timeout", str(heartbeat_timeout)] if heartbeat_timeout else []
+    if stop_timeout and not any(a.split("=")[0] == "--stop-timeout" for a in train_args):
+        extra += ["--stop-timeout", f"{stop_timeout:g}"]
     return [[python, str(TRAIN), *train_args, "--coordinator", f"localhost:{port}",
              "--num-processes", str(processes), "--process-id", str(i), *extra]
             for i in range(processes)]
+
+
+def stop_timeout_for(grace: float) -> float:
+    """The ``--stop-timeout`` the launcher gives its processes: three quarters of ``--grace``
+    (90 s of the default 120), at least 1 s."""
+    return max(1.0, 0.75 * grace)
 
 
 def process_env(devices_per_process: int, base: dict | None = None) -> dict:
@@ -99,7 +109,10 @@ def run(train_args: list[str], processes: int, devices_per_process: int, *, port
         heartbeat_timeout: int | None = None, grace: float = 120.0) -> int:
     """Start the processes, wait for them, stop all if one fails. Returns the exit code."""
     port = port or free_port()
-    cmds = process_commands(train_args, processes, port, heartbeat_timeout=heartbeat_timeout)
+    # A process blocked in a collective after the forwarded signal exits with a line saying why
+    # (train.py's watchdog) before the grace ends in a silent SIGKILL.
+    cmds = process_commands(train_args, processes, port, heartbeat_timeout=heartbeat_timeout,
+                            stop_timeout=stop_timeout_for(grace))
     env = process_env(devices_per_process)
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
