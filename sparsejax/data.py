@@ -171,6 +171,14 @@ class SentencePieceTokenizer(SentencePieceModel):
                             f"{prefix.with_suffix('.model')} cannot be loaded ({type(err).__name__}: "
                             f"{text}); delete it and it is trained again") from None
 
+    @staticmethod
+    def cached_model(texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path) -> pathlib.Path:
+        """Where the model trained on ``texts`` is cached (by content hash; it may not exist)."""
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(text.encode("utf-8"))
+        return pathlib.Path(cache_dir) / f"spm_{vocab_size}_{digest.hexdigest()[:16]}.model"
+
 
 ENCODE_CHARS = 1 << 16  # a document is tokenized in pieces of at most this many characters
 
@@ -211,14 +219,6 @@ def _sentences(texts: list[str]):
     for text in texts:
         for line in text.splitlines():
             yield from (piece for piece in _pieces(line, SENTENCE_CHARS, False) if piece)
-
-    @staticmethod
-    def cached_model(texts: list[str], vocab_size: int, cache_dir: str | pathlib.Path) -> pathlib.Path:
-        """Where the model trained on ``texts`` is cached (by content hash; it may not exist)."""
-        digest = hashlib.sha256()
-        for text in texts:
-            digest.update(text.encode("utf-8"))
-        return pathlib.Path(cache_dir) / f"spm_{vocab_size}_{digest.hexdigest()[:16]}.model"
 
 
 def load_corpus_text() -> str:
