@@ -68,17 +68,20 @@ def _late_mean(workdir: Path, key: str, share: float = 0.1) -> float:
 
 
 def pilot(shape, lr: float, steps: int, activation: str, workroot: Path, mup_base: int = 0,
-          tokens_per_param: float = protocol.TOKENS_PER_PARAM) -> dict:
+          tokens_per_param: float = protocol.TOKENS_PER_PARAM, warmup: int | None = None) -> dict:
     d, layers, head = shape
     point = protocol.shape_point(d, layers, head_dim=head, learning_rate=lr, mup_base=mup_base,
                                  tokens_per_param=tokens_per_param)
     run = protocol.shape_regime(d, layers, head_dim=head, tokens_per_param=tokens_per_param)
     n = min(steps, run.steps)
+    warmup = run.warmup_steps if warmup is None else warmup
     sets = [o for o in point.overrides if not o.startswith(("train.steps=", "train.checkpoint_steps=",
                                                             "train.checkpoint_every=", "train.keep_every=",
-                                                            "train.eval_every="))]
+                                                            "train.eval_every=", "train.warmup_steps=",
+                                                            "train.log_every="))]
     sets += [f"train.steps={n}", f"train.checkpoint_every={n}", f"train.keep_every={n}",
-             f"train.eval_every={n}", f"model.activation={activation}"]
+             f"train.eval_every={n}", f"train.warmup_steps={warmup}", f"train.log_every={max(1, n // 100)}",
+             f"model.activation={activation}"]
     workdir = workroot / f"d{d}_l{layers}_h{head}_lr{lr:g}_mup{mup_base}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny_relu.py"),
            "--workdir", str(workdir), "--no-progress"] + [a for s in sets for a in ("--set", s)]
@@ -90,7 +93,8 @@ def pilot(shape, lr: float, steps: int, activation: str, workroot: Path, mup_bas
     losses = [json.loads(line)["eval_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"eval_loss"' in line]
     return {"d_model": d, "n_layers": layers, "head_dim": head, "params": run.params, "mup_base": mup_base,
-            "lr": lr, "steps": n, "batch_size": run.batch_size, "tokens": n * run.batch_size * protocol.SEQ_LEN,
+            "lr": lr, "steps": n, "warmup_steps": warmup, "batch_size": run.batch_size,
+            "tokens": n * run.batch_size * protocol.SEQ_LEN,
             "eval_loss": losses[-1], "activation_ratio": _late_mean(workdir, "activation_ratio"),
             "seconds": round(seconds, 1)}
 
@@ -129,17 +133,22 @@ def main(argv=None) -> int:
                     help="comma-separated: 0 = standard parameterisation, B > 0 = µP with base width B")
     ap.add_argument("--tokens-per-param", type=float, default=protocol.TOKENS_PER_PARAM,
                     help="the regime's budget (the run stops at min(--steps, its steps))")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="warm-up steps of every run (default: each run's regime's); give one value "
+                         "when comparing shapes, whose regimes differ")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the rows here (with the best LR per shape)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.tokens_per_param <= 0:
         ap.error("--steps and --jobs must be >= 1 and --tokens-per-param > 0")
+    if args.warmup is not None and not 0 <= args.warmup < args.steps:
+        ap.error(f"--warmup {args.warmup} must be in [0, --steps)")
     grid = [(s, b, lr) for s in args.shapes for b in args.mup_bases for lr in args.lrs]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lr_pilot_") as tmp, \
             concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(pilot, s, lr, args.steps, args.activation, Path(tmp), b,
-                               args.tokens_per_param): (s, b, lr) for s, b, lr in grid}
+                               args.tokens_per_param, args.warmup): (s, b, lr) for s, b, lr in grid}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             row = fut.result()
             rows.append(row)
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {"activation": args.activation, "steps": args.steps, "tokens_per_param": args.tokens_per_param,
-               "mup_bases": args.mup_bases,
+               "warmup": args.warmup, "mup_bases": args.mup_bases,
                "rows": sorted(rows, key=lambda r: (r["mup_base"], r["d_model"], r["n_layers"], r["lr"])),
                "best_lr": {f"{k[0]}x{k[1]}x{k[2]}" + (f"_mup{k[3]}" if k[3] else ""): v["lr"]
                            for k, v in best.items()}}

@@ -12,8 +12,9 @@ tokens on the embedded corpus, 23.7k–26.7k non-embedding parameters): d_model 
   ``protocol.MUP_BASE``) and **one base learning rate**, ``protocol.MUP_LEARNING_RATE``, for every
   shape. ``cpu_width_depth.py`` gave each shape its own pilot-best LR under standard
   parameterisation, and the activation ratio moves with the LR as much as with the shape
-  (notebooks/results/lr_transfer.json), so its width/depth differences are confounded with LR;
-  under µP the best LR transfers across widths (same table), so one LR serves all four shapes.
+  (notebooks/results/lr_vs_ratio.json: +36% to +109% between learning rates whose losses are within
+  5% of each other), so its width/depth differences are confounded with LR; µP is what lets one LR
+  serve every width, as in the paper.
 - **1,000 tokens per parameter** (``protocol.LIMIT_TOKENS_PER_PARAM``; 24M–27M tokens, ≈ 3,000
   steps of 64×128): at 300 no run reached its plateau.
 

@@ -13,9 +13,8 @@ protocol (:mod:`sparsejax.sweep.protocol`): 300 tokens per non-embedding paramet
 sequences of 256, up to 256 per step, 12 log-spaced checkpoints, joint CETT-PPL-1%, plateau test.
 
 Learning rate: µP (``protocol.GPU``: widths measured against ``protocol.MUP_BASE``) with one base LR for
-every shape, ``protocol.MUP_LEARNING_RATE``, the best LR of the CPU proxies' µP pilot, which transfers
-across their widths (notebooks/results/lr_transfer.json); no per-shape pilot, so shape is not
-confounded with learning rate.
+every shape, ``protocol.MUP_LEARNING_RATE`` (the CPU proxies' µP learning rate); no per-shape pilot, so
+shape is not confounded with learning rate.
 
 Estimated cost on one H100: these models are overhead-bound (≈ 10 ms per step of 256 × 256 tokens
 with the einsum FFN, i.e. ≈ 6M tokens/s, an estimate, not a measurement): training ≈ 5–8 s per 1M

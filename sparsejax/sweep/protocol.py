@@ -52,10 +52,11 @@ LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
 
 # µP (sparsejax.mup) on the CPU proxies: MiniCPM's constants (config.PAPER_MUP) with widths measured
 # against MUP_BASE, the narrowest width the CPU sweeps train, instead of the paper's 256, and one
-# base learning rate for every shape: the best of the µP pilot over widths 16–128
-# (notebooks/results/lr_transfer.json, benchmarks/lr_pilot.py --mup-bases 0,16).
+# base learning rate for every shape. Provisional: the µP runs' best LR at widths 16 and 32 in
+# notebooks/results/lr_vs_ratio.json; the transfer table (benchmarks/lr_pilot.py --mup-bases 0,16
+# --warmup 15 over widths 16–128: one schedule for every width) settles it before the µP sweeps run.
 MUP_BASE = 16
-MUP_LEARNING_RATE = 1e-2
+MUP_LEARNING_RATE = 3e-2
 # The limit findings' budget under µP: 1,000 tokens per non-embedding parameter (the 300 of
 # TOKENS_PER_PARAM left every CPU run short of its plateau).
 LIMIT_TOKENS_PER_PARAM = 1000
