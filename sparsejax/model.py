@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from sparsejax.attention import RESIDUALS_NAME, attention_fn
 from sparsejax.config import Config, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
@@ -241,8 +242,7 @@ class Attention(nn.Module):
         k_BxLxGxK = apply_rope(checkpoint_name(proj("key", cfg.kv_heads, kv_axis)(x_BxLxD), "key"),
                                rope_sin_cos)
         v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
-        out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
-                                       repeat_kv(v_BxLxGxK, cfg.n_heads))
+        out_BxLxHxK = attention_fn(cfg)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)  # model.attention_impl
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out_BxLxD = Projection((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                                "blhk,hkd->bld", out_std, dtype, name="out")(out_BxLxHxK)
@@ -326,6 +326,10 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
         "query", "key", "value", "attn_out", "ffn_out"),
     # Save only Q, K, V (MaxText "save_qkv_proj").
     "save_qkv_proj": _cp.save_only_these_names("query", "key", "value"),
+    # Q, K, V and a fused attention kernel's residuals (its output and log-sum-exp, tagged by
+    # sparsejax.attention): the backward pass runs only the kernel's backward, not its forward
+    # again. Same as save_qkv_proj for attention_impl=xla (no residuals tagged).
+    "save_qkv_attention": _cp.save_only_these_names("query", "key", "value", RESIDUALS_NAME),
 }
 
 
