@@ -12,10 +12,19 @@ one chip executes — but XLA counts each while-loop body once (the micro-batch 
 scan over layers), so that count is a per-micro-batch, per-layer-body figure, printed as a check
 only. FLOPs per step and chip are therefore the analytic model FLOPs
 (``flops.train_flops_per_token`` × tokens / chips) times the recompute factor of the remat
-policy (:data:`REMAT_RECOMPUTE`), plus, with ``train.loss_tile_len``, the logits the tiled loss
+policy (:data:`REMAT_RECOMPUTE`), the attention products as the chosen attention implementation
+executes them (below), plus, with ``train.loss_tile_len``, the logits the tiled loss
 recomputes in its backward pass (2·D·V per token); the MFU at peak is model / executed FLOPs.
 
 ``--loss-tile-lens 0,128`` compiles every row without and with the vocabulary-tiled loss;
+``--attention-impls xla,splash`` with the einsum attention and with TPU splash attention
+(``model.attention_impl``; ``--set train.seq_len=8192 --set model.max_seq_len=8192`` for a
+longer context). The attention column's FLOPs are analytic
+(:func:`sparsejax.attention.train_flops_per_token`): the einsum path computes every score of the
+[L, L] square, splash only the causal blocks of its block grid, with 9 block matmuls per
+training step instead of 6 (its backward recomputes the scores in its dq and dkv kernels; 11
+and 8 when the remat policy recomputes the forward pass). XLA's own count does not see splash:
+a Pallas call without a cost estimate counts 0.
 ``--per-device-batches 2,4,8`` compiles each at those sequences per device and micro-batch
 (``train.grad_accum`` follows) until one does not fit, and names the largest that does.
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -236,6 +246,9 @@ def main(argv=None) -> None:
     p.add_argument("--loss-tile-lens", default="",
                    help="comma-separated train.loss_tile_len values to compile each row with "
                         "(0 = the full logits); default: the config's own")
+    p.add_argument("--attention-impls", default="",
+                   help="comma-separated model.attention_impl values to compile each row with "
+                        "(xla, splash, auto; auto = splash on TPU); default: the config's own")
     p.add_argument("--per-device-batches", default="",
                    help="comma-separated sequences per device per micro-batch, ascending; each "
                         "row is compiled at each until one does not fit (default: the config's "
@@ -253,12 +266,16 @@ def main(argv=None) -> None:
                    if args.per_device_batches else [config_per_chip_batch(cfg, size)])
         tiles = ([int(t) for t in args.loss_tile_lens.split(",")] if args.loss_tile_lens
                  else [cfg.train.loss_tile_len])
+        impls = (args.attention_impls.split(",") if args.attention_impls
+                 else [cfg.model.attention_impl])
         for topology in args.topologies.replace("INTENDED", INTENDED[size]).split(","):
-            for tile in tiles:
-                tiled = configure.apply_overrides(cfg, [f"train.loss_tile_len={tile}"])
-                largest = fit_rows(tiled, topology, batches)
-                print(f"<!-- {cfg.name} {topology} loss tile {tile or 'off'}: largest per-device "
-                      f"batch that fits among {batches}: {largest or 'none'} -->", flush=True)
+            for tile, impl in itertools.product(tiles, impls):
+                row_cfg = configure.apply_overrides(
+                    cfg, [f"train.loss_tile_len={tile}", f"model.attention_impl={impl}"])
+                largest = fit_rows(row_cfg, topology, batches)
+                print(f"<!-- {cfg.name} {topology} L {cfg.train.seq_len} loss tile "
+                      f"{tile or 'off'} attention {impl}: largest per-device batch that fits "
+                      f"among {batches}: {largest or 'none'} -->", flush=True)
 
 
 def fit_rows(cfg: config.Config, topology: str, batches: list[int]) -> int:
