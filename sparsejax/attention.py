@@ -6,14 +6,14 @@ G == H for multi-head), and the result is softmax(q kᵀ / √K, causal) v per h
 ``factory(cfg) -> attend`` registers under a name with :func:`register_attention_impl`;
 :class:`sparsejax.model.Attention` calls :func:`attention_fn` and nothing else changes.
 
-* ``xla``: :func:`sparsejax.model.causal_attention`, two einsums around float32 [B, H, L, L]
-  scores with the causal mask applied after the fact (the masked upper triangle is computed).
-  The default, and the fastest on CPU.
+* ``xla``: :func:`sparsejax.model.causal_attention` (registered there, next to it), two einsums
+  around float32 [B, H, L, L] scores with the causal mask applied after the fact (the masked
+  upper triangle is computed). The default, and the fastest on CPU.
 * ``splash``: TPU splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``), a
   flash kernel over (``attention_block_q`` × ``attention_block_kv``) blocks with a causal block
   mask, so blocks above the diagonal are never loaded or computed (about half of the score
   FLOPs at long contexts; :func:`splash_block_fraction`). Grouped-query heads natively (its MHA
-  kernel maps query head h to key/value head h // (H / G), as :func:`sparsejax.model.repeat_kv`).
+  kernel maps query head h to key/value head h // (H / G), as :func:`repeat_kv`).
 * ``gpu``: the Pallas GPU (Triton) flash kernel ``jax.experimental.pallas.ops.gpu.attention.mha``
   with its causal block skipping; any dtype. Key/value heads are repeated for GQA.
 * ``cudnn``: cuDNN's fused attention through ``jax.nn.dot_product_attention``
@@ -128,19 +128,12 @@ def check_config(cfg: Config) -> None:
                           f"kernel); use model.attention_impl='gpu' for float32")
 
 
-# ----------------------------------------------------------------------------------- xla
-@register_attention_impl("xla")
-def xla_attention(cfg: ModelConfig) -> AttentionFn:
-    """The einsum attention of :func:`sparsejax.model.causal_attention` (GQA by repeating the
-    key/value heads): the graph the model always had."""
-    from sparsejax import model  # noqa: PLC0415 - model imports this module
-
-    def attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
-        n_heads = q_BxLxHxK.shape[2]
-        return model.causal_attention(q_BxLxHxK, model.repeat_kv(k_BxLxGxK, n_heads),
-                                      model.repeat_kv(v_BxLxGxK, n_heads))
-
-    return attend
+def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
+    """Grouped-query attention's key/value heads [.., G, K] repeated to [.., n_heads, K]: query
+    head h reads key/value head h // (n_heads / G), as Hugging Face's ``repeat_kv``. Identity when
+    G == n_heads (no copy, so multi-head graphs are unchanged)."""
+    groups = x_BxLxGxK.shape[2]
+    return x_BxLxGxK if groups == n_heads else jnp.repeat(x_BxLxGxK, n_heads // groups, axis=2)
 
 
 # -------------------------------------------------------------------- sharding (shard_map)
@@ -169,8 +162,6 @@ def per_shard(local: AttentionFn, q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK:
     interpret mode cannot); every operand is split over the same axes, so the backward pass is
     exact and adds no collective.
     """
-    from sparsejax import model  # noqa: PLC0415 - model imports this module
-
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh is None or mesh.empty or mesh.size == 1:
         return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
@@ -185,8 +176,7 @@ def per_shard(local: AttentionFn, q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK:
             raise ValueError(f"attention under a mesh: {name}={dim} is not divisible by the "
                              f"{_ways(mesh, axes)} shards of mesh axes {list(axes)}")
     if groups % _ways(mesh, head_axes):
-        k_BxLxGxK, v_BxLxGxK = (model.repeat_kv(k_BxLxGxK, n_heads),
-                                model.repeat_kv(v_BxLxGxK, n_heads))
+        k_BxLxGxK, v_BxLxGxK = repeat_kv(k_BxLxGxK, n_heads), repeat_kv(v_BxLxGxK, n_heads)
     split = P(spec[0], None, spec[2], None)
     return jax.shard_map(local, mesh=mesh, in_specs=(split, split, split), out_specs=split,
                          check_vma=False)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
@@ -246,13 +236,12 @@ def gpu_attention(cfg: ModelConfig, *, interpret: Optional[bool] = None) -> Atte
     """The Pallas GPU flash kernel, causal (blocks above the diagonal skipped), forward and
     backward in Triton. ``interpret``: None = off on GPU, on elsewhere."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_mha  # noqa: PLC0415
-    from sparsejax import model  # noqa: PLC0415 - model imports this module
 
     def local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
         n_heads, head_dim = q_BxLxHxK.shape[2:]
         run_interpret = target_platform() != "gpu" if interpret is None else interpret
-        return gpu_mha.mha(q_BxLxHxK, model.repeat_kv(k_BxLxGxK, n_heads),
-                           model.repeat_kv(v_BxLxGxK, n_heads), None,
+        return gpu_mha.mha(q_BxLxHxK, repeat_kv(k_BxLxGxK, n_heads),
+                           repeat_kv(v_BxLxGxK, n_heads), None,
                            sm_scale=head_dim ** -0.5, causal=True, interpret=run_interpret)
 
     return lambda q, k, v: per_shard(local, q, k, v)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from sparsejax.attention import RESIDUALS_NAME, attention_fn
+from sparsejax.attention import RESIDUALS_NAME, attention_fn, register_attention_impl, repeat_kv
 from sparsejax.config import Config, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
@@ -168,14 +168,6 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
                                              x_BxLxHxK.shape[-1], theta))
 
 
-def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
-    """Grouped-query attention's key/value heads [.., G, K] repeated to [.., n_heads, K]: query
-    head h reads key/value head h // (n_heads / G), as Hugging Face's ``repeat_kv``. Identity when
-    G == n_heads (no copy, so multi-head graphs are unchanged)."""
-    groups = x_BxLxGxK.shape[2]
-    return x_BxLxGxK if groups == n_heads else jnp.repeat(x_BxLxGxK, n_heads // groups, axis=2)
-
-
 def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Array:
     """softmax(q kᵀ / √K, causal) v with float32 scores and softmax, written out as einsums.
 
@@ -191,6 +183,20 @@ def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Ar
     scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
     return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+
+
+@register_attention_impl("xla")
+def xla_attention(cfg: ModelConfig) -> Callable[[Array, Array, Array], Array]:
+    """``model.attention_impl=xla`` (:mod:`sparsejax.attention`): :func:`causal_attention`, with
+    grouped-query key/value heads repeated to the query heads given."""
+    del cfg  # nothing to configure
+
+    def attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+        n_heads = q_BxLxHxK.shape[2]
+        return causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, n_heads),
+                                repeat_kv(v_BxLxGxK, n_heads))
+
+    return attend
 
 
 class FeedForward(nn.Module):

@@ -71,7 +71,7 @@ def test_kernel_equals_einsum_attention_in_values_and_gradients(impl, dtype, tol
     # The reference in float32 from the same (rounded) inputs: bf16 kernels are judged against
     # the exact answer, not against another bf16 computation's rounding.
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-    want_out, want_grads = _value_and_grads(attention.xla_attention(CFG), *f32)
+    want_out, want_grads = _value_and_grads(model.xla_attention(CFG), *f32)
     assert out.dtype == dtype and out.shape == q.shape
     _close(out, want_out, tol)
     for got, want in zip(grads, want_grads):
@@ -219,9 +219,9 @@ def test_gqa_heads_not_divisible_by_the_head_shards_are_repeated():
 
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=2), jax.devices()[:2])
     q, k, v = _qkv((2, 128, 4, 1, 16), jnp.float32)
-    local = lambda q, k, v: attention.xla_attention(CFG)(q, k, v)  # noqa: E731
+    local = lambda q, k, v: model.xla_attention(CFG)(q, k, v)  # noqa: E731
     got = attention.per_shard(local, q, k, v, mesh=mesh, spec=P(None, None, "tensor"))
-    _close(got, attention.xla_attention(CFG)(q, k, v), 1e-6)
+    _close(got, model.xla_attention(CFG)(q, k, v), 1e-6)
     with pytest.raises(ValueError, match=r"heads H \(model.n_heads\)=3 is not divisible by the 2 "
                                          r"shards of mesh axes \['tensor'\]"):
         attention.per_shard(local, q[:, :, :3], k, v, mesh=mesh, spec=P(None, None, "tensor"))
