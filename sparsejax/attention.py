@@ -209,17 +209,16 @@ def _splash_kernel(n_heads: int, seq_len: int, block_q: int, block_kv: int, inte
 
 
 @register_attention_impl("splash")
-def splash_attention(cfg: ModelConfig, *, interpret: Optional[bool] = None) -> AttentionFn:
-    """Splash attention with a causal block mask (module docstring). ``interpret``: None = off
-    on TPU, on elsewhere."""
+def splash_attention(cfg: ModelConfig) -> AttentionFn:
+    """Splash attention with a causal block mask (module docstring); interpreted off TPU."""
 
     def local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
         batch, seq_len, n_heads, head_dim = q_BxLxHxK.shape
         error = _splash_seq_error(cfg, seq_len, "sequence length")
         if error:
             raise ValueError(error)
-        run_interpret = target_platform() != "tpu" if interpret is None else interpret
-        kernel = _splash_kernel(n_heads, seq_len, *splash_blocks(cfg, seq_len), run_interpret)
+        kernel = _splash_kernel(n_heads, seq_len, *splash_blocks(cfg, seq_len),
+                                target_platform() != "tpu")
         # splash takes [H, L, K] per sequence and does not scale the scores: q / √K first.
         q_BxHxLxK = (q_BxLxHxK * jnp.asarray(head_dim ** -0.5, q_BxLxHxK.dtype)
                      ).transpose(0, 2, 1, 3)
@@ -232,17 +231,17 @@ def splash_attention(cfg: ModelConfig, *, interpret: Optional[bool] = None) -> A
 
 # ------------------------------------------------------------------------------------ gpu
 @register_attention_impl("gpu")
-def gpu_attention(cfg: ModelConfig, *, interpret: Optional[bool] = None) -> AttentionFn:
+def gpu_attention(cfg: ModelConfig) -> AttentionFn:
     """The Pallas GPU flash kernel, causal (blocks above the diagonal skipped), forward and
-    backward in Triton. ``interpret``: None = off on GPU, on elsewhere."""
+    backward in Triton; interpreted off GPU."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_mha  # noqa: PLC0415
 
     def local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
         n_heads, head_dim = q_BxLxHxK.shape[2:]
-        run_interpret = target_platform() != "gpu" if interpret is None else interpret
         return gpu_mha.mha(q_BxLxHxK, repeat_kv(k_BxLxGxK, n_heads),
                            repeat_kv(v_BxLxGxK, n_heads), None,
-                           sm_scale=head_dim ** -0.5, causal=True, interpret=run_interpret)
+                           sm_scale=head_dim ** -0.5, causal=True,
+                           interpret=target_platform() != "gpu")
 
     return lambda q, k, v: per_shard(local, q, k, v)
 
