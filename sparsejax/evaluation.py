@@ -24,7 +24,9 @@ back one layer at a time, so at most one layer's tokens × d_ff is in memory at 
 
 The dense loss and each checkpoint's dense intermediates are computed once and cached; every
 pass reuses one compiled function per criterion, so a search costs about its number of forward
-passes, which is counted and reported.
+passes, which is counted and reported. The evaluation batches are placed on the mesh once and
+read by every pass; a pass dispatches its batches without waiting on any and reads the
+per-batch loss sums in one transfer at its end (summed on the host in batch order, in float64).
 """
 
 from __future__ import annotations
