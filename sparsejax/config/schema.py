@@ -3,8 +3,8 @@
 A config is plain data: this module imports nothing of the model, so config files and sweep
 specs load without JAX. Values are checked in two places, each by the module that owns them:
 ranges and cross-field rules in :mod:`sparsejax.config.checks`, the choices a registry offers
-(activations, FFN and attention implementations, remat policies, RoPE types, tokenizer files) by that registry;
-:func:`sparsejax.configure.validate` runs them all.
+(activations, FFN and attention implementations, remat policies, RoPE types, tokenizer files) by
+that registry; :func:`sparsejax.configure.validate` runs them all.
 """
 
 from __future__ import annotations
