@@ -12,10 +12,19 @@ one chip executes — but XLA counts each while-loop body once (the micro-batch 
 scan over layers), so that count is a per-micro-batch, per-layer-body figure, printed as a check
 only. FLOPs per step and chip are therefore the analytic model FLOPs
 (``flops.train_flops_per_token`` × tokens / chips) times the recompute factor of the remat
-policy (:data:`REMAT_RECOMPUTE`), plus, with ``train.loss_tile_len``, the logits the tiled loss
+policy (:data:`REMAT_RECOMPUTE`), the attention products as the chosen attention implementation
+executes them (below), plus, with ``train.loss_tile_len``, the logits the tiled loss
 recomputes in its backward pass (2·D·V per token); the MFU at peak is model / executed FLOPs.
 
 ``--loss-tile-lens 0,128`` compiles every row without and with the vocabulary-tiled loss;
+``--attention-impls xla,splash`` with the einsum attention and with TPU splash attention
+(``model.attention_impl``; ``--set train.seq_len=8192 --set model.max_seq_len=8192`` for a
+longer context). The attention column's FLOPs are analytic
+(:func:`sparsejax.attention.train_flops_per_token`): the einsum path computes every score of the
+[L, L] square, splash only the causal blocks of its block grid, with 9 block matmuls per
+training step instead of 6 (its backward recomputes the scores in its dq and dkv kernels; 11
+and 8 when the remat policy recomputes the forward pass). XLA's own count does not see splash:
+a Pallas call without a cost estimate counts 0.
 ``--per-device-batches 2,4,8`` compiles each at those sequences per device and micro-batch
 (``train.grad_accum`` follows) until one does not fit, and names the largest that does.
 
@@ -35,10 +44,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
 # Nothing runs on a TPU here, so several compiling processes may share libtpu (its lockfile
@@ -47,7 +58,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from sparsejax import config, flops, optim, sharding, step  # noqa: E402
+from sparsejax import attention, config, flops, optim, sharding, step  # noqa: E402
 from sparsejax import configure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +110,9 @@ class FitRow:
     per_chip_batch: int
     grad_accum: int
     loss_tile_len: int
+    attention: str
+    seq_len: int
+    attention_flops_per_chip: float
     argument_bytes: int
     temp_bytes: int
     hbm_bytes: int
@@ -117,8 +131,16 @@ class FitRow:
         return self.used_bytes <= HEADROOM * self.hbm_bytes
 
 
-def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = None) -> FitRow:
-    """Compile ``cfg``'s train step for ``topology`` and measure it (see module docstring).
+class CompiledStep(NamedTuple):
+    cfg: config.Config  # with the train.grad_accum used
+    compiled: Any  # the compiled TPU train step (jax.stages.Compiled)
+    mesh: Any
+    compile_s: float
+
+
+def compile_step(cfg: config.Config, topology: str, per_chip_batch: int | None = None
+                 ) -> CompiledStep:
+    """Compile ``cfg``'s train step for ``topology`` (nothing executed).
 
     ``per_chip_batch``: sequences per chip per micro-batch; sets ``train.grad_accum``
     (None: the config's own grad_accum).
@@ -139,7 +161,22 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
     batch = fns.plan.batch_shapes(cfg.train.batch_size, cfg.train.seq_len)
     start = time.perf_counter()
     compiled = fns.train.lower(fns.abstract_state, batch).compile()
-    compile_s = time.perf_counter() - start
+    return CompiledStep(cfg, compiled, mesh, time.perf_counter() - start)
+
+
+def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = None) -> FitRow:
+    """Compile ``cfg``'s train step for ``topology`` and measure it (see module docstring).
+
+    ``per_chip_batch``: sequences per chip per micro-batch; sets ``train.grad_accum``
+    (None: the config's own grad_accum).
+    """
+    return fit_row(compile_step(cfg, topology, per_chip_batch), topology)
+
+
+def fit_row(compiled_step: CompiledStep, topology: str) -> FitRow:
+    """The memory and FLOPs of a compiled train step (see module docstring)."""
+    cfg, compiled, mesh, compile_s = compiled_step
+    chips = len(topology_devices(topology))
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -148,7 +185,14 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
     tokens = cfg.train.batch_size * cfg.train.seq_len
     model_flops_per_chip = flops.train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / chips
     recompute = REMAT_RECOMPUTE.get(cfg.model.remat_policy, REMAT_RECOMPUTE["full"])
-    flops_per_chip = model_flops_per_chip * recompute
+    # Attention products as the chosen kernel executes them (splash: causal blocks only; XLA's
+    # cost analysis counts a Pallas call without a cost estimate as 0), the rest × recompute.
+    impl = attention.resolve(cfg.model.attention_impl, "tpu")
+    attn_model = attention.train_flops_per_token(
+        dataclasses.replace(cfg.model, remat_policy="none"), cfg.train.seq_len, "xla")
+    attn_executed = attention.train_flops_per_token(cfg.model, cfg.train.seq_len, impl)
+    attention_per_chip = attn_executed * tokens / chips
+    flops_per_chip = (model_flops_per_chip - attn_model * tokens / chips) * recompute + attention_per_chip
     if cfg.train.loss_tile_len:
         # The tiled loss recomputes each tile's logits in the backward pass: one more
         # [tokens, D] x [D, V] matmul (sparsejax.loss).
@@ -161,6 +205,7 @@ def compile_fit(cfg: config.Config, topology: str, per_chip_batch: int | None = 
         remat=cfg.model.remat_policy, scan=cfg.model.scan_layers,
         per_chip_batch=cfg.train.batch_size // (cfg.train.grad_accum * chips),
         grad_accum=cfg.train.grad_accum, loss_tile_len=cfg.train.loss_tile_len,
+        attention=impl, seq_len=cfg.train.seq_len, attention_flops_per_chip=attention_per_chip,
         argument_bytes=int(memory.argument_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes), hbm_bytes=hbm_per_device(topology, chips),
         flops_per_chip=flops_per_chip, xla_flops=xla_flops, step_s_at_peak=step_s,
@@ -173,18 +218,21 @@ def config_per_chip_batch(cfg: config.Config, size: str) -> int:
 
 
 HEADER = ("| config | topology | params | mesh (data×fsdp×tensor) | remat | per-device batch × accum "
-          "| loss tile | args GiB | temp GiB | HBM GiB | fits | TFLOP/step/device | XLA TFLOP (loop bodies once) "
-          "| step s at peak | MFU at peak | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loss tile | attention | seq len | args GiB | temp GiB | HBM GiB | fits | TFLOP/step/device "
+          "| of which attention | XLA TFLOP (loop bodies once) | step s at peak | MFU at peak "
+          "| compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown(row: FitRow) -> str:
     gib = 2**30
     return (f"| {row.config} | {row.topology} | {row.params / 1e9:.2f}B | {row.mesh} | "
             f"{row.remat}{' + scan' if row.scan else ''} | {row.per_chip_batch} × {row.grad_accum} | "
-            f"{row.loss_tile_len or 'off'} | {row.argument_bytes / gib:.2f} | {row.temp_bytes / gib:.2f} | "
+            f"{row.loss_tile_len or 'off'} | {row.attention} | {row.seq_len} | "
+            f"{row.argument_bytes / gib:.2f} | {row.temp_bytes / gib:.2f} | "
             f"{row.hbm_bytes / gib:.0f} | {'yes' if row.fits else 'NO'} | "
-            f"{row.flops_per_chip / 1e12:.1f} | {row.xla_flops / 1e12:.2f} | "
+            f"{row.flops_per_chip / 1e12:.1f} | {row.attention_flops_per_chip / 1e12:.1f} | "
+            f"{row.xla_flops / 1e12:.2f} | "
             f"{row.step_s_at_peak:.2f} | {row.mfu_at_peak:.0%} | "
             f"{row.compile_s:.0f} |")
 
@@ -198,6 +246,9 @@ def main(argv=None) -> None:
     p.add_argument("--loss-tile-lens", default="",
                    help="comma-separated train.loss_tile_len values to compile each row with "
                         "(0 = the full logits); default: the config's own")
+    p.add_argument("--attention-impls", default="",
+                   help="comma-separated model.attention_impl values to compile each row with "
+                        "(xla, splash, auto; auto = splash on TPU); default: the config's own")
     p.add_argument("--per-device-batches", default="",
                    help="comma-separated sequences per device per micro-batch, ascending; each "
                         "row is compiled at each until one does not fit (default: the config's "
@@ -215,12 +266,16 @@ def main(argv=None) -> None:
                    if args.per_device_batches else [config_per_chip_batch(cfg, size)])
         tiles = ([int(t) for t in args.loss_tile_lens.split(",")] if args.loss_tile_lens
                  else [cfg.train.loss_tile_len])
+        impls = (args.attention_impls.split(",") if args.attention_impls
+                 else [cfg.model.attention_impl])
         for topology in args.topologies.replace("INTENDED", INTENDED[size]).split(","):
-            for tile in tiles:
-                tiled = configure.apply_overrides(cfg, [f"train.loss_tile_len={tile}"])
-                largest = fit_rows(tiled, topology, batches)
-                print(f"<!-- {cfg.name} {topology} loss tile {tile or 'off'}: largest per-device "
-                      f"batch that fits among {batches}: {largest or 'none'} -->", flush=True)
+            for tile, impl in itertools.product(tiles, impls):
+                row_cfg = configure.apply_overrides(
+                    cfg, [f"train.loss_tile_len={tile}", f"model.attention_impl={impl}"])
+                largest = fit_rows(row_cfg, topology, batches)
+                print(f"<!-- {cfg.name} {topology} L {cfg.train.seq_len} loss tile "
+                      f"{tile or 'off'} attention {impl}: largest per-device batch that fits "
+                      f"among {batches}: {largest or 'none'} -->", flush=True)
 
 
 def fit_rows(cfg: config.Config, topology: str, batches: list[int]) -> int:

@@ -4,7 +4,8 @@
 (:func:`sparsejax.config.check`) and each registry's check of the choices it offers, in the
 module that defines them: ``data`` (an existing tokenizer's vocabulary), ``activations``
 (``model.activation`` and the parameters it takes), ``model`` (RoPE types, remat policies) and
-``ffn`` (FFN implementations and what each supports). Every error is one line naming the field
+``ffn`` (FFN implementations and what each supports) and ``attention`` (attention
+implementations and the shapes their kernels need). Every error is one line naming the field
 and its allowed values, raised before anything is compiled or written.
 
 :func:`load`, :func:`apply_overrides` and :func:`from_dict` are what scripts use; they always
@@ -17,12 +18,13 @@ import dataclasses
 import pathlib
 from typing import Sequence
 
-from sparsejax import activations, data, ffn, model
+from sparsejax import activations, attention, data, ffn, model
 from sparsejax.config import Config, ConfigError, check, from_raw, read_file, with_overrides
 
 # Each registry's check, run in this order after the tokenizer (whose vocabulary decides
 # model.vocab_size) and the config's own checks.
-REGISTRY_CHECKS = (activations.check_config, model.check_config, ffn.check_config)
+REGISTRY_CHECKS = (activations.check_config, model.check_config, ffn.check_config,
+                   attention.check_config)
 
 
 def validate(cfg: Config) -> Config:

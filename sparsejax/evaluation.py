@@ -24,12 +24,15 @@ back one layer at a time, so at most one layer's tokens × d_ff is in memory at 
 
 The dense loss and each checkpoint's dense intermediates are computed once and cached; every
 pass reuses one compiled function per criterion, so a search costs about its number of forward
-passes, which is counted and reported.
+passes, which is counted and reported. The evaluation batches are placed on the mesh once and
+read by every pass; a pass dispatches its batches without waiting on any and reads the
+per-batch loss sums in one transfer at its end (summed on the host in batch order, in float64).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import shutil
@@ -196,31 +199,57 @@ class Evaluator:
 
         return jax.jit(wrapper)
 
-    def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
-        stats = [metrics_lib.stats_init(self.d_ff) for _ in range(self.n_layers)]
-        loss_sum, tokens = 0.0, 0.0
-        batches = self.batches
+    @functools.cached_property
+    def _device_batches(self) -> list[dict]:
+        """The evaluation batches on the mesh, placed once: every pass of a search (and every
+        checkpoint) reads the same arrays instead of uploading them again."""
+        return [self.plan.global_batch(batch) for batch in self.batches]
+
+    @functools.cached_property
+    def _empty_stats(self) -> list[metrics_lib.SparsityStats]:
+        """Each pass's starting accumulators, replicated on the mesh once (read, never written)."""
+        return jax.device_put([metrics_lib.stats_init(self.d_ff) for _ in range(self.n_layers)],
+                              self.plan.replicated)
+
+    def _accumulate(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None):
+        """One pass over the placed batches: (per-layer statistics on the device, [(loss sum,
+        tokens)] per batch on the host, read in one transfer after the last batch)."""
+        stats = self._empty_stats
+        batches = zip(self.batches, self._device_batches)
         if self.batch_progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="forward pass", unit="batch", leave=False,
-                           dynamic_ncols=True)
-        for batch in batches:
-            out = fn(params, self.plan.global_batch(batch), stats, thresholds_NxF,
-                     self._coefs)
-            loss_b, tokens_b, stats = out[:3]
-            loss_sum += float(loss_b)
-            tokens += float(tokens_b)
+                           dynamic_ncols=True, total=len(self.batches))
+        per_batch = []
+        for batch, device_batch in batches:
+            out = fn(params, device_batch, stats, thresholds_NxF, self._coefs)
+            stats = out[2]
+            per_batch.append(out[:2])
             if hidden is not None:
                 valid = np.asarray(batch["weights"]).reshape(-1) > 0
-                hidden_NxBxLxF = np.asarray(out[3])
+                hidden_NxBxLxF = jax.device_get(out[3])
                 hidden.add(hidden_NxBxLxF.reshape(self.n_layers, -1, self.d_ff)[:, valid])
         self.forward_passes += len(self.batches)
+        return stats, jax.device_get(per_batch)
+
+    def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
+        stats, per_batch = self._accumulate(fn, params, thresholds_NxF, hidden)
+        # Summed on the host in float64 in batch order, as each batch's float() was before.
+        loss_sum, tokens = 0.0, 0.0
+        for loss_b, tokens_b in per_batch:
+            loss_sum += float(loss_b)
+            tokens += float(tokens_b)
         reports = [metrics_lib.stats_finalize(s, self.options.dead_min_rate) for s in stats]
         return PassResult(loss_sum / tokens, int(tokens), reports, hidden)
 
+    @functools.cached_property
+    def _zero_thresholds(self):
+        return jax.device_put(jnp.zeros((self.n_layers, self.d_ff), jnp.float32),
+                              self.plan.replicated)
+
     def _no_thresholds(self):
-        return jnp.zeros((self.n_layers, self.d_ff), jnp.float32)
+        return self._zero_thresholds
 
     def dense(self, params, *, keep_hidden: bool = False, spill_root: pathlib.Path | None = None
               ) -> PassResult:

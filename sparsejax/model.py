@@ -45,6 +45,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from sparsejax import mup
+from sparsejax.attention import RESIDUALS_NAME, attention_fn, register_attention_impl, repeat_kv
 from sparsejax.config import Config, ModelConfig, choice
 from sparsejax.ffn import FFN_IMPLS, FfnWeights, ffn_impl_names
 from sparsejax.sparsity import MASK_TARGETS, Sparsity  # noqa: F401 - re-exported
@@ -170,14 +171,6 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
                                              x_BxLxHxK.shape[-1], theta))
 
 
-def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
-    """Grouped-query attention's key/value heads [.., G, K] repeated to [.., n_heads, K]: query
-    head h reads key/value head h // (n_heads / G), as Hugging Face's ``repeat_kv``. Identity when
-    G == n_heads (no copy, so multi-head graphs are unchanged)."""
-    groups = x_BxLxGxK.shape[2]
-    return x_BxLxGxK if groups == n_heads else jnp.repeat(x_BxLxGxK, n_heads // groups, axis=2)
-
-
 def causal_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array) -> Array:
     """softmax(q kᵀ / √K, causal) v with float32 scores and softmax, written out as einsums.
 
@@ -242,6 +235,20 @@ def cached_attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, index
     return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK).reshape(batch, length, heads, dim)
 
 
+@register_attention_impl("xla")
+def xla_attention(cfg: ModelConfig) -> Callable[[Array, Array, Array], Array]:
+    """``model.attention_impl=xla`` (:mod:`sparsejax.attention`): :func:`causal_attention`, with
+    grouped-query key/value heads repeated to the query heads given."""
+    del cfg  # nothing to configure
+
+    def attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+        n_heads = q_BxLxHxK.shape[2]
+        return causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, n_heads),
+                                repeat_kv(v_BxLxGxK, n_heads))
+
+    return attend
+
+
 class FeedForward(nn.Module):
     """Owns the FFN weights; the computation is ``FFN_IMPLS[cfg.ffn_impl]``."""
 
@@ -301,9 +308,8 @@ class Attention(nn.Module):
         k_BxLxGxK = apply_rope(checkpoint_name(proj("key", cfg.kv_heads, kv_axis)(x_BxLxD), "key"),
                                rope_sin_cos)
         v_BxLxGxK = checkpoint_name(proj("value", cfg.kv_heads, kv_axis)(x_BxLxD), "value")
-        if decode is None:
-            out_BxLxHxK = causal_attention(q_BxLxHxK, repeat_kv(k_BxLxGxK, cfg.n_heads),
-                                           repeat_kv(v_BxLxGxK, cfg.n_heads))
+        if decode is None:  # model.attention_impl (sparsejax.attention)
+            out_BxLxHxK = attention_fn(cfg)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
         else:  # write this call's keys/values into their cache slots, attend over the cache
             shape = (x_BxLxD.shape[0], decode.cache_len, cfg.kv_heads, cfg.head_dim)
             cached = [self.variable("cache", name, jnp.zeros, shape, k_BxLxGxK.dtype)
@@ -395,6 +401,10 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
         "query", "key", "value", "attn_out", "ffn_out"),
     # Save only Q, K, V (MaxText "save_qkv_proj").
     "save_qkv_proj": _cp.save_only_these_names("query", "key", "value"),
+    # Q, K, V and a fused attention kernel's residuals (its output and log-sum-exp, tagged by
+    # sparsejax.attention): the backward pass runs only the kernel's backward, not its forward
+    # again. Same as save_qkv_proj for attention_impl=xla (no residuals tagged).
+    "save_qkv_attention": _cp.save_only_these_names("query", "key", "value", RESIDUALS_NAME),
 }
 
 

@@ -68,6 +68,28 @@ def test_threshold_zero_pass_equals_dense(relu_ev):
         assert all(float(r.activation_ratio) == 1.0 for r in sparse.reports)
 
 
+def test_a_pass_reuses_the_placed_batches_and_syncs_once(relu_ev):
+    """The evaluation batches are placed on the mesh once (by the plan's batch sharding) and
+    reused by every pass, and a pass reads its per-batch sums in one explicit transfer: under a
+    guard that refuses implicit host <-> device copies (a float() of a per-batch loss, host
+    statistics or thresholds copied in) the batch loop runs, with the same sums."""
+    _, ev, params = relu_ev
+    thresholds = jax.device_put(jnp.zeros((ev.n_layers, ev.d_ff), jnp.float32),
+                                ev.plan.replicated)
+    fn = ev._threshold["hidden"]
+    first = ev.thresholded(params, thresholds, "hidden")
+    stats, per_batch = ev._accumulate(fn, params, thresholds)
+    with jax.transfer_guard("disallow"):
+        stats_again, per_batch_again = ev._accumulate(fn, params, thresholds)
+    assert len(per_batch) == len(ev.batches) == 3
+    placed = ev._device_batches
+    assert ev._device_batches is placed and all(
+        a.sharding == ev.plan.batch for b in placed for a in b.values())
+    np.testing.assert_array_equal(np.asarray(per_batch_again), np.asarray(per_batch))
+    jax.tree.map(np.testing.assert_array_equal, stats_again, stats)
+    assert ev.thresholded(params, thresholds, "hidden").loss == first.loss
+
+
 def test_dense_pass_matches_numpy(relu_ev):
     _, ev, params = relu_ev
     dense = ev.dense(params)

@@ -3,8 +3,8 @@
 A config is plain data: this module imports nothing of the model, so config files and sweep
 specs load without JAX. Values are checked in two places, each by the module that owns them:
 ranges and cross-field rules in :mod:`sparsejax.config.checks`, the choices a registry offers
-(activations, FFN implementations, remat policies, RoPE types, tokenizer files) by that registry;
-:func:`sparsejax.configure.validate` runs them all.
+(activations, FFN and attention implementations, remat policies, RoPE types, tokenizer files) by
+that registry; :func:`sparsejax.configure.validate` runs them all.
 """
 
 from __future__ import annotations
@@ -71,11 +71,18 @@ class ModelConfig:
     ffn_impl: str = "reference"
     ffn_block_t: int = 128
     ffn_block_f: int = 128
+    # Causal attention implementation (registry sparsejax.attention.ATTENTION_IMPLS): "xla"
+    # (einsum), "splash" (TPU flash kernel skipping masked blocks), "gpu" (Pallas GPU flash
+    # kernel), "cudnn" (cuDNN fused attention, bfloat16), or "auto" (splash on TPU, gpu on GPU,
+    # else xla). Splash's query / key-value block sizes (multiples of 128, capped at the length).
+    attention_impl: str = "xla"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
     # nn.scan over the blocks (parameters stacked on a leading "layers" axis): compile time
     # independent of depth. Checkpoints of the other layout are converted on read.
     scan_layers: bool = False
     # Rematerialisation of each block (sparsejax.model.REMAT_POLICIES): "none", "full",
-    # "minimal", "save_dots_except_ffn_hidden", "save_qkv_proj".
+    # "minimal", "save_dots_except_ffn_hidden", "save_qkv_proj", "save_qkv_attention".
     remat_policy: str = "none"
 
     @property
