@@ -7,8 +7,8 @@ reads. ``sparse`` reads only the rows of the active neurons:
 1. the gate (plain FFN: ``W_in``) is computed densely, σ applied (with the run's training-time
    top-k and activation threshold, and any evaluation threshold in ``Sparsity.thresholds``);
 2. the step's active neurons — by the one rule :func:`sparsejax.sparsity.active`, united over
-   the step's tokens (batch rows and draft tokens) — are selected by ``lax.top_k`` on their
-   largest |σ(gate)|, ``capacity`` of them;
+   the step's tokens (batch rows and draft tokens) — are listed in index order
+   (``jnp.nonzero``: a cumulative sum, no sort), into ``capacity`` slots;
 3. only their rows are read of ``W_in`` (gated FFN; stored transposed [F, D] under the FFN's
    :data:`UP_ROWS` parameter by :func:`with_row_layout`, so a row is contiguous) and of
    ``W_out`` (already [F, D]): ``y = (σ(gate)[idx] ⊙ (x · W_in[idx]ᵀ)) · W_out[idx]``.
@@ -126,9 +126,11 @@ def sparse_ffn(cfg: ModelConfig, capacity: int) -> DecodeFfn:
         count = jnp.sum(union_F.astype(jnp.int32))
 
         def gathered(_):
-            score_F = jnp.where(union_F, jnp.max(jnp.abs(activation_NxF), axis=0), -1.0)
-            idx_K = jax.lax.top_k(score_F.astype(jnp.float32), capacity)[1]
-            keep_NxK = jnp.take(active_NxF, idx_K, axis=1)
+            # The active neurons' indices in order (a cumulative sum, no sort); the slots past
+            # ``count`` repeat index 0 and are masked out, so nothing is counted twice.
+            idx_K = jnp.nonzero(union_F, size=capacity, fill_value=0)[0]
+            valid_K = jnp.arange(capacity) < count
+            keep_NxK = jnp.take(active_NxF, idx_K, axis=1) & valid_K[None, :]
             h_NxK = jnp.take(activation_NxF, idx_K, axis=1)
             if up_FxD is not None:
                 h_NxK = h_NxK * (x_NxD @ jnp.take(up_FxD, idx_K, axis=0).T)
