@@ -91,16 +91,10 @@ def main(argv=None) -> int:
     from sparsejax import lifecycle
 
     lifecycle.die_with_parent()  # started by a sweep: end with it
-    lifecycle.quiet_native_logs()  # XLA's C++ warnings off the console
-    lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
-    import logging
-    import pathlib
-
     # Library warnings (absl, orbax) stay off the console; our own messages are printed. So do
     # the tracebacks orbax's background tasks print after a damaged checkpoint failed to read.
-    logging.getLogger().addHandler(logging.NullHandler())
-    logging.getLogger().setLevel(logging.ERROR)
-    lifecycle.library_errors_to_logging()
+    lifecycle.quiet_console()
+    import pathlib
 
     from sparsejax import (config, eval_options, evaluation, plotting, results as results_lib, rundir,
                            trained_run)

@@ -112,18 +112,14 @@ def _joined_other_processes() -> bool:
 def _setup(args, lifecycle):
     """The config, with the process ready to train; or an exit code after a one-line error."""
     lifecycle.die_with_parent()  # started by a sweep or the local launcher: end with it
-    lifecycle.quiet_native_logs()  # XLA's C++ warnings off the console
-    lifecycle.cpu_unless_accelerator()  # no TPU/GPU here: keep libtpu from probing for one
+    # Library warnings (absl, orbax, tfds) stay off the console; once the workdir exists they go
+    # to WORKDIR/train_debug.log (trainer._debug_log). Our own messages are printed.
+    lifecycle.quiet_console()
+    logging.captureWarnings(True)  # Python warnings too (e.g. a compilation-cache write failing)
     import signal
 
     # With `ulimit -f`, an oversized write would kill the process silently; make it an OSError.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # Library warnings (absl, orbax, tfds) stay off the console; once the workdir exists they go
-    # to WORKDIR/train_debug.log (trainer._debug_log). Our own messages are printed.
-    logging.getLogger().addHandler(logging.NullHandler())
-    logging.getLogger().setLevel(logging.ERROR)
-    logging.captureWarnings(True)  # Python warnings too (e.g. a compilation-cache write failing)
-    lifecycle.library_errors_to_logging()  # e.g. orbax's closed-event-loop tracebacks
     from sparsejax import config, sharding
     from sparsejax import configure
 

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.config import Config, ConfigError, ModelConfig, choice, positive
+from sparsejax.sharding import shard_ways, spec_axes
 
 Array = jax.Array
 AttentionFn = Callable[[Array, Array, Array], Array]
@@ -137,16 +138,6 @@ def repeat_kv(x_BxLxGxK: Array, n_heads: int) -> Array:
 
 
 # -------------------------------------------------------------------- sharding (shard_map)
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _ways(mesh, axes: tuple[str, ...]) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
 def per_shard(local: AttentionFn, q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array,
               *, mesh=None, spec: Optional[P] = None) -> Array:
     """``local(q, k, v)`` on each device's batch rows and heads under ``mesh`` (default: the
@@ -168,14 +159,14 @@ def per_shard(local: AttentionFn, q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK:
     if spec is None:
         spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
     spec = tuple(spec or ()) + (None,) * (4 - len(spec or ()))
-    batch_axes, head_axes = _axes(spec[0]), _axes(spec[2])
+    batch_axes, head_axes = spec_axes(spec[0]), spec_axes(spec[2])
     n_heads, groups = q_BxLxHxK.shape[2], k_BxLxGxK.shape[2]
     for dim, name, axes in ((q_BxLxHxK.shape[0], "batch B", batch_axes),
                             (n_heads, "heads H (model.n_heads)", head_axes)):
-        if dim % _ways(mesh, axes):
+        if dim % shard_ways(mesh, axes):
             raise ValueError(f"attention under a mesh: {name}={dim} is not divisible by the "
-                             f"{_ways(mesh, axes)} shards of mesh axes {list(axes)}")
-    if groups % _ways(mesh, head_axes):
+                             f"{shard_ways(mesh, axes)} shards of mesh axes {list(axes)}")
+    if groups % shard_ways(mesh, head_axes):
         k_BxLxGxK, v_BxLxGxK = repeat_kv(k_BxLxGxK, n_heads), repeat_kv(v_BxLxGxK, n_heads)
     split = P(spec[0], None, spec[2], None)
     return jax.shard_map(local, mesh=mesh, in_specs=(split, split, split), out_specs=split,

@@ -209,13 +209,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from sparsejax import lifecycle
 
-    lifecycle.quiet_native_logs()
-    lifecycle.cpu_unless_accelerator()
-    import logging
-
-    logging.getLogger().addHandler(logging.NullHandler())
-    logging.getLogger().setLevel(logging.ERROR)
-    lifecycle.library_errors_to_logging()
+    lifecycle.quiet_console()
     from sparsejax import config, data, decode, decode_ffn, hf_import, trained_run
 
     try:

@@ -581,13 +581,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from sparsejax import lifecycle
 
-    lifecycle.quiet_native_logs()
-    lifecycle.cpu_unless_accelerator()
-    import logging
-
-    logging.getLogger().addHandler(logging.NullHandler())
-    logging.getLogger().setLevel(logging.ERROR)
-    lifecycle.library_errors_to_logging()
+    lifecycle.quiet_console()
     try:
         out = export(args.workdir, args.out, step=args.step, dtype=args.dtype,
                      max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,

@@ -104,6 +104,19 @@ def cpu_unless_accelerator(environ=None) -> bool:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def quiet_console() -> None:
+    """What every command-line entry point does before importing JAX: XLA's C++ warnings off the
+    console (:func:`quiet_native_logs`), no libtpu probe without a TPU or GPU
+    (:func:`cpu_unless_accelerator`), library logging (absl, orbax, tfds) below ERROR dropped, and
+    exceptions in library threads sent to logging (:func:`library_errors_to_logging`), so that
+    the console shows the command's own messages."""
+    quiet_native_logs()
+    cpu_unless_accelerator()
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger().setLevel(logging.ERROR)
+    library_errors_to_logging()
+
+
 @contextlib.contextmanager
 def stop_before_start(what: str = "training started"):
     """While active, SIGTERM / SIGINT end the process at once with one line and 128 + signal.

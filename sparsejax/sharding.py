@@ -28,6 +28,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
 
 
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_ways(mesh, axes: tuple[str, ...]) -> int:
+    """Into how many shards the mesh axes ``axes`` split a dimension."""
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
 def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve the one -1 axis to the remaining devices and check the product."""
     sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]

@@ -34,35 +34,24 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.kernels import block_mask as bm
 from sparsejax.kernels import common
 from sparsejax.kernels import ffn as kffn
+from sparsejax.sharding import shard_ways, spec_axes
 
 Array = jax.Array
-
-
-def _axes(entry) -> tuple[str, ...]:
-    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _ways(mesh, axes: tuple[str, ...]) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def _check_divides(mesh, x_shape, d_ff: int, block_f: int, tok_axes, mlp_axes) -> None:
     """ValueError naming the dimension (and the config field) that a shard would not divide."""
     for dim, name, axes in ((x_shape[0], "batch B", tok_axes[0]),
                             (x_shape[1], "length L", tok_axes[1])):
-        if dim % _ways(mesh, axes):
+        if dim % shard_ways(mesh, axes):
             raise ValueError(f"block-sparse FFN under a mesh: {name}={dim} is not divisible by "
-                             f"the {_ways(mesh, axes)} shards of mesh axes {list(axes)}")
-    ways = _ways(mesh, mlp_axes)
+                             f"the {shard_ways(mesh, axes)} shards of mesh axes {list(axes)}")
+    ways = shard_ways(mesh, mlp_axes)
     if d_ff % ways:
         raise ValueError(f"block-sparse FFN under a mesh: d_ff={d_ff} (model.d_ff) is not "
                          f"divisible by the {ways} shards of mesh axes {list(mlp_axes)} "
@@ -97,7 +86,7 @@ def block_sparse_ffn(x_BxLxD: Array, act_BxLxF: Optional[Array], w_in_DxF: Array
     opts = dict(block_t=block_t, block_f=block_f, gate_and_up=gate_and_up, impl=impl,
                 dense_fallback_density=dense_fallback_density, interpret=interpret)
     spec = tuple(hidden_spec or ()) + (None,) * (3 - len(hidden_spec or ()))
-    tok_axes, mlp_axes = (_axes(spec[0]), _axes(spec[1])), _axes(spec[2])
+    tok_axes, mlp_axes = (spec_axes(spec[0]), spec_axes(spec[1])), spec_axes(spec[2])
 
     def local(x, act, w_in, w_gate, w_out, psum_axes=mlp_axes):
         mask = None
