@@ -663,3 +663,29 @@ def test_publish_destination_is_checked_before_anything_runs(tmp_path, dest, nee
     proc = _cli(REPO / "configs" / "sweeps" / "cpu_scale.py", "--out", out, "--publish", dest)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_log_lines_stay_whole_across_threads():
+    """Two runs logging at once (``--jobs 2``): each message and its newline are written together
+    (``print`` writes them separately, so unguarded lines interleave mid-line)."""
+    import threading
+    import time
+
+    from sparsejax.sweep import runner
+
+    out = []
+
+    def slow_print(message):  # like print: the text, a pause, then the newline
+        out.append(message)
+        time.sleep(0.01)
+        out.append("\n")
+
+    say = runner._whole_lines(slow_print)
+    threads = [threading.Thread(target=lambda n=n: [say(f"run{n}-{i}") for i in range(5)])
+               for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = "".join(out).splitlines()
+    assert sorted(lines) == sorted(f"run{n}-{i}" for n in range(2) for i in range(5))

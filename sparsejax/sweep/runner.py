@@ -283,6 +283,17 @@ def _run_one(sweep: Sweep, run: ResolvedRun, head: str, out: pathlib.Path, *, sk
     return Outcome(run.name, "failed" if failure else "done", seconds, failure)
 
 
+def _whole_lines(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` that one thread at a time may call: ``print`` writes a message and its newline
+    separately, so two runs' lines would otherwise interleave mid-line."""
+    lock = threading.Lock()
+
+    def say(message: str) -> None:
+        with lock:
+            log(message)
+    return say
+
+
 def execute(sweep: Sweep, runs: Sequence[ResolvedRun], out: pathlib.Path, *, skip_eval: bool = False,
             progress: bool = True, env: Mapping[str, str] | None = None,
             train_cmd: Callable = train_command, eval_cmd: Callable = eval_command,
@@ -300,6 +311,7 @@ def execute(sweep: Sweep, runs: Sequence[ResolvedRun], out: pathlib.Path, *, ski
     if jobs > 1:
         env, progress = single_threaded(env), False
     children, t_sweep = _Children(), time.perf_counter()
+    log = _whole_lines(log)
     one = lambda i, run: _run_one(  # noqa: E731
         sweep, run, f"[{i}/{len(runs)}] {run.name}", out, skip_eval=skip_eval, progress=progress,
         env=env, train_cmd=train_cmd, eval_cmd=eval_cmd, log=log, t_sweep=t_sweep, children=children)
