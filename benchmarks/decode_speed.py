@@ -241,7 +241,8 @@ def main(argv=None) -> int:
         idx = jnp.int32(prompt_len)
         dense_ffn = ffn_stack(cfg, dec.params, sp, None)
         sparse_ffn = ffn_stack(cfg, dec.params, sp, model_lib.Decode(
-            index=idx, start_B=start, cache_len=cache_len, ffn="sparse", capacity=capacity))
+            index=idx, start_B=start, cache_len=cache_len, ffn="sparse", capacity=capacity,
+            step_fallback=True))  # as in the step: overflow checked once per step, not per layer
         for fn in (dense_ffn, sparse_ffn):
             fn(xs).block_until_ready()
 

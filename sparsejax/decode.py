@@ -9,9 +9,9 @@ positions count from 0 there, and attention never reads the slots before it, so 
 decodes exactly as it would alone.
 
 The step's FFN is the model's (``ffn="dense"``) or a decode-time one from
-:data:`sparsejax.decode_ffn.DECODE_FFNS` (``"sparse"``: exact for activations with exact zeros,
-falling back to dense above its ``capacity``). :func:`calibrate` measures the capacity — the
-largest number of neurons any token activates per layer — on validation text;
+:data:`sparsejax.decode_ffn.DECODE_FFNS` (``"sparse"``: exact for activations with exact zeros;
+a step in which any layer activates more neurons than its ``capacity`` is rerun dense).
+:func:`calibrate` measures the capacity — the largest number of neurons any token activates per layer — on validation text;
 :func:`loss_change` is the cost of a threshold on activations without zeros.
 
 Shape suffixes: B batch, P prompt length, T tokens of one call, S cache slots, V vocabulary,
@@ -104,12 +104,12 @@ class Decoder:
 
     # ------------------------------------------------------------------------------ passes
     def _apply(self, params, cache, tokens_BxT, index, start_B, sp, *, cache_len: int,
-               ffn: str, capacity):
+               ffn: str, capacity, step_fallback: bool = False):
         length = tokens_BxT.shape[1]
         positions_BxT = jnp.maximum(index + jnp.arange(length)[None, :] - start_B[:, None], 0)
         decode = model_lib.Decode(index=jnp.asarray(index, jnp.int32), start_B=start_B,
                                   cache_len=cache_len, ffn="" if ffn == "dense" else ffn,
-                                  capacity=capacity)
+                                  capacity=capacity, step_fallback=step_fallback)
         variables = {"params": params}
         if cache is not None:
             variables["cache"] = cache
@@ -144,8 +144,18 @@ class Decoder:
         if cache_key not in steps:
             @functools.partial(jax.jit, static_argnames=("cache_len",), donate_argnums=(1,))
             def step(params, cache, tokens_BxT, index, start_B, sp, key, *, cache_len):
-                logits, cache, stats = self._apply(params, cache, tokens_BxT, index, start_B, sp,
-                                                   cache_len=cache_len, ffn=ffn, capacity=capacity)
+                run = functools.partial(self._apply, params, tokens_BxT=tokens_BxT, index=index,
+                                        start_B=start_B, sp=sp, cache_len=cache_len)
+                logits, cache, stats = run(cache=cache, ffn=ffn, capacity=capacity,
+                                           step_fallback=ffn != "dense")
+                if ffn != "dense":
+                    # A layer above its capacity: the whole step again, dense. It may start from
+                    # the sparse pass's cache: the only slots that differ are this step's own,
+                    # which every layer writes before it reads them.
+                    logits, cache = jax.lax.cond(
+                        overflowed(stats),
+                        lambda c: run(cache=c, ffn="dense", capacity=0)[:2],
+                        lambda c: (logits, c), cache)
                 return choose(logits[:, -1], key, temperature, top_p), logits, cache, stats
             steps[cache_key] = step
         return steps[cache_key]
@@ -237,6 +247,13 @@ class Decoder:
             logits.append(np.asarray(lg))
             stats.append(jax.tree.map(np.asarray, st))
         return np.concatenate(logits, axis=1), stats
+
+
+def overflowed(stats: dict) -> Array:
+    """Whether any layer of a sparse step flagged more active neurons than its capacity."""
+    flags = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats)
+             if any(getattr(k, "key", None) == "decode_fallback" for k in path)]
+    return jnp.any(jnp.stack([jnp.any(f > 0) for f in flags])) if flags else jnp.bool_(False)
 
 
 def step_stats(stats: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,10 @@ reads. ``sparse`` reads only the rows of the active neurons:
    :data:`UP_ROWS` parameter by :func:`with_row_layout`, so a row is contiguous) and of
    ``W_out`` (already [F, D]): ``y = (σ(gate)[idx] ⊙ (x · W_in[idx]ᵀ)) · W_out[idx]``.
 
-When more neurons are active than ``capacity`` the step falls back to the dense FFN
-(``lax.cond``; only the branch taken runs), so for activations with exact zeros (ReLU family,
+When more neurons are active than ``capacity`` the layer falls back to the dense FFN
+(``lax.cond``; only the branch taken runs) — or, with ``Decode.step_fallback``, the layer only
+flags it and the caller reruns the whole step densely (one branch per step instead of one per
+layer: the per-layer branch costs the gathered path about a sixth of its speed on CPU) — so for activations with exact zeros (ReLU family,
 FATReLU, ReLU², dReLU, a trained top-k) the sparse step *is* the dense step up to float
 summation order. For activations without zeros (SiLU, GELU, SwiGLU) nothing is zero, so the
 caller supplies a threshold (``Sparsity.thresholds`` on |σ(gate)|, FAT-ε): the sparse step then
@@ -42,12 +44,12 @@ Array = jax.Array
 UP_ROWS = "w_in_FxD"  # the FFN's W_in transposed [F, D] (gated FFNs), added by with_row_layout
 
 DecodeFfn = Callable[[Array, FfnWeights, Array, Sparsity], tuple[Array, FfnAux]]
-DECODE_FFNS: dict[str, Callable[[ModelConfig, int], DecodeFfn]] = {}
+DECODE_FFNS: dict[str, Callable[[ModelConfig, int, bool], DecodeFfn]] = {}
 
 
 def register_decode_ffn(name: str):
-    """Decorator: register ``factory(cfg, capacity) -> ffn(x, weights, up_FxD, sparsity)`` as
-    the decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``)."""
+    """Decorator: register ``factory(cfg, capacity, step_fallback) -> ffn(x, weights, up_FxD,
+    sparsity)`` as the decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``)."""
     def deco(factory):
         DECODE_FFNS[name] = factory
         return factory
@@ -69,7 +71,8 @@ def apply(module: nn.Module, cfg: ModelConfig, decode, x_BxTxD: Array, weights: 
     if needs_row_layout(cfg):
         up_FxD = module.param(UP_ROWS, nn.initializers.zeros, (cfg.d_ff, cfg.d_model),
                               jnp.float32).astype(weights.w_in_DxF.dtype)
-    return DECODE_FFNS[decode.ffn](cfg, decode.capacity)(x_BxTxD, weights, up_FxD, sp)
+    return DECODE_FFNS[decode.ffn](cfg, decode.capacity, decode.step_fallback)(
+        x_BxTxD, weights, up_FxD, sp)
 
 
 def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
@@ -103,8 +106,9 @@ def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
 
 
 @register_decode_ffn("sparse")
-def sparse_ffn(cfg: ModelConfig, capacity: int) -> DecodeFfn:
-    """Dense gate, the ``capacity`` active neurons' rows gathered, dense fallback above it."""
+def sparse_ffn(cfg: ModelConfig, capacity: int, step_fallback: bool = False) -> DecodeFfn:
+    """Dense gate, the ``capacity`` active neurons' rows gathered; above it the layer runs dense,
+    or (``step_fallback``) flags the step for the caller's dense rerun."""
     spec = activations.get(cfg.activation)
     dense = ffn_lib.reference_ffn(cfg)
     if not 0 < capacity <= cfg.d_ff:
@@ -141,7 +145,7 @@ def sparse_ffn(cfg: ModelConfig, capacity: int) -> DecodeFfn:
             return dense(x_NxD[None], w, sp)[0][0].astype(x_BxTxD.dtype)
 
         fallback = count > capacity
-        y_NxD = jax.lax.cond(fallback, full, gathered, None)
+        y_NxD = gathered(None) if step_fallback else jax.lax.cond(fallback, full, gathered, None)
         stats = {"decode_active": count.astype(jnp.float32),
                  "decode_fallback": fallback.astype(jnp.float32)}
         activation = activation_NxF.reshape(*shape[:-1], -1)

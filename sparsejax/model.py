@@ -198,8 +198,12 @@ class Decode:
     (static) is the cache's fixed number of slots. ``ffn`` (static) names a decode-time FFN in
     :data:`sparsejax.decode_ffn.DECODE_FFNS` ("" = the model's ``ffn_impl``), with its static
     ``capacity`` (neurons read per step: one for all layers, or one per layer; scanned layers
-    share one shape, so under ``scan_layers`` the largest). None instead of a ``Decode``: the
-    training forward pass, whose graph this class does not touch.
+    share one shape, so under ``scan_layers`` the largest). ``step_fallback`` (static): the
+    decode FFN only flags a layer whose active neurons exceed its capacity (``decode_fallback``
+    in ``stats``) instead of running that layer densely, and the caller reruns the whole step
+    densely when any layer flags (:class:`sparsejax.decode.Decoder` does), so the common step
+    carries no per-layer branch. None instead of a ``Decode``: the training forward pass, whose
+    graph this class does not touch.
     """
 
     index: Array
@@ -207,6 +211,7 @@ class Decode:
     cache_len: int = flax.struct.field(pytree_node=False, default=0)
     ffn: str = flax.struct.field(pytree_node=False, default="")
     capacity: int | tuple[int, ...] = flax.struct.field(pytree_node=False, default=0)
+    step_fallback: bool = flax.struct.field(pytree_node=False, default=False)
 
     def layer(self, i: Optional[int]) -> "Decode":
         """Layer i's input (None: the scanned layers', the largest capacity)."""

@@ -182,6 +182,30 @@ def test_per_layer_capacity():
     assert decode.capacity_for((3, 50), 4, cfg.d_ff) == (12, cfg.d_ff)
 
 
+def test_layer_fallback_alone_and_step_fallback_flags():
+    """The FFN alone, above its capacity: with the per-layer branch it equals the dense FFN; with
+    ``step_fallback`` it returns the clipped gather (different) and flags the overflow that the
+    Decoder's step-level rerun acts on (exactness of that rerun: test_per_layer_capacity)."""
+    from sparsejax import decode_ffn
+
+    cfg = _cfg()
+    m, params = _model(cfg, seed=1)
+    ffn_p = decode_ffn.with_row_layout(model_lib.Model.unbox(params), cfg)["layer_0"]["ffn"]
+    x = jax.random.normal(jax.random.key(3), (2, 1, cfg.d_model))
+    ff = model_lib.FeedForward(cfg)
+    dense = ff.apply({"params": ffn_p}, x, Sparsity())
+    dec = lambda fb: model_lib.Decode(index=jnp.int32(0), start_B=jnp.zeros(2, jnp.int32),  # noqa
+                                      cache_len=4, ffn="sparse", capacity=2, step_fallback=fb)
+    alone, st = ff.apply({"params": ffn_p}, x, Sparsity(), dec(False), mutable=["stats"])
+    clipped, st2 = ff.apply({"params": ffn_p}, x, Sparsity(), dec(True), mutable=["stats"])
+    active = int(st["stats"]["decode_active"][0])
+    assert active > 2  # the case under test: more active neurons than the capacity
+    np.testing.assert_allclose(alone, dense, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(clipped) - np.asarray(dense)).max() > 1e-3
+    assert float(st["stats"]["decode_fallback"][0]) == 1 == float(st2["stats"]["decode_fallback"][0])
+    assert bool(decode.overflowed(st2["stats"])) and not bool(decode.overflowed({}))
+
+
 @pytest.mark.slow
 def test_sparse_decode_batch_union_and_independent_active_count():
     """The step's active count is the union over the batch rows, counted independently here from
