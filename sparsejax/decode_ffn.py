@@ -131,15 +131,23 @@ def sparse_ffn(cfg: ModelConfig, capacity: int, step_fallback: bool = False) -> 
 
         def gathered(_):
             # The active neurons' indices in order (a cumulative sum, no sort); the slots past
-            # ``count`` repeat index 0 and are masked out, so nothing is counted twice.
-            idx_K = jnp.nonzero(union_F, size=capacity, fill_value=0)[0]
+            # ``count`` repeat the last neuron (so the list stays sorted) and are masked out, so
+            # nothing is counted twice. Every index is in range by construction, which lets the
+            # gathers skip their bounds handling (a pass over the gathered rows otherwise).
+            idx_K = jnp.nonzero(union_F, size=capacity, fill_value=cfg.d_ff - 1)[0]
             valid_K = jnp.arange(capacity) < count
-            keep_NxK = jnp.take(active_NxF, idx_K, axis=1) & valid_K[None, :]
-            h_NxK = jnp.take(activation_NxF, idx_K, axis=1)
+            rows = lambda a: a.at[idx_K].get(mode="promise_in_bounds",  # noqa: E731
+                                             indices_are_sorted=True)
+            cols = lambda a: rows(a.T).T  # noqa: E731
+            # Under the zero rule alone an inactive neuron's σ is already 0: only the padding
+            # slots need masking. A threshold or top-k leaves nonzero σ on inactive neurons.
+            zero_rule = sp.thresholds is None and not sp.topk_k and "topk_k" not in sp.coefficients
+            keep_NxK = valid_K[None, :] if zero_rule else cols(active_NxF) & valid_K[None, :]
+            h_NxK = cols(activation_NxF)
             if up_FxD is not None:
-                h_NxK = h_NxK * (x_NxD @ jnp.take(up_FxD, idx_K, axis=0).T)
+                h_NxK = h_NxK * (x_NxD @ rows(up_FxD).T)
             h_NxK = jnp.where(keep_NxK, h_NxK, jnp.zeros_like(h_NxK))
-            return (h_NxK @ jnp.take(w.w_out_FxD, idx_K, axis=0)).astype(x_BxTxD.dtype)
+            return (h_NxK @ rows(w.w_out_FxD)).astype(x_BxTxD.dtype)
 
         def full(_):
             return dense(x_NxD[None], w, sp)[0][0].astype(x_BxTxD.dtype)
