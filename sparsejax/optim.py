@@ -9,7 +9,6 @@ to reason about.
 
 from __future__ import annotations
 
-import warnings
 
 import optax
 
@@ -37,11 +36,11 @@ def make_optimizer(cfg: Config | TrainConfig) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW (weight decay on matrices and embeddings, not on norm
     scales), then the per-class learning-rate multipliers of µP (:func:`sparsejax.mup.lr_multipliers`:
     weight matrices' updates × dim_model_base / d_model when ``model.mup`` is on; nothing is added
-    to the chain otherwise, so a standard-parameterisation run's optimizer state is unchanged)."""
+    to the chain otherwise, so a standard-parameterisation run's optimizer state is unchanged).
+
+    A :class:`TrainConfig` alone (no model section, so no µP) builds the standard-parameterisation
+    optimizer: the form the peer benchmarks call with ``cfg.train``."""
     if isinstance(cfg, TrainConfig):
-        warnings.warn("make_optimizer(TrainConfig) is deprecated: pass the whole Config (µP's "
-                      "learning-rate multipliers depend on the model section)", DeprecationWarning,
-                      stacklevel=2)
         cfg = Config(train=cfg)
     t = cfg.train
     chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []

@@ -275,14 +275,6 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def iter_metric(results: dict, name: str) -> Iterable[tuple[int, float, float]]:
-    """(step, tokens seen, mean ratio) of one metric over the evaluated checkpoints."""
-    for e in results["checkpoints"]:
-        if name in e["results"]:
-            yield e["step"], e["tokens_seen"], e["results"][name]["ratio"]
-
-
-# ---------------------------------------------------------------------------- metrics.jsonl
 def training_records(records: Iterable[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
     """(train records by step, eval records by step) of a ``metrics.jsonl``; the last record of
     a step wins. Train records carry ``loss``; eval records ``eval_loss``."""

@@ -210,18 +210,6 @@ class ShardingPlan:
         return shardings, abstract
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                 mesh_cfg: MeshConfig | None = None) -> dict[str, jax.Array]:
-    """Deprecated (2026-12-06): ``ShardingPlan(mesh, cfg.mesh).global_batch``. Without
-    ``mesh_cfg`` the default rules apply, which is right only for a config that keeps them."""
-    import warnings
-
-    warnings.warn("sharding.global_batch is deprecated: use ShardingPlan(mesh, cfg.mesh)."
-                  "global_batch, which follows the config's batch rule", DeprecationWarning,
-                  stacklevel=2)
-    return ShardingPlan(mesh, mesh_cfg or MeshConfig()).global_batch(local_batch)
-
-
 def plan(mesh_cfg: MeshConfig, devices=None) -> ShardingPlan:
     """The plan of a mesh built from ``mesh_cfg`` over ``devices`` (default: all devices)."""
     return ShardingPlan(make_mesh(mesh_cfg, devices), mesh_cfg)

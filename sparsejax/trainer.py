@@ -51,7 +51,6 @@ RESUMABLE_CHANGES = {
     # the files it names are compared instead (``data_identity``): DIR and DIR/ are one run
     "data.text_files",
 }
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
 
 class TrainingError(RuntimeError):

@@ -159,14 +159,10 @@ def test_grouped_query_and_minicpm_fields_validated():
     assert cfg.model.kv_heads == 2 and config.ModelConfig().kv_heads == 4
 
 
-def test_moved_loaders_still_answer_under_their_old_names_with_a_warning():
-    """config.load & co. moved to configure (the config package imports no model); scripts
-    written against the old names keep working and are told where they went."""
-    with pytest.warns(DeprecationWarning, match="moved to sparsejax.configure.apply_overrides"):
-        old = config.apply_overrides
-    assert old is configure.apply_overrides
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        config.nope  # noqa: B018
+def test_the_config_package_does_not_load_configs():
+    """Loading and validating is sparsejax.configure's (the config package imports no model)."""
+    for name in ("load", "apply_overrides", "from_dict", "validate", "resolve_vocab_size"):
+        assert not hasattr(config, name) and callable(getattr(configure, name))
 
 
 # ------------------------------------------------------- configs saved before the sparsity section

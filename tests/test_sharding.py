@@ -95,13 +95,11 @@ def test_a_custom_batch_rule_trains_and_evaluates_end_to_end(tmp_path):
                                atol=1e-6)
 
 
-def test_the_old_global_batch_warns_and_follows_the_rules_it_is_given():
+def test_global_batch_follows_the_config_batch_rule():
     cfg = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", rules=ONLY_DATA)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
     rows = {"inputs": np.zeros((8, 4), np.int32)}
-    with pytest.warns(DeprecationWarning, match="ShardingPlan"):
-        default = sharding.global_batch(rows, mesh)["inputs"]
-    with pytest.warns(DeprecationWarning):
-        custom = sharding.global_batch(rows, mesh, cfg.mesh)["inputs"]
+    default = sharding.ShardingPlan(mesh, config.MeshConfig()).global_batch(rows)["inputs"]
+    custom = sharding.ShardingPlan(mesh, cfg.mesh).global_batch(rows)["inputs"]
     assert default.sharding.spec == P(("data", "fsdp"), None)
     assert custom.sharding.spec == P("data", None)

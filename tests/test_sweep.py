@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sparsejax import config, flops, laws, sweep
+from sparsejax.sweep import table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_relu.py"
@@ -276,7 +277,7 @@ def test_collect_builds_the_tidy_table(tmp_path):
 def _law_rows(run, law, params, steps, noise=0.0, seed=0):
     D = np.array(steps) * run.tokens_per_step / 1e9
     ratio = laws.get_law(law)(D, *params) + noise * np.random.default_rng(seed).standard_normal(len(D))
-    return [sweep._row(run, d * 1e9, s, "train_activation_ratio", v) for s, d, v in zip(steps, D, ratio)]
+    return [table._row(run, d * 1e9, s, "train_activation_ratio", v) for s, d, v in zip(steps, D, ratio)]
 
 
 @pytest.mark.slow
@@ -287,7 +288,7 @@ def test_fits_recover_known_law_parameters_and_skip_warmup(tmp_path):
     true_relu, true_silu = (0.5, -1.0, 3.0, 0.07), (0.5, 0.01, 0.40)
     rows = _law_rows(relu, "relu_ratio", true_relu, steps) + _law_rows(silu, "silu_ratio", true_silu, steps)
     # warm-up points that would wreck both fits if they were used
-    rows += [sweep._row(r, s * r.tokens_per_step, s, "train_activation_ratio", 0.99) for r in (relu, silu)
+    rows += [table._row(r, s * r.tokens_per_step, s, "train_activation_ratio", 0.99) for r in (relu, silu)
              for s in range(1, 21)]
     fits = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=10)
     assert [(f.run.name, f.law, f.status) for f in fits] == [("relu", "relu_ratio", "ok"),
@@ -314,15 +315,15 @@ def test_noisy_fit_has_ci_covering_the_limit():
 
 def test_failed_and_skipped_fits_are_reported(tmp_path):
     relu, silu = sweep.resolve(_two_run_sweep())
-    rows = [sweep._row(relu, 1000 * s, s, "train_activation_ratio", 0.3) for s in (3, 4, 5)]  # too few
-    rows += [sweep._row(silu, 1000 * s, s, "zero_ratio", 1.0) for s in range(3, 20)]
-    rows += [sweep._row(relu, 1000 * s, s, "fat_ratio", 0.3) for s in range(3, 20)]
+    rows = [table._row(relu, 1000 * s, s, "train_activation_ratio", 0.3) for s in (3, 4, 5)]  # too few
+    rows += [table._row(silu, 1000 * s, s, "zero_ratio", 1.0) for s in range(3, 20)]
+    rows += [table._row(relu, 1000 * s, s, "fat_ratio", 0.3) for s in range(3, 20)]
     fits = sweep.fit_runs(rows, [relu, silu], {"silu": "silu_ratio"}, n_boot=0)
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
     assert status[("relu", "train_activation_ratio")][0] == "skipped"  # no law for relu here
     assert status[("silu", "zero_ratio")][0] == "skipped"
     # fat_ratio of relu: values outside [0, 1] make the law's data check fail
-    rows += [sweep._row(relu, 1000 * s, s, "fat_ratio", 1.5) for s in range(20, 25)]
+    rows += [table._row(relu, 1000 * s, s, "fat_ratio", 1.5) for s in range(20, 25)]
     fits = sweep.fit_runs(rows, [relu, silu], laws.PUBLISHED_LAW, n_boot=0)
     status = {(f.run.name, f.metric): (f.status, f.message) for f in fits}
     # 3 points after warm-up where the ReLU law has 4 parameters: not fitted, and said why

@@ -34,20 +34,3 @@ __all__ = [
     "to_dict", "to_json_dict", "upgrade", "with_overrides",
 ]
 
-
-# Moved to sparsejax.configure (2026-12-06): validating needs the registries, which import the
-# model, so the config package no longer does it. Old callers (scripts written against
-# ``config.load`` etc.) still work through this alias, with a DeprecationWarning; it imports
-# configure only when one of these names is used (PEP 562), so nothing here imports the model.
-_MOVED_TO_CONFIGURE = ("load", "apply_overrides", "from_dict", "validate", "resolve_vocab_size")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_CONFIGURE:
-        import importlib
-        import warnings
-
-        warnings.warn(f"sparsejax.config.{name} moved to sparsejax.configure.{name}",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("sparsejax.configure"), name)
-    raise AttributeError(f"module 'sparsejax.config' has no attribute {name!r}")

@@ -27,7 +27,7 @@ _LAZY = {
     "runner": ("MARKER", "Outcome", "SINGLE_THREAD_XLA_FLAGS", "eval_command", "eval_done", "execute",
                "single_threaded", "stop_process_group",
                "tpu_script", "train_command", "train_done", "write_json"),
-    "table": ("COLUMNS", "EVAL_QUANTITIES", "_row", "collect", "eval_rows", "metrics_rows", "write_table"),
+    "table": ("COLUMNS", "EVAL_QUANTITIES", "collect", "eval_rows", "metrics_rows", "write_table"),
     "fits": ("TOKENS_PER_D", "LawFit", "bootstrap_block", "fit_run_metric", "fit_runs",
              "format_fit", "ratio_metrics"),
     "figures": ("make_plots", "plot_ratio_fits"),
