@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparsejax import results, rundir  # noqa: E402
 from sparsejax.sweep import protocol, runner  # noqa: E402
 
 
@@ -58,10 +59,9 @@ def _lrs(text: str) -> list[float]:
     return values
 
 
-def _late_mean(workdir: Path, key: str, share: float = 0.1) -> float:
-    """Mean of a metric over the last ``share`` of the logged training steps."""
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    values = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "eval_loss" not in r]
+def _late_mean(train: dict, key: str, share: float = 0.1) -> float:
+    """Mean of a training record field over the last ``share`` of the logged steps."""
+    values = [(s, getattr(r, key)) for s, r in sorted(train.items()) if getattr(r, key) is not None]
     last = values[-1][0]
     late = [v for step, v in values if step >= (1 - share) * last]
     return sum(late) / len(late)
@@ -90,12 +90,11 @@ def pilot(shape, lr: float, steps: int, activation: str, workroot: Path, mup_bas
     seconds = time.monotonic() - start
     if proc.returncode:
         raise RuntimeError(f"pilot {workdir.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    losses = [json.loads(line)["eval_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
-              if '"eval_loss"' in line]
+    train, evals = results.read_training(rundir.RunDir(workdir).metrics)
     return {"d_model": d, "n_layers": layers, "head_dim": head, "params": run.params, "mup_base": mup_base,
             "lr": lr, "steps": n, "warmup_steps": warmup, "batch_size": run.batch_size,
             "tokens": n * run.batch_size * protocol.SEQ_LEN,
-            "eval_loss": losses[-1], "activation_ratio": _late_mean(workdir, "activation_ratio"),
+            "eval_loss": evals[max(evals)].eval_loss, "activation_ratio": _late_mean(train, "activation_ratio"),
             "seconds": round(seconds, 1)}
 
 

@@ -63,6 +63,9 @@ def non_finite_leaf(tree: Any) -> str | None:
     return None
 
 
+# A checkpoint step's orbax items: the train state (params, opt_state, step) and its JSON meta.
+ITEMS = ("state", "meta")
+
 # The part of an I/O error a user can act on, when orbax buries it in a long message.
 _CAUSES = ("No space left on device", "File too large", "Disk quota exceeded",
            "Read-only file system", "Permission denied", "Too many open files")
@@ -102,7 +105,7 @@ class Checkpointer:
         self._options = ocp.CheckpointManagerOptions(
             **keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options,
-                                              item_names=("state", "meta"))
+                                              item_names=ITEMS)
         self.in_flight: int | None = None
 
     def all_steps(self) -> list[int]:
@@ -176,7 +179,7 @@ class Checkpointer:
         log.warning("checkpoint step %d rejected: %s; moved to %s", step, reason, where)
         print(f"WARNING: checkpoint step {step} rejected, {reason}; moved to {where}", flush=True)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options,
-                                              item_names=("state", "meta"))
+                                              item_names=ITEMS)
 
     def close(self) -> None:
         try:
@@ -213,7 +216,7 @@ class CheckpointReader:
                 read_only=True, create=False, cleanup_tmp_directories=False,
                 enable_async_checkpointing=False)
             self._manager = _listing_retried(lambda: ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "meta")))
+                self.directory, options=options, item_names=ITEMS))
         finally:
             absl_log.setLevel(level)
 

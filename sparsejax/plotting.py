@@ -367,26 +367,27 @@ def plot_loss_vs_tokens(
 
 
 # --------------------------------------------------------------------------- training and eval
-def plot_activation_ratio(records: list[dict], out_path, title: str = "",
+def plot_activation_ratio(records: list, out_path, title: str = "",
                           stages: tuple[int, ...] | list[int] = ()) -> Path:
     """Activation ratio vs tokens seen: one thin line per layer, the layer mean in bold.
 
-    ``records`` are ``metrics.jsonl`` training records; writes ``out_path`` (a ``.png`` path).
+    ``records`` are :class:`sparsejax.results.TrainRecord` s (``results.read_training``), in step
+    order; writes ``out_path`` (a ``.png`` path).
     ``stages``: steps where a training recipe's stage begins (``SparsityPlan.stage_boundaries``),
     drawn as dashed vertical lines at the tokens seen by then.
     """
-    rows = [r for r in records if "activation_ratio_layers" in r]
+    rows = [r for r in records if r.activation_ratio_layers is not None]
     if not rows:
         raise ValueError("no activation-ratio records to plot (was activation logging off?)")
-    tokens = np.array([r["tokens_seen"] for r in rows], dtype=np.float64)
-    per_layer = np.array([r["activation_ratio_layers"] for r in rows]) * 100
+    tokens = np.array([r.tokens_seen for r in rows], dtype=np.float64)
+    per_layer = np.array([r.activation_ratio_layers for r in rows]) * 100
     fig, ax = _new_axes(title or "FFN activation ratio during training")
     colours = [f"C{i % 10}" for i in range(per_layer.shape[1])]
     for i in range(per_layer.shape[1]):
         ax.plot(tokens, per_layer[:, i], lw=0.9, alpha=0.7, color=colours[i], label=f"layer {i}")
-    ax.plot(tokens, np.array([r["activation_ratio"] for r in rows]) * 100, lw=2.5, color="black",
+    ax.plot(tokens, np.array([r.activation_ratio for r in rows]) * 100, lw=2.5, color="black",
             label="mean over layers")
-    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    steps = np.array([r.step for r in rows], dtype=np.float64)
     inside = [b for b in stages if steps[0] <= b <= steps[-1]]
     for i, b in enumerate(inside):
         ax.axvline(float(np.interp(b, steps, tokens)), color="grey", ls="--", lw=1,

@@ -7,8 +7,9 @@ flattener everyone uses.
   the trainer;
 * :class:`TableRow`: a sweep's tidy table (``table.csv``), built by :mod:`sparsejax.sweep.table`.
 
-Each ``to_dict`` writes the JSON form below; readers keep working on plain dicts, so files
-written by earlier versions read as before.
+Each ``to_dict`` writes the JSON form below and each ``from_dict`` reads it back, so a field
+renamed here fails in one place; readers (the sweep table, plots, the LR pilot) go through
+``from_dict``. Fields an earlier version did not write read as their defaults.
 
 ``results.json`` (written by :func:`write_results`, produced by ``evaluation.evaluate_run``)::
 
@@ -126,6 +127,18 @@ class EvalResults:
         return out
 
 
+def _from_record(cls, d: dict, derived: tuple[str, ...]):
+    """``cls`` from a metrics.jsonl line: its fields by name, the ``derived`` keys (perplexities,
+    recomputed by ``to_dict``) dropped, every other key kept in ``extra``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name in names
+               and f.default is dataclasses.MISSING and f.name not in d]
+    if missing:
+        raise ValueError(f"{cls.__name__}: a metrics line without {missing}: {sorted(d)}")
+    return cls(**{k: v for k, v in d.items() if k in names},
+               extra={k: v for k, v in d.items() if k not in names and k not in derived})
+
+
 def _record(record, head: dict) -> dict:
     """A metrics.jsonl line: ``head`` first (the order readers of older files know), then the
     record's other fields without the optional ones left at None, then its extras."""
@@ -141,11 +154,11 @@ class TrainRecord:
 
     step: int
     loss: float
-    grad_norm: float
-    learning_rate: float
-    tokens_seen: float
-    tokens_per_s: float
-    mfu: Optional[float]
+    grad_norm: Optional[float] = None
+    learning_rate: Optional[float] = None
+    tokens_seen: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    mfu: Optional[float] = None
     activation_ratio: Optional[float] = None
     activation_ratio_layers: Optional[list[float]] = None
     dead_in_batch_layers: Optional[list[float]] = None
@@ -154,6 +167,10 @@ class TrainRecord:
     def to_dict(self) -> dict:
         return _record(self, {"step": self.step, "loss": self.loss,
                               "perplexity": perplexity(self.loss)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainRecord":
+        return _from_record(cls, d, ("perplexity",))
 
 
 @dataclasses.dataclass
@@ -168,6 +185,10 @@ class EvalRecord:
     def to_dict(self) -> dict:
         return _record(self, {"step": self.step, "eval_loss": self.eval_loss,
                               "eval_perplexity": perplexity(self.eval_loss)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalRecord":
+        return _from_record(cls, d, ("eval_perplexity",))
 
 
 @dataclasses.dataclass
@@ -188,6 +209,12 @@ class TableRow:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TableRow":
+        if set(d) != set(TABLE_COLUMNS):
+            raise ValueError(f"a table row has columns {sorted(d)}, expected {list(TABLE_COLUMNS)}")
+        return cls(**d)
 
 
 TABLE_COLUMNS = tuple(f.name for f in dataclasses.fields(TableRow))
@@ -275,13 +302,21 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def training_records(records: Iterable[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(train records by step, eval records by step) of a ``metrics.jsonl``; the last record of
-    a step wins. Train records carry ``loss``; eval records ``eval_loss``."""
+def training_records(records: Iterable[dict]
+                     ) -> tuple[dict[int, TrainRecord], dict[int, EvalRecord]]:
+    """(train records by step, eval records by step) of a ``metrics.jsonl``'s lines; the last
+    record of a step wins. Train lines carry ``loss``; eval lines ``eval_loss``."""
     train, evals = {}, {}
     for r in records:
         if "loss" in r:
-            train[r["step"]] = r
+            train[r["step"]] = TrainRecord.from_dict(r)
         elif "eval_loss" in r:
-            evals[r["step"]] = r
+            evals[r["step"]] = EvalRecord.from_dict(r)
     return train, evals
+
+
+def read_training(path) -> tuple[dict[int, TrainRecord], dict[int, EvalRecord]]:
+    """:func:`training_records` of the ``metrics.jsonl`` at ``path`` (a torn last line ignored)."""
+    from sparsejax import writers  # noqa: PLC0415 - writers imports this module
+
+    return training_records(writers.read_jsonl(path))

@@ -9,6 +9,7 @@ Layout of a run directory (``--workdir``)::
     activation_ratio.png  the training plot
     eval/                 eval.py's results.json, results.csv and plots
     sweep_train_done.json a sweep's marker: this run's training finished (sparsejax.sweep)
+    train.log, eval.log   a sweep's capture of train.py's / eval.py's console (sparsejax.sweep)
     train_debug.log       library logging (orbax, absl): kept out of the console
     rejected/             checkpoint steps that could not be restored, moved aside (never deleted)
     previous/<time>/      an earlier run's files, moved aside by ``train.py --no-resume``
@@ -58,6 +59,7 @@ EVAL_RESULTS = "results.json"  # in EVAL
 SWEEP_MARKER = "sweep_train_done.json"
 SWEEP_RUNS = "runs"  # a sweep directory holds each run at runs/<run name>
 DEBUG_LOG = "train_debug.log"
+TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
 REJECTED = "rejected"
 PREVIOUS = "previous"
 LOCK = ".lock"
@@ -96,6 +98,8 @@ class RunDir:
     previous = _member(PREVIOUS)
     lock = _member(LOCK)
     sweep_marker = _member(SWEEP_MARKER)
+    train_log = _member(TRAIN_LOG, doc="train.py's console, as a sweep captured it")
+    eval_log = _member(EVAL_LOG, doc="eval.py's console, as a sweep captured it")
 
     @staticmethod
     def debug_log_name(process_index: int = 0) -> str:

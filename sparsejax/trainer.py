@@ -516,14 +516,14 @@ def _train_in(cfg, workdir, mesh, fns, dataset, train_step, compile_s, need, sto
 
 def _summarize(cfg, workdir, loop, restored, is_main, log_activations) -> RunSummary:
     run = rundir.RunDir(workdir)
-    records = [r for r in writers.read_jsonl(run.metrics) if "loss" in r] if (
-        is_main and run.metrics.exists()) else []
+    train = results.read_training(run.metrics)[0] if is_main and run.metrics.exists() else {}
+    records = [train[s] for s in sorted(train)]
     plot_path = None
     if is_main and log_activations and records:
         plot_path = plotting.plot_activation_ratio(records, run.plot,
                                                    title=f"{cfg.name}: FFN activation ratio",
                                                    stages=SparsityPlan.of(cfg).stage_boundaries())
-    last = records[-1] if records else loop.last_record
+    last = records[-1].to_dict() if records else loop.last_record
     start = restored[0] if restored is not None else 0
     return RunSummary(workdir, loop.step_no, last.get("loss", float("nan")),
                       last.get("activation_ratio"), plot_path,

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparsejax import (config, data, ffn, metrics, model, optim, plotting,
+from sparsejax import (config, data, ffn, metrics, model, optim, plotting, results,
                        sharding, sparsity, step, trainer, warm_start, writers)
 from sparsejax import configure
 from sparsejax.config import ConfigError
@@ -222,8 +222,8 @@ def test_recipe_survives_the_config_round_trip_and_old_configs_resume():
 
 
 def test_activation_plot_marks_stage_boundaries(tmp_path):
-    records = [{"step": s, "tokens_seen": 100.0 * s, "activation_ratio": 0.5,
-                "activation_ratio_layers": [0.4, 0.6]} for s in range(1, 21)]
+    records = [results.TrainRecord(step=s, loss=1.0, tokens_seen=100.0 * s, activation_ratio=0.5,
+                                   activation_ratio_layers=[0.4, 0.6]) for s in range(1, 21)]
     drawn = []
     orig = plotting._finish
 

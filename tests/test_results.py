@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from sparsejax import results
 from sparsejax.sweep import table
@@ -49,7 +50,16 @@ def test_training_records_drop_absent_fields_and_read_back():
     ev = results.EvalRecord(step=3, eval_loss=2.0, eval_activation_ratio=0.25).to_dict()
     assert list(ev) == ["step", "eval_loss", "eval_perplexity", "eval_activation_ratio"]
     train, evals = results.training_records([d, ev])
-    assert train[3]["loss"] == 2.5 and evals[3]["eval_activation_ratio"] == 0.25
+    assert train[3] == tr and train[3].to_dict() == d  # read back through the dataclass
+    assert evals[3].eval_activation_ratio == 0.25 and evals[3].to_dict() == ev
+    # an older line without the reporting fields reads with them unset; one without a loss fails
+    old = results.TrainRecord.from_dict({"step": 1, "loss": 3.0, "tokens_seen": 8.0})
+    assert old.grad_norm is None and old.extra == {} and old.to_dict()["perplexity"] == math.exp(3)
+    with pytest.raises(ValueError, match="without \\['loss'\\]"):
+        results.TrainRecord.from_dict({"step": 1, "tokens_seen": 8.0})
+    with pytest.raises(ValueError, match="table row has columns"):
+        results.TableRow.from_dict({**results.TableRow("r", None, "", 1, 1, 1, 1.0, 1, "m", 1.0)
+                                   .to_dict(), "renamed": 1})
 
 
 def test_the_sweep_table_columns_are_the_row_dataclass_fields():

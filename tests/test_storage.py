@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from sparsejax import plotting, rundir, storage, writers
+from sparsejax import plotting, results, rundir, storage, writers
 from fake_gcs import install
 
 
@@ -26,6 +26,10 @@ def workdir(request, tmp_path, gcs):
 def _records(n, start=1):
     return [{"step": s, "loss": 5.0 - s / 10, "tokens_seen": 256 * s, "activation_ratio": 0.5,
              "activation_ratio_layers": [0.4, 0.6]} for s in range(start, start + n)]
+
+
+def _train_records(n, start=1):
+    return [results.TrainRecord.from_dict(r) for r in _records(n, start)]
 
 
 def test_paths():
@@ -124,7 +128,7 @@ def test_atomic_write_plot_and_move_previous(workdir):
     workdir.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(workdir / "config.json", json.dumps({"a": 1}))
     assert json.loads((workdir / "config.json").read_text()) == {"a": 1}
-    png = plotting.plot_activation_ratio(_records(4), workdir / "activation_ratio.png")
+    png = plotting.plot_activation_ratio(_train_records(4), workdir / "activation_ratio.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     w = writers.MetricsWriter(workdir, tensorboard=False)
     w.write(_records(1))

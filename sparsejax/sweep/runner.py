@@ -257,26 +257,27 @@ def _run_one(sweep: Sweep, run: ResolvedRun, head: str, out: pathlib.Path, *, sk
         log(f"{head}: complete, skipped")
         return Outcome(run.name, "skipped")
     t_run, failure = time.perf_counter(), ""
+    files = rundir.RunDir(workdir)
     if need_train:
         log(f"{head}: training ({run.steps} steps, {run.params / 1e6:.2f}M non-embedding params)")
         t0 = time.perf_counter()
         cmd = train_cmd(run, workdir)
-        rc = _run_logged(cmd, workdir / "train.log", echo=progress, env=env, children=children)
+        rc = _run_logged(cmd, files.train_log, echo=progress, env=env, children=children)
         if rc == 0:
-            write_json(rundir.RunDir(workdir).sweep_marker, {"run": run.name, "config": run.config_dict, "command": cmd,
+            write_json(files.sweep_marker, {"run": run.name, "config": run.config_dict, "command": cmd,
                                            "seconds": time.perf_counter() - t0,
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         else:
-            failure = f"train.py exited {rc} (log: {workdir / 'train.log'})"
+            failure = f"train.py exited {rc} (log: {files.train_log})"
     if not failure and need_eval:
         log(f"{head}: evaluating ({','.join(sweep.eval.metrics)})")
         cmd = eval_cmd(run, workdir, sweep.eval)
-        rc = _run_logged(cmd, workdir / "eval.log", echo=progress, env=env, children=children)
+        rc = _run_logged(cmd, files.eval_log, echo=progress, env=env, children=children)
         if rc != 0:
-            failure = f"eval.py exited {rc} (log: {workdir / 'eval.log'})"
+            failure = f"eval.py exited {rc} (log: {files.eval_log})"
     seconds = time.perf_counter() - t_run
     if failure:
-        tail = (workdir / ("eval.log" if "eval.py" in failure else "train.log")).read_text()
+        tail = (files.eval_log if "eval.py" in failure else files.train_log).read_text()
         log(f"{head}: FAILED: {failure}\n" + "".join(f"    | {x}\n" for x in tail.splitlines()[-8:]))
     log(f"{head}: {'failed' if failure else 'done'} in {seconds:.0f}s "
         f"(sweep elapsed {time.perf_counter() - t_sweep:.0f}s)")

@@ -25,14 +25,15 @@ def metrics_rows(run: ResolvedRun, records: Sequence[dict]) -> list[dict]:
     """train_loss and train_activation_ratio (in-graph: zero-based for the ReLU family, FAT-ε with
     ε = sparsity.fat_eps otherwise) per logged step, and eval_loss; the last record of a step wins."""
     train, evals = results.training_records(records)
-    tokens = {s: r.get("tokens_seen", s * run.tokens_per_step) for s, r in train.items()}
+    tokens = {s: s * run.tokens_per_step if r.tokens_seen is None else r.tokens_seen
+              for s, r in train.items()}
     rows = []
     for s in sorted(train):
-        rows.append(_row(run, tokens[s], s, "train_loss", train[s]["loss"]))
-        if "activation_ratio" in train[s]:
-            rows.append(_row(run, tokens[s], s, "train_activation_ratio", train[s]["activation_ratio"]))
+        rows.append(_row(run, tokens[s], s, "train_loss", train[s].loss))
+        if train[s].activation_ratio is not None:
+            rows.append(_row(run, tokens[s], s, "train_activation_ratio", train[s].activation_ratio))
     for s in sorted(evals):
-        rows.append(_row(run, tokens.get(s, s * run.tokens_per_step), s, "eval_loss", evals[s]["eval_loss"]))
+        rows.append(_row(run, tokens.get(s, s * run.tokens_per_step), s, "eval_loss", evals[s].eval_loss))
     return rows
 
 
@@ -105,11 +106,12 @@ def load_table(out) -> list[dict]:
         if (out / json_name).exists():
             rows = json.loads((out / json_name).read_text())
             if isinstance(rows, list):  # results.json of eval.py is an object: not a table
-                return rows
+                return [results.TableRow.from_dict(r).to_dict() for r in rows]
         if (out / csv_name).exists():
             # a published sweep (sparsejax.sweep.publish) carries only the CSV
             with (out / csv_name).open(newline="") as f:
-                return [_csv_row(r) for r in csv.DictReader(f)]
+                return [results.TableRow.from_dict(_csv_row(r)).to_dict()
+                        for r in csv.DictReader(f)]
     raise FileNotFoundError(f"{out / TABLE_JSON} does not exist: run the sweep "
                             f"(python -m sparsejax.sweep ...) first")
 
