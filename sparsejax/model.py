@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
+import einops
 import flax.linen as nn
 import flax.struct
 import jax
@@ -226,10 +227,10 @@ def cached_attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, index
     slot s is visible to the query in slot i when ``start_B[b] <= s <= i``. Grouped-query heads
     are read by a [G, H/G] split of the queries (no copy of the cache per query head); float32
     scores and softmax as :func:`causal_attention`."""
-    batch, length, heads, dim = q_BxTxHxK.shape
+    length, dim = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
     groups, slots = k_BxSxGxK.shape[2], k_BxSxGxK.shape[1]
-    q_BxTxGxRxK = (q_BxTxHxK * jnp.asarray(dim ** -0.5, q_BxTxHxK.dtype)).reshape(
-        batch, length, groups, heads // groups, dim)
+    q_BxTxGxRxK = einops.rearrange(q_BxTxHxK * jnp.asarray(dim ** -0.5, q_BxTxHxK.dtype),
+                                   "b t (g r) k -> b t g r k", g=groups)
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
                         preferred_element_type=jnp.float32)
     slot_S, query_T = jnp.arange(slots), index + jnp.arange(length)
@@ -237,7 +238,8 @@ def cached_attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, index
                      & (slot_S[None, None, :] >= start_B[:, None, None]))
     scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
-    return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK).reshape(batch, length, heads, dim)
+    return einops.rearrange(jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK),
+                            "b t g r k -> b t (g r) k")
 
 
 @register_attention_impl("xla")

@@ -1,6 +1,7 @@
 """sparsejax.loss: the vocabulary-tiled loss equals the plain one (values, gradients, train and
 eval steps) and does not hold the full logits."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,8 +135,7 @@ def test_train_and_eval_steps_with_tiled_loss_equal_the_plain_steps(extra, n_dev
     # Parameters after one AdamW step: Adam divides each gradient by its own RMS, so an element
     # whose gradient is ~0 turns float32 rounding into up to ~1e-5 of movement (seen with jax
     # 0.12: 2.2e-6 on 1 of 16,384); a wrong gradient moves elements by ~the learning rate (3e-3).
-    for a, b in zip(jax.tree.leaves(pt), jax.tree.leaves(pp)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(pt, pp, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluator_loss_with_tiled_loss_equals_plain():

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,7 @@ def test_scan_layers_same_loss_grads_and_accessors_as_unrolled():
     p_scanned = model.convert_layout(p_unrolled, CFG.n_layers, True)
     assert set(p_scanned) == {"embed", "final_norm", "layers"}
     assert p_scanned["layers"]["ffn"]["w_out"]["kernel"].shape == (3, 64, 32)
-    jax.tree.map(np.testing.assert_array_equal,
-                 model.convert_layout(p_scanned, CFG.n_layers, False), p_unrolled)
+    chex.assert_trees_all_equal(model.convert_layout(p_scanned, CFG.n_layers, False), p_unrolled)
     # The scanned model's own parameters carry the "layers" logical axis first.
     specs = model.Model(scanned).param_specs(11)
     assert tuple(specs["layers"]["ffn"]["w_in"]["kernel"]) == ("layers", "embed", "mlp")
@@ -47,8 +47,8 @@ def test_scan_layers_same_loss_grads_and_accessors_as_unrolled():
     l_u, g_u = jax.value_and_grad(lambda p: _loss(unrolled, p, tokens))(p_unrolled)
     l_s, g_s = jax.value_and_grad(lambda p: _loss(scanned, p, tokens))(p_scanned)
     np.testing.assert_allclose(l_s, l_u, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 model.convert_layout(g_s, CFG.n_layers, False), g_u)
+    chex.assert_trees_all_close(model.convert_layout(g_s, CFG.n_layers, False), g_u,
+                                rtol=1e-4, atol=1e-7)
 
     weights = jnp.ones(tokens[:, :-1].shape)
     sp = sparsity.Sparsity(stats_weights_BxL=weights)
@@ -96,7 +96,7 @@ def test_remat_policies_leave_loss_and_grads_unchanged(policy, scan):
     cfg = dataclasses.replace(base, remat_policy=policy)
     l1, g1 = jax.jit(jax.value_and_grad(lambda q: _loss(cfg, q, tokens)))(p)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-7)
 
 
 def test_a_new_ffn_impl_registers_without_touching_block_or_transformer():
@@ -149,8 +149,8 @@ def test_block_sparse_ffn_trains_like_the_reference_and_evaluates():
     l_bs, r_bs, s_bs = train_steps(bs_cfg, jax.devices()[:1])
     np.testing.assert_allclose(l_bs, l_ref, rtol=1e-5)
     np.testing.assert_allclose(r_bs, r_ref, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                 jax.device_get(s_bs["params"]), jax.device_get(s_ref["params"]))
+    chex.assert_trees_all_close(jax.device_get(s_bs["params"]), jax.device_get(s_ref["params"]),
+                                rtol=1e-3, atol=1e-5)
     assert l_ref[-1] < l_ref[0]
 
     batch = random_batches(ref_cfg, 1, seed=5)[0]
@@ -188,8 +188,8 @@ def test_checkpoint_of_the_other_layout_converts_for_reading_and_refuses_resume(
     unrolled, _ = run.params(2, mesh)
     scanned, _ = _as_layout(run, scan_layers=True).params(2, mesh)
     assert "layers" in scanned and "layer_0" not in scanned
-    jax.tree.map(np.testing.assert_array_equal,
-                 jax.device_get(model.convert_layout(scanned, 2, False)), jax.device_get(unrolled))
+    chex.assert_trees_all_equal(jax.device_get(model.convert_layout(scanned, 2, False)),
+                                jax.device_get(unrolled))
     # Training: resuming with the other layout fails in one line naming the field.
     with pytest.raises(ConfigError, match="model.scan_layers") as err:
         trainer.train(configure.apply_overrides(cfg, ["model.scan_layers=true", "train.steps=4"]),
