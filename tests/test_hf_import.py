@@ -156,6 +156,20 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and expected in err, err
 
 
+def test_a_text_shorter_than_one_batch_is_one_line(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("First Citizen:\n")
+    out = tmp_path / "o" / "r.json"
+    assert eval_cli.main(["--hf", str(FIXTURES / "llama_gqa"), "--seq-len", "16", "--batch-size",
+                          "8", "--text", str(short), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    n = len(data.load_tokenizer(FIXTURES / "llama_gqa").encode(short.read_text()))
+    # BOS-prefixed rows: 8 rows of 16 text tokens make one batch.
+    assert err == (f"eval error: the text has {n} tokens, fewer than one batch (8 x 16); give a "
+                   f"longer --text or lower --batch-size / --seq-len")
+    assert not out.parent.exists()
+
+
 def test_memory_check_refuses_before_loading():
     ckpt = hf_import.open_checkpoint(FIXTURES / "llama_gqa", seq_len=16)
     need = hf_import.memory_need_bytes(ckpt, batch_size=8, seq_len=16, eval_tokens=256,

@@ -15,23 +15,18 @@ module: set them there, not here.
 
 from sparsejax.data.errors import DataError
 from sparsejax.data.pipeline import (Dataset, GrainPacked, RandomWindows, run_tokenizer,
-                                     sentencepiece_texts, sequential_batches, tokenizer_file,
-                                     validation_batches)
-from sparsejax.data.sources import (CORPUS_PATH, RECORD_SOURCES, TEXT_SUFFIXES, Subset,
-                                    TextDocuments, load_corpus_text, resolve_text_files,
-                                    split_documents, split_text, text_sources, tfds_source)
-from sparsejax.data.tokenizers import (TOKENIZER_FILES, TOKENIZER_KINDS, ByteTokenizer,
-                                       HuggingFaceTokenizer, SentencePieceModel,
+                                     sequential_batches, tokenizer_file, validation_batches)
+from sparsejax.data.sources import (CORPUS_PATH, RECORD_SOURCES, TextDocuments, load_corpus_text,
+                                    resolve_text_files, split_documents, split_text, text_sources)
+from sparsejax.data.tokenizers import (TOKENIZER_FILES, ByteTokenizer, SentencePieceModel,
                                        SentencePieceTokenizer, check_config, encode_bounded,
-                                       encode_prefix, load_tokenizer, make_tokenizer,
-                                       tokenizer_vocab_for_config)
+                                       encode_prefix, load_tokenizer, tokenizer_vocab_for_config)
 
 __all__ = [
-    "CORPUS_PATH", "RECORD_SOURCES", "TEXT_SUFFIXES", "TOKENIZER_FILES", "TOKENIZER_KINDS",
-    "ByteTokenizer", "DataError", "Dataset", "GrainPacked", "HuggingFaceTokenizer",
-    "RandomWindows", "SentencePieceModel", "SentencePieceTokenizer", "Subset", "TextDocuments",
-    "check_config", "encode_bounded", "encode_prefix", "load_corpus_text", "load_tokenizer",
-    "make_tokenizer", "resolve_text_files", "run_tokenizer", "sentencepiece_texts",
-    "sequential_batches", "split_documents", "split_text", "text_sources", "tfds_source",
-    "tokenizer_file", "tokenizer_vocab_for_config", "validation_batches",
+    "CORPUS_PATH", "RECORD_SOURCES", "TOKENIZER_FILES", "ByteTokenizer", "DataError", "Dataset",
+    "GrainPacked", "RandomWindows", "SentencePieceModel", "SentencePieceTokenizer",
+    "TextDocuments", "check_config", "encode_bounded", "encode_prefix", "load_corpus_text",
+    "load_tokenizer", "resolve_text_files", "run_tokenizer",
+    "sequential_batches", "split_documents", "split_text", "text_sources", "tokenizer_file",
+    "tokenizer_vocab_for_config", "validation_batches",
 ]
