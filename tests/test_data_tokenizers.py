@@ -177,7 +177,7 @@ def test_each_file_kind_loads_through_the_one_loader(tokenizer_files, spec, kind
         assert all(tok.decode(tok.encode(text)) == text for text in SAMPLES)
 
 
-@pytest.mark.parametrize("setting", ["byte", "sentencepiece", "tokenizer_path"])
+@pytest.mark.parametrize("setting", ["byte", "sentencepiece", "tokenizer_path", "tokenizer_dir"])
 def test_a_config_gets_its_tokenizer_through_the_one_loader(tokenizer_files, tmp_path, setting):
     """Training, evaluation and generation all take a run's tokenizer from run_tokenizer."""
     overrides = {"byte": ["data.tokenizer=byte"],
@@ -185,7 +185,9 @@ def test_a_config_gets_its_tokenizer_through_the_one_loader(tokenizer_files, tmp
                                    "model.vocab_size=512",
                                    f"data.cache_dir={tmp_path / 'cache'}"],
                  "tokenizer_path": [f"data.tokenizer_path={tokenizer_files / 'tokenizer.json'}",
-                                    "model.vocab_size=0"]}[setting]
+                                    "model.vocab_size=0"],
+                 "tokenizer_dir": [f"data.tokenizer_path={tokenizer_files / 'spm_dir'}",
+                                   "model.vocab_size=0"]}[setting]
     corpus = data.load_corpus_text()[:120_000]
     for i in range(4):  # small text files: a SentencePiece model trains on them in about a second
         _write(tmp_path / "docs" / f"d{i}.txt", corpus[i * 30_000:(i + 1) * 30_000])
@@ -197,10 +199,11 @@ def test_a_config_gets_its_tokenizer_through_the_one_loader(tokenizer_files, tmp
         np.testing.assert_array_equal(tok.encode(SAMPLES[1]), list(SAMPLES[1].encode("utf-8")))
     else:
         assert data.tokenizer_file(cfg) == tok.model_path and tok.model_path.is_file()
+        assert setting != "tokenizer_dir" or tok.model_path.name == "tokenizer.model"
         size, encode, _ = _reference(tok.model_path)
         assert tok.vocab_size == size
         np.testing.assert_array_equal(tok.encode(SAMPLES[0]), encode(SAMPLES[0]))
-    for text in SAMPLES[:2] if setting != "sentencepiece" else SAMPLES[:1]:
+    for text in SAMPLES[:1] if "sentencepiece" in setting or "dir" in setting else SAMPLES[:2]:
         assert tok.decode(tok.encode(text)) == text
     # The training iterator's tokenizer is the same one.
     small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=2, seq_len=16,

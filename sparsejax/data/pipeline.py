@@ -221,7 +221,7 @@ def tokenizer_file(cfg: Config) -> pathlib.Path | None:
     model trained for this config (its cache path, found from the same training text the run
     trained it on; it may have been deleted); None for the byte tokenizer."""
     if cfg.data.tokenizer_path:
-        return pathlib.Path(cfg.data.tokenizer_path)
+        return pathlib.Path(tokenizers.tokenizer_file_in(cfg.data.tokenizer_path))
     if cfg.data.tokenizer == "byte":
         return None
     return tokenizers.SentencePieceTokenizer.cached_model(

@@ -111,6 +111,18 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
+def tokenizer_file_in(path: str | pathlib.Path) -> str | pathlib.Path:
+    """``path`` itself, or for a directory the first of its :data:`CHECKPOINT_FILES` (DataError
+    if it has none)."""
+    if not os.path.isdir(path):
+        return path
+    found = [pathlib.Path(path) / name for name in CHECKPOINT_FILES
+             if (pathlib.Path(path) / name).is_file()]
+    if not found:
+        raise DataError(f"no {' or '.join(CHECKPOINT_FILES)} in {path}")
+    return found[0]
+
+
 def load_tokenizer(path: str | pathlib.Path, field: str = "data.tokenizer_path"):
     """The tokenizer in ``path``: a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json``
     file, or a checkpoint directory holding one of :data:`CHECKPOINT_FILES` (the first found).
@@ -118,13 +130,7 @@ def load_tokenizer(path: str | pathlib.Path, field: str = "data.tokenizer_path")
     ``field`` is the config field or flag that named ``path``: anything unusable (no such file, an
     unknown suffix, a file its library cannot read) is a :class:`DataError`, one line naming it.
     """
-    if os.path.isdir(path):
-        found = [pathlib.Path(path) / name for name in CHECKPOINT_FILES
-                 if (pathlib.Path(path) / name).is_file()]
-        if not found:
-            raise DataError(f"no {' or '.join(CHECKPOINT_FILES)} in {path}")
-        path = found[0]
-    path = str(path)
+    path = str(tokenizer_file_in(path))
     where = f"{field}={path!r}"
     loader = TOKENIZER_FILES.get(pathlib.Path(path).suffix)
     if loader is None:
