@@ -86,7 +86,7 @@ def sequential_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: 
     disjoint pieces of the stream.
     """
     width = seq_len + (bos_id is None)  # stream tokens per row
-    stride = width - 1 if overlap else width
+    stride = max(width - 1, 1) if overlap else width
     rows_fit = (len(tokens) - width) // stride + 1 if len(tokens) >= width else 0
     have = rows_fit // batch
     if have < 1:
@@ -97,7 +97,8 @@ def sequential_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: 
         starts = (b * batch + np.arange(batch)) * stride
         window_BxW = tokens[starts[:, None] + np.arange(width)]
         if bos_id is not None:
-            window_BxW = np.concatenate([np.full((batch, 1), bos_id, window_BxW.dtype), window_BxW], 1)
+            bos_Bx1 = np.full((batch, 1), bos_id, window_BxW.dtype)
+            window_BxW = np.concatenate([bos_Bx1, window_BxW], axis=1)
         out.append(_to_example(window_BxW))
     return out
 
