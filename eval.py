@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     except (eval_options.EvalError, rundir.RunDirError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
-    from sparsejax import hf_import
+    from sparsejax import data, hf_import
 
     try:
         options = eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS})
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         else:
             results = evaluation.evaluate_run(args.workdir, options, checkpoints=args.checkpoints,
                                               progress=args.progress)
-    except (trained_run.RunError, eval_options.EvalError, hf_import.HfImportError) as err:
+    except (trained_run.RunError, eval_options.EvalError, hf_import.HfImportError,
+            data.DataError) as err:
         print(f"eval error: {err}", file=sys.stderr)
         return 2
     except config.ConfigError as err:  # e.g. the run's mesh needs more devices than this host has
@@ -166,7 +167,7 @@ def evaluate_hf(args: argparse.Namespace, options) -> dict:
     if args.batch_size % devices:
         raise eval_options.EvalError(f"--batch-size={args.batch_size} must be a multiple of the "
                                      f"{devices} devices the batch is split over")
-    tokenizer = hf_import.HfTokenizer(args.hf)
+    tokenizer = data.load_tokenizer(args.hf, field="--hf")
     if args.text is None:
         text = data.split_text(data.load_corpus_text(), 0.05)[1]
     else:
@@ -178,13 +179,17 @@ def evaluate_hf(args: argparse.Namespace, options) -> dict:
     n_batches = options.eval_batches or 4
     bos = ckpt.hf_config.get("bos_token_id")
     need = n_batches * args.batch_size * (args.seq_len + (bos is None))
-    tokens = hf_import.encode_text(tokenizer, text, need)
+    tokens = data.encode_prefix(tokenizer, text, need)
     if len(tokens) and int(tokens.max()) >= ckpt.model.vocab_size:
         raise hf_import.HfImportError(
-            f"{tokenizer.source} gives token id {int(tokens.max())} >= config.json vocab_size="
+            f"{tokenizer.model_path} gives token id {int(tokens.max())} >= config.json vocab_size="
             f"{ckpt.model.vocab_size}: the tokenizer does not belong to this model")
-    batches = hf_import.eval_batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                                     n_batches=n_batches, bos_id=bos)
+    try:  # disjoint rows, each [BOS] + seq_len tokens when the model has a BOS token
+        batches = data.sequential_batches(tokens, args.batch_size, args.seq_len, n_batches,
+                                          bos_id=bos, overlap=False, what="the text")
+    except data.DataError as err:
+        raise hf_import.HfImportError(f"{err}; give a longer --text or lower --batch-size / "
+                                      f"--seq-len") from None
     eval_tokens = len(batches) * args.batch_size * args.seq_len
     hf_import.check_memory(
         hf_import.memory_need_bytes(ckpt, batch_size=args.batch_size, seq_len=args.seq_len,

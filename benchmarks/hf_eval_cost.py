@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from sparsejax import config as config_lib, evaluation, hf_import  # noqa: E402
+from sparsejax import config as config_lib, data, evaluation, hf_import  # noqa: E402
 
 FIXTURE_TOKENIZER = (pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf"
                      / "minicpm" / "tokenizer.json")
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         m = ckpt.model
         tokens = np.random.default_rng(1).integers(3, 320, 10 * args.batches * args.batch_size
                                                    * args.seq_len).astype(np.int32)
-        batches = hf_import.eval_batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                                         n_batches=args.batches, bos_id=1)
+        batches = data.sequential_batches(tokens, args.batch_size, args.seq_len, args.batches,
+                                          bos_id=1, overlap=False)
         cfg = hf_import.run_config(m, "bench", batch_size=args.batch_size, seq_len=args.seq_len,
                                    eval_batches=args.batches)
         run = hf_import.HfRun(ckpt, cfg, hf_import.load_params(ckpt))

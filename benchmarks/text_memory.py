@@ -5,7 +5,7 @@ process (peak RSS from ``getrusage``), baselines measured in the same run:
 * tokenizing it whole vs in bounded pieces (``sparsejax.data.encode_bounded``);
 * ``data.source=text`` training batches (``data.Dataset``, 40 batches of 8 x 129 tokens, with a
   3 s pause after 20) with the document and a short one in training, a short one in validation, with grain's default read-ahead (16 threads, 500 records) vs
-  the pipeline's (``data.READ_THREADS``, ``data.READ_AHEAD``).
+  the pipeline's (``data.pipeline.READ_THREADS``, ``data.pipeline.READ_AHEAD``).
 
     python benchmarks/text_memory.py [--mb 0.03,0.3,3] [--tokenizer byte,sentencepiece]
 
@@ -40,9 +40,10 @@ print(json.dumps({"tokens": int(len(ids)), "peak_mib": peak / 1024, "before_mib"
 PIPELINE = r"""
 import json, resource, sys, time
 from sparsejax import configure, data
+from sparsejax.data import pipeline
 doc, small, default_read = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if default_read:
-    data.READ_THREADS, data.READ_AHEAD = 16, 500
+    pipeline.READ_THREADS, pipeline.READ_AHEAD = 16, 500
 cfg = configure.load("configs/tiny_relu.py", ["data.source=text",
                      f"data.text_files={doc},{small}1.txt,{small}2.txt", "train.batch_size=8",
                      "train.seq_len=128", "data.validation_fraction=0.3"])

@@ -78,19 +78,16 @@ class InputError(ValueError):
 
 
 def _run_tokenizer(cfg):
+    """The run's tokenizer, through the data package's loader. A SentencePiece model trained on
+    TFDS or text-file data is found by that training text, which generation does not read."""
     from sparsejax import data
 
     d = cfg.data
-    if d.tokenizer_path:
-        return data.load_tokenizer_file(d.tokenizer_path)
-    if d.tokenizer == "byte":
-        return data.ByteTokenizer()
-    if d.source == "embedded":  # the cached SentencePiece model of the embedded corpus
-        return data.make_tokenizer(cfg, [data.split_text(data.load_corpus_text(),
-                                                         d.validation_fraction)[0]])
-    raise InputError(f"data.tokenizer={d.tokenizer!r} with data.source={d.source!r}: the run's "
-                     f"tokenizer cannot be rebuilt here; allowed: 'byte', a data.tokenizer_path, "
-                     f"or sentencepiece over the embedded corpus")
+    if d.tokenizer == "sentencepiece" and not d.tokenizer_path and d.source != "embedded":
+        raise InputError(f"data.tokenizer={d.tokenizer!r} with data.source={d.source!r}: the "
+                         f"run's tokenizer cannot be rebuilt here; allowed: 'byte', a "
+                         f"data.tokenizer_path, or sentencepiece over the embedded corpus")
+    return data.run_tokenizer(cfg)
 
 
 def _single_device_plan(cfg):
@@ -133,12 +130,7 @@ def load_hf(args) -> Loaded:
     if hf.get("sliding_window"):
         context = min(context, int(hf["sliding_window"]))
     ckpt = hf_import.open_checkpoint(path, seq_len=context, dtype=args.dtype)
-    if (path / "tokenizer.json").is_file():
-        tokenizer = data.HuggingFaceTokenizer(path / "tokenizer.json")
-    elif (path / "tokenizer.model").is_file():
-        tokenizer = data.SentencePieceModel(path / "tokenizer.model")
-    else:
-        raise hf_import.HfImportError(f"no tokenizer.json or tokenizer.model in {path}")
+    tokenizer = data.load_tokenizer(path, field="--hf")
     params = hf_import.load_params(ckpt)
     cfg = hf_import.run_config(ckpt.model, f"hf_{path.resolve().name}", batch_size=1,
                                seq_len=min(context, 256), eval_batches=args.calibration_batches)
@@ -148,11 +140,10 @@ def load_hf(args) -> Loaded:
     if args.ffn == "sparse":
         seq = min(context, 256)
         text = data.split_text(data.load_corpus_text(), 0.05)[1]
-        tokens = hf_import.encode_text(
-            hf_import.HfTokenizer(path), text, args.calibration_batches * (seq + 1))
-        calibration = hf_import.eval_batches(tokens, batch_size=1, seq_len=seq,
-                                             n_batches=args.calibration_batches,
-                                             bos_id=hf.get("bos_token_id"))
+        tokens = data.encode_prefix(tokenizer, text, args.calibration_batches * (seq + 1))
+        calibration = data.sequential_batches(tokens, 1, seq, args.calibration_batches,
+                                              bos_id=hf.get("bos_token_id"), overlap=False,
+                                              what="the calibration text")
     from sparsejax.sparsity import Sparsity
 
     return Loaded(cfg, params, Sparsity(), tokenizer, bos_id=hf.get("bos_token_id"), eos_id=eos,

@@ -236,19 +236,18 @@ _SPM_MATCHED = (1, 4)
 _SPM_UNIGRAM = 1  # TrainerSpec.ModelType.UNIGRAM
 
 
-def sentencepiece_tokenizer_json(model_path: pathlib.Path) -> str | None:
+def sentencepiece_tokenizer_json(tokenizer) -> str | None:
     """A SentencePiece unigram model as a ``tokenizers`` tokenizer.json (None for other model
     types), as transformers' SpmConverter builds one: the model's normalization (its precompiled
     NFKC charsmap; leading, trailing and repeated spaces removed), "▁" for spaces with one in
     front (``add_dummy_prefix``), words split at "▁", the unigram pieces with their scores, and
     byte fallback. Pieces text must not match (control, unknown, byte pieces) get a score far
     below any other, so they are chosen only where SentencePiece would too — except in a text
-    that spells one out (``<s>``, ``<0x41>``) with characters outside the vocabulary."""
-    from sentencepiece import sentencepiece_model_pb2
+    that spells one out (``<s>``, ``<0x41>``) with characters outside the vocabulary.
+    ``tokenizer``: the model as :func:`sparsejax.data.load_tokenizer` loads it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
+    proto = tokenizer.model_proto()
     if proto.trainer_spec.model_type != _SPM_UNIGRAM:
         return None
     vocab = [(p.piece, p.score if p.type in _SPM_MATCHED else -1e9) for p in proto.pieces]
@@ -279,9 +278,6 @@ class TokenizerFiles:
     tokenizer_config: dict
 
 
-TOKENIZER_SUFFIXES = (".model", ".json")
-
-
 def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> TokenizerFiles:
     """The run's tokenizer as export files (``override``: a SentencePiece .model or a
     tokenizer.json to use instead); ExportError if its file cannot be found."""
@@ -291,13 +287,14 @@ def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> Toke
             "model_max_length": max(cfg.model.max_seq_len, cfg.train.seq_len)}
     if override:
         path = pathlib.Path(override)
-        if path.suffix not in TOKENIZER_SUFFIXES or not path.is_file():
+        if path.suffix not in data.TOKENIZER_FILES or not path.is_file():
             raise ExportError(f"--tokenizer={override!r} is not a readable SentencePiece .model or "
                               f"tokenizer.json file")
         try:
-            size = data.tokenizer_file_vocab_size(str(path))
+            tokenizer = data.load_tokenizer(path, field="--tokenizer")
         except data.DataError as err:
-            raise ExportError(str(err).replace("data.tokenizer_path", "--tokenizer")) from None
+            raise ExportError(str(err)) from None
+        size = tokenizer.vocab_size
         if size > cfg.model.vocab_size:
             raise ExportError(f"--tokenizer={override!r} has {size} tokens, more than the model's "
                               f"model.vocab_size={cfg.model.vocab_size}")
@@ -307,33 +304,28 @@ def tokenizer_files(cfg: config_lib.Config, override: str | None = None) -> Toke
         except data.DataError as err:  # the training text that finds a cached SentencePiece model
             raise ExportError(f"the run's SentencePiece model cannot be found without its training "
                               f"data ({err}); give its file with --tokenizer") from None
-    if path is None:
-        text = byte_tokenizer_json()
-        return TokenizerFiles({"tokenizer.json": lambda p: p.write_text(text)}, {}, fast)
-    field = "tokenizer_path" if cfg.data.tokenizer_path else "cache_dir"
-    if not path.is_file():
-        raise ExportError(f"the run's tokenizer {path} (data.{field}={getattr(cfg.data, field)!r}) "
-                          f"is not there; run from the directory the run was trained from, or "
-                          f"give the file with --tokenizer")
+        if path is None:
+            text = byte_tokenizer_json()
+            return TokenizerFiles({"tokenizer.json": lambda p: p.write_text(text)}, {}, fast)
+        field = "tokenizer_path" if cfg.data.tokenizer_path else "cache_dir"
+        if not path.is_file():
+            raise ExportError(f"the run's tokenizer {path} (data.{field}="
+                              f"{getattr(cfg.data, field)!r}) is not there; run from the directory "
+                              f"the run was trained from, or give the file with --tokenizer")
+        try:
+            tokenizer = data.load_tokenizer(path, field=f"data.{field}" if field == "tokenizer_path"
+                                            else "the cached SentencePiece model")
+        except data.DataError as err:
+            raise ExportError(str(err)) from None
+    special = tokenizer.special_ids()
     copy = lambda name: (lambda p: shutil.copyfile(path, p))  # noqa: E731
     if path.suffix == ".json":
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(path))
-        special = {k: tok.token_to_id(t)
-                   for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"))
-                   if tok.token_to_id(t) is not None}
         return TokenizerFiles({"tokenizer.json": copy("tokenizer.json")}, special, fast)
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    special = {k: v for k, v in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()))
-               if v >= 0}
     # tokenizer.model for the converters that read it (llama.cpp, PowerInfer); tokenizer.json,
     # which transformers' fast tokenizer reads, for a unigram model (the kind data.tokenizer=
     # sentencepiece trains). transformers' LlamaTokenizer would read tokenizer.model as BPE.
     files = {"tokenizer.model": copy("tokenizer.model")}
-    text = sentencepiece_tokenizer_json(path)
+    text = sentencepiece_tokenizer_json(tokenizer)
     if text is None:
         return TokenizerFiles(files, special, {})
     files["tokenizer.json"] = lambda p: p.write_text(text)

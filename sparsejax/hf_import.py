@@ -4,7 +4,9 @@ A local checkpoint directory — ``config.json``, ``*.safetensors`` (one file or
 ``model.safetensors.index.json``) and ``tokenizer.json`` (or a SentencePiece ``tokenizer.model``)
 — becomes a :class:`sparsejax.config.ModelConfig` and a parameter tree of
 :class:`sparsejax.model.Transformer` (``layer_{i}`` layout), so every evaluation pass of
-:mod:`sparsejax.evaluation` runs on it unchanged.
+:mod:`sparsejax.evaluation` runs on it unchanged. Its tokenizer is loaded by the data package's
+one loader (:func:`sparsejax.data.load_tokenizer` of the directory), and its evaluation text cut
+into batches by the one text-batching function (:func:`sparsejax.data.sequential_batches`).
 
 Architectures (:data:`ARCHITECTURES`, by ``config.json`` ``model_type``):
 
@@ -406,69 +408,6 @@ def load_params(ckpt: HfCheckpoint, *, progress: bool = False) -> dict:
                                 f"infinity); the checkpoint is damaged or diverged")
         _set(params, entry.path, np.ascontiguousarray(entry.to_ours(array).astype(dtype)))
     return params
-
-
-# ---------------------------------------------------------------------------------- tokenizer
-class HfTokenizer:
-    """The checkpoint's ``tokenizer.json`` (``tokenizers``), or its SentencePiece model."""
-
-    def __init__(self, path: str | pathlib.Path):
-        path = pathlib.Path(path)
-        if (path / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            try:
-                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-            except Exception as err:  # tokenizers raises plain Exceptions for bad files
-                raise HfImportError(f"{path / 'tokenizer.json'} cannot be read ({err})") from None
-            self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
-            self.source = path / "tokenizer.json"
-        elif (path / "tokenizer.model").is_file():
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            self._encode = lambda text: sp.encode(text)
-            self.source = path / "tokenizer.model"
-        else:
-            raise HfImportError(f"no tokenizer.json or tokenizer.model in {path}")
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._encode(text), np.int32)
-
-
-def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches: int,
-                 bos_id: int | None) -> list[dict]:
-    """Fixed evaluation batches from a token stream: consecutive non-overlapping windows, each
-    row ``[BOS] + seq_len tokens`` when the model has a BOS token (as documents start in
-    training), so inputs are [BOS, t0 … t(L-2)] and targets t0 … t(L-1); fewer batches if the
-    text is short (HfImportError if it is shorter than one batch)."""
-    body = seq_len if bos_id is not None else seq_len + 1
-    per_batch = batch_size * body
-    have = len(tokens) // per_batch
-    if have < 1:
-        raise HfImportError(f"the text has {len(tokens)} tokens, fewer than one batch "
-                            f"({batch_size} x {body}); give a longer --text or lower "
-                            f"--batch-size / --seq-len")
-    out = []
-    for b in range(min(have, n_batches)):
-        rows = tokens[b * per_batch:(b + 1) * per_batch].reshape(batch_size, body)
-        if bos_id is not None:
-            rows = np.concatenate([np.full((batch_size, 1), bos_id, np.int32), rows], axis=1)
-        out.append({"inputs": rows[:, :-1], "targets": rows[:, 1:],
-                    "weights": np.ones((batch_size, seq_len), np.float32)})
-    return out
-
-
-def encode_text(tokenizer: HfTokenizer, text: str, need_tokens: int) -> np.ndarray:
-    """Tokens of (a prefix of) ``text``: enough for ``need_tokens``, without encoding a whole
-    large file (prefixes cut at a line break, doubled until long enough)."""
-    chars = max(need_tokens * 8, 4096)
-    while True:
-        cut = len(text) if chars >= len(text) else (text.rfind("\n", 0, chars) + 1 or chars)
-        tokens = tokenizer.encode(text[:cut])
-        if len(tokens) >= need_tokens or cut >= len(text):
-            return tokens
-        chars *= 2
 
 
 # ------------------------------------------------------------------------------ memory check

@@ -144,7 +144,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# The arrays of a training / evaluation batch: [B, L] each (data.py yields them host-local).
+# The arrays of a training / evaluation batch: [B, L] each (sparsejax.data yields them host-local).
 BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32}
 
 

@@ -21,14 +21,6 @@ def test_embedded_corpus_is_real_text_with_fixed_split():
     assert data.split_text(text, 0.05) == (train, valid)
 
 
-def test_byte_tokenizer_round_trip():
-    tok = data.ByteTokenizer()
-    ids = tok.encode("Hark, é!")
-    assert ids.dtype == np.int32 and ids.max() < 256
-    assert list(ids[:4]) == [72, 97, 114, 107]
-    assert tok.decode(ids) == "Hark, é!"
-
-
 def test_random_windows_deterministic_resumable_and_shifted():
     tokens = np.arange(10_000, dtype=np.int32)
     a = data.RandomWindows(tokens, global_batch=8, seq_len=16, seed=3)
@@ -64,6 +56,48 @@ def test_sequential_validation_batches_do_not_overlap():
         data.sequential_batches(tokens[:15], batch=2, seq_len=10, n_batches=1)
 
 
+def test_sequential_batches_disjoint_rows_with_bos():
+    """The layout of an imported checkpoint's evaluation text (eval.py --hf): disjoint rows,
+    each [BOS] + seq_len tokens when the model has a BOS token, else seq_len + 1 tokens."""
+    tokens = np.arange(10, 60, dtype=np.int32)
+    batches = data.sequential_batches(tokens, 2, 4, 3, bos_id=1, overlap=False)
+    assert len(batches) == 3
+    first = batches[0]
+    np.testing.assert_array_equal(first["inputs"], [[1, 10, 11, 12], [1, 14, 15, 16]])
+    np.testing.assert_array_equal(first["targets"], [[10, 11, 12, 13], [14, 15, 16, 17]])
+    no_bos = data.sequential_batches(tokens, 2, 4, 1, overlap=False)
+    np.testing.assert_array_equal(no_bos[0]["inputs"][1], [15, 16, 17, 18])
+    np.testing.assert_array_equal(no_bos[0]["targets"][1], [16, 17, 18, 19])
+    with pytest.raises(data.DataError, match=r"^the text has 5 tokens, fewer than one batch \(2 x 4\)$"):
+        data.sequential_batches(tokens[:5], 2, 4, 1, bos_id=1, overlap=False, what="the text")
+
+
+def _windows(tokens, starts, width, bos_id):
+    """Rows cut one at a time from the token list (the reference for sequential_batches)."""
+    rows = [([bos_id] if bos_id is not None else []) + list(tokens[s:s + width]) for s in starts]
+    return np.asarray(rows, np.int32)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("bos_id", [None, 7])
+def test_sequential_batches_match_rows_cut_one_by_one(overlap, bos_id):
+    rng = np.random.default_rng(0)
+    for n_tokens, batch, seq_len, n_batches in [(200, 3, 5, 4), (61, 2, 6, 9), (13, 1, 12, 2)]:
+        tokens = rng.integers(0, 500, n_tokens).astype(np.int32)
+        width = seq_len + (bos_id is None)
+        stride = width - 1 if overlap else width
+        starts = [r * stride for r in range(n_tokens) if r * stride + width <= n_tokens]
+        have = min(len(starts) // batch, n_batches)
+        batches = data.sequential_batches(tokens, batch, seq_len, n_batches, bos_id=bos_id,
+                                          overlap=overlap)
+        assert len(batches) == have
+        for b, got in enumerate(batches):
+            rows = _windows(tokens, starts[b * batch:(b + 1) * batch], width, bos_id)
+            np.testing.assert_array_equal(got["inputs"], rows[:, :-1])
+            np.testing.assert_array_equal(got["targets"], rows[:, 1:])
+            np.testing.assert_array_equal(got["weights"], np.ones((batch, seq_len), np.float32))
+
+
 def _records(n=40):
     rng = np.random.default_rng(0)
     return [{"text": " ".join(f"w{j}" for j in range(rng.integers(3, 30)))} for _ in range(n)]
@@ -87,18 +121,6 @@ def test_grain_packing_state_round_trip_and_host_sharding():
     assert all(piece.startswith("w") or piece == "" for piece in text.replace("w", " w").split())
     host0 = data.GrainPacked(_records(), "text", tok, 4, 32, seed=0, process_index=0, process_count=2)
     assert next(host0)["inputs"].shape == (2, 32)
-
-
-def test_sentencepiece_trains_once_and_round_trips(tmp_path):
-    text = data.split_text(data.load_corpus_text(), 0.05)[0][:200_000]
-    tok = data.SentencePieceTokenizer([text], vocab_size=512, cache_dir=tmp_path)
-    mtime = tok.model_path.stat().st_mtime_ns
-    again = data.SentencePieceTokenizer([text], vocab_size=512, cache_dir=tmp_path)
-    assert again.model_path == tok.model_path and tok.model_path.stat().st_mtime_ns == mtime
-    sample = "Speak, speak. We know't, we know't."
-    ids = tok.encode(sample)
-    assert len(ids) < len(sample.encode()) and ids.max() < tok.vocab_size
-    assert tok.decode(ids) == sample
 
 
 def test_dataset_for_embedded_config():
@@ -253,69 +275,6 @@ def test_text_source_config_fields():
         _cfg("data.source=txt")
 
 
-# ------------------------------------------------------------------------ existing tokenizers
-def _save_sentencepiece(tmp_path, vocab_size=400) -> str:
-    import sentencepiece as spm
-
-    lines = data.load_corpus_text()[:100_000].splitlines()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(line for line in lines if line),
-                                   model_prefix=str(tmp_path / "tok"), vocab_size=vocab_size,
-                                   model_type="unigram", byte_fallback=True, minloglevel=2)
-    return str(tmp_path / "tok.model")
-
-
-def _save_hf_tokenizer(tmp_path) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(data.load_corpus_text()[:100_000].splitlines(), trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    return str(tmp_path / "tokenizer.json")
-
-
-@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
-def test_existing_tokenizer_sets_the_vocabulary(tmp_path, kind):
-    path = _save_sentencepiece(tmp_path) if kind == "sentencepiece" else _save_hf_tokenizer(tmp_path)
-    if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        reference = spm.SentencePieceProcessor(model_file=path)
-        size, encode = reference.get_piece_size(), reference.encode
-    else:
-        import tokenizers
-
-        reference = tokenizers.Tokenizer.from_file(path)
-        size, encode = reference.get_vocab_size(), lambda s: reference.encode(s).ids
-    assert size not in (256, 4096)  # differs from every default, so "taken from it" is visible
-    cfg = _cfg(f"data.tokenizer_path={path}", "model.vocab_size=0", "train.batch_size=4",
-               "train.seq_len=32", "train.eval_batches=1")
-    assert cfg.model.vocab_size == size  # model.vocab_size=0: the tokenizer's size
-    ds = data.Dataset(cfg)
-    sample = "Speak, speak. We know't, we know't."
-    assert ds.tokenizer.vocab_size == size
-    assert list(ds.tokenizer.encode(sample)) == list(encode(sample))
-    assert ds.tokenizer.decode(ds.tokenizer.encode(sample)) == sample
-    assert next(ds.train)["inputs"].max() < size
-    with pytest.raises(config.ConfigError) as err:
-        _cfg(f"data.tokenizer_path={path}", "model.vocab_size=4096")
-    assert f"model.vocab_size=4096 disagrees with the {size}-token vocabulary of " \
-           f"data.tokenizer_path='{path}'" in str(err.value)
-
-
-def test_bad_tokenizer_paths_are_one_line(tmp_path):
-    bad = _write(tmp_path / "broken.model", b"not a sentencepiece model")
-    for value, needle in [(tmp_path / "none.model", "does not exist or is not a readable file"),
-                          (_write(tmp_path / "vocab.txt", "a\nb\n"), "allowed suffixes: ['.json', '.model']"),
-                          (bad, "could not be loaded as SentencePieceModel")]:
-        with pytest.raises(config.ConfigError) as err:
-            _cfg(f"data.tokenizer_path={value}", "model.vocab_size=0")
-        assert f"data.tokenizer_path='{value}'" in str(err.value) and needle in str(err.value)
-        assert "\n" not in str(err.value)
-
-
 # ------------------------------------------------------------------------ TFDS (ArrayRecord)
 @pytest.fixture(scope="module")
 def marked_tfds(tmp_path_factory):
@@ -399,38 +358,3 @@ def test_a_recursive_glob_through_a_symlink_cycle_keeps_each_file_once(tmp_path)
     train, valid = data.text_sources(cfg)
     texts = [train[i] for i in range(len(train))], [valid[i] for i in range(len(valid))]
     assert len(texts[0]) + len(texts[1]) == 6 and not set(texts[0]) & set(texts[1])
-
-
-def test_a_corrupt_cached_sentencepiece_model_is_one_line(tmp_path):
-    text = data.split_text(data.load_corpus_text(), 0.05)[0][:100_000]
-    tok = data.SentencePieceTokenizer([text], vocab_size=400, cache_dir=tmp_path)
-    tok.model_path.write_bytes(b"not a sentencepiece model")
-    with pytest.raises(data.DataError) as err:
-        data.SentencePieceTokenizer([text], vocab_size=400, cache_dir=tmp_path)
-    assert f"the cached SentencePiece model {tok.model_path} cannot be loaded" in str(err.value)
-    assert "delete it" in str(err.value) and "\n" not in str(err.value)
-
-
-class _Recording(data.ByteTokenizer):
-    """Byte tokens that remember the longest text they were asked to encode."""
-
-    longest = 0
-
-    def encode(self, text):
-        self.longest = max(self.longest, len(text))
-        return super().encode(text)
-
-
-def test_long_documents_are_tokenized_in_bounded_pieces_with_the_same_tokens(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "the", "of", "and", "neuron", "x" * 300]
-    text = " ".join(rng.choice(words, size=5000)) + " " + "y" * 2500 + " end"
-    tok = _Recording()
-    ids = data.encode_bounded(tok, text, limit=1000)
-    assert tok.longest <= 1000
-    np.testing.assert_array_equal(ids, data.ByteTokenizer().encode(text))  # bytes: exactly equal
-    sp = data.SentencePieceTokenizer([" ".join(rng.choice(words[:-1], size=3000))], vocab_size=512,
-                                     cache_dir=tmp_path)
-    spaced = " ".join(rng.choice(words[:-1], size=4000))
-    # SentencePiece starts each word at its space: cut at spaces, the pieces are the same.
-    np.testing.assert_array_equal(data.encode_bounded(sp, spaced, limit=700), sp.encode(spaced))

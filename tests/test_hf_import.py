@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import (checkpointing, config as config_lib, evaluation, hf_import,
+from sparsejax import (checkpointing, config as config_lib, data, evaluation, hf_import,
                        model as model_lib, rundir)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -156,6 +156,20 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and expected in err, err
 
 
+def test_a_text_shorter_than_one_batch_is_one_line(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("First Citizen:\n")
+    out = tmp_path / "o" / "r.json"
+    assert eval_cli.main(["--hf", str(FIXTURES / "llama_gqa"), "--seq-len", "16", "--batch-size",
+                          "8", "--text", str(short), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    n = len(data.load_tokenizer(FIXTURES / "llama_gqa").encode(short.read_text()))
+    # BOS-prefixed rows: 8 rows of 16 text tokens make one batch.
+    assert err == (f"eval error: the text has {n} tokens, fewer than one batch (8 x 16); give a "
+                   f"longer --text or lower --batch-size / --seq-len")
+    assert not out.parent.exists()
+
+
 def test_memory_check_refuses_before_loading():
     ckpt = hf_import.open_checkpoint(FIXTURES / "llama_gqa", seq_len=16)
     need = hf_import.memory_need_bytes(ckpt, batch_size=8, seq_len=16, eval_tokens=256,
@@ -168,22 +182,9 @@ def test_memory_check_refuses_before_loading():
         hf_import.check_memory(need, need - 1)
 
 
-def test_eval_batches_prepend_bos_and_shift():
-    tokens = np.arange(10, 60, dtype=np.int32)
-    batches = hf_import.eval_batches(tokens, batch_size=2, seq_len=4, n_batches=3, bos_id=1)
-    assert len(batches) == 3
-    first = batches[0]
-    np.testing.assert_array_equal(first["inputs"], [[1, 10, 11, 12], [1, 14, 15, 16]])
-    np.testing.assert_array_equal(first["targets"], [[10, 11, 12, 13], [14, 15, 16, 17]])
-    no_bos = hf_import.eval_batches(tokens, batch_size=2, seq_len=4, n_batches=1, bos_id=None)
-    np.testing.assert_array_equal(no_bos[0]["inputs"][1], [15, 16, 17, 18])
-    np.testing.assert_array_equal(no_bos[0]["targets"][1], [16, 17, 18, 19])
-    with pytest.raises(hf_import.HfImportError, match="fewer than one batch"):
-        hf_import.eval_batches(tokens[:5], batch_size=2, seq_len=4, n_batches=1, bos_id=1)
-
-
 def test_tokenizer_reads_tokenizer_json():
-    tok = hf_import.HfTokenizer(FIXTURES / "llama_gqa")
+    tok = data.load_tokenizer(FIXTURES / "llama_gqa", field="--hf")  # the checkpoint directory
+    assert tok.model_path == FIXTURES / "llama_gqa" / "tokenizer.json"
     ids = tok.encode("First Citizen:\nBefore we proceed")
     ref = np.load(FIXTURES / "llama_gqa" / "reference.npz")["input_ids"]
     # The fixture's input row 0 is [BOS] + the encoding of the same text's start.
@@ -197,9 +198,9 @@ OPTIONS = evaluation.EvalOptions(metrics=("zero", "fat", "topk", "cett", "cett_p
 def _hf_run(name: str, batch_size=8, seq_len=32, n_batches=2):
     ckpt = hf_import.open_checkpoint(FIXTURES / name, seq_len=seq_len)
     text = (ROOT / "README.md").read_text()
-    tokens = hf_import.encode_text(hf_import.HfTokenizer(FIXTURES / name), text, 10_000)
-    batches = hf_import.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
-                                     n_batches=n_batches, bos_id=1)
+    tokens = data.encode_prefix(data.load_tokenizer(FIXTURES / name), text, 10_000)
+    batches = data.sequential_batches(tokens, batch_size, seq_len, n_batches, bos_id=1,
+                                      overlap=False)
     cfg = hf_import.run_config(ckpt.model, f"hf_{name}", batch_size=batch_size, seq_len=seq_len,
                                eval_batches=n_batches)
     return hf_import.HfRun(ckpt, cfg, hf_import.load_params(ckpt)), batches
