@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 import shutil
 import sys
@@ -103,13 +102,21 @@ def _flat(fn, act_BxLxF):
 register_pass(SparsePass("zero", lambda ev, thr: {},
                          lambda ev, a, h, thr_F, keep: sparsity_lib.active(a, None, keep),
                          histograms=True))
-# Per-neuron thresholds on σ(gate) ("activation": FAT-ε) or σ(gate)·up ("hidden": CETT), measured
-# by the same rule and threshold the mask dropped neurons by.
+
+
+def _threshold_pass(target: str) -> SparsePass:
+    """Per-neuron thresholds on σ(gate) ("activation": FAT-ε) or σ(gate)·up ("hidden": CETT),
+    measured by the same rule and threshold the mask dropped neurons by."""
+    def active(ev, act_BxLxF, hidden_BxLxF, threshold_F, keep):
+        measured = act_BxLxF if target == "activation" else hidden_BxLxF
+        return sparsity_lib.active(measured, threshold_F, keep)
+
+    return SparsePass(target, lambda ev, thr: {"thresholds": thr, "mask_target": target}, active)
+
+
 for _target in sparsity_lib.MASK_TARGETS:
-    register_pass(SparsePass(
-        _target, lambda ev, thr, target=_target: {"thresholds": thr, "mask_target": target},
-        lambda ev, a, h, thr_F, keep, target=_target: sparsity_lib.active(
-            a if target == "activation" else h, thr_F, keep)))
+    register_pass(_threshold_pass(_target))
+
 # The per-token top-k pass is the training-time top-k of the einsum FFN at k (exact, no STE:
 # ``SparsityPlan.model_input(topk_k=k)``).
 register_pass(SparsePass("topk", lambda ev, thr: {"topk_k": ev.topk_k},
