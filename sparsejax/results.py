@@ -14,8 +14,8 @@ written by earlier versions read as before.
 
     {workdir, config_name, activation, ffn_type, d_model, n_layers, d_ff,
      params: {total, non_embedding}, eval_tokens, eval_batches, metrics: [names],
-     options: {EvalOptions},
-     <metric with a run-level search, e.g. cett_ppl>: {mode, cett, ...} | null, forward_passes, seconds,
+     options: {EvalOptions}, cett_ppl: {mode, cett, ...} | null (each registered metric with a
+     run-level search: its result, null when not asked for), forward_passes, seconds,
      vanished_steps: [steps a live trainer deleted while eval read them, skipped; only if any],
      checkpoints: [{step, tokens_seen, dense_loss, dense_perplexity,
                     histograms: {edges, counts_layers},
