@@ -47,6 +47,8 @@ class Metric:
         :class:`sparsejax.evaluation.RunContext`); its result is passed to every ``measure`` and
         written at the top level of ``results.json`` under the metric's name (null when the
         metric was not asked for).
+    csv_params: parameters of its result written as rows of ``results.csv`` too (quantity =
+        the parameter's name), e.g. the CETT value a search found.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Metric:
     needs_hidden: bool = False
     after_warmup: bool = False
     search: Optional[Callable[[Any], dict]] = None
+    csv_params: tuple[str, ...] = ()
 
 
 # The registry, in registration order: the order of ``results.json``'s metrics and eval.py's list.
@@ -85,6 +88,12 @@ def label(name: str, result: dict) -> str:
     if metric is None or metric.label is None:
         return name
     return metric.label(result)
+
+
+def csv_params(name: str) -> tuple[str, ...]:
+    """The parameters of ``name``'s results written as CSV rows (none for an unknown name)."""
+    metric = METRICS.get(name)
+    return () if metric is None else metric.csv_params
 
 
 def searched() -> tuple[str, ...]:
@@ -208,10 +217,11 @@ register_metric(Metric(
 register_metric(Metric(
     "cett", _cett, help="sparse pass at a fixed CETT (cumulative error of tail truncation)",
     label=lambda r: f"CETT={r['cett']:g}",
-    options=("cett", "cett_search", "cett_zero_rule", "max_cache_gib"), needs_hidden=True))
+    options=("cett", "cett_search", "cett_zero_rule", "max_cache_gib"), needs_hidden=True,
+    csv_params=("cett",)))
 register_metric(Metric(
     "cett_ppl", _cett_ppl, help="CETT pass at the perplexity ratio 1 + p/100 (the paper's metric)",
     label=lambda r: f"CETT-PPL-{r['p']:g}%",
     options=("ppl_p", "tolerance", "cett_ppl_mode", "joint_last", "cett_search", "cett_zero_rule",
              "max_cache_gib"),
-    needs_hidden=True, after_warmup=True, search=_cett_ppl_search))
+    needs_hidden=True, after_warmup=True, search=_cett_ppl_search, csv_params=("cett",)))

@@ -202,7 +202,8 @@ TABLE_COLUMNS = tuple(f.name for f in dataclasses.fields(TableRow))
 
 def checkpoint_rows(results: dict) -> Iterator[dict]:
     """Tidy rows of every checkpoint: the dense loss, then per metric its mean and per-layer
-    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and CETT value.
+    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and the parameters
+    its registry entry names (``Metric.csv_params``: the CETT value of cett and cett_ppl).
 
     Quantities a results file lacks (a partial or older file) are left out, not invented.
     """
@@ -222,8 +223,9 @@ def checkpoint_rows(results: dict) -> Iterator[dict]:
                     yield row("mean", quantity, r[quantity])
             for n, v in r.get("chunk_sparsity", {}).items():
                 yield row("mean", f"chunk_sparsity_L{n}", v)
-            if "cett" in r:
-                yield row("mean", "cett", r["cett"])
+            for param in eval_metrics.csv_params(name):
+                if param in r:
+                    yield row("mean", param, r[param])
 
 
 def tidy_rows(results: dict) -> list[dict]:

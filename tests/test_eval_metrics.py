@@ -41,9 +41,9 @@ def toy_metric():
         "toy_drop_all", lambda ev, thresholds: {"eval_masks": (("toy_drop_all", None),)},
         lambda ev, act, hidden, threshold_F, keep: jnp.zeros(act.shape, bool)))
     metric = eval_metrics.register_metric(eval_metrics.Metric(
-        "toy", lambda ctx: ctx.report(ctx.ev.sparse(ctx.params, "toy_drop_all"), dropped="all"),
-        help="every FFN neuron dropped", label=lambda r: f"toy (dropped {r['dropped']})",
-        options=("dead_min_rate",)))
+        "toy", lambda ctx: ctx.report(ctx.ev.sparse(ctx.params, "toy_drop_all"), kept=0.0),
+        help="every FFN neuron dropped", label=lambda r: f"toy (kept {r['kept']:.0%})",
+        options=("dead_min_rate",), csv_params=("kept",)))
     try:
         yield metric
     finally:
@@ -73,8 +73,8 @@ def test_a_new_metric_appears_in_the_cli_and_labels(toy_metric, capsys):
     options = eval_options.from_flags({f: getattr(args, f) for f in eval_options.FLAGS})
     assert options.metrics == ("zero", "toy")
     assert eval_options.to_argv(options)[:2] == ["--metrics", "zero,toy"]
-    entry = {"results": {"toy": {"dropped": "all"}}}
-    assert results_lib.metric_label("toy", [{"results": {}}, entry]) == "toy (dropped all)"
+    entry = {"results": {"toy": {"kept": 0.25}}}
+    assert results_lib.metric_label("toy", [{"results": {}}, entry]) == "toy (kept 25%)"
     assert results_lib.metric_label("fat", [{"results": {"fat": {"eps": 0.05}}}]) == "FAT-ε=0.05"
     # A results file holding a metric this version does not know is labelled by its name.
     assert results_lib.metric_label("gone", [{"results": {"gone": {}}}]) == "gone"
@@ -119,7 +119,7 @@ def test_a_new_metric_is_evaluated_written_and_labelled(toy_metric, relu_run, tm
     entry = results["checkpoints"][0]
     assert list(entry["results"]) == ["zero", "toy"]
     toy = entry["results"]["toy"]
-    assert toy["dropped"] == "all" and toy["ratio_layers"] == [0.0, 0.0]
+    assert toy["kept"] == 0.0 and toy["ratio_layers"] == [0.0, 0.0]
     assert toy["dead_share_layers"] == [1.0, 1.0]
 
     run = trained_run.load(relu_run)
@@ -132,10 +132,11 @@ def test_a_new_metric_is_evaluated_written_and_labelled(toy_metric, relu_run, tm
     assert abs(toy["loss"] - entry["dense_loss"]) > 0.1  # the mask changed the model
 
     written = results_lib.write_results(results, tmp_path / "results.json")
-    assert json.loads(written[0].read_text())["checkpoints"][0]["results"]["toy"]["dropped"] == "all"
+    assert json.loads(written[0].read_text())["checkpoints"][0]["results"]["toy"]["kept"] == 0.0
     rows = [r for r in written[1].read_text().splitlines() if ",toy," in r]
-    assert len(rows) == 2 * 3 + 2 + 6  # ratio and dead share (mean + 2 layers), loss, ppl ratio, 6 chunk lengths
-    assert "toy (dropped all)" in results_lib.summary_table(results)
+    # ratio and dead share (mean + 2 layers), loss, ppl ratio, 6 chunk lengths, its csv_params
+    assert len(rows) == 2 * 3 + 2 + 6 + 1 and rows[-1] == "160,81920.0,toy,mean,kept,0.0"
+    assert "toy (kept 0%)" in results_lib.summary_table(results)
 
 
 @pytest.mark.slow
