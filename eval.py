@@ -31,10 +31,12 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sparsejax.eval_options import CETT_PPL_MODES, CETT_SEARCHES, FLAGS, METRICS, EvalOptions
+    from sparsejax import eval_metrics
+    from sparsejax.eval_options import FLAGS, EvalOptions, argument_type, flag_value, help_text
 
     d = EvalOptions()  # the one place evaluation defaults live
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=metrics_epilog(eval_metrics.METRICS.values()))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="run directory written by train.py")
     source.add_argument("--hf", help="local Hugging Face checkpoint directory (LLaMA, Mistral, MiniCPM)")
@@ -46,28 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute and parameter dtype (default float32)")
     p.add_argument("--checkpoints", default="all", help="all, last, or comma-separated steps")
-    helps = {
-        "metrics": (str, f"comma-separated subset of {','.join(METRICS)}", ",".join(d.metrics)),
-        "ppl_p": (float, "CETT-PPL-p%%: perplexity ratio 1 + p/100", d.ppl_p),
-        "fat_eps": (float, "FAT-ε threshold on |σ(gate)|", d.fat_eps),
-        "topk": (float, "top-k: fraction of d_ff (<1) or k", d.topk),
-        "cett": (float, "target of the fixed-CETT metric", d.cett),
-        "cett_ppl_mode": (str, f"{' or '.join(CETT_PPL_MODES)}; joint: one c searched on the last "
-                          "--joint-last checkpoints (paper)", d.cett_ppl_mode),
-        "joint_last": (int, "checkpoints of the joint CETT-PPL search", d.joint_last),
-        "tolerance": (float, "CETT-PPL bisection tolerance on c", d.tolerance),
-        "eval_batches": (int, "validation batches (0: the run's train.eval_batches; 4 with --hf)", d.eval_batches),
-        "dead_min_rate": (float, "a neuron active on fewer tokens than this share is dead",
-                          d.dead_min_rate),
-        "cett_search": (str, f"{' or '.join(CETT_SEARCHES)} threshold search", d.cett_search),
-        "cett_zero_rule": (str, "floor: exact zeros inactive under a CETT threshold of 0; reference: "
-                           "the reference's rule (active there)", d.cett_zero_rule),
-        "max_cache_gib": (float, "above this, cached FFN intermediates for CETT spill to disk",
-                          d.max_cache_gib),
-    }
+    # Every evaluation setting: its flag, type and help are the EvalOptions field's own.
     for field, flag in FLAGS.items():
-        kind, text, default = helps[field]
-        p.add_argument(flag, dest=field, type=kind, default=default, help=f"{text} (default {default})")
+        default = getattr(d, field)
+        if field == "metrics":
+            default = flag_value(field, default)
+        p.add_argument(flag, dest=field, type=argument_type(field), default=default,
+                       help=f"{help_text(field)} (default {default})")
     p.add_argument("--out", default=None, help="results JSON path (default WORKDIR/eval/results.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
@@ -77,6 +64,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.misplaced = [flag for dest, flag in (WORKDIR_ONLY if args.hf else HF_ONLY).items()
                       if dest in given]
     return args
+
+
+def metrics_epilog(metrics) -> str:
+    """eval.py's list of the registered metrics, each with its line and the flags it reads."""
+    from sparsejax.eval_options import FLAGS
+
+    import textwrap
+
+    lines = ["metrics (--metrics):"]
+    for m in metrics:
+        flags = f" [{' '.join(FLAGS[o] for o in m.options)}]" if m.options else ""
+        lines += textwrap.wrap(f"{m.name:<12} {m.help}{flags}", 96, initial_indent="  ",
+                               subsequent_indent=" " * 15, break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 # Options that mean something for one source only: given with the other, they would be

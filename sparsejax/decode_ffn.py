@@ -118,7 +118,7 @@ def sparse_ffn(cfg: ModelConfig, capacity: int, step_fallback: bool = False) -> 
                          f"W_in x; the sparse decode FFN needs σ(gate) alone to decide")
 
     def ffn(x_BxTxD, w: FfnWeights, up_FxD, sp: Sparsity):
-        if sp.mask_target != "activation" or sp.global_topk:
+        if sp.mask_target != "activation" or sp.eval_masks:
             raise ValueError("the sparse decode FFN reads thresholds on the activation only")
         act_fn = ffn_lib._activation_fn(cfg, sp)
         shape = x_BxTxD.shape

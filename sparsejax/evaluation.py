@@ -1,4 +1,5 @@
-"""Sparsity evaluation of trained runs: zero, top-k, FAT-ε, CETT and CETT-PPL-p% over checkpoints.
+"""Sparsity evaluation of trained runs: the registered metrics (:mod:`sparsejax.eval_metrics`:
+zero, top-k, FAT-ε, CETT, CETT-PPL-p%, ...) over checkpoints, and the forward passes they measure in.
 
 Definitions and search procedures are those of the Sparsing Law paper (arXiv 2411.02335) and its
 reference code (thunlp/SparsingLaw ``src/calc_activation.py``, ``src/model_utils.py``); see
@@ -33,22 +34,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 import shutil
 import sys
 import tempfile
 import time
 import weakref
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import (cett as cett_lib, config as config_lib, data, eval_options,
+from sparsejax import (cett as cett_lib, config as config_lib, data, eval_metrics, eval_options,
                        flops, metrics as metrics_lib, model as model_lib, results as results_lib,
                        sharding, sparsity as sparsity_lib, trained_run)
+from sparsejax.eval_metrics import CettPplSearch, bisect_cett, ppl_ratio  # noqa: F401 - re-exported
 from sparsejax.eval_options import CETT_PPL_MODES, METRICS, EvalError, EvalOptions  # noqa: F401 - re-exported
 from sparsejax.loss import model_loss
 from sparsejax.sparsity_plan import SparsityPlan
@@ -56,6 +57,77 @@ from sparsejax.sparsity_plan import SparsityPlan
 CETT_SEARCHES = {"incremental": cett_lib.cett_threshold_incremental,
                  "reference": cett_lib.cett_threshold_reference}
 assert set(CETT_SEARCHES) == set(eval_options.CETT_SEARCHES)
+
+
+# ------------------------------------------------------------------------------- pass kinds
+@dataclasses.dataclass(frozen=True)
+class SparsePass:
+    """One kind of forward pass over the evaluation set: what the FFN masks and by which rule
+    activity is measured in it. The evaluator compiles one function per kind (on first use).
+
+    masks: ``masks(ev, thresholds_NxF) -> dict``: the keyword arguments of
+        ``SparsityPlan.model_input`` that mask the FFN (``thresholds``/``mask_target``,
+        ``eval_masks``: FFN masks of ``ffn.EVAL_MASKS``, ``topk_k``); {} for the dense model.
+    active: ``active(ev, act_BxLxF, hidden_BxLxF, threshold_F, keep) -> bool [B, L, F]``: the
+        measured mask, by the one rule of ``sparsity.active``; ``keep`` is the training top-k's
+        keep mask of the pass (None without one).
+    reference_ffn: run on the einsum FFN (masks a block-sparse kernel cannot express).
+    histograms: the pass's statistics hold |σ(gate)| histograms (the dense pass).
+    """
+
+    name: str
+    masks: Callable[[Any, Any], dict]
+    active: Callable[..., Any]
+    reference_ffn: bool = False
+    histograms: bool = False
+
+
+PASSES: dict[str, SparsePass] = {}
+
+
+def register_pass(spec: SparsePass) -> SparsePass:
+    """Add a pass kind a metric measures in (``Evaluator.sparse(params, spec.name, ...)``)."""
+    if spec.name in PASSES:
+        raise ValueError(f"evaluation pass {spec.name!r} is already registered")
+    PASSES[spec.name] = spec
+    return spec
+
+
+def _flat(fn, act_BxLxF):
+    """``fn`` of the [T, F] view of ``act_BxLxF``, as [B, L, F]."""
+    return fn(act_BxLxF.reshape(-1, act_BxLxF.shape[-1])).reshape(act_BxLxF.shape)
+
+
+# The unmasked model, activity by the zero rule (σ(gate) ≠ 0).
+register_pass(SparsePass("zero", lambda ev, thr: {},
+                         lambda ev, a, h, thr_F, keep: sparsity_lib.active(a, None, keep),
+                         histograms=True))
+
+
+def _threshold_pass(target: str) -> SparsePass:
+    """Per-neuron thresholds on σ(gate) ("activation": FAT-ε) or σ(gate)·up ("hidden": CETT),
+    measured by the same rule and threshold the mask dropped neurons by."""
+    def active(ev, act_BxLxF, hidden_BxLxF, threshold_F, keep):
+        measured = act_BxLxF if target == "activation" else hidden_BxLxF
+        return sparsity_lib.active(measured, threshold_F, keep)
+
+    return SparsePass(target, lambda ev, thr: {"thresholds": thr, "mask_target": target}, active)
+
+
+for _target in sparsity_lib.MASK_TARGETS:
+    register_pass(_threshold_pass(_target))
+
+# The per-token top-k pass is the training-time top-k of the einsum FFN at k (exact, no STE:
+# ``SparsityPlan.model_input(topk_k=k)``).
+register_pass(SparsePass("topk", lambda ev, thr: {"topk_k": ev.topk_k},
+                         lambda ev, a, h, thr_F, keep: _flat(
+                             lambda x: metrics_lib.topk_active_TxF(x, ev.topk_k), a),
+                         reference_ffn=True))
+# The reference's global top-k (``prune_topk``), an FFN mask of the model (``ffn.EVAL_MASKS``).
+register_pass(SparsePass("topk_global",
+                         lambda ev, thr: {"eval_masks": (("global_topk", ev.topk_fraction),)},
+                         lambda ev, a, h, thr_F, keep: _flat(
+                             lambda x: metrics_lib.global_topk_active_TxF(x, ev.topk_fraction), a)))
 
 
 # --------------------------------------------------------------------------- hidden-state store
@@ -136,57 +208,41 @@ class Evaluator:
             raise EvalError(f"--topk={options.topk:g} is more neurons than this model has "
                             f"(d_ff={m.d_ff}); give a fraction < 1 or a count in [1, {m.d_ff}]"
                             ) from None
-        self._model = model_lib.Model(m, self._rules)
-        self._dense = self._compile(self._model, "zero", keep_hidden=False)
-        self._dense_keep = None
-        self._threshold = {t: self._compile(self._model, t, keep_hidden=False)
-                           for t in sparsity_lib.MASK_TARGETS}
-        # The per-token top-k pass is the training-time top-k of the einsum FFN at k (exact, no
-        # STE: ``SparsityPlan.model_input(topk_k=k)``).
-        self._topk = self._compile(model_lib.Model(dataclasses.replace(m, ffn_impl="reference"),
-                                                   self._rules), "topk", keep_hidden=False)
         self.topk_fraction = self.topk_k / m.d_ff
-        self._topk_global = self._compile(self._model, "topk_global", keep_hidden=False)
+        self._model = model_lib.Model(m, self._rules)
+        self._reference_model = model_lib.Model(dataclasses.replace(m, ffn_impl="reference"),
+                                                self._rules)
+        self._passes: dict[tuple[str, bool], Callable] = {}
 
     # -- compiled passes ---------------------------------------------------------------------
-    def _active(self, rule: str, act_BxLxF, hidden_BxLxF, threshold_F, sp):
-        """The measured mask of a pass, by the one rule of ``sparsity.active``; a neuron the
-        training top-k dropped is inactive when the pass's input ``sp`` applies one."""
-        keep = sparsity_lib.trained_keep(hidden_BxLxF, sp.trained_topk)
-        if rule == "zero":
-            return sparsity_lib.active(act_BxLxF, None, keep)
-        if rule == "topk":
-            flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
-            return metrics_lib.topk_active_TxF(flat, self.topk_k).reshape(act_BxLxF.shape)
-        if rule == "topk_global":
-            flat = act_BxLxF.reshape(-1, act_BxLxF.shape[-1])
-            return metrics_lib.global_topk_active_TxF(flat, self.topk_fraction).reshape(act_BxLxF.shape)
-        # The same rule (and threshold) the model's mask dropped neurons by.
-        measured = act_BxLxF if rule == "activation" else hidden_BxLxF
-        return sparsity_lib.active(measured, threshold_F, keep)
+    def pass_fn(self, name: str, keep_hidden: bool = False):
+        """The compiled pass of kind ``name`` (:data:`PASSES`), compiled once per evaluator."""
+        key = (name, keep_hidden)
+        if key not in self._passes:
+            spec = PASSES[name]
+            model = self._reference_model if spec.reference_ffn else self._model
+            self._passes[key] = self._compile(model, spec, keep_hidden)
+        return self._passes[key]
 
     def at_step(self, step: int) -> None:
         """Evaluate the checkpoint of ``step``: the traced terms' values at that step."""
         if self.sparsity.active:
             self._coefs = self.sparsity.coefficients(step)
 
-    def _compile(self, model: model_lib.Model, rule: str, keep_hidden: bool):
+    def _compile(self, model: model_lib.Model, spec: SparsePass, keep_hidden: bool):
         def pass_fn(params, batch, stats, thresholds_NxF, coefs):
-            masks = {}
-            if rule in sparsity_lib.MASK_TARGETS:
-                masks = {"thresholds": thresholds_NxF, "mask_target": rule}
-            elif rule == "topk_global":
-                masks = {"global_topk": self.topk_fraction}
-            sp = self.sparsity.model_input(
-                coefs, topk_k=self.topk_k if rule == "topk" else None, **masks)
+            sp = self.sparsity.model_input(coefs, **spec.masks(self, thresholds_NxF))
             mean_loss, tokens, inter = model_loss(model, params, batch, sparsity=sp,
                                                   collect=("intermediates",),
                                                   loss_tile_len=self.cfg.train.loss_tile_len)
             acts, hiddens = model.ffn_intermediates(inter)
             valid_BxL = batch["weights"] > 0
+            # A neuron the training top-k dropped is inactive when the pass's input applies one.
             new_stats = [
-                metrics_lib.stats_update(s, self._active(rule, a, h, thresholds_NxF[i], sp),
-                                         a if rule == "zero" else None, valid_BxL)
+                metrics_lib.stats_update(
+                    s, spec.active(self, a, h, thresholds_NxF[i],
+                                   sparsity_lib.trained_keep(h, sp.trained_topk)),
+                    a if spec.histograms else None, valid_BxL)
                 for i, (s, a, h) in enumerate(zip(stats, acts, hiddens))]
             out = (mean_loss * tokens, tokens, new_stats)
             if keep_hidden:
@@ -255,19 +311,27 @@ class Evaluator:
               ) -> PassResult:
         """The unmasked model; activity by the *zero* criterion (σ(gate) ≠ 0)."""
         if not keep_hidden:
-            return self._run(self._dense, params, self._no_thresholds())
-        if self._dense_keep is None:
-            self._dense_keep = self._compile(self._model, "zero", True)
+            return self._run(self.pass_fn("zero"), params, self._no_thresholds())
         need_gib = self.eval_tokens * self.d_ff * self.n_layers * 4 / 2**30
         store = HiddenStore(self.n_layers, spill=need_gib > self.options.max_cache_gib,
                             spill_root=spill_root)
-        return self._run(self._dense_keep, params, self._no_thresholds(), store)
+        return self._run(self.pass_fn("zero", keep_hidden=True), params, self._no_thresholds(),
+                         store)
+
+    def sparse(self, params, name: str, thresholds_NxF=None) -> PassResult:
+        """A pass of kind ``name`` (:data:`PASSES`); ``thresholds_NxF`` for the kinds that read
+        per-neuron thresholds (zeros otherwise)."""
+        if name not in PASSES:
+            raise EvalError(f"evaluation pass {name!r}; allowed: {list(PASSES)}")
+        thresholds = (self._no_thresholds() if thresholds_NxF is None
+                      else jnp.asarray(thresholds_NxF, jnp.float32))
+        return self._run(self.pass_fn(name), params, thresholds)
 
     def thresholded(self, params, thresholds_NxF, target: str) -> PassResult:
         """Sparse pass: neuron i of layer l dropped when |target|_i < thresholds_NxF[l, i]."""
         if target not in sparsity_lib.MASK_TARGETS:
             raise EvalError(f"mask target {target!r}; allowed: {list(sparsity_lib.MASK_TARGETS)}")
-        return self._run(self._threshold[target], params, jnp.asarray(thresholds_NxF, jnp.float32))
+        return self.sparse(params, target, thresholds_NxF)
 
     def fat(self, params, eps: float) -> PassResult:
         """FAT-ε sparse pass: active iff |σ(gate)| ≥ ε + 1e-18 (reference ``prune_fat``)."""
@@ -276,12 +340,12 @@ class Evaluator:
 
     def topk(self, params) -> PassResult:
         """Per-token top-k sparse pass (k = ``self.topk_k`` largest |σ(gate)|)."""
-        return self._run(self._topk, params, self._no_thresholds())
+        return self.sparse(params, "topk")
 
     def topk_global(self, params) -> PassResult:
         """The reference's top-k sparse pass: per layer, the top ``k / d_ff`` share of |σ(gate)|
         over all tokens × neurons of each evaluation batch (``prune_topk``)."""
-        return self._run(self._topk_global, params, self._no_thresholds())
+        return self.sparse(params, "topk_global")
 
     def cett_thresholds(self, params, hidden: HiddenStore, cett: float
                         ) -> tuple[list[float], np.ndarray]:
@@ -301,40 +365,6 @@ class Evaluator:
     def cett_pass(self, params, hidden: HiddenStore, cett: float) -> tuple[PassResult, list[float]]:
         t_layers, thresholds_NxF = self.cett_thresholds(params, hidden, cett)
         return self.thresholded(params, thresholds_NxF, "hidden"), t_layers
-
-
-# ------------------------------------------------------------------------------- CETT-PPL search
-@dataclasses.dataclass
-class CettPplSearch:
-    cett: float
-    target_ratio: float
-    evaluations: list[tuple[float, float]]  # (c, perplexity ratio) in the order evaluated
-
-
-def bisect_cett(ppl_ratio_at: Callable[[float], float], target_ratio: float,
-                tolerance: float = 1e-3) -> CettPplSearch:
-    """The reference's outer search (``calc_cett_for_target_ppl_ratio``) on c in [0, 1]:
-    c goes up while the perplexity ratio is below the target; returns the bracket midpoint.
-
-    The reference's tolerance is 1e-6 in its code; the paper uses 1e-3 (10 steps).
-    """
-    lo, hi = 0.0, 1.0
-    evaluations = []
-    while hi - lo > tolerance:
-        mid = (lo + hi) / 2
-        ratio = float(ppl_ratio_at(mid))
-        evaluations.append((mid, ratio))
-        if ratio < target_ratio:
-            lo = mid
-        else:
-            hi = mid
-    return CettPplSearch((lo + hi) / 2, target_ratio, evaluations)
-
-
-def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
-    """exp(loss_sparse − loss_dense): the sparse/dense perplexity ratio
-    (docs/sparsity_metrics_and_laws.md §CETT-PPL)."""
-    return math.exp(sparse_loss - dense_loss)
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -372,7 +402,11 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
     """Evaluate the selected checkpoints of ``run``: a :class:`trained_run.TrainedRun`, or
     anything with its ``cfg``, ``steps``, ``params(step, mesh)``, ``workdir`` and
     ``warmup_steps`` (an imported checkpoint, :class:`sparsejax.hf_import.HfRun`).
-    ``batch_progress``: a progress bar over the batches of every pass (large models)."""
+    ``batch_progress``: a progress bar over the batches of every pass (large models).
+
+    Every metric of ``options.metrics`` is its registry entry (:mod:`sparsejax.eval_metrics`):
+    run-level searches first, then, per checkpoint, one dense pass and each metric's
+    ``measure``, in the registry's order."""
     steps = trained_run.select_steps(run.steps, checkpoints)
     cfg = run.cfg
     ev = Evaluator(cfg, options, batches)
@@ -380,68 +414,38 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
     evaluators = _StepEvaluators(run, ev)
     t0 = time.perf_counter()
     warmup = run.warmup_steps
-    want = set(options.metrics)
-    target_ratio = 1 + options.ppl_p / 100
+    want = [m for m in eval_metrics.METRICS.values() if m.name in set(options.metrics)]
     say = print if progress else (lambda *a, **k: None)
-    spill_root = None
 
     vanished: list[int] = []  # steps a live trainer deleted while they were being read
     with tempfile.TemporaryDirectory(prefix="sparsejax_eval_") as scratch:
         spill_root = pathlib.Path(scratch)
-        cett_ppl = None
-        if "cett_ppl" in want:
-            post_warmup = [s for s in steps if s > warmup]
-            if not post_warmup:
-                raise EvalError(f"cett_ppl needs a checkpoint after warm-up (train.warmup_steps="
-                                f"{warmup}); selected steps: {steps}")
-            if options.cett_ppl_mode == "joint":
-                joint = post_warmup[-options.joint_last:]
-                say(f"CETT-PPL-{options.ppl_p:g}%: searching c jointly on steps {joint}")
-                cett_ppl = _search_joint(evaluators, run, joint, target_ratio, spill_root, say,
-                                         vanished)
-            else:
-                cett_ppl = {"mode": "per_checkpoint"}
+        run_ctx = RunContext(run, evaluators, steps, options, spill_root, say, vanished)
+        searches = {}
+        for metric in want:
+            if metric.after_warmup and not run_ctx.post_warmup_steps:
+                raise EvalError(f"{metric.name} needs a checkpoint after warm-up "
+                                f"(train.warmup_steps={warmup}); selected steps: {steps}")
+            if metric.search is not None:
+                searches[metric.name] = metric.search(run_ctx)
 
         entries = []
         bar = _progress(_readable(run, steps, checkpoints, ev.mesh, vanished), progress, "checkpoints",
                         total=len(steps))
+        need_hidden = any(m.needs_hidden for m in want)
         for step_no, params, meta in bar:
             ev = evaluators.at(step_no)  # the model and sparsity this step was trained with
             ev.at_step(step_no)
-            need_hidden = bool({"cett", "cett_ppl"} & want)
             dense = ev.dense(params, keep_hidden=need_hidden, spill_root=spill_root)
             entry = results_lib.CheckpointResult(
                 step=step_no, tokens_seen=float(meta.get("tokens_seen", float("nan"))),
                 dense_loss=dense.loss, histograms=_histograms(dense))
             res = entry.results
-            if "zero" in want:
-                res["zero"] = _report(dense, dense.loss)
-            if "fat" in want:
-                res["fat"] = _report(ev.fat(params, options.fat_eps), dense.loss, eps=options.fat_eps)
-            if "topk" in want:
-                res["topk"] = _report(ev.topk(params), dense.loss, k=ev.topk_k,
-                                      fraction=ev.topk_fraction)
-            if "topk_global" in want:
-                res["topk_global"] = _report(ev.topk_global(params), dense.loss,
-                                             fraction=ev.topk_fraction)
-            if "cett" in want:
-                sparse, t_layers = ev.cett_pass(params, dense.hidden, options.cett)
-                res["cett"] = _report(sparse, dense.loss, cett=options.cett, thresholds=t_layers)
-            if "cett_ppl" in want and step_no > warmup:
-                if options.cett_ppl_mode == "joint":
-                    c, search = cett_ppl["cett"], None
-                else:
-                    before = ev.forward_passes
-                    search = bisect_cett(
-                        lambda c: ppl_ratio(ev.cett_pass(params, dense.hidden, c)[0].loss, dense.loss),
-                        target_ratio, options.tolerance)
-                    c = search.cett
-                sparse, t_layers = ev.cett_pass(params, dense.hidden, c)
-                res["cett_ppl"] = _report(sparse, dense.loss, cett=c, p=options.ppl_p,
-                                          target_ppl_ratio=target_ratio, thresholds=t_layers)
-                if search is not None:
-                    res["cett_ppl"].params.update(search_evaluations=search.evaluations,
-                                                  search_forward_passes=ev.forward_passes - before)
+            for metric in want:
+                if metric.after_warmup and step_no <= warmup:
+                    continue
+                res[metric.name] = metric.measure(CheckpointContext(
+                    ev, step_no, params, dense, options, searches.get(metric.name)))
             entries.append(entry)
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{v.to_dict()['ratio']:.3f}" for k, v in res.items()})
@@ -453,9 +457,74 @@ def evaluate(run, options: EvalOptions = EvalOptions(), *, checkpoints: str = "a
         ffn_type=cfg.model.ffn_type, d_model=cfg.model.d_model, n_layers=cfg.model.n_layers,
         d_ff=cfg.model.d_ff, params={"total": counts.total, "non_embedding": counts.non_embedding},
         eval_tokens=ev.eval_tokens, eval_batches=len(ev.batches),
-        metrics=[m for m in METRICS if m in want], options=dataclasses.asdict(options),
-        cett_ppl=cett_ppl, forward_passes=evaluators.forward_passes(), seconds=elapsed,
+        metrics=[m.name for m in want], options=dataclasses.asdict(options),
+        searches={name: searches.get(name) for name in eval_metrics.searched()},
+        forward_passes=evaluators.forward_passes(), seconds=elapsed,
         checkpoints=entries, vanished_steps=vanished).to_dict()
+
+
+@dataclasses.dataclass
+class CheckpointContext:
+    """What a metric's ``measure`` sees at one checkpoint: the evaluator in the step's own
+    settings, its parameters, the dense pass (with σ(gate)·up when a metric ``needs_hidden``),
+    the options and the metric's run-level ``search`` result (None without one)."""
+
+    ev: Evaluator
+    step: int
+    params: Any
+    dense: PassResult
+    options: EvalOptions
+    search: Optional[dict] = None
+
+    def report(self, result: PassResult, **params) -> results_lib.MetricResult:
+        """``result`` as a metric's entry: ratios, dead neurons, loss and perplexity ratio against
+        the dense pass, chunk sparsity, and the metric's ``params``."""
+        return _report(result, self.dense.loss, **params)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a metric's run-level ``search`` sees: the selected steps, the per-step evaluators,
+    the options, and reading of checkpoints that a live trainer may delete meanwhile."""
+
+    run: Any
+    evaluators: "_StepEvaluators"
+    steps: list[int]
+    options: EvalOptions
+    spill_root: pathlib.Path
+    say: Callable[..., None]
+    vanished: list[int]
+
+    @property
+    def post_warmup_steps(self) -> list[int]:
+        return [s for s in self.steps if s > self.run.warmup_steps]
+
+    def at(self, step: int) -> Evaluator:
+        """The evaluator of ``step``'s settings, set to its step (scheduled terms' values)."""
+        ev = self.evaluators.at(step)
+        ev.at_step(step)
+        return ev
+
+    def forward_passes(self) -> int:
+        return self.evaluators.forward_passes()
+
+    def dense_passes(self, steps: list[int], what: str) -> list[tuple[int, Any, PassResult]]:
+        """(step, params, dense pass with σ(gate)·up kept) of each of ``steps`` still readable;
+        a step deleted meanwhile is noted and left out, and none left is a RunError."""
+        cached = []
+        for step_no in steps:
+            ev = self.evaluators.at(step_no)
+            try:
+                params, _ = self.run.params(step_no, ev.mesh)
+            except trained_run.StepVanished as err:
+                _vanished_note(err, self.vanished)
+                continue
+            ev.at_step(step_no)
+            cached.append((step_no, params,
+                           ev.dense(params, keep_hidden=True, spill_root=self.spill_root)))
+        if not cached:
+            raise trained_run.RunError(f"{what}: steps {steps} were all deleted while being read")
+        return cached
 
 
 # A live run whose trainer keeps few steps can delete every step eval picked, several times over.
@@ -533,43 +602,3 @@ class _StepEvaluators:
 
     def forward_passes(self) -> int:
         return sum(ev.forward_passes for ev in self._by_key.values())
-
-
-def _search_joint(evaluators: _StepEvaluators, run: trained_run.TrainedRun, steps: list[int],
-                  target_ratio: float, spill_root: pathlib.Path, say, vanished: list[int]) -> dict:
-    """Bisection on c for the mean perplexity ratio over ``steps``
-    (docs/sparsity_metrics_and_laws.md §CETT-PPL, joint mode), each step in its own settings.
-    Steps a live trainer deletes meanwhile are left out of the search (noted)."""
-    before = evaluators.forward_passes()
-    cached = []
-    for step_no in steps:
-        ev = evaluators.at(step_no)
-        try:
-            params, _ = run.params(step_no, ev.mesh)
-        except trained_run.StepVanished as err:
-            _vanished_note(err, vanished)
-            continue
-        ev.at_step(step_no)
-        dense = ev.dense(params, keep_hidden=True, spill_root=spill_root)
-        cached.append((step_no, params, dense))
-
-    def ratio_at(step_no, p, d, c):
-        ev = evaluators.at(step_no)
-        ev.at_step(step_no)
-        return ppl_ratio(ev.cett_pass(p, d.hidden, c)[0].loss, d.loss)
-
-    def mean_ratio(c: float) -> float:
-        ratios = [ratio_at(s, p, d, c) for s, p, d in cached]
-        value = float(np.mean(ratios))
-        say(f"  c={c:.4f}: perplexity ratio {value:.5f} (target {target_ratio:.4f})")
-        return value
-
-    if not cached:
-        raise trained_run.RunError(f"CETT-PPL joint search: steps {steps} were all deleted while "
-                                   f"being read")
-    steps = [s for s, _, _ in cached]
-    search = bisect_cett(mean_ratio, target_ratio, evaluators.first.options.tolerance)
-    return {"mode": "joint", "cett": search.cett, "joint_steps": steps,
-            "target_ppl_ratio": target_ratio, "iterations": len(search.evaluations),
-            "evaluations": search.evaluations,
-            "forward_passes": evaluators.forward_passes() - before}

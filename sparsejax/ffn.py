@@ -8,9 +8,11 @@ statistics in :class:`FfnAux`. A factory ``factory(cfg) -> ffn_fn`` registers un
 changes. Two ship: ``reference`` (einsum) and ``block_sparse`` (:mod:`sparsejax.kernels`).
 
 Masks: training-time top-k (optionally with the Q-Sparse straight-through estimator) is part of
-the forward pass; evaluation masks (per-neuron thresholds, the reference's global top-k) apply
-after the statistics are taken, so an evaluator can tell "dropped by the mask" from "exactly
-zero". Both use the one ``sparsity.active`` / ``sparsity.topk_keep`` rule.
+the forward pass; evaluation masks (per-neuron thresholds, and the masks of :data:`EVAL_MASKS`
+named in ``Sparsity.eval_masks``, e.g. the reference's global top-k) apply after the statistics
+are taken, so an evaluator can tell "dropped by the mask" from "exactly zero". Both use the one
+``sparsity.active`` / ``sparsity.topk_keep`` rule. A new evaluation mask is one
+:func:`register_eval_mask` function; a training input without ``eval_masks`` compiles none.
 """
 
 from __future__ import annotations
@@ -122,19 +124,43 @@ def _apply_training_topk(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Spars
     return hidden_BxLxF * keep_BxLxF
 
 
+# Evaluation-time FFN masks by name (``Sparsity.eval_masks``): ``keep(activation_BxLxF,
+# hidden_BxLxF, parameter) -> bool [B, L, F]``, the neurons the sparse forward keeps.
+EVAL_MASKS: dict[str, Callable[[Array, Array, object], Array]] = {}
+
+
+def register_eval_mask(name: str):
+    """Decorator: register ``keep(activation_BxLxF, hidden_BxLxF, parameter)`` as the evaluation
+    mask ``name`` of ``Sparsity.eval_masks`` (its parameter is static: one compile per value)."""
+    def deco(keep):
+        if name in EVAL_MASKS:
+            raise ValueError(f"evaluation mask {name!r} is already registered")
+        EVAL_MASKS[name] = keep
+        return keep
+    return deco
+
+
+@register_eval_mask("global_topk")
+def global_topk_keep(activation_BxLxF: Array, hidden_BxLxF: Array, fraction: float) -> Array:
+    """The reference's evaluation top-k (``prune_topk``): the top ``fraction`` of |σ(gate)| over all
+    tokens × neurons of this call's batch, per layer."""
+    d_ff = activation_BxLxF.shape[-1]
+    return sparsity_lib.global_topk_active(activation_BxLxF.reshape(-1, d_ff),
+                                           fraction).reshape(activation_BxLxF.shape)
+
+
 def _apply_eval_masks(activation_BxLxF: Array, hidden_BxLxF: Array, sp: Sparsity) -> Array:
     """Evaluation-time sparse forward: per-neuron thresholds (FAT-ε on |σ(gate)|, CETT on
-    |σ(gate)·up|) and the reference's global top-k, by the one ``sparsity.active`` rule."""
+    |σ(gate)·up|) by the one ``sparsity.active`` rule, then each mask of ``sp.eval_masks``."""
     if sp.thresholds is not None:
         measured = activation_BxLxF if sp.mask_target == "activation" else hidden_BxLxF
         keep = sparsity_lib.active(measured, sp.thresholds)
         hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
-    if sp.global_topk:
-        # The reference's evaluation top-k (``prune_topk``): the top fraction of |σ(gate)| over all
-        # tokens × neurons of this call's batch, per layer.
-        d_ff = activation_BxLxF.shape[-1]
-        keep = sparsity_lib.global_topk_active(activation_BxLxF.reshape(-1, d_ff),
-                                               sp.global_topk).reshape(activation_BxLxF.shape)
+    for name, parameter in sp.eval_masks:
+        if name not in EVAL_MASKS:
+            raise ValueError(f"Sparsity.eval_masks names {name!r}; registered evaluation masks: "
+                             f"{sorted(EVAL_MASKS)}")
+        keep = EVAL_MASKS[name](activation_BxLxF, hidden_BxLxF, parameter)
         hidden_BxLxF = jnp.where(keep, hidden_BxLxF, jnp.zeros_like(hidden_BxLxF))
     return hidden_BxLxF
 
@@ -202,7 +228,7 @@ def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
     pure-JAX reference on CPU) is ``kernels.pick_impl("auto")``'s. σ(gate) is computed once here,
     densely and outside the gradient, for the mask and the statistics (the kernels would compute
     it for their mask anyway). Evaluation masks are element-wise, which a tile mask cannot
-    express: passes with thresholds or global top-k run the reference FFN on the same weights.
+    express: passes with thresholds or ``eval_masks`` run the reference FFN on the same weights.
     Training-time top-k is refused by config validation for the same reason. Under a
     multi-device mesh it runs per shard in ``shard_map`` (:mod:`sparsejax.kernels.sharded`).
     """
@@ -213,7 +239,7 @@ def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
     block_t, block_f = cfg.ffn_block_t, cfg.ffn_block_f
 
     def ffn(x_BxLxD, w: FfnWeights, sp: Sparsity):
-        if sp.thresholds is not None or sp.global_topk:
+        if sp.thresholds is not None or sp.eval_masks:
             return reference(x_BxLxD, w, sp)
         act_fn = _activation_fn(cfg, sp)  # a static threshold only: the config refuses traced ones
         x_BxLxD = x_BxLxD.astype(w.w_in_DxF.dtype)

@@ -15,7 +15,8 @@ renamed here fails in one place; readers (the sweep table, plots, the LR pilot) 
 
     {workdir, config_name, activation, ffn_type, d_model, n_layers, d_ff,
      params: {total, non_embedding}, eval_tokens, eval_batches, metrics: [names],
-     options: {EvalOptions}, cett_ppl: {mode, cett, ...} | null, forward_passes, seconds,
+     options: {EvalOptions}, cett_ppl: {mode, cett, ...} | null (each registered metric with a
+     run-level search: its result, null when not asked for), forward_passes, seconds,
      vanished_steps: [steps a live trainer deleted while eval read them, skipped; only if any],
      checkpoints: [{step, tokens_seen, dense_loss, dense_perplexity,
                     histograms: {edges, counts_layers},
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from sparsejax import rundir
+from sparsejax import eval_metrics, rundir
 
 CSV_FIELDS = ("step", "tokens_seen", "metric", "layer", "quantity", "value")
 LAYER_QUANTITIES = ("ratio", "dead_share")  # also per layer, as "<quantity>_layers"
@@ -112,15 +113,21 @@ class EvalResults:
     eval_batches: int
     metrics: list[str]
     options: dict
-    cett_ppl: Optional[dict]
+    # Each registered metric with a run-level search (``eval_metrics.searched()``, e.g. cett_ppl)
+    # -> its result, None when not asked for; written as top-level keys in this position.
+    searches: dict[str, Optional[dict]]
     forward_passes: int
     seconds: float
     checkpoints: list[CheckpointResult]
     vanished_steps: list[int] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("checkpoints", "vanished_steps")}
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "searches":
+                out.update(self.searches)
+            elif f.name not in ("checkpoints", "vanished_steps"):
+                out[f.name] = getattr(self, f.name)
         if self.vanished_steps:  # only when a live trainer deleted steps while eval read them
             out["vanished_steps"] = sorted(set(self.vanished_steps))
         out["checkpoints"] = [c.to_dict() for c in self.checkpoints]
@@ -222,7 +229,8 @@ TABLE_COLUMNS = tuple(f.name for f in dataclasses.fields(TableRow))
 
 def checkpoint_rows(results: dict) -> Iterator[dict]:
     """Tidy rows of every checkpoint: the dense loss, then per metric its mean and per-layer
-    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and CETT value.
+    ratio and dead share, loss, perplexity ratio, chunk sparsity per length and the parameters
+    its registry entry names (``Metric.csv_params``: the CETT value of cett and cett_ppl).
 
     Quantities a results file lacks (a partial or older file) are left out, not invented.
     """
@@ -242,8 +250,9 @@ def checkpoint_rows(results: dict) -> Iterator[dict]:
                     yield row("mean", quantity, r[quantity])
             for n, v in r.get("chunk_sparsity", {}).items():
                 yield row("mean", f"chunk_sparsity_L{n}", v)
-            if "cett" in r:
-                yield row("mean", "cett", r["cett"])
+            for param in eval_metrics.csv_params(name):
+                if param in r:
+                    yield row("mean", param, r[param])
 
 
 def tidy_rows(results: dict) -> list[dict]:
@@ -271,21 +280,12 @@ def load_results(path: str | pathlib.Path) -> dict:
 
 
 def metric_label(name: str, entries: Sequence[dict]) -> str:
-    """A metric's display name with its parameter (FAT-ε=0.01, top-k (k=96), CETT-PPL-1%)."""
+    """A metric's display name with its parameter (FAT-ε=0.01, top-k (k=96), CETT-PPL-1%): its
+    registry entry's label (``eval_metrics.Metric.label``) of the first checkpoint that has it."""
     for e in entries:
         r = e["results"].get(name)
-        if r is None:
-            continue
-        if name == "fat":
-            return f"FAT-ε={r['eps']:g}"
-        if name == "topk":
-            return f"top-k (k={r['k']})"
-        if name == "topk_global":
-            return f"global top {r['fraction']:.0%}"
-        if name == "cett":
-            return f"CETT={r['cett']:g}"
-        if name == "cett_ppl":
-            return f"CETT-PPL-{r['p']:g}%"
+        if r is not None:
+            return eval_metrics.label(name, r)
     return name
 
 

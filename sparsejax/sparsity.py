@@ -184,7 +184,9 @@ class Sparsity:
     thresholds: evaluation-time per-neuron thresholds [N, F] (per layer [F]); neurons with
         |target| < threshold are dropped (a threshold of 0 is the dense model).
     mask_target: which quantity the thresholds compare with, one of ``MASK_TARGETS``.
-    global_topk: evaluation-time global top-k fraction of |σ(gate)| per layer (0 = off).
+    eval_masks: further evaluation-time masks, ``(name, parameter)`` pairs naming masks of
+        ``sparsejax.ffn.EVAL_MASKS`` with a static parameter (e.g. ``("global_topk", 0.3)``:
+        the reference's global top-k fraction of |σ(gate)| per layer); () = none.
     stats_weights_BxL: token weights of the in-block statistics; None = no statistics.
     stats_threshold: the statistics' rule: None = zero rule, else a FAT threshold
         (:func:`fat_threshold`).
@@ -213,7 +215,7 @@ class Sparsity:
     stats_weights_BxL: Optional[Array] = None
     coefficients: Mapping[str, Array] = dataclasses.field(default_factory=dict)
     mask_target: str = flax.struct.field(pytree_node=False, default="activation")
-    global_topk: float = flax.struct.field(pytree_node=False, default=0.0)
+    eval_masks: tuple[tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
     stats_threshold: Optional[float] = flax.struct.field(pytree_node=False, default=None)
     regularisers: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     chunk_len: int = flax.struct.field(pytree_node=False, default=0)
@@ -227,8 +229,10 @@ class Sparsity:
     def __post_init__(self):
         if self.mask_target not in MASK_TARGETS:
             raise ValueError(f"mask_target={self.mask_target!r}; allowed: {list(MASK_TARGETS)}")
-        if not 0.0 <= self.global_topk <= 1.0:
-            raise ValueError(f"global_topk={self.global_topk}; allowed: 0 (off) or a fraction in (0, 1]")
+        if not all(isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str)
+                   for m in self.eval_masks):
+            raise ValueError(f"eval_masks={self.eval_masks!r}; allowed: (name, parameter) pairs "
+                             f"of sparsejax.ffn.EVAL_MASKS")
 
     @property
     def wants_stats(self) -> bool:

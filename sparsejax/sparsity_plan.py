@@ -146,7 +146,7 @@ class SparsityPlan:
         statistics, regulariser sums and chunk statistics.
 
         ``topk_k``: replace the static k (evaluation's per-token top-k pass: exact, no STE);
-        ``eval_masks``: evaluation-time masks (``thresholds``, ``mask_target``, ``global_topk``).
+        ``eval_masks``: evaluation-time masks (``thresholds``, ``mask_target``, ``eval_masks``).
         """
         static_k = self.topk_k if topk_k is None else topk_k
         stats = stats_weights_BxL is not None

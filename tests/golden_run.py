@@ -21,6 +21,7 @@ from sparsejax import configure
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 PARAMS = GOLDEN / "tiny_relu_params.npz"
 RESULTS = GOLDEN / "eval_results_tiny_relu.json"
+RESULTS_CSV = RESULTS.with_suffix(".csv")  # eval.py's CSV of RESULTS, written beside it
 METRICS = ("zero", "fat", "topk", "topk_global", "cett", "cett_ppl")
 
 

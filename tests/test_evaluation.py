@@ -76,7 +76,7 @@ def test_a_pass_reuses_the_placed_batches_and_syncs_once(relu_ev):
     _, ev, params = relu_ev
     thresholds = jax.device_put(jnp.zeros((ev.n_layers, ev.d_ff), jnp.float32),
                                 ev.plan.replicated)
-    fn = ev._threshold["hidden"]
+    fn = ev.pass_fn("hidden")
     first = ev.thresholded(params, thresholds, "hidden")
     stats, per_batch = ev._accumulate(fn, params, thresholds)
     with jax.transfer_guard("disallow"):
@@ -152,7 +152,7 @@ def test_global_topk_pass_matches_numpy_per_batch_selection(relu_ev):
     losses = []
     for b in ev.batches:
         logits, inter = m.apply({"params": params}, b["inputs"],
-                                sparsity=Sparsity(global_topk=ev.topk_fraction),
+                                sparsity=Sparsity(eval_masks=(("global_topk", ev.topk_fraction),)),
                                 mutable=["intermediates"])
         acts, _ = model_lib.ffn_intermediates(inter, ev.n_layers)
         for i, a in enumerate(acts):

@@ -31,6 +31,8 @@ import pytest
 
 import golden_run
 
+from sparsejax import results as results_lib
+
 RTOL = 2e-4
 DEAD_NEURONS = 2
 HIST_MOVES_PER_MILLION = 200
@@ -127,6 +129,50 @@ def golden_results(tmp_path_factory):
 
 def test_results_match_the_golden_file(golden_results):
     compare_results(golden_results, json.loads(golden_run.RESULTS.read_text()))
+
+
+def _layout(x):
+    """``x`` without its numbers: every key in its order, list lengths, strings and None, and the
+    type where a number is (the numbers are compare_results' business)."""
+    if isinstance(x, dict):
+        return [(k, _layout(v)) for k, v in x.items()]
+    if isinstance(x, list):
+        return [_layout(v) for v in x]
+    if isinstance(x, (bool, str)) or x is None:
+        return x
+    return type(x).__name__
+
+
+def _row_keys(csv_text: str) -> list[str]:
+    """Each CSV row without its value: step, tokens_seen, metric, layer, quantity."""
+    return [line.rsplit(",", 1)[0] for line in csv_text.splitlines()]
+
+
+def test_results_have_the_golden_files_layout(golden_results, tmp_path):
+    """results.json as eval.py writes it: the committed file's keys in their order (metrics in the
+    registry's order, each metric's parameters, the searched metric's top-level entry), and a CSV
+    with the committed file's rows in their order; the numbers are compared above."""
+    golden = json.loads(golden_run.RESULTS.read_text())
+    assert _layout(golden_results) == _layout(golden)
+    _, csv_path = results_lib.write_results(golden_results, tmp_path / "results.json")
+    assert _row_keys(csv_path.read_text()) == _row_keys(golden_run.RESULTS_CSV.read_text())
+
+
+def test_the_writer_reproduces_the_golden_files_byte_for_byte(tmp_path):
+    """The committed results.json and results.csv were written by eval.py's writer; writing the
+    same results again gives the same bytes (key order, number formatting, the CSV flattener)."""
+    golden = json.loads(golden_run.RESULTS.read_text())
+    json_path, csv_path = results_lib.write_results(golden, tmp_path / "results.json")
+    assert json_path.read_bytes() == golden_run.RESULTS.read_bytes()
+    assert csv_path.read_bytes() == golden_run.RESULTS_CSV.read_bytes()
+
+
+def test_the_layout_check_can_fail(golden):
+    moved = dict(reversed(list(golden.items())))
+    assert _layout(moved) != _layout(golden)
+    reordered = copy.deepcopy(golden)
+    reordered["checkpoints"][0]["results"]["fat"] = reordered["checkpoints"][0]["results"].pop("fat")
+    assert _layout(reordered) != _layout(golden)  # same keys, fat now last
 
 
 def test_fixture_is_the_stored_parameters(tmp_path):

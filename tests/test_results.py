@@ -23,7 +23,7 @@ def test_eval_results_round_trip_through_the_flattener():
     res = results.EvalResults(
         workdir="w", config_name="c", activation="relu", ffn_type="gated", d_model=8, n_layers=3,
         d_ff=16, params={"total": 1, "non_embedding": 1}, eval_tokens=64, eval_batches=1,
-        metrics=["fat"], options={}, cett_ppl=None, forward_passes=2, seconds=0.5,
+        metrics=["fat"], options={}, searches={"cett_ppl": None}, forward_passes=2, seconds=0.5,
         checkpoints=[ck])
     out = json.loads(json.dumps(res.to_dict()))
     assert "vanished_steps" not in out  # only when steps vanished

@@ -81,8 +81,8 @@ def test_topk_count_errors(bad, match):
 def test_sparsity_input_validation_and_layer_slicing():
     with pytest.raises(ValueError, match="mask_target='gate'"):
         sparsity.Sparsity(mask_target="gate")
-    with pytest.raises(ValueError, match="global_topk=1.5"):
-        sparsity.Sparsity(global_topk=1.5)
+    with pytest.raises(ValueError, match=r"eval_masks=\('global_topk', 0.3\); allowed: \(name, parameter\) pairs"):
+        sparsity.Sparsity(eval_masks=("global_topk", 0.3))  # a pair, not a tuple of pairs
     with pytest.raises(ValueError, match="eps must be >= 0"):
         sparsity.fat_threshold(-0.1)
     sp = sparsity.Sparsity(thresholds=jnp.arange(6.0).reshape(3, 2), mask_target="hidden",

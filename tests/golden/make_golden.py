@@ -9,12 +9,12 @@ trajectory is run once here and its checkpoints' parameters are stored
 so only the evaluation's own rounding (~1e-6 relative) separates two machines.
 
 Writes ``tiny_relu_params.npz`` (the parameters of every kept checkpoint, float32) and
-``eval_results_tiny_relu.json`` (the evaluator's results on the run rebuilt from them).
+``eval_results_tiny_relu.json`` / ``.csv`` (the evaluator's results on the run rebuilt from them,
+written as eval.py writes them: its key order and its CSV rows are part of what the tests pin).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import golden_run  # noqa: E402
-from sparsejax import evaluation, trained_run, trainer  # noqa: E402
+from sparsejax import evaluation, results as results_lib, trained_run, trainer  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +49,9 @@ def main() -> None:
         np.savez_compressed(golden_run.PARAMS, **arrays)
         rebuilt = golden_run.build_run(pathlib.Path(tmp) / "rebuilt")
         results = golden_run.evaluate(rebuilt)
-    golden_run.RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {golden_run.PARAMS} ({golden_run.PARAMS.stat().st_size / 1e6:.2f} MB) and "
-          f"{golden_run.RESULTS}")
+    results_lib.write_results(results, golden_run.RESULTS)
+    print(f"wrote {golden_run.PARAMS} ({golden_run.PARAMS.stat().st_size / 1e6:.2f} MB), "
+          f"{golden_run.RESULTS} and {golden_run.RESULTS_CSV}")
 
 
 if __name__ == "__main__":
