@@ -159,7 +159,7 @@ def get(name: str) -> ActivationSpec:
 def make(name: str, *, threshold: float = 0.0, alpha: float = 0.0) -> Callable[[Array], Array]:
     """Return x -> σ(x) with the spec's declared parameters bound from the given values.
 
-    A parameter may be a traced scalar (a recipe's scheduled threshold, changing every step
+    A parameter may be a traced scalar (a scheduled threshold of the sparsity plan, changing every step
     without recompiling); only Python numbers are checked here."""
     spec = get(name)
     given = {"threshold": threshold, "alpha": alpha}

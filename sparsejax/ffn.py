@@ -59,14 +59,14 @@ class FfnAux(NamedTuple):
 FfnFn = Callable[[Array, FfnWeights, Sparsity], tuple[Array, FfnAux]]
 FFN_IMPLS: dict[str, Callable[[ModelConfig], FfnFn]] = {}
 # What an implementation supports beyond the dense forward: ``topk`` (a per-token top-k mask in
-# training, model.topk) and ``recipe`` (traced per-step coefficients: a scheduled top-k k or
-# threshold, in-block regulariser sums). Checked by :func:`check_config`.
+# training, sparsity.topk) and ``traced`` (per-step coefficients of the sparsity plan: a scheduled
+# top-k k or threshold, in-block regulariser sums). Checked by :func:`check_config`.
 FFN_FEATURES: dict[str, frozenset[str]] = {}
 
 
-def register_ffn_impl(name: str, *, supports: tuple[str, ...] = ("topk", "recipe")):
+def register_ffn_impl(name: str, *, supports: tuple[str, ...] = ("topk", "traced")):
     """Decorator: register ``factory(cfg) -> ffn_fn`` under ``model.ffn_impl=name``, with the
-    features it supports (``topk``, ``recipe``)."""
+    features it supports (``topk``, ``traced``)."""
     def deco(factory):
         FFN_IMPLS[name] = factory
         FFN_FEATURES[name] = frozenset(supports)
@@ -80,7 +80,7 @@ def ffn_impl_names() -> list[str]:
 
 def check_config(cfg: Config) -> None:
     """``model.ffn_impl`` is registered, its tile sizes fit, and it supports what the config asks
-    of it (a trained top-k, a recipe); ConfigError naming the field."""
+    of it (a trained top-k, scheduled sparsity terms); ConfigError naming the field."""
     m = cfg.model
     choice("model.ffn_impl", m.ffn_impl, ffn_impl_names())
     features = FFN_FEATURES[m.ffn_impl]
@@ -96,8 +96,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"{term_text('topk', cfg.sparsity.topk)} must be 0 with "
                           f"model.ffn_impl={m.ffn_impl!r} (a tile mask cannot express a per-token "
                           f"top-k); use one of {able('topk')}")
-    if plan.traced and "recipe" not in features:
-        allowed = able("recipe")
+    if plan.traced and "traced" not in features:
+        allowed = able("traced")
         want = repr(allowed[0]) if len(allowed) == 1 else f"one of {allowed}"
         raise ConfigError(f"sparsity.{next(iter(plan.traced))} needs model.ffn_impl={want} (got "
                           f"{m.ffn_impl!r}): the block-sparse kernels take no traced top-k, "

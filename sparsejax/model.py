@@ -288,7 +288,7 @@ class FeedForward(nn.Module):
         if aux.active_count_F is not None:
             self.sow("stats", "active_count_F", aux.active_count_F)
             self.sow("stats", "active_sum", aux.active_sum)
-        for name, value in (aux.stats or {}).items():  # recipe terms (sparsejax.ffn.FfnAux)
+        for name, value in (aux.stats or {}).items():  # sparsity-plan terms (sparsejax.ffn.FfnAux)
             self.sow("stats", name, value)
         return checkpoint_name(y_BxLxD, "ffn_out")
 

@@ -373,7 +373,7 @@ def plot_activation_ratio(records: list, out_path, title: str = "",
 
     ``records`` are :class:`sparsejax.results.TrainRecord` s (``results.read_training``), in step
     order; writes ``out_path`` (a ``.png`` path).
-    ``stages``: steps where a training recipe's stage begins (``SparsityPlan.stage_boundaries``),
+    ``stages``: steps where a stage of the sparsity schedule begins (``SparsityPlan.stage_boundaries``),
     drawn as dashed vertical lines at the tokens seen by then.
     """
     rows = [r for r in records if r.activation_ratio_layers is not None]
@@ -391,7 +391,7 @@ def plot_activation_ratio(records: list, out_path, title: str = "",
     inside = [b for b in stages if steps[0] <= b <= steps[-1]]
     for i, b in enumerate(inside):
         ax.axvline(float(np.interp(b, steps, tokens)), color="grey", ls="--", lw=1,
-                   label="recipe stage boundary" if i == 0 else None)
+                   label="sparsity stage boundary" if i == 0 else None)
     _finish(fig, ax, "tokens seen", "activation ratio (%)", False, None)
     from sparsejax import storage
 

@@ -157,7 +157,7 @@ def _record(record, head: dict) -> dict:
 @dataclasses.dataclass
 class TrainRecord:
     """One training step's line of ``metrics.jsonl``. Activation fields are present with the
-    in-graph statistics on; ``extra`` holds a recipe's terms (``step.RECIPE_METRICS``)."""
+    in-graph statistics on; ``extra`` holds the sparsity plan's terms (``step.SPARSITY_METRICS``)."""
 
     step: int
     loss: float

@@ -37,7 +37,7 @@ class ScheduleError(ValueError):
 
 
 def is_default(s: Schedule) -> bool:
-    """The default schedule (constant 0): the recipe term it drives is off, not merely zero."""
+    """The default schedule (constant 0): the sparsity term it drives is off, not merely zero."""
     return s == Schedule()
 
 

@@ -119,7 +119,7 @@ def topk_keep(score_TxF: Array, k: int, *, approximate: bool = False,
 
 def topk_keep_traced(score_TxF: Array, k) -> Array:
     """0/1 mask (score's dtype) of the k largest scores per row for a *traced* k (a top-k schedule
-    of the recipe), so k can change between steps without recompiling.
+    of the sparsity plan), so k can change between steps without recompiling.
 
     It is the rank-vs-k mask: an entry is kept iff its rank in its row (descending, ties to the
     lower index, as :func:`topk_keep`) is below k, so both masks are equal at every fixed k.

@@ -37,8 +37,8 @@ from sparsejax.loss import model_loss
 PyTree = Any
 # Regulariser -> its metric (the LM loss keeps the name ``loss``; docs/recipes.md §Metrics).
 REGULARISER_METRICS = {name: r.metric for name, r in objectives.REGULARISERS.items()}
-# Every metric a recipe adds to the step's (trainer.py writes those present).
-RECIPE_METRICS = ("objective", *REGULARISER_METRICS.values(), *METRIC_NAMES.values(),
+# Every metric the sparsity plan adds to the step's (trainer.py writes those present).
+SPARSITY_METRICS = ("objective", *REGULARISER_METRICS.values(), *METRIC_NAMES.values(),
                   "train_chunk_sparsity")
 
 
@@ -55,7 +55,7 @@ class StepSetup:
     """What the step functions need besides arrays; static for one (config, mesh).
 
     ``log_activations``: report the per-layer activation ratios (statistics are also collected,
-    unreported, when a recipe's regulariser needs the token weights inside the blocks).
+    unreported, when a regulariser of the sparsity plan needs the token weights inside the blocks).
     """
 
     model: model_lib.Model
@@ -184,14 +184,14 @@ def train_step(setup: StepSetup, state: PyTree, batch: dict) -> tuple[PyTree, di
     updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-    # ``loss`` is the LM loss alone, with or without a recipe (comparable across runs).
+    # ``loss`` is the LM loss alone, with or without sparsity terms (comparable across runs).
     loss_sum = aux["loss_sum"] if plan.active else objective_sum
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                # A checkpoint is written only after steps whose flag is true (trainer.py).
                "finite": all_finite(loss, grad_norm, new_params)}
     if plan.active:
-        metrics.update(recipe_metrics(setup, coefs, counts, aux, objective_sum / denom))
+        metrics.update(sparsity_metrics(setup, coefs, counts, aux, objective_sum / denom))
     if setup.log_activations:
         ratio_N = act_sum_N / (denom * setup.d_ff)
         metrics.update(activation_ratio_layers=ratio_N, activation_ratio=jnp.mean(ratio_N),
@@ -199,10 +199,10 @@ def train_step(setup: StepSetup, state: PyTree, batch: dict) -> tuple[PyTree, di
     return new_state, metrics
 
 
-def recipe_metrics(setup: StepSetup, coefs: dict, counts: dict, aux: dict, objective) -> dict:
+def sparsity_metrics(setup: StepSetup, coefs: dict, counts: dict, aux: dict, objective) -> dict:
     """The objective, each regulariser per its own count (``l1``: per token, summed over neurons
     and layers; ``chunk_loss``: per chunk token, summed over layers), each term's current value,
-    and the training chunk sparsity (this batch, recipe.chunk_len, the statistics' active rule)."""
+    and the training chunk sparsity (this batch, sparsity.chunk_len, the statistics' active rule)."""
     out = {"objective": objective}
     for name in setup.sparsity.regularisers:
         out[REGULARISER_METRICS[name]] = aux[f"reg_{name}"] / jnp.maximum(counts[name], 1.0)

@@ -229,9 +229,9 @@ class _Loop:
                 learning_rate=float(self.lr_schedule(step_no - 1)), tokens_seen=self.tokens_seen,
                 tokens_per_s=tok_per_s,
                 mfu=flops.mfu(tok_per_s, self.flops_per_token, jax.device_count(), self.peak),
-                # the objective, its terms and their current values (a recipe's)
+                # the objective, its terms and their current values (the sparsity plan's)
                 extra={key: int(m[key]) if key == "topk_k" else float(m[key])
-                       for key in step.RECIPE_METRICS if key in m})
+                       for key in step.SPARSITY_METRICS if key in m})
             if "activation_ratio" in m:
                 record.activation_ratio = float(m["activation_ratio"])
                 record.activation_ratio_layers = [float(x) for x in m["activation_ratio_layers"]]

@@ -125,9 +125,9 @@ def test_objective_terms_normalisation_and_grad_accumulation():
 
 
 @pytest.mark.slow
-def test_without_a_recipe_the_step_reports_no_recipe_metrics():
+def test_without_sparsity_terms_the_step_reports_no_sparsity_metrics():
     ms, *_ = _train(_cfg(), 1)
-    assert not set(step.RECIPE_METRICS) & set(ms[0])
+    assert not set(step.SPARSITY_METRICS) & set(ms[0])
 
 
 # -------------------------------------------------------------- effects on the tiny config

@@ -16,7 +16,7 @@ def _parse_value(path: str, text: str, annotation: Any) -> Any:
     """Parse override text to the field's declared type (annotations are strings here)."""
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
     if kind in ("tuple[float, ...]", "tuple[int, ...]", "tuple[str, ...]"):
-        # Comma-separated: recipe.l1.values=0,1e-4,5e-4 (empty text: the empty tuple).
+        # Comma-separated: sparsity.l1.values=0,1e-4,5e-4 (empty text: the empty tuple).
         item = kind[len("tuple["):-len(", ...]")]
         return tuple(_parse_value(path, part.strip(), item) for part in text.split(",") if part.strip())
     if kind == "bool":
@@ -88,7 +88,7 @@ def _spelling(given: str) -> str:
 
 def _set_path(target: Any, path: str, parts: list[str], text: str, depth: int = 0) -> Any:
     """``target`` with the field at ``parts[depth:]`` set from ``text``, rebuilt with
-    ``dataclasses.replace`` along the path (nested sections such as a recipe's frozen
+    ``dataclasses.replace`` along the path (nested sections such as the sparsity section's frozen
     Schedules are values, not mutated in place)."""
     part = parts[depth]
     names = [f.name for f in dataclasses.fields(target)]

@@ -247,7 +247,7 @@ def _lists_to_tuples(value: Any) -> Any:
 
 
 def _build(cls: type, raw: dict) -> Any:
-    """``cls`` from a dict of its fields, nested dataclasses (a recipe's schedules) included;
+    """``cls`` from a dict of its fields, nested dataclasses (the sparsity section's schedules) included;
     fields the class no longer has are dropped."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
