@@ -221,7 +221,7 @@ def reference_ffn(cfg: ModelConfig) -> FfnFn:
 
 @register_ffn_impl("block_sparse", supports=())
 def block_sparse_ffn(cfg: ModelConfig) -> FfnFn:
-    """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels` (issue #14).
+    """The (token block × neuron block) tile FFN of :mod:`sparsejax.kernels`.
 
     The tile mask comes from σ(gate) by the zero rule, so for the ReLU family the output *is* the
     dense FFN (skipped tiles are exactly zero); the kernel choice (TPU Mosaic, GPU Triton, or the

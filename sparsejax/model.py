@@ -483,7 +483,7 @@ class Transformer(nn.Module):
                 x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, rope_sin_cos, sp.layer(i))
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         x_BxLxD = _scaled(logit_scale(cfg))(x_BxLxD)  # logits = (h · logit_scale) W
-        # ---- output head (issue 25: ``return_hidden`` for the vocabulary-tiled loss) ----
+        # ---- output head (``return_hidden``: the final hidden states for the vocabulary-tiled loss) ----
         if return_hidden:
             # The projection at the parameter path of the logits branch below (same init).
             if cfg.tie_embeddings:

@@ -1,4 +1,4 @@
-"""Training recipes (issue 15): the objective and its terms, scheduled top-k / threshold, their
+"""Training recipes: the objective and its terms, scheduled top-k / threshold, their
 effect on a real (micro-sized tiny) model, kill/resume across a stage boundary, warm start.
 
 Shapes are the micro version of configs/tiny_relu.py that test_train.py uses, so each compile

@@ -262,8 +262,9 @@ def _build(cls: type, raw: dict) -> Any:
     return cls(**kwargs)
 
 
-# Fields that moved into the ``sparsity`` section on 2026-12-06: old dotted path -> new. Configs
-# saved before (config.json, checkpoints' meta, sweep markers) are read through :func:`upgrade`,
+# Fields that live in the ``sparsity`` section under an older path: old dotted path -> new.
+# Configs saved with the old paths (config.json, checkpoints' meta, sweep markers) are read
+# through :func:`upgrade` (CHANGELOG.md says which versions wrote them),
 # and ``--set`` accepts the old paths (``sparsejax.config.overrides``).
 MOVED_FIELDS = {
     "model.topk": "sparsity.topk", "model.topk_mode": "sparsity.topk_mode",

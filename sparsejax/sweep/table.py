@@ -71,7 +71,7 @@ def write_csv_rows(rows: Sequence[dict], path: pathlib.Path) -> None:
 
 # The sweep's table: named apart from eval.py's results.json / results.csv (a different schema).
 TABLE_JSON, TABLE_CSV = "table.json", "table.csv"
-# What versions before 2026-12-06 named it (still read: sweeps on disk, published copies).
+# The table's older file names (still read: sweeps on disk, published copies; CHANGELOG.md).
 LEGACY_JSON, LEGACY_CSV = "results.json", "results.csv"
 
 
@@ -97,8 +97,8 @@ def _csv_row(row: dict) -> dict:
 
 def load_table(out) -> list[dict]:
     """The tidy rows a sweep wrote (OUT/table.json, as :func:`write_table`; table.csv when the
-    directory is a published copy without the JSON; the same files under their names before
-    2026-12-06, results.json / results.csv, in a sweep directory written then)."""
+    directory is a published copy without the JSON; the same files under their older names,
+    results.json / results.csv, in a sweep directory written by an older version)."""
     import json
 
     out = pathlib.Path(out)
