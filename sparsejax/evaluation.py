@@ -291,7 +291,7 @@ class Evaluator:
 
     def _run(self, fn, params, thresholds_NxF, hidden: HiddenStore | None = None) -> PassResult:
         stats, per_batch = self._accumulate(fn, params, thresholds_NxF, hidden)
-        # Summed on the host in float64 in batch order, as each batch's float() was before.
+        # Summed on the host in float64, in batch order: the same total on every run and mesh.
         loss_sum, tokens = 0.0, 0.0
         for loss_b, tokens_b in per_batch:
             loss_sum += float(loss_b)

@@ -69,7 +69,7 @@ class MetricResult:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        # np.mean, as results were always averaged (its summation order, to the last bit).
+        # np.mean, the one averaging rule of every layer mean here (its order decides the last bit).
         return {"ratio": float(np.mean(self.ratio_layers)),
                 "ratio_layers": list(self.ratio_layers), "loss": self.loss,
                 "perplexity": perplexity(self.loss), "ppl_ratio": self.ppl_ratio,

@@ -170,8 +170,8 @@ SAVED = pathlib.Path(__file__).parent / "fixtures" / "config_before_sparsity_sec
 
 
 def _saved_equivalent():
-    """Today's spelling of the config in SAVED (written by the version of 2026-12-06 that had
-    model.topk, model.activation_threshold, train.fat_eps and a recipe section)."""
+    """Today's spelling of the config in SAVED (the layout before the sparsity section:
+    model.topk, model.activation_threshold, train.fat_eps and a recipe section; CHANGELOG.md)."""
     return configure.apply_overrides(config.proxy_config("tiny"), [
         "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32",
         "model.d_ff=160", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=2",
@@ -197,8 +197,8 @@ def test_a_config_saved_before_the_sparsity_section_reads_as_today():
 
 @pytest.mark.slow
 def test_a_run_written_before_the_sparsity_section_resumes_and_evaluates(tmp_path):
-    """A run whose config.json and checkpoint meta hold the old layout (as the version of
-    2026-12-06 wrote them) resumes under today's spelling of its config, and evaluates."""
+    """A run whose config.json and checkpoint meta hold the layout before the sparsity section
+    resumes under today's spelling of its config, and evaluates."""
     from sparsejax import evaluation, trainer
 
     cfg = _saved_equivalent()

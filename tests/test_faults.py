@@ -101,7 +101,7 @@ def _params_finite(step_dir) -> bool:
 
 # ---------------------------------------------------------------- 1. NaN is never checkpointed
 def test_divergence_never_leaves_a_non_finite_checkpoint(tmp_path):
-    # The issue's reproduction: a learning rate that blows the parameters up, checkpoint every step.
+    # A learning rate that blows the parameters up, with a checkpoint every step.
     diverge = ["train.learning_rate=1e30", "train.warmup_steps=0", "train.schedule=constant",
                "train.checkpoint_every=1", "train.steps=8"]
     proc = _train(tmp_path, *diverge)
@@ -129,7 +129,7 @@ def test_nan_gradients_with_finite_loss_stop_before_the_checkpoint(tmp_path):
 def test_eval_changes_nothing_in_the_run_and_a_live_trainer_survives_it(tmp_path):
     run = tmp_path / "run"
     _ok(_train(run, "train.steps=10", "train.checkpoint_every=5"))
-    # A trainer's in-flight temporary directory: the old evaluator deleted these.
+    # A trainer's in-flight temporary directory: evaluation must leave it alone.
     inflight = run / "checkpoints" / "15.orbax-checkpoint-tmp-1234"
     inflight.mkdir()
     (inflight / "partial").write_text("x")
@@ -160,7 +160,7 @@ def test_eval_changes_nothing_in_the_run_and_a_live_trainer_survives_it(tmp_path
 # ------------------------------------------------------- 3. one writer per run directory
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
     # The first trainer has far more steps than it can run while the second starts (on a busy
-    # machine 300 steps finished first once, and the second then found the run complete).
+    # machine a short run can finish first, and the second then finds the run complete).
     first = _start(tmp_path, "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100")
     try:
         wait_for_step(tmp_path, 1, first)
@@ -319,7 +319,7 @@ def test_corrupt_and_empty_steps_are_moved_aside_and_rewritten(tmp_path):
     for f in (tmp_path / "checkpoints" / "40" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"\x00garbage")
-    (tmp_path / "checkpoints" / "999").mkdir()  # an empty step dir once disabled all saving
+    (tmp_path / "checkpoints" / "999").mkdir()  # an empty step dir must not disable saving
     proc = _ok(_train(tmp_path, "train.steps=60", *common))
     assert "checkpoint step 999 rejected" in proc.stdout
     assert "checkpoint step 40 rejected" in proc.stdout
@@ -327,7 +327,7 @@ def test_corrupt_and_empty_steps_are_moved_aside_and_rewritten(tmp_path):
     assert _steps(tmp_path) == [20, 40, 60]  # step 40 written again
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()) == ["40", "999"]
     assert _loss_steps(tmp_path) == list(range(1, 61))
-    # eval reads every step now (it failed on the corrupt step forever before).
+    # eval reads every step: the corrupt one was moved aside and rewritten.
     _ok(_eval("--workdir", tmp_path, "--checkpoints", "all", "--metrics", "zero"))
 
 
@@ -531,7 +531,7 @@ def test_eval_skips_a_step_the_trainer_deleted_and_names_it(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_eval_of_a_live_run_that_keeps_two_steps_finishes(tmp_path):
-    """The issue's reproduction: eval --checkpoints all|last while the trainer (keep_last=2)
+    """eval --checkpoints all|last while the trainer (keep_last=2)
     deletes old steps. Each eval finishes; every step it skipped is named in a note."""
     live = tmp_path / "live"
     trainer = _start(live, "train.steps=100000", "train.checkpoint_every=5", "train.log_every=1",

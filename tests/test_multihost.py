@@ -372,8 +372,8 @@ def test_a_launch_on_a_workdir_in_use_returns_at_once_with_one_line(tmp_path):
     assert second.returncode == 2, second.stderr[-3000:]
     assert re.search(rf"in use.*{holder.pid}", second.stderr), second.stderr[-3000:]
     assert "Traceback" not in second.stderr, second.stderr[-3000:]
-    # Start-up (imports, jax.distributed) takes ~10 s here; before the fix the launcher returned
-    # after 42-45 s, when process 0's distributed shutdown gave up on its peer.
+    # Start-up (imports, jax.distributed) takes ~10 s here; a refusing process that waits in
+    # jax.distributed's shutdown for its peer keeps the launcher 42-45 s, until process 0 gives up.
     assert elapsed < 30, (elapsed, second.stderr[-3000:])
 
 

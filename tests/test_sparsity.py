@@ -47,7 +47,7 @@ def test_training_and_evaluation_topk_keep_the_same_k(d_ff):
         np.testing.assert_array_equal(eval_counts, reference_keeps)
         train_keep = sparsity.topk_keep(jnp.abs(act_TxF), train_k)
         np.testing.assert_array_equal(np.asarray(train_keep).sum(-1), reference_keeps)
-    # the float64 corner the two old rules disagreed on
+    # the float64 corner where round(f·F) = 288 and F − int(F·(1 − f)) = 289 disagree
     assert _plan(320, 0.9).topk_k == 289
     assert _plan(160, 0.3).topk_k == 48  # the golden eval test's k: unchanged
 

@@ -263,7 +263,7 @@ def test_collect_builds_the_tidy_table(tmp_path):
     from sparsejax.sweep import table as table_lib
 
     assert table_lib.load_table(tmp_path) == rows
-    # A sweep directory written before the table was renamed (results.json / results.csv) still
+    # A sweep directory with the table under its older names (results.json / results.csv) still
     # loads; an eval.py results.json (an object, another schema) is never taken for a table.
     legacy = tmp_path / "legacy"
     legacy.mkdir()
