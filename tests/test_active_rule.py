@@ -168,7 +168,7 @@ def test_k_max_never_drops_a_nan_tile():
     np.testing.assert_array_equal(np.asarray(capped.index_NxK), [[1]])
 
 
-@pytest.mark.parametrize("impl", ["tpu", "jax"])
+@pytest.mark.parametrize("impl", [pytest.param("tpu", marks=pytest.mark.slow), "jax"])  # tpu: interpret mode
 def test_kernel_computes_the_tiles_the_rule_marks(impl):
     """The Pallas TPU kernel (interpret mode) and the pure-JAX tile path, with the mask taken
     from a given σ(gate) by the kernels' rule: equal to the dense FFN with the tile mask of the
