@@ -101,7 +101,8 @@ def tile_density(model: model_lib.Model, params, batches, block_t: int, block_f:
         act_NxBxLxF = np.asarray(activations(params, batch["inputs"]))
         valid_BxL = np.asarray(batch["weights"]) > 0
         for act_BxLxF in act_NxBxLxF:
-            act_TxF = np.where(valid_BxL[..., None], act_BxLxF != 0, False).reshape(
+            active_BxLxF = np.asarray(bm.active_TxF(jnp.asarray(act_BxLxF)))  # the tile rule
+            act_TxF = np.where(valid_BxL[..., None], active_BxLxF, False).reshape(
                 -1, act_BxLxF.shape[-1])
             t = act_TxF.shape[0] // block_t * block_t
             tiles = np.asarray(bm.block_activity_NxM(jnp.asarray(act_TxF[:t]), block_t, block_f))

@@ -46,7 +46,7 @@ import numpy as np
 
 from sparsejax.eval_options import CETT_ZERO_RULES
 from sparsejax.metrics import as_f32, require_ndim
-from sparsejax.sparsity import FAT_FLOOR
+from sparsejax.sparsity import FAT_FLOOR, active
 
 Array = jax.Array
 
@@ -148,10 +148,13 @@ def cett_active_TxF(hidden_TxF: Array, w_out_FxD: Array, threshold, zero_rule: s
     Under ``zero_rule="reference"`` nothing is inactive at t = 0, exact zeros included, so the
     ratio is 1.0 (module docstring, "ReLU and t = 0"); a neuron with a zero output vector is
     inactive for t > 0 and active at t = 0 (NaN threshold), as in the reference.
+
+    The comparison is the one active rule (:func:`sparsejax.sparsity.active`): ``|h| == t_i`` is
+    active and a NaN value of σ(gate)·up is active (it is counted, not dropped).
     """
     _check_ffn_shapes(hidden_TxF, w_out_FxD)
     neuron_threshold_F = neuron_thresholds_F(as_f32(threshold), as_f32(w_out_FxD), zero_rule)
-    return ~(jnp.abs(as_f32(hidden_TxF)) < neuron_threshold_F)
+    return active(as_f32(hidden_TxF), neuron_threshold_F)
 
 
 class CettSearchResult(NamedTuple):

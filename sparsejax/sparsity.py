@@ -1,11 +1,16 @@
 """The one definition of an *active* FFN neuron, of fraction → k, and the model's sparsity input.
 
 Everything that decides whether a neuron is active goes through :func:`active`: the in-graph
-training statistics (``step``/the FFN's per-layer stats), the model's evaluation-time masks, the
-evaluator's measured masks and the ``metrics.*_active_TxF`` criteria. Everything that turns a
-top-k fraction into a neuron count goes through :func:`topk_count`. Before this module those four
-places compared differently (``>=`` vs ``not <``, with and without the 1e-18 floor) and training
-kept round(f·F) neurons while evaluation kept F − int(F·(1 − f)).
+training statistics (``step``/the FFN's per-layer stats), the training-time top-k keep mask as
+the statistics read it (:func:`trained_keep`), the model's evaluation-time masks, the evaluator's
+measured masks, the ``metrics.*_active_TxF`` criteria, CETT's sparse pass
+(``cett.cett_active_TxF``), the sparse decode FFN and the block-sparse kernels' tile masks
+(``kernels.block_mask.active_TxF``). One rule means one tie rule (``|x| == t`` is active), one
+floor (:func:`fat_threshold`) and one NaN rule (a NaN is active, so it is counted and, in a
+kernel, computed, never silently dropped). Everything that turns a top-k fraction into a
+neuron count goes through :func:`topk_count` (the config's values through
+:func:`config_topk_k`, which adds the meaning of 0), so training, evaluation and the reference's
+global top-k keep the same count.
 
 Shape suffixes (docs/sparsity_metrics_and_laws.md §Shape suffixes): B batch, L length, T tokens,
 F d_ff, N layers.
@@ -89,12 +94,26 @@ def topk_count(k, d_ff: int) -> int:
 
 
 def config_topk_k(topk: float, d_ff: int) -> int:
-    """``model.topk`` → k: 0 (off), a fraction in (0, 1) through :func:`topk_count`, else int k."""
-    if topk <= 0:
-        return 0
+    """A ``sparsity.topk`` value → k in [1, d_ff]: 0 is dense (every neuron kept, k = d_ff), a
+    fraction in (0, 1) goes through :func:`topk_count`, a whole number ≥ 1 is the count itself.
+
+    0 means "dense" wherever a value is read: a stage of a scheduled k at 0 keeps all d_ff
+    neurons. A config whose top-k is the default constant 0 has no top-k at all (the term is off:
+    ``schedules.is_default``, :class:`sparsejax.sparsity_plan.SparsityPlan`), so this is never
+    asked for it.
+    """
+    if isinstance(topk, bool) or not isinstance(topk, (int, float, np.integer, np.floating)) \
+            or not topk >= 0:
+        raise ValueError(f"sparsity.topk={topk!r}; allowed: 0 (dense), a fraction in (0, 1), or "
+                         f"an integer k in [1, d_ff={d_ff}]")
+    if topk == 0:
+        return d_ff
     if topk < 1:
         return topk_count(float(topk), d_ff)
-    return int(topk)
+    if topk != int(topk):
+        raise ValueError(f"sparsity.topk={topk!r}; allowed: 0 (dense), a fraction in (0, 1), or "
+                         f"an integer k in [1, d_ff={d_ff}]")
+    return topk_count(int(topk), d_ff)
 
 
 def topk_keep(score_TxF: Array, k: int, *, approximate: bool = False,
@@ -160,7 +179,7 @@ def global_topk_active(activation_TxF: Array, fraction: float) -> Array:
             or not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
     abs_P = jnp.abs(jnp.asarray(activation_TxF, jnp.float32)).reshape(-1)
-    num_to_zero = int(abs_P.size * (1.0 - fraction))
+    num_to_zero = abs_P.size - topk_count(float(fraction), abs_P.size)
     dropped_P = jnp.argsort(abs_P, stable=True)[:num_to_zero]
     keep_P = jnp.ones(abs_P.shape, bool).at[dropped_P].set(False)
     return active(abs_P, fat_threshold(0.0), keep_P).reshape(activation_TxF.shape)
@@ -169,8 +188,8 @@ def global_topk_active(activation_TxF: Array, fraction: float) -> Array:
 def trained_keep(hidden: Array, trained_topk: bool) -> Optional[Array]:
     """The training-time top-k keep mask as everyone reads it: the hidden value survived the
     mask. (Kept neurons have σ(gate)·up ≠ 0 almost surely, so this is the mask itself, and it is
-    what an evaluator that only sees ``hidden`` can recompute.)"""
-    return (hidden != 0) if trained_topk else None
+    what an evaluator that only sees ``hidden`` can recompute: :func:`active` by the zero rule.)"""
+    return active(hidden) if trained_topk else None
 
 
 # --------------------------------------------------------------------------- the model's input

@@ -40,11 +40,10 @@ def constant_value(s: Schedule) -> Optional[float]:
 
 
 def topk_counts(s: Schedule, d_ff: int) -> Schedule:
-    """A top-k schedule in neuron counts: 0 -> d_ff (dense), a fraction -> the one fraction -> k
-    rule (``sparsity.topk_count``, evaluated on the host in float64 so a stage's k is exactly the
-    k that evaluation uses for that fraction), an integer -> itself."""
-    counts = tuple(float(d_ff if v == 0 else sparsity_lib.config_topk_k(float(v), d_ff))
-                   for v in s.values)
+    """A top-k schedule in neuron counts, value by value through ``sparsity.config_topk_k``
+    (0 -> d_ff, dense; a fraction by the one fraction -> k rule, evaluated on the host in float64
+    so a stage's k is exactly the k that evaluation uses for that fraction; an integer -> itself)."""
+    counts = tuple(float(sparsity_lib.config_topk_k(float(v), d_ff)) for v in s.values)
     return dataclasses.replace(s, values=counts)
 
 

@@ -67,7 +67,8 @@ def test_commands_and_manifest_for_paper_configs(config, tpu):
     assert train == ["python3", "train.py", *args, *multi]
 
     # xpk: the slice type and the same command; xpk fans it out to every host
-    xpk = cloud.xpk_command(sl, args, workload="sj-run", cluster="c", image="img", num_slices=2)
+    xpk = cloud.xpk_command(sl, args, workload="sj-run", cluster="c", image="img", num_slices=2,
+                            max_restarts=3)
     flags = dict(a.split("=", 1) for a in xpk[3:])
     assert xpk[:3] == ["xpk", "workload", "create"]
     assert flags["--tpu-type"] == sl.accelerator_type and flags["--num-slices"] == "2"
@@ -76,7 +77,7 @@ def test_commands_and_manifest_for_paper_configs(config, tpu):
     # JobSet: one pod per host, each asking for the host's chips, same command everywhere
     for slices in (1, 2):
         m = yaml.safe_load(cloud.to_yaml(cloud.jobset_manifest(sl, args, name="sj", image="img",
-                                                                 num_slices=slices)))
+                                                                 num_slices=slices, max_restarts=3)))
         assert m["kind"] == "JobSet"
         (job,) = m["spec"]["replicatedJobs"]
         assert job["replicas"] == slices

@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from sparsejax import sparsity
+
 Array = jax.Array
 
 
@@ -55,6 +57,26 @@ def check_blocks(n_tokens: int, d_ff: int, block_t: int, block_f: int) -> tuple[
     return n_tokens // block_t, d_ff // block_f
 
 
+def active_TxF(activation_TxF: Array, threshold: float = 0.0) -> Array:
+    """Which (token, neuron) entries a tile mask must keep: :func:`sparsejax.sparsity.active`.
+
+    * ``threshold == 0``: the zero rule ``σ ≠ 0``. Not FAT-0's floor (``|σ| ≥ 1e-18``): tile
+      skipping must never skip an entry the dense FFN multiplies, so that the block-sparse FFN
+      *is* the dense FFN for the ReLU family; the floor would skip tiles whose only non-zeros are
+      below 1e-18 (normal float32 numbers reach 1.2e-38).
+    * ``threshold = ε > 0``: the FAT-ε rule, ``not |σ| < ε + 1e-18``
+      (:func:`sparsejax.sparsity.fat_threshold`): the entries FAT-ε evaluation counts as active,
+      ``|σ| == ε`` included. This changes the output (the pruned tiles), as FAT-ε does.
+    * NaN is active under both, so a tile holding a NaN is computed and the NaN reaches the
+      output instead of being skipped.
+
+    ``threshold`` is a static Python number ≥ 0 (ValueError otherwise).
+    """
+    if threshold == 0:
+        return sparsity.active(activation_TxF)
+    return sparsity.active(activation_TxF.astype(jnp.float32), sparsity.fat_threshold(threshold))
+
+
 def block_activity_NxM(active_TxF: Array, block_t: int, block_f: int) -> Array:
     """Boolean: is any (token, neuron) pair of tile (n, m) active?"""
     t, f = active_TxF.shape
@@ -67,7 +89,9 @@ def from_block_activity(active_NxM: Array, k_max: Optional[int] = None,
     """Padded index lists from a boolean tile mask. Jittable; shapes depend only on k_max.
 
     When a row has more than k_max active blocks, the k_max with the highest score (default: all
-    equal, so the lowest indices) are kept; ``n_active_N`` records the overflow.
+    equal, so the lowest indices) are kept; ``n_active_N`` records the overflow. Active blocks
+    always rank before inactive ones: a NaN score ranks first (a tile holding a NaN is kept, not
+    dropped by the cap) and a −inf score still ranks above every inactive block.
     """
     n, m = active_NxM.shape
     k = m if k_max is None else int(k_max)
@@ -79,7 +103,9 @@ def from_block_activity(active_NxM: Array, k_max: Optional[int] = None,
         score_NxM = jnp.zeros((n, m), jnp.float32)
     # Rank active blocks first (by score, ties to the lower index), inactive ones last; the sort
     # key puts the chosen k in ascending index order afterwards.
-    key_NxM = jnp.where(active_NxM, score_NxM.astype(jnp.float32), -jnp.inf)
+    lowest = jnp.finfo(jnp.float32).min
+    key_NxM = jnp.where(active_NxM, jnp.nan_to_num(score_NxM.astype(jnp.float32), nan=jnp.inf,
+                                                   posinf=jnp.inf, neginf=lowest), -jnp.inf)
     order_NxM = jnp.argsort(-key_NxM, axis=1, stable=True)
     chosen_NxK = order_NxM[:, :k]
     count_N = jnp.minimum(n_active_N, k)
@@ -95,16 +121,17 @@ def from_block_activity(active_NxM: Array, k_max: Optional[int] = None,
 
 def from_activations(activation_TxF: Array, block_t: int, block_f: int, *,
                      k_max: Optional[int] = None, threshold: float = 0.0) -> BlockMask:
-    """Block mask from σ(gate) (or σ(W_in x) for a plain FFN): active iff |σ| > threshold.
+    """Block mask from σ(gate) (or σ(W_in x) for a plain FFN): a tile is active iff one of its
+    entries is, by :func:`active_TxF` (the one active rule).
 
     threshold 0 is the *zero* criterion (exact for the ReLU family: skipped tiles contribute
-    exactly nothing). threshold ε > 0 is a FAT-ε style cut (Kurtz et al. 2020) and changes the
-    output. Rows over k_max keep the blocks with the largest Σ|σ|.
+    exactly nothing). threshold ε > 0 is the FAT-ε cut (Kurtz et al. 2020) and changes the
+    output. Rows over k_max keep the blocks with the largest Σ|σ| (a NaN tile first).
     """
     t, f = activation_TxF.shape
     n, m = check_blocks(t, f, block_t, block_f)
     mag_TxF = jnp.abs(activation_TxF.astype(jnp.float32))
-    active_NxM = block_activity_NxM(mag_TxF > threshold, block_t, block_f)
+    active_NxM = block_activity_NxM(active_TxF(activation_TxF, threshold), block_t, block_f)
     score_NxM = jnp.sum(mag_TxF.reshape(n, block_t, m, block_f), axis=(1, 3))
     return from_block_activity(active_NxM, k_max, score_NxM)
 

@@ -168,7 +168,8 @@ def block_sparse_ffn(x: Array, w_in_DxF: Array, w_gate_DxF: Optional[Array], w_o
     """Block-sparse FFN of ``x`` (any leading dims, last dim D); returns x's shape and dtype.
 
     mask: a :class:`BlockMask` over the (zero-padded) token blocks; if None it is computed from
-        |σ(W_gate x)| > threshold (plain FFN: σ(W_in x)) with one dense gate matmul outside the
+        σ(W_gate x) (plain FFN: σ(W_in x)) by ``block_mask.active_TxF(·, threshold)`` (the
+        zero rule at 0, FAT-ε above; a NaN is active) with one dense gate matmul outside the
         gradient, so only W_in and W_out are skipped then; pass a predicted mask to skip all three.
     k_max: static cap on neuron blocks per token block (None: all M; exact). It sets the
         kernels' grid and the pure-JAX path's work: the kernels skip slots past a row's count, but

@@ -75,7 +75,8 @@ def block_sparse_ffn(x_BxLxD: Array, act_BxLxF: Optional[Array], w_in_DxF: Array
 
     act_BxLxF: σ(gate) (plain FFN: σ(W_in x)) for the mask, already computed by the caller
         (gradients are not taken through it); None: each shard computes it from its x and
-        gate columns. Tiles are active iff some |act| > threshold (k_max: as in the kernels).
+        gate columns. Tiles are active iff some entry is by ``block_mask.active_TxF(act,
+        threshold)`` (k_max: as in the kernels).
     hidden_spec: mesh PartitionSpec of the [B, L, F] hidden activations (token dims, neuron dim);
         None or all-None: tokens and neurons replicated (each device computes the whole FFN).
     mesh: a Mesh / AbstractMesh; None: the context mesh (``jax.sharding.use_abstract_mesh``).

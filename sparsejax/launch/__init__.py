@@ -10,7 +10,9 @@ Engines, each a thin front to an existing tool (no orchestrator of our own):
 * ``xpk``: ``xpk workload create`` on a GKE cluster of TPU slices; ``jobset``: the equivalent
   JobSet manifest for ``kubectl apply`` (:mod:`.cloud`).
 
-The cloud engines print what they would run (``--dry-run``, the default) or run it.
+The cloud engines print what they would run (``--dry-run``, the default) or run it. The engines,
+their options, defaults and builders are one table, :data:`.targets.TARGETS`, which
+``python -m sparsejax.sweep --launch`` reads too.
 """
 
 from sparsejax.launch.cli import main  # noqa: F401

@@ -207,9 +207,11 @@ def check_name(name: str, flag: str = "--name") -> str:
 
 
 def xpk_command(sl: Slice, train_args: Sequence[str], *, workload: str, cluster: str, image: str,
-                num_slices: int = 1, project: str | None = None, zone: str | None = None,
-                max_restarts: int = 0, program: Sequence[str] = TRAIN_PROGRAM) -> list[str]:
-    """``xpk workload create``: xpk sets the multi-host (and multi-slice) environment itself."""
+                max_restarts: int, num_slices: int = 1, project: str | None = None,
+                zone: str | None = None, program: Sequence[str] = TRAIN_PROGRAM) -> list[str]:
+    """``xpk workload create``: xpk sets the multi-host (and multi-slice) environment itself.
+    ``max_restarts`` has no default here: it is the launcher table's
+    (``sparsejax.launch.targets.MAX_RESTARTS``)."""
     check_name(workload, "--name")
     cmd = ["xpk", "workload", "create", f"--workload={workload}", f"--cluster={cluster}",
            f"--tpu-type={sl.accelerator_type}", f"--num-slices={num_slices}",
@@ -223,7 +225,7 @@ def xpk_command(sl: Slice, train_args: Sequence[str], *, workload: str, cluster:
 
 
 def jobset_manifest(sl: Slice, train_args: Sequence[str], *, name: str, image: str,
-                    num_slices: int = 1, max_restarts: int = 0, workdir_in_image: str = "/app") -> dict:
+                    max_restarts: int, num_slices: int = 1, workdir_in_image: str = "/app") -> dict:
     """A JobSet running ``train.py`` on every host of ``num_slices`` slices (GKE TPU node pools).
 
     GKE's TPU webhook injects ``TPU_WORKER_ID`` / ``TPU_WORKER_HOSTNAMES`` into JobSet pods, which

@@ -30,9 +30,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from sparsejax.launch import cloud
-
-ENGINES = ("tpu-vm", "xpk")
+from sparsejax.launch import cloud, targets
 
 
 def job_name(prefix: str, run: str) -> str:
@@ -61,41 +59,15 @@ def job_program(run, marker: str) -> list[str]:
     return ["python3", "-m", "sparsejax.launch", "job", "--run-name", run.name, "--marker", marker, "--"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, raised: the sweep prints it and exits 2
-        raise cloud.CloudError(f"--launch-opts for {self.prog.split()[1]}: {message}")
-
-
-def _opts_parser(engine: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"--launch {engine} --launch-opts", add_help=False)
-    p.add_argument("--tpu-type", required=True)
-    p.add_argument("--num-slices", type=int, default=1)
-    p.add_argument("--project")
-    p.add_argument("--zone", required=engine == "tpu-vm")
-    if engine == "xpk":
-        p.add_argument("--cluster", required=True)
-        p.add_argument("--image", required=True)
-        p.add_argument("--max-restarts", type=int, default=3)
-    else:
-        p.add_argument("--spot", action="store_true")
-    p.add_argument("--run", action="store_true", help="execute (default: print only)")
-    return p
-
-
 def parse_opts(engine: str, opts: str) -> argparse.Namespace:
-    if engine not in ENGINES:
-        raise cloud.CloudError(f"--launch={engine!r}; allowed values: ['local', 'tpu-vm', 'xpk']")
+    """``--launch-opts`` of target ``engine`` by the launcher table (:mod:`.targets`)."""
+    targets.get(engine, sweep=True)  # an unknown engine is named before its options are read
     try:
         words = shlex.split(opts or "")
     except ValueError as err:  # unbalanced quotes
         raise cloud.CloudError(f"--launch-opts={opts!r}: {err} (quote it as one shell word, e.g. "
                                f"--launch-opts '--tpu-type v5e-16 --zone us-west4-a')") from None
-    ns = _opts_parser(engine).parse_args(words)
-    if ns.num_slices < 1:
-        raise cloud.CloudError(f"--num-slices={ns.num_slices}; allowed values: integers >= 1")
-    if getattr(ns, "max_restarts", 0) < 0:
-        raise cloud.CloudError(f"--max-restarts={ns.max_restarts}; allowed values: integers >= 0")
-    return ns
+    return targets.parse_sweep_opts(engine, words)
 
 
 def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: str,
@@ -109,18 +81,16 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
     from sparsejax import rundir, storage
 
     ns = parse_opts(engine, opts)
+    target = targets.TARGETS[engine]
+    num_slices = getattr(ns, "num_slices", 1)
     if not storage.is_remote(out):
         raise cloud.CloudError(f"--out={out!r} must be a gs:// URL for --launch {engine}: every host "
                                f"writes there and the sweep reads the markers from there")
     sl = cloud.parse_slice(ns.tpu_type)
     for run in runs:
-        cloud.check_batch(sl, ns.num_slices, int(run.config_dict["train"]["batch_size"]))
+        cloud.check_batch(sl, num_slices, int(run.config_dict["train"]["batch_size"]))
     if ns.run:
-        tool = "xpk" if engine == "xpk" else "gcloud"
-        import shutil
-
-        if shutil.which(tool) is None:
-            raise cloud.CloudError(f"{tool} is not on PATH; install it, or omit --run to print the commands")
+        targets.need(target.tool)
     execute = execute or (lambda argv: subprocess.run(argv).returncode)
     root = storage.path(out)
     try:  # the markers are read from the bucket: fail before anything is printed or submitted
@@ -130,7 +100,7 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
         raise cloud.CloudError(f"cannot read --out={out} ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from None
     failed = 0
-    log(f"# sweep {sweep_name}: {len(runs)} runs on {engine}, {ns.num_slices} × {sl.accelerator_type} "
+    log(f"# sweep {sweep_name}: {len(runs)} runs on {engine}, {num_slices} × {sl.accelerator_type} "
         f"({sl.hosts} host(s) × {sl.chips_per_host} chips) each; out {out}")
     for run in runs:
         workdir = rundir.sweep_run(root, run.name).root
@@ -140,14 +110,7 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
         name = job_name(sweep_name, run.name)
         wd = os.fspath(workdir)
         program, train_args = job_program(run, marker), run_train_args(run, wd)
-        if engine == "xpk":
-            cmds = [cloud.xpk_command(sl, train_args, workload=name, cluster=ns.cluster, image=ns.image,
-                                      num_slices=ns.num_slices, project=ns.project, zone=ns.zone,
-                                      max_restarts=ns.max_restarts, program=program)]
-        else:
-            vm = cloud.TpuVm(name=name, zone=ns.zone, project=ns.project, spot=ns.spot)
-            job = cloud.train_argv(train_args, multi_host=sl.hosts > 1, program=program)
-            cmds = [argv for _, argv in tpu_vm_job_steps(sl, vm, job, wd)]
+        cmds = target.sweep_job(ns, sl, name, train_args, program, wd)
         log(f"# {run.name}: submit as {name}")
         for argv in cmds:
             log(shlex.join(argv))
@@ -158,20 +121,6 @@ def submit_sweep(engine: str, opts: str, sweep_name: str, runs: Sequence, out: s
                     failed += 1
                     break
     return 1 if failed else 0
-
-
-def tpu_vm_job_steps(sl: cloud.Slice, vm: cloud.TpuVm, job: list[str], workdir: str):
-    """The TPU VM flow for one sweep run: create if absent, copy, install, start in the
-    background on every worker unless that workdir's trainer already runs there."""
-    steps = cloud.tpu_vm_steps(sl, vm, [], create=True)
-    describe = cloud._gcloud("describe", vm.name, vm=vm)
-    what, create = steps[0]
-    steps[0] = (what, ["bash", "-c", f"{shlex.join(describe)} >/dev/null 2>&1 || {shlex.join(create)}"])
-    ssh_all = cloud._gcloud("ssh", vm.name, vm=vm) + ["--worker=all"]
-    start = (f"cd {vm.code_dir} && if pgrep -f -- {shlex.quote('--workdir ' + workdir)} >/dev/null; "
-             f"then echo already running; else nohup {shlex.join(job)} > job.log 2>&1 & fi")
-    steps[-1] = ("start the job on every worker", ssh_all + [f"--command={start}"])
-    return steps
 
 
 # ------------------------------------------------------------------------------ the job itself

@@ -38,6 +38,7 @@ import time
 from typing import Mapping, Sequence
 
 from sparsejax import rundir
+from sparsejax.launch import targets
 from sparsejax.sweep.table import collect, write_table
 from sparsejax.sweep.figures import make_plots
 from sparsejax.sweep.fits import LawFit, fit_runs, format_fit
@@ -87,11 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run, after the run's own (repeatable)")
     p.add_argument("--collect-only", action="store_true", help="only collect, fit and plot OUT")
-    p.add_argument("--launch", choices=("local", "tpu-vm", "xpk"), default="local",
-                   help="local: train here, one run after another (default); tpu-vm / xpk: submit "
-                        "one job per unfinished run (OUT a gs:// URL; see sparsejax.launch.jobs)")
+    choices = targets.sweep_targets()
+    p.add_argument("--launch", choices=choices, default="local",
+                   help=f"local: train here, one run after another (default); "
+                        f"{' / '.join(c for c in choices if c != 'local')}: submit one job per "
+                        f"unfinished run (OUT a gs:// URL; see sparsejax.launch.jobs)")
     p.add_argument("--launch-opts", default="", metavar='"--tpu-type ... [--run]"',
-                   help="the engine's options, e.g. --tpu-type v5e-256 --cluster C --image IMG --run")
+                   help="the target's options, as python -m sparsejax.launch TARGET takes them "
+                        "(less --name, which the sweep sets per run), e.g. --tpu-type v5e-256 "
+                        f"--cluster C --image IMG --run (--max-restarts defaults to "
+                        f"{targets.MAX_RESTARTS})")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="after a complete sweep, copy its small results (sweep.json, fits.json, a thinned "
                         "table.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
