@@ -4,6 +4,8 @@ import re
 import numpy as np
 import pytest
 
+import text_files
+
 from sparsejax import config, data
 from sparsejax import configure
 
@@ -159,13 +161,7 @@ def test_packed_rows_are_whole_documents_back_to_back():
         assert f"<{i}>{body}" == docs[int(i)]
 
 
-def _write(path, content):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
+_write = text_files.write
 
 
 def test_text_files_documents_from_txt_and_jsonl(tmp_path):

@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
+import text_files
+
 from sparsejax import config, configure, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,13 +24,7 @@ def _cfg(*overrides):
     return configure.apply_overrides(config.proxy_config("tiny"), list(overrides))
 
 
-def _write(path, content):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
+_write = text_files.write
 
 
 def test_byte_tokenizer_round_trip():
