@@ -22,10 +22,11 @@ MICRO = ("model.d_model=32", "model.n_layers=1", "model.n_heads=1", "model.head_
          "train.eval_batches=1", "train.eval_every=6", "train.checkpoint_every=6", "train.keep_every=6",
          "train.log_every=3")
 
-# Stand-in for train.py: logs its invocation, "resumes" by appending to metrics.jsonl, and fails for
-# runs named in FAIL. Same command line as train.py.
+# Stand-in for train.py: logs its invocation and its time span (start, end, XLA_FLAGS; it sleeps
+# FAKE_TRAIN_SECONDS first, so that concurrent runs overlap), "resumes" by appending to
+# metrics.jsonl, and fails for runs named in FAIL. Same command line as train.py.
 FAKE_TRAIN = textwrap.dedent("""
-    import argparse, json, pathlib, sys
+    import argparse, json, os, pathlib, sys, time
     p = argparse.ArgumentParser()
     p.add_argument("--config"); p.add_argument("--workdir"); p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", default=[])
@@ -34,6 +35,11 @@ FAKE_TRAIN = textwrap.dedent("""
     wd = pathlib.Path(a.workdir)
     with open(wd.parents[1] / "invocations.txt", "a") as f:
         f.write(sets["name"] + "\\n")
+    start = time.time()
+    time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
+    with open(wd.parents[1] / "spans.jsonl", "a") as f:
+        f.write(json.dumps({"run": sets["name"], "start": start, "end": time.time(),
+                            "xla_flags": os.environ.get("XLA_FLAGS", "")}) + "\\n")
     if sets["name"] in {FAIL}:
         print("boom: injected failure", file=sys.stderr)
         sys.exit(1)
@@ -378,37 +384,17 @@ def test_resume_skips_a_complete_run_and_finishes_a_half_finished_one(tmp_path):
                                             **cmds)] == ["done"]
 
 
-FAKE_SLOW_TRAIN = textwrap.dedent("""
-    import argparse, json, os, pathlib, time
-    p = argparse.ArgumentParser()
-    p.add_argument("--config"); p.add_argument("--workdir"); p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", action="append", default=[])
-    a = p.parse_args()
-    sets = dict(s.split("=", 1) for s in a.set)
-    wd = pathlib.Path(a.workdir)
-    start = time.time()
-    time.sleep(1.5)
-    with open(wd.parents[1] / "spans.jsonl", "a") as f:
-        f.write(json.dumps({"run": sets["name"], "start": start, "end": time.time(),
-                            "xla_flags": os.environ.get("XLA_FLAGS", "")}) + "\\n")
-    with (wd / "metrics.jsonl").open("w") as f:
-        for s in range(1, int(sets["train.steps"]) + 1):
-            f.write(json.dumps({"step": s, "loss": 5.0 / s, "tokens_seen": 1000.0 * s,
-                                "activation_ratio": 0.05 + 0.5 / s}) + "\\n")
-""")
-
-
 @pytest.mark.slow
 def test_jobs_run_side_by_side_single_threaded_and_resume(tmp_path):
-    train = tmp_path / "fake_slow_train.py"
-    train.write_text(FAKE_SLOW_TRAIN)
+    train = tmp_path / "fake_train.py"
+    train.write_text(FAKE_TRAIN.replace("{FAIL}", repr({"-"})))
     evaluate = _fake_scripts(tmp_path)[1]
     spec = _two_run_sweep()
     runs = sweep.resolve(spec)
     out = tmp_path / "out"
     cmds = {"train_cmd": lambda run, wd: sweep.train_command(run, wd, script=train),
             "eval_cmd": lambda run, wd, o: sweep.eval_command(run, wd, o, script=evaluate)}
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "FAKE_TRAIN_SECONDS": "1.5"}
     logged = []
     outcomes = sweep.execute(spec, runs, out, progress=True, log=logged.append, jobs=2, env=env, **cmds)
     assert [(o.run, o.status) for o in outcomes] == [("relu", "done"), ("silu", "done")]  # run order
