@@ -15,9 +15,10 @@ table shows how the ratio moves with the learning rate at a fixed shape.
 A shape is ``d_model x n_layers x head_dim`` (gated FFN, d_ff = 2.5·d_model, byte tokens on the
 embedded corpus, configs/tiny_relu.py otherwise). Each (shape, LR) trains ``train.py`` in a child
 process with the protocol's batch, warm-up and constant LR for min(--steps, the run's steps) steps
-and reads the last ``eval_loss``. ``--jobs`` children run at once, each single-threaded (tiny models
-are overhead-bound: two single-threaded runs in parallel use two cores better than one run with
-two threads). The table marks each shape's best LR (``*``); the sweeps use that LR per shape.
+and reads the last ``eval_loss``. ``--json`` is rewritten after every run (``complete`` false
+until the last), so a stopped pilot keeps what it finished. ``--jobs`` children run at once,
+each single-threaded (tiny models are overhead-bound: two single-threaded runs in parallel use two
+cores better than one run with two threads). The table marks each shape's best LR (``*``); the sweeps use that LR per shape.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(grid)}] {row['d_model']}x{row['n_layers']} {_param_name(row['mup_base'])} "
                   f"lr {row['lr']:g}: eval loss {row['eval_loss']:.4f}, activation ratio "
                   f"{row['activation_ratio']:.3f} ({row['seconds']:.0f} s)", flush=True)
+            if args.json:  # after every run: a stopped pilot keeps the rows it finished
+                _write_json(args, rows, complete=i == len(grid))
     best = best_lrs(rows)
     for base in args.mup_bases:
         print(f"\n{_param_name(base)}: eval loss (activation ratio); * = best LR of the shape")
@@ -169,15 +172,20 @@ def main(argv=None) -> int:
             print(f"| {shape[0]}x{shape[1]} (heads of {shape[2]}) | {best[key]['params']} | "
                   f"{best[key]['tokens']} | " + " | ".join(cells) + " |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"activation": args.activation, "steps": args.steps, "tokens_per_param": args.tokens_per_param,
-               "warmup": args.warmup, "mup_bases": args.mup_bases,
-               "rows": sorted(rows, key=lambda r: (r["mup_base"], r["d_model"], r["n_layers"], r["lr"])),
-               "best_lr": {f"{k[0]}x{k[1]}x{k[2]}" + (f"_mup{k[3]}" if k[3] else ""): v["lr"]
-                           for k, v in best.items()}}
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _write_json(args, rows: list[dict], complete: bool) -> None:
+    """The pilot's rows so far (``complete``: every grid point ran) and each shape's best LR."""
+    best = best_lrs(rows)
+    out = {"activation": args.activation, "steps": args.steps, "tokens_per_param": args.tokens_per_param,
+           "warmup": args.warmup, "mup_bases": args.mup_bases, "complete": complete,
+           "rows": sorted(rows, key=lambda r: (r["mup_base"], r["d_model"], r["n_layers"], r["lr"])),
+           "best_lr": {f"{k[0]}x{k[1]}x{k[2]}" + (f"_mup{k[3]}" if k[3] else ""): v["lr"]
+                       for k, v in best.items()}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    rundir.atomic_write(args.json, json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
