@@ -115,6 +115,35 @@ def test_sweep_learning_rates_are_the_pilots_best(name, pilot):
         assert acts.LEARNING_RATE == module.LR[acts.D_MODEL, acts.N_LAYERS]
 
 
+def _best_lr_steps(rows, base):
+    """Per width: the index, on the table's LR grid, of the LR of lowest held-out loss."""
+    grid = sorted({r["lr"] for r in rows})
+    best = {}
+    for r in rows:
+        if r["mup_base"] == base and (r["d_model"] not in best or r["eval_loss"] < best[r["d_model"]]["eval_loss"]):
+            best[r["d_model"]] = r
+    return {d: grid.index(r["lr"]) for d, r in sorted(best.items())}, grid
+
+
+def test_learning_rate_transfers_under_mup_and_drifts_without_it():
+    """The committed transfer table (benchmarks/lr_pilot.py, one schedule for every width): under
+    µP the best LR of every width lies within one grid step of the others and of the protocol's
+    one LR; under the standard parameterisation it falls as the width grows."""
+    table = json.loads((REPO / "notebooks" / "results" / "lr_transfer.json").read_text())
+    rows = table["rows"]
+    widths = sorted({r["d_model"] for r in rows})
+    assert len(widths) >= 3 and widths[-1] / widths[0] >= 8
+    assert table["complete"] and len(rows) == len(widths) * len({r["lr"] for r in rows}) * len(table["mup_bases"])
+    assert {r["warmup_steps"] for r in rows} == {table["warmup"]} and {r["steps"] for r in rows} == {table["steps"]}
+    mup, grid = _best_lr_steps(rows, protocol.MUP_BASE)
+    standard, _ = _best_lr_steps(rows, 0)
+    assert set(mup) == set(standard) == set(widths)
+    assert max(mup.values()) - min(mup.values()) <= 1, mup
+    assert all(abs(i - grid.index(protocol.MUP_LEARNING_RATE)) <= 1 for i in mup.values()), mup
+    steps = [standard[d] for d in widths]
+    assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1], standard
+
+
 def _series(tokens, ratio):
     return protocol.plateau_verdict(tokens, ratio)
 

@@ -52,9 +52,10 @@ LR_CANDIDATES = (3e-3, 1e-2, 2e-2)
 
 # µP (sparsejax.mup) on the CPU proxies: MiniCPM's constants (config.PAPER_MUP) with widths measured
 # against MUP_BASE, the narrowest width the CPU sweeps train, instead of the paper's 256, and one
-# base learning rate for every shape. Provisional: the µP runs' best LR at widths 16 and 32 in
-# notebooks/results/lr_vs_ratio.json; the transfer table (benchmarks/lr_pilot.py --mup-bases 0,16
-# --warmup 15 over widths 16–128: one schedule for every width) settles it before the µP sweeps run.
+# base learning rate for every shape. The transfer table (notebooks/results/lr_transfer.json: widths
+# 16–128, one schedule for every width) puts µP's best LR at 3e-2 (width 16) or 1e-1 (32–128): one
+# grid step apart, so 3e-2 lies within one step of every width's best, at a loss 0–2% above it.
+# (SP's best falls from 1e-2 to 3e-3 over the same widths.) The µP sweeps were trained at this value.
 MUP_BASE = 16
 MUP_LEARNING_RATE = 3e-2
 # The limit findings' budget under µP: 1,000 tokens per non-embedding parameter (the 300 of
