@@ -9,9 +9,10 @@ by ``--metrics`` and ``EvalOptions.metrics``, eval.py's help, the order of the m
 the summary table and plots (:func:`sparsejax.results.metric_label`) all read :data:`METRICS`.
 
 A metric measures in the evaluator's forward passes (:class:`sparsejax.evaluation.Evaluator`:
-the dense pass, threshold masks on σ(gate) or σ(gate)·up, per-token and global top-k); a new
-mask is a pass kind in :mod:`sparsejax.evaluation` (``register_pass``, with its in-FFN keep
-function under ``ffn.register_eval_mask``). README §Evaluation, "Adding a metric", shows one.
+the dense pass, threshold masks on σ(gate) or σ(gate)·up, per-token and global top-k). A metric
+with a mask of its own brings its pass kinds in its entry (``passes``: built on first use, so
+this module still imports no JAX), an in-FFN mask registered there with ``ffn.register_eval_mask``.
+README §Evaluation, "Adding a metric", shows one.
 
 No JAX import: ``eval_options`` validates metric names with this registry where JAX is not
 loaded (sweep specs, eval.py's argument errors). Definitions of the built-in metrics:
@@ -49,6 +50,9 @@ class Metric:
         metric was not asked for).
     csv_params: parameters of its result written as rows of ``results.csv`` too (quantity =
         the parameter's name), e.g. the CETT value a search found.
+    passes: ``passes() -> [sparsejax.evaluation.SparsePass, ...]``: pass kinds only this metric
+        measures in, built and registered when the evaluator first needs a pass kind it does not
+        know (JAX is imported by then); the place to register an in-FFN keep function too.
     """
 
     name: str
@@ -60,6 +64,7 @@ class Metric:
     after_warmup: bool = False
     search: Optional[Callable[[Any], dict]] = None
     csv_params: tuple[str, ...] = ()
+    passes: Optional[Callable[[], Any]] = None
 
 
 # The registry, in registration order: the order of ``results.json``'s metrics and eval.py's list.

@@ -93,6 +93,19 @@ def register_pass(spec: SparsePass) -> SparsePass:
     return spec
 
 
+_METRIC_PASSES_BUILT: set = set()  # the metric entries whose ``passes`` are registered
+
+
+def passes() -> dict[str, SparsePass]:
+    """:data:`PASSES`, with the pass kinds of every registered metric's ``passes`` built."""
+    for metric in list(eval_metrics.METRICS.values()):
+        if metric.passes is not None and metric not in _METRIC_PASSES_BUILT:
+            _METRIC_PASSES_BUILT.add(metric)
+            for spec in metric.passes():
+                register_pass(spec)
+    return PASSES
+
+
 def _flat(fn, act_BxLxF):
     """``fn`` of the [T, F] view of ``act_BxLxF``, as [B, L, F]."""
     return fn(act_BxLxF.reshape(-1, act_BxLxF.shape[-1])).reshape(act_BxLxF.shape)
@@ -219,7 +232,7 @@ class Evaluator:
         """The compiled pass of kind ``name`` (:data:`PASSES`), compiled once per evaluator."""
         key = (name, keep_hidden)
         if key not in self._passes:
-            spec = PASSES[name]
+            spec = passes()[name]
             model = self._reference_model if spec.reference_ffn else self._model
             self._passes[key] = self._compile(model, spec, keep_hidden)
         return self._passes[key]
@@ -321,7 +334,7 @@ class Evaluator:
     def sparse(self, params, name: str, thresholds_NxF=None) -> PassResult:
         """A pass of kind ``name`` (:data:`PASSES`); ``thresholds_NxF`` for the kinds that read
         per-neuron thresholds (zeros otherwise)."""
-        if name not in PASSES:
+        if name not in passes():
             raise EvalError(f"evaluation pass {name!r}; allowed: {list(PASSES)}")
         thresholds = (self._no_thresholds() if thresholds_NxF is None
                       else jnp.asarray(thresholds_NxF, jnp.float32))

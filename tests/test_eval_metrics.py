@@ -31,25 +31,27 @@ def _eval_cli():
 
 @pytest.fixture
 def toy_metric():
-    """A new metric with its own FFN mask, registered here and nowhere else: every neuron of
-    every layer dropped inside the model (the sparse forward of a model without FFNs)."""
-    @ffn.register_eval_mask("toy_drop_all")
-    def drop_all(activation_BxLxF, hidden_BxLxF, parameter):
-        return jnp.zeros(activation_BxLxF.shape, bool)
+    """A new metric with its own FFN mask, all in its one registry entry and nowhere else: every
+    neuron of every layer dropped inside the model (the sparse forward of a model without FFNs)."""
+    def toy_passes():
+        @ffn.register_eval_mask("toy_drop_all")
+        def drop_all(activation_BxLxF, hidden_BxLxF, parameter):
+            return jnp.zeros(activation_BxLxF.shape, bool)
 
-    evaluation.register_pass(evaluation.SparsePass(
-        "toy_drop_all", lambda ev, thresholds: {"eval_masks": (("toy_drop_all", None),)},
-        lambda ev, act, hidden, threshold_F, keep: jnp.zeros(act.shape, bool)))
+        return [evaluation.SparsePass(
+            "toy_drop_all", lambda ev, thresholds: {"eval_masks": (("toy_drop_all", None),)},
+            lambda ev, act, hidden, threshold_F, keep: jnp.zeros(act.shape, bool))]
+
     metric = eval_metrics.register_metric(eval_metrics.Metric(
         "toy", lambda ctx: ctx.report(ctx.ev.sparse(ctx.params, "toy_drop_all"), kept=0.0),
         help="every FFN neuron dropped", label=lambda r: f"toy (kept {r['kept']:.0%})",
-        options=("dead_min_rate",), csv_params=("kept",)))
+        options=("dead_min_rate",), csv_params=("kept",), passes=toy_passes))
     try:
         yield metric
     finally:
         eval_metrics.METRICS.pop("toy")
-        evaluation.PASSES.pop("toy_drop_all")
-        ffn.EVAL_MASKS.pop("toy_drop_all")
+        evaluation.PASSES.pop("toy_drop_all", None)
+        ffn.EVAL_MASKS.pop("toy_drop_all", None)
 
 
 def test_the_builtin_metrics_are_registered_in_results_order():
@@ -91,6 +93,9 @@ def test_bad_metric_names_are_refused_naming_the_allowed_ones(toy_metric):
         eval_metrics.register_metric(toy_metric)
     with pytest.raises(ValueError, match="must be an identifier"):
         eval_metrics.register_metric(eval_metrics.Metric("to y", lambda ctx: None))
+    # the metric's own pass kind and FFN mask exist once the evaluator asks for pass kinds
+    assert "toy_drop_all" not in evaluation.PASSES and "toy_drop_all" not in ffn.EVAL_MASKS
+    assert "toy_drop_all" in evaluation.passes() and "toy_drop_all" in ffn.EVAL_MASKS
     with pytest.raises(ValueError, match="'toy_drop_all' is already registered"):
         ffn.register_eval_mask("toy_drop_all")(lambda a, h, p: a)
     with pytest.raises(ValueError, match="'zero' is already registered"):
