@@ -132,6 +132,18 @@ def test_auto_picks_by_platform():
     assert attention.resolve("auto") == "xla"  # this CPU, no mesh
 
 
+@pytest.mark.parametrize("size", config.PAPER_SIZES)
+def test_paper_pod_presets_use_splash_on_tpu_and_einsum_elsewhere(size):
+    """The pod presets' default follows the fit table (README "Attention implementations"):
+    splash on a TPU slice; on this CPU the attention is the einsum one (``xla``)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = configure.load(str(root / "configs" / f"sparsing_law_{size}.py"))
+    assert cfg.model.attention_impl == "auto"
+    assert attention.resolve(cfg.model.attention_impl, "tpu") == "splash"
+    assert attention.resolve(cfg.model.attention_impl) == "xla"
+    assert cfg.train.seq_len % max(attention.splash_blocks(cfg.model, cfg.train.seq_len)) == 0
+
+
 MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.head_dim=16",
          "model.d_ff=128", "train.batch_size=4", "train.seq_len=128", "train.warmup_steps=2",
          "model.attention_block_q=128", "model.attention_block_kv=128"]
