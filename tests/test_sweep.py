@@ -1,5 +1,6 @@
 """Sweeps: grid expansion and validation, commands, collect, law fits, resume and failures."""
 
+import csv
 import importlib
 import json
 import os
@@ -7,12 +8,13 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
 
 from sparsejax import config, flops, laws, sweep
-from sparsejax.sweep import table
+from sparsejax.sweep import protocol, table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_relu.py"
@@ -602,9 +604,16 @@ def test_publish_thins_training_rows_and_round_trips_through_the_csv(tmp_path):
     cli.write_manifest(spec, runs, out)
     (out / "fits.json").write_text("[]")
     rows = sweep.collect(out, runs)
-    publish.publish(out, dest, rows, [r.name for r in runs])
+    publish.publish(out, dest, rows, runs)
 
-    assert sorted(p.name for p in dest.iterdir()) == ["fits.json", "provenance.json", "sweep.json", "table.csv"]
+    assert sorted(p.name for p in dest.iterdir()) == ["fits.json", "plateaus.csv", "provenance.json", "sweep.json",
+                                                       "table.csv"]
+    # the plateau tests: ReLU's zero ratio has one finite point after warm-up (too few: undetermined);
+    # SiLU has no exact zeros and neither run a CETT-PPL ratio, so nothing else is written
+    with open(dest / "plateaus.csv", newline="") as f:
+        plateaus = list(csv.DictReader(f))
+    assert [(p["run"], p["metric"], p["verdict"], float(p["level"]), p["slope_lo"], p["n_points"]) for p in plateaus] == [
+        ("relu", "zero_ratio", protocol.UNDETERMINED, 0.3, "", "1")]
     back = table.load_table(dest)  # no table.json there: read from the CSV, typed
     expected = publish.thin(rows)
     for row in expected:
@@ -620,6 +629,35 @@ def test_publish_thins_training_rows_and_round_trips_through_the_csv(tmp_path):
     assert len(prov["commit"]) == 40 and prov["machine"]["cores"] == os.cpu_count()
     assert prov["runs"]["relu"] == {"train_seconds": 30.2, "finished": "now", "eval_seconds": 12.5}
     assert json.loads((dest / "sweep.json").read_text()) == json.loads((out / "sweep.json").read_text())
+
+
+def test_plateau_rows_give_each_run_its_verdict_from_the_post_warmup_checkpoints():
+    """A flat series plateaus, a falling one has not reached its limit, a noisy one is undetermined;
+    points before warm-up are not read. Levels against numpy's mean of the last decade."""
+    from sparsejax.sweep import publish
+
+    rng = np.random.default_rng(0)
+    runs = [types.SimpleNamespace(name=n, activation=a, warmup_steps=5)
+            for n, a in (("flat", "relu"), ("falling", "silu"), ("noisy", "silu"))]
+    steps = np.unique(np.geomspace(10, 10_000, 12).round().astype(int))
+    series_of = {"flat": 0.2 + 0.0002 * rng.standard_normal(len(steps)),
+                 "falling": 0.5 - 0.1 * np.log10(steps / 10),
+                 "noisy": 0.3 + 0.2 * rng.standard_normal(len(steps))}
+    rows = [{"run": n, "step": int(s), "tokens": 100.0 * s, "metric": "cett_ppl_ratio", "value": float(v)}
+            for n, vals in series_of.items() for s, v in zip(steps, vals)]
+    rows += [{"run": "flat", "step": 1, "tokens": 100.0, "metric": "cett_ppl_ratio", "value": 5.0}]  # warm-up
+    rows += [{"run": "flat", "step": int(s), "tokens": 100.0 * s, "metric": "zero_ratio", "value": 0.3}
+             for s in steps]
+    got = {(p["run"], p["metric"]): p for p in publish.plateau_rows(rows, runs)}
+    assert set(got) == {("flat", "cett_ppl_ratio"), ("flat", "zero_ratio"), ("falling", "cett_ppl_ratio"),
+                        ("noisy", "cett_ppl_ratio")}  # SiLU: no zero criterion
+    assert got["flat", "cett_ppl_ratio"]["verdict"] == protocol.PLATEAU
+    assert got["falling", "cett_ppl_ratio"]["verdict"] == protocol.MOVING
+    assert got["noisy", "cett_ppl_ratio"]["verdict"] == protocol.UNDETERMINED
+    last = steps >= steps.max() / 10
+    assert got["flat", "cett_ppl_ratio"]["level"] == pytest.approx(series_of["flat"][last].mean())
+    assert got["falling", "cett_ppl_ratio"]["slope_per_decade"] == pytest.approx(-0.1)
+    assert got["flat", "cett_ppl_ratio"]["n_points"] == int(last.sum())
 
 
 def test_publish_refuses_a_sweep_with_runs_missing_and_writes_nothing(tmp_path):
@@ -676,3 +714,21 @@ def test_log_lines_stay_whole_across_threads():
         t.join()
     lines = "".join(out).splitlines()
     assert sorted(lines) == sorted(f"run{n}-{i}" for n in range(2) for i in range(5))
+
+
+@pytest.mark.parametrize("published", sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "results")
+                                             .glob("cpu_*")), ids=lambda p: p.name)
+def test_committed_plateau_verdicts_are_those_of_the_committed_table(published):
+    """Every published sweep carries each run's plateau verdicts (plateaus.csv), and they are what
+    the plateau test gives on its committed table today."""
+    from sparsejax.sweep import publish
+
+    _, runs = sweep.load_manifest(published)
+    expected = publish.plateau_rows(table.load_table(published), runs)
+    with open(published / publish.PLATEAUS_CSV, newline="") as f:
+        committed = list(csv.DictReader(f))
+    assert [(r["run"], r["metric"], r["verdict"]) for r in committed] == [
+        (r["run"], r["metric"], r["verdict"]) for r in expected]
+    assert {r["run"] for r in committed} == {r.name for r in runs}
+    for c, e in zip(committed, expected):
+        assert float(c["level"]) == pytest.approx(e["level"], rel=1e-12)

@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{targets.MAX_RESTARTS})")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="after a complete sweep, copy its small results (sweep.json, fits.json, a thinned "
-                        "table.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
+                        "table.csv, plateaus.csv, provenance.json) to DIR, e.g. notebooks/results/cpu_scale")
     p.add_argument("--jobs", type=int, default=1,
                    help="local runs at a time, each child single-threaded (default 1: one after "
                         "another, with the machine's threads)")
@@ -208,6 +208,6 @@ def main(argv=None) -> int:
             return 1
         from sparsejax.sweep import publish
 
-        publish.publish(out, pathlib.Path(args.publish), rows, [r.name for r in runs])
+        publish.publish(out, pathlib.Path(args.publish), rows, runs)
         print(f"published to {args.publish}")
     return 1 if failed else 0

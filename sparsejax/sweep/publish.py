@@ -8,13 +8,18 @@ retraining and every README number traces to a file. A published directory holds
 * ``table.csv`` — the tidy table (:data:`sparsejax.sweep.table.COLUMNS`): every eval row (one per
   checkpoint) and the in-graph training rows thinned to at most :data:`MAX_TRAIN_POINTS` steps per
   run (evenly spaced, the last step always kept), so the file stays small;
+* ``plateaus.csv`` — each run's plateau test (:func:`sparsejax.sweep.protocol.plateau_verdict`)
+  on its CETT-PPL-1% ratio and, for activations with exact zeros, its zero-criterion ratio, at the
+  checkpoints after warm-up: verdict, level, change per decade with its interval;
 * ``provenance.json`` — the commit (and whether the tree had uncommitted changes), date, machine,
   library versions and each run's training and evaluation seconds.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import pathlib
 import platform
 import shutil
@@ -24,7 +29,8 @@ from typing import Sequence
 
 from sparsejax import rundir
 from sparsejax.sweep.runner import write_json
-from sparsejax.sweep.table import TABLE_CSV, write_csv_rows
+from sparsejax.sweep import protocol
+from sparsejax.sweep.table import TABLE_CSV, series, write_csv_rows
 
 MAX_TRAIN_POINTS = 200
 TRAIN_METRICS = ("train_loss", "train_activation_ratio")
@@ -89,11 +95,51 @@ def provenance(out: pathlib.Path, run_names: Sequence[str]) -> dict:
             "runs": runs}
 
 
-def publish(out: pathlib.Path, dest: pathlib.Path, rows: Sequence[dict], run_names: Sequence[str]) -> None:
-    """Write the published copy of sweep directory ``out`` to ``dest`` (files replaced whole)."""
+PLATEAUS_CSV = "plateaus.csv"
+PLATEAU_COLUMNS = ("run", "metric", "verdict", "level", "slope_per_decade", "slope_lo", "slope_hi",
+                   "change_of_level", "n_points", "tokens_from", "tokens_to")
+
+
+def plateau_rows(rows: Sequence[dict], runs: Sequence) -> list[dict]:
+    """Each run's plateau test on its CETT-PPL-1% ratio (and zero-criterion ratio where the
+    activation has exact zeros), from the checkpoints after its warm-up; runs or metrics without
+    a finite point are left out."""
+    from sparsejax import activations
+
+    out = []
+    for run in runs:
+        metrics = ["cett_ppl_ratio"] + (["zero_ratio"] if activations.get(run.activation).exact_zeros else [])
+        for metric in metrics:
+            tokens, values = series(rows, run.name, metric, after_step=run.warmup_steps)
+            finite = [v for v in values if math.isfinite(v)]
+            if not finite:
+                continue
+            p = protocol.plateau_verdict(tokens, values)
+            out.append({"run": run.name, "metric": metric, "verdict": p.verdict, "level": p.level,
+                        "slope_per_decade": p.slope, "slope_lo": p.slope_ci[0], "slope_hi": p.slope_ci[1],
+                        "change_of_level": p.change, "n_points": p.n_points,
+                        "tokens_from": p.window[0], "tokens_to": p.window[1]})
+    return out
+
+
+def write_plateaus(dest: pathlib.Path, rows: Sequence[dict], runs: Sequence) -> None:
+    """``dest/plateaus.csv`` (:data:`PLATEAU_COLUMNS`; NaN as an empty cell), written atomically."""
+    def write(path):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=PLATEAU_COLUMNS)
+            w.writeheader()
+            for r in plateau_rows(rows, runs):
+                w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+    rundir.atomic_write(dest / PLATEAUS_CSV, write)
+
+
+def publish(out: pathlib.Path, dest: pathlib.Path, rows: Sequence[dict], runs: Sequence) -> None:
+    """Write the published copy of sweep directory ``out`` (its resolved ``runs``) to ``dest``
+    (files replaced whole)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("sweep.json", "fits.json"):
         shutil.copyfile(out / name, dest / f".{name}.tmp")
         (dest / f".{name}.tmp").replace(dest / name)
     rundir.atomic_write(dest / TABLE_CSV, lambda p: write_csv_rows(thin(rows), p))
-    write_json(dest / "provenance.json", provenance(out, run_names))
+    write_plateaus(dest, rows, runs)
+    write_json(dest / "provenance.json", provenance(out, [r.name for r in runs]))
