@@ -301,6 +301,28 @@ def plateau_verdict(tokens: Sequence[float], ratio: Sequence[float]) -> Plateau:
     return Plateau(verdict, mean, line.slope, (lo, hi), len(x), span)
 
 
+# The ratio a finding reads, and the one beside it for activations with exact zeros.
+PLATEAU_METRIC, ZERO_METRIC = "cett_ppl_ratio", "zero_ratio"
+
+
+def run_plateaus(rows: Sequence[dict], run) -> dict[str, Plateau]:
+    """A run's plateau tests from a sweep table's rows: its CETT-PPL-1% ratio and, where the
+    activation has exact zeros, its zero-criterion ratio, at the checkpoints after its warm-up.
+    A series without a finite point is left out."""
+    import numpy as np
+
+    from sparsejax import activations
+    from sparsejax.sweep.table import series
+
+    metrics = [PLATEAU_METRIC] + ([ZERO_METRIC] if activations.get(run.activation).exact_zeros else [])
+    out = {}
+    for metric in metrics:
+        tokens, values = series(rows, run.name, metric, after_step=run.warmup_steps)
+        if np.isfinite(values).any():
+            out[metric] = plateau_verdict(tokens, values)
+    return out
+
+
 def finding_testable(plateaus: Sequence[Plateau]) -> bool:
     """A finding about the limit ratio is testable only when every run it reads reached its plateau."""
     return bool(plateaus) and all(p.verdict == PLATEAU for p in plateaus)

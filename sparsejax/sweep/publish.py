@@ -30,7 +30,7 @@ from typing import Sequence
 from sparsejax import rundir
 from sparsejax.sweep.runner import write_json
 from sparsejax.sweep import protocol
-from sparsejax.sweep.table import TABLE_CSV, series, write_csv_rows
+from sparsejax.sweep.table import TABLE_CSV, write_csv_rows
 
 MAX_TRAIN_POINTS = 200
 TRAIN_METRICS = ("train_loss", "train_activation_ratio")
@@ -101,25 +101,13 @@ PLATEAU_COLUMNS = ("run", "metric", "verdict", "level", "slope_per_decade", "slo
 
 
 def plateau_rows(rows: Sequence[dict], runs: Sequence) -> list[dict]:
-    """Each run's plateau test on its CETT-PPL-1% ratio (and zero-criterion ratio where the
-    activation has exact zeros), from the checkpoints after its warm-up; runs or metrics without
-    a finite point are left out."""
-    from sparsejax import activations
-
-    out = []
-    for run in runs:
-        metrics = ["cett_ppl_ratio"] + (["zero_ratio"] if activations.get(run.activation).exact_zeros else [])
-        for metric in metrics:
-            tokens, values = series(rows, run.name, metric, after_step=run.warmup_steps)
-            finite = [v for v in values if math.isfinite(v)]
-            if not finite:
-                continue
-            p = protocol.plateau_verdict(tokens, values)
-            out.append({"run": run.name, "metric": metric, "verdict": p.verdict, "level": p.level,
-                        "slope_per_decade": p.slope, "slope_lo": p.slope_ci[0], "slope_hi": p.slope_ci[1],
-                        "change_of_level": p.change, "n_points": p.n_points,
-                        "tokens_from": p.window[0], "tokens_to": p.window[1]})
-    return out
+    """Each run's plateau tests (:func:`sparsejax.sweep.protocol.run_plateaus`) as rows of
+    :data:`PLATEAU_COLUMNS`."""
+    return [{"run": run.name, "metric": metric, "verdict": p.verdict, "level": p.level,
+             "slope_per_decade": p.slope, "slope_lo": p.slope_ci[0], "slope_hi": p.slope_ci[1],
+             "change_of_level": p.change, "n_points": p.n_points,
+             "tokens_from": p.window[0], "tokens_to": p.window[1]}
+            for run in runs for metric, p in protocol.run_plateaus(rows, run).items()]
 
 
 def write_plateaus(dest: pathlib.Path, rows: Sequence[dict], runs: Sequence) -> None:
