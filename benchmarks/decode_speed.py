@@ -6,7 +6,7 @@
     python benchmarks/decode_speed.py --random-init configs/sparsing_law_0.1b.py \\
         --set sparsity.topk=0.1                     # a randomly initialised model, labelled so
         [--batch 1,4] [--chunk 1,4,8] [--context 256] [--steps 16] [--rounds 7] [--capacity K]
-        [--threshold EPS]
+        [--threshold EPS] [--decode-kernel auto|xla|cpu]
 
 In one process, alternating dense and sparse rounds (so a busy machine slows both alike) and
 reporting medians, for each batch size (one new token per row and step) and, at batch 1, each
@@ -17,9 +17,11 @@ chunk of k tokens verified at once (BlockFFN's speculative-decoding view):
 * ``active``: the measured share of FFN neurons active in the step's union of tokens (per layer
   on the last line), over ``--steps`` teacher-forced steps of real text (the run's validation
   split) or random tokens (``--random-init``); ``read``: the share of rows the sparse step
-  actually reads (its capacity: the most any measured step needed, or ``--capacity``);
+  actually reads — with XLA's gather (``--decode-kernel xla``) its capacity, the most any
+  measured step needed or ``--capacity``; with the C++ CPU row reader (``cpu``, chosen by
+  ``auto`` where it builds) exactly the active rows, so the measured active share;
 * ``FFN x``: the sparse FFN stack's speedup over the dense one (the FFN of every layer alone, on
-  the step's real FFN inputs); its bound ``1/(g + d(1 − g))`` with g the dense gate's share of the
+  the step's real FFN inputs, one layer after the other as in the step); its bound ``1/(g + d(1 − g))`` with g the dense gate's share of the
   FFN's weights (1/3 gated, 1/2 plain) and d the read share;
 * ``share``: the FFN stack's share of the dense step; the model bound is Amdahl's on it,
   ``1/((1 − s) + s / FFN bound)``, and ``of bound`` the measured step speedup over it;
@@ -51,8 +53,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax import (activations, configure, data, decode, model as model_lib,  # noqa: E402
-                       sharding, trained_run)
+from sparsejax import (activations, configure, data, decode, decode_ffn,  # noqa: E402
+                       model as model_lib, sharding, trained_run)
 from sparsejax.sparsity import Sparsity  # noqa: E402
 from sparsejax.sparsity_plan import SparsityPlan  # noqa: E402
 from sparse_speed import ffn_bound, gate_share, model_bound  # noqa: E402 - the FFN bounds
@@ -129,15 +131,20 @@ def load(args):
 
 
 def ffn_stack(cfg, params, sp, decode_arg):
-    """The FFN of every layer alone: ``xs_N`` (each layer's FFN input) -> sum of outputs."""
+    """The FFN of every layer alone, in sequence as in the step: ``xs_N`` (each layer's FFN
+    input) -> sum of outputs. Layer i reads ``xs[i] + 0 · (the outputs so far)``: its own input's
+    values, but it waits on the layer before, as it does in the decode step (independent layers
+    would let XLA overlap one layer's reads with another's, which a step cannot)."""
     layers = [params[f"layer_{i}"]["ffn"] for i in range(cfg.n_layers)]
     ff = model_lib.FeedForward(cfg)
 
     @jax.jit
     def run(xs):
-        return sum(ff.apply({"params": p}, x, sp.layer(i),
-                            None if decode_arg is None else decode_arg.layer(i))
-                   for i, (p, x) in enumerate(zip(layers, xs)))
+        y = jnp.zeros_like(xs[0])
+        for i, (p, x) in enumerate(zip(layers, xs)):
+            y = y + ff.apply({"params": p}, x + 0.0 * y, sp.layer(i),
+                             None if decode_arg is None else decode_arg.layer(i))
+        return y
     return run
 
 
@@ -157,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--capacity", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--decode-kernel", dest="decode_kernel", default="auto",
+                   help="the sparse FFN's row reader: auto, xla (gather to a capacity) or cpu")
     args = p.parse_args(argv)
 
     label, cfg, params, sp, batches = load(args)
@@ -182,6 +191,13 @@ def main(argv=None) -> int:
         else:
             notes.append(f"thresholded (no exact zeros): FAT-eps {args.threshold:g}")
         sp = sp.replace(thresholds=thresholds, mask_target="activation")
+    try:
+        kernel, why = decode_ffn.resolve_kernel(args.decode_kernel, cfg)
+    except decode_ffn.KernelError as err:
+        p.error(f"--decode-kernel: {err}")
+    notes.append(f"sparse FFN row reader: {kernel}"
+                 f"{' (C++ XLA FFI custom call, exactly the active rows)' if kernel == 'cpu' else ' (XLA gather into a static capacity, dense rerun above it)'}"
+                 f"{'; ' + why if why else ''}")
     bandwidth = read_bandwidth()
     notes.append(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (float32 sum over 512 MiB); "
                  f"{jax.devices()[0].platform}, jax {jax.__version__}")
@@ -204,13 +220,16 @@ def main(argv=None) -> int:
         seqs = np.stack([stream[s:s + span] for s in starts]).astype(np.int32)
         prompts, cont = list(seqs[:, :prompt_len]), seqs[:, prompt_len:]
         _, stats = dec.teacher_forced(prompts, cont, ffn="sparse", capacity=cfg.d_ff,
-                                      tokens_per_step=k)
+                                      tokens_per_step=k, kernel=kernel)
         active = np.array([decode.step_stats(s, cfg.n_layers)[0] for s in stats])  # [steps, N]
         # Per layer the most any measured step needed, rounded up to a multiple of 8.
         capacity = (args.capacity if args.capacity else
                     tuple(int(min(cfg.d_ff, -(-c // 8) * 8)) for c in active.max(0)))
         density = float(active.mean()) / cfg.d_ff
-        read = (capacity if isinstance(capacity, int) else float(np.mean(capacity))) / cfg.d_ff
+        if kernel == "cpu":  # no capacity: it reads the active rows themselves
+            read = density
+        else:
+            read = (capacity if isinstance(capacity, int) else float(np.mean(capacity))) / cfg.d_ff
         # Timed: one step at the end of the prompt, dense and sparse, alternating.
         cache_len = context
         tokens_BxP, start_B = decode.left_pad(prompts)
@@ -218,7 +237,7 @@ def main(argv=None) -> int:
         step_in = jnp.asarray(cont[:, :k])
         timed = {}
         for name, ffn, cap in (("dense", "dense", 0), ("sparse", "sparse", capacity)):
-            step = dec.step_fn(ffn, cap)
+            step = dec.step_fn(ffn, cap, kernel=kernel)
             _, cache = dec._prefill(dec.params, dec.init_cache(batch, cache_len),
                                     jnp.asarray(tokens_BxP), start, sp, cache_len=cache_len)
             box = {"cache": cache}
@@ -242,7 +261,7 @@ def main(argv=None) -> int:
         dense_ffn = ffn_stack(cfg, dec.params, sp, None)
         sparse_ffn = ffn_stack(cfg, dec.params, sp, model_lib.Decode(
             index=idx, start_B=start, cache_len=cache_len, ffn="sparse", capacity=capacity,
-            step_fallback=True))  # as in the step: overflow checked once per step, not per layer
+            step_fallback=True, kernel=kernel))  # as in the step: overflow checked once per step
         for fn in (dense_ffn, sparse_ffn):
             fn(xs).block_until_ready()
 
@@ -267,7 +286,8 @@ def main(argv=None) -> int:
                      f"{bytes_dense / 1e6:.0f}", f"{bytes_dense / bandwidth / t['dense']:.0%}",
                      f"{bytes_sparse / bandwidth / t['sparse']:.0%}"])
         notes.append(f"batch {batch} chunk {k}: per-layer active "
-                     f"{[f'{a / cfg.d_ff:.1%}' for a in active.mean(0)]}, capacity {capacity}; "
+                     f"{[f'{a / cfg.d_ff:.1%}' for a in active.mean(0)]}"
+                     f"{f', capacity {capacity}' if kernel == 'xla' else ''}; "
                      f"step ms dense {t['dense'] * 1e3:.2f} sparse {t['sparse'] * 1e3:.2f}, "
                      f"FFN stack ms dense {t['dense_ffn'] * 1e3:.2f} sparse {t['sparse_ffn'] * 1e3:.2f}")
     head = ["batch", "chunk k", "active", "read", "dense tok/s", "sparse tok/s", "step x",

@@ -9,8 +9,10 @@ positions count from 0 there, and attention never reads the slots before it, so 
 decodes exactly as it would alone.
 
 The step's FFN is the model's (``ffn="dense"``) or a decode-time one from
-:data:`sparsejax.decode_ffn.DECODE_FFNS` (``"sparse"``: exact for activations with exact zeros;
-a step in which any layer activates more neurons than its ``capacity`` is rerun dense).
+:data:`sparsejax.decode_ffn.DECODE_FFNS` (``"sparse"``: exact for activations with exact zeros),
+with the row reader ``kernel`` (:func:`sparsejax.decode_ffn.resolve_kernel`; ``auto``: the C++
+CPU reader where it runs, else XLA's gather, for which a step in which any layer activates more
+neurons than its ``capacity`` is rerun dense).
 :func:`calibrate` measures the capacity — the largest number of neurons any token activates per layer — on validation text;
 :func:`loss_change` is the cost of a threshold on activations without zeros.
 
@@ -104,12 +106,12 @@ class Decoder:
 
     # ------------------------------------------------------------------------------ passes
     def _apply(self, params, cache, tokens_BxT, index, start_B, sp, *, cache_len: int,
-               ffn: str, capacity, step_fallback: bool = False):
+               ffn: str, capacity, step_fallback: bool = False, kernel: str = "xla"):
         length = tokens_BxT.shape[1]
         positions_BxT = jnp.maximum(index + jnp.arange(length)[None, :] - start_B[:, None], 0)
         decode = model_lib.Decode(index=jnp.asarray(index, jnp.int32), start_B=start_B,
                                   cache_len=cache_len, ffn="" if ffn == "dense" else ffn,
-                                  capacity=capacity, step_fallback=step_fallback)
+                                  capacity=capacity, step_fallback=step_fallback, kernel=kernel)
         variables = {"params": params}
         if cache is not None:
             variables["cache"] = cache
@@ -134,12 +136,18 @@ class Decoder:
             return logits[:, -1], cache
         return prefill
 
+    def kernel(self, name: str = "auto") -> str:
+        """The row reader ``name`` resolves to for this model here (``auto``: see
+        :func:`sparsejax.decode_ffn.resolve_kernel`)."""
+        return decode_ffn.resolve_kernel(name, self.cfg)[0]
+
     def step_fn(self, ffn: str = "dense", capacity: int | tuple = 0, temperature: float = 0.0,
-                top_p: float = 1.0):
+                top_p: float = 1.0, kernel: str = "auto"):
         """The jitted step ``(params, cache, tokens_BxT, index, start_B, sp, key) -> (next
         token [B], logits [B, T, V], cache, per-layer stats)``; T = 1 when generating, k when
-        verifying k draft tokens at once."""
-        cache_key = (ffn, capacity, temperature, top_p)
+        verifying k draft tokens at once. ``kernel``: the sparse FFN's row reader."""
+        kernel = self.kernel(kernel) if ffn != "dense" else "xla"
+        cache_key = (ffn, capacity, temperature, top_p, kernel)
         steps = self.__dict__.setdefault("_steps", {})
         if cache_key not in steps:
             @functools.partial(jax.jit, static_argnames=("cache_len",), donate_argnums=(1,))
@@ -147,8 +155,8 @@ class Decoder:
                 run = functools.partial(self._apply, params, tokens_BxT=tokens_BxT, index=index,
                                         start_B=start_B, sp=sp, cache_len=cache_len)
                 logits, cache, stats = run(cache=cache, ffn=ffn, capacity=capacity,
-                                           step_fallback=ffn != "dense")
-                if ffn != "dense":
+                                           step_fallback=ffn != "dense", kernel=kernel)
+                if ffn != "dense" and kernel == "xla":  # the cpu reader has no capacity
                     # A layer above its capacity: the whole step again, dense. It may start from
                     # the sparse pass's cache: the only slots that differ are this step's own,
                     # which every layer writes before it reads them.
@@ -163,7 +171,8 @@ class Decoder:
     # -------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[np.ndarray], max_new_tokens: int, *,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 ffn: str = "dense", capacity: int | tuple = 0, stop_id: Optional[int] = None,
+                 ffn: str = "dense", capacity: int | tuple = 0, kernel: str = "auto",
+                 stop_id: Optional[int] = None,
                  on_tokens: Optional[Callable[[np.ndarray], None]] = None) -> Generation:
         """Prefill, then one jitted step per token. ``on_tokens`` gets each step's tokens [B] as
         they come (streaming). Greedy at temperature 0. Sampling keys are ``fold_in(key(seed),
@@ -186,12 +195,12 @@ class Decoder:
         cache = self.init_cache(batch, cache_len)
         t0 = time.perf_counter()  # compiled ahead, so the timings below are the passes alone
         compiled = self.__dict__.setdefault("_compiled", {})
-        shape_key = (batch, length, cache_len, ffn, capacity, temperature, top_p)
+        shape_key = (batch, length, cache_len, ffn, capacity, temperature, top_p, kernel)
         if shape_key not in compiled:
             compiled[shape_key] = (
                 self._prefill.lower(self.params, cache, jnp.asarray(tokens_BxP), start,
                                     self.sparsity, cache_len=cache_len).compile(),
-                self.step_fn(ffn, capacity, temperature, top_p).lower(
+                self.step_fn(ffn, capacity, temperature, top_p, kernel).lower(
                     self.params, cache, jnp.zeros((batch, 1), jnp.int32), jnp.int32(length),
                     start, self.sparsity, key, cache_len=cache_len).compile())
         prefill, step = compiled[shape_key]
@@ -224,8 +233,8 @@ class Decoder:
 
 
     def teacher_forced(self, prompts: Sequence[np.ndarray], continuation_BxN: np.ndarray, *,
-                       ffn: str = "dense", capacity: int | tuple = 0, tokens_per_step: int = 1
-                       ) -> tuple[np.ndarray, list[dict]]:
+                       ffn: str = "dense", capacity: int | tuple = 0, tokens_per_step: int = 1,
+                       kernel: str = "auto") -> tuple[np.ndarray, list[dict]]:
         """Prefill, then feed ``continuation_BxN`` ``tokens_per_step`` at a time (k draft tokens
         verified at once): (logits [B, N, V] of every fed token, each step's stats as numpy)."""
         tokens_BxP, start_B = left_pad(prompts)
@@ -237,7 +246,7 @@ class Decoder:
         start = jnp.asarray(start_B)
         _, cache = self._prefill(self.params, self.init_cache(batch, cache_len),
                                  jnp.asarray(tokens_BxP), start, self.sparsity, cache_len=cache_len)
-        step = self.step_fn(ffn, capacity)
+        step = self.step_fn(ffn, capacity, kernel=kernel)
         logits, stats = [], []
         for i in range(0, n, tokens_per_step):
             _, lg, cache, st = step(self.params, cache,

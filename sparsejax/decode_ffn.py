@@ -7,29 +7,39 @@ reads. ``sparse`` reads only the rows of the active neurons:
 1. the gate (plain FFN: ``W_in``) is computed densely, σ applied (with the run's training-time
    top-k and activation threshold, and any evaluation threshold in ``Sparsity.thresholds``);
 2. the step's active neurons — by the one rule :func:`sparsejax.sparsity.active`, united over
-   the step's tokens (batch rows and draft tokens) — are listed in index order
-   (``jnp.nonzero``: a cumulative sum, no sort), into ``capacity`` slots;
-3. only their rows are read of ``W_in`` (gated FFN; stored transposed [F, D] under the FFN's
-   :data:`UP_ROWS` parameter by :func:`with_row_layout`, so a row is contiguous) and of
-   ``W_out`` (already [F, D]): ``y = (σ(gate)[idx] ⊙ (x · W_in[idx]ᵀ)) · W_out[idx]``.
+   the step's tokens (batch rows and draft tokens) — are the only ones whose rows are read of
+   ``W_in`` (gated FFN; stored transposed [F, D] under the FFN's :data:`UP_ROWS` parameter by
+   :func:`with_row_layout`, so a row is contiguous) and of ``W_out`` (already [F, D]):
+   ``y = (σ(gate)[idx] ⊙ (x · W_in[idx]ᵀ)) · W_out[idx]``.
 
-When more neurons are active than ``capacity`` the layer falls back to the dense FFN
-(``lax.cond``; only the branch taken runs) — or, with ``Decode.step_fallback``, the layer only
-flags it and the caller reruns the whole step densely (one branch per step instead of one per
-layer: the per-layer branch costs the gathered path about a sixth of its speed on CPU) — so for activations with exact zeros (ReLU family,
-FATReLU, ReLU², dReLU, a trained top-k) the sparse step *is* the dense step up to float
-summation order. For activations without zeros (SiLU, GELU, SwiGLU) nothing is zero, so the
-caller supplies a threshold (``Sparsity.thresholds`` on |σ(gate)|, FAT-ε): the sparse step then
-equals the dense step with that evaluation mask, which is an approximation of the unmasked model
-whose loss change :mod:`sparsejax.decode` reports.
+Step 2 has two implementations, ``Decode.kernel`` (:data:`DECODE_KERNELS`; :func:`resolve_kernel`
+picks for ``auto``):
+
+* ``xla`` (any backend, under jit): the active neurons are listed in index order
+  (``jnp.nonzero``: a cumulative sum, no sort) into a static ``capacity`` of slots, their rows
+  gathered into a buffer and multiplied. When more neurons are active than ``capacity`` the layer
+  falls back to the dense FFN (``lax.cond``; only the branch taken runs) — or, with
+  ``Decode.step_fallback``, the layer only flags it and the caller reruns the whole step densely
+  (one branch per step instead of one per layer: the per-layer branch costs the gathered path
+  about a sixth of its speed on CPU);
+* ``cpu``: the C++ row reader of :mod:`sparsejax.kernels.cpu_decode` (an XLA FFI custom call,
+  float32), which walks the active neurons and reads their two rows once, without a gathered copy
+  and without a capacity (so it never falls back).
+
+Either way, for activations with exact zeros (ReLU family, FATReLU, ReLU², dReLU, a trained
+top-k) the sparse step *is* the dense step up to float summation order. For activations without
+zeros (SiLU, GELU, SwiGLU) nothing is zero, so the caller supplies a threshold
+(``Sparsity.thresholds`` on |σ(gate)|, FAT-ε): the sparse step then equals the dense step with
+that evaluation mask, which is an approximation of the unmasked model whose loss change
+:mod:`sparsejax.decode` reports.
 
 Each call sows ``decode_active`` (the step's union count of active neurons) and
-``decode_fallback`` (1 when it ran dense) into ``stats``.
+``decode_fallback`` (1 when it ran dense or flagged an overflow) into ``stats``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -44,12 +54,61 @@ Array = jax.Array
 UP_ROWS = "w_in_FxD"  # the FFN's W_in transposed [F, D] (gated FFNs), added by with_row_layout
 
 DecodeFfn = Callable[[Array, FfnWeights, Array, Sparsity], tuple[Array, FfnAux]]
-DECODE_FFNS: dict[str, Callable[[ModelConfig, int, bool], DecodeFfn]] = {}
+DECODE_FFNS: dict[str, Callable[[ModelConfig, Any], DecodeFfn]] = {}
+
+
+class KernelError(ValueError):
+    """A decode kernel that cannot run here (the message says why)."""
+
+
+def _cpu_kernel_unavailable(cfg: ModelConfig) -> str:
+    """Why the CPU row reader cannot run for this model here ('' when it can)."""
+    if cfg.dtype != "float32":
+        return f"it reads float32 weights and model.dtype={cfg.dtype!r}"
+    from sparsejax.kernels import cpu_decode  # noqa: PLC0415 - builds on first use
+
+    try:
+        cpu_decode.ensure()
+    except cpu_decode.KernelUnavailable as err:
+        return str(err)
+    return ""
+
+
+# Decode.kernel -> why it cannot run for a model here ('' = it can); in preference order for auto.
+DECODE_KERNELS: dict[str, Callable[[ModelConfig], str]] = {
+    "cpu": _cpu_kernel_unavailable,
+    "xla": lambda cfg: "",
+}
+
+
+def kernel_names() -> list[str]:
+    return ["auto", *DECODE_KERNELS]
+
+
+def resolve_kernel(name: str, cfg: ModelConfig) -> tuple[str, str]:
+    """(kernel, note): ``auto`` becomes the first of :data:`DECODE_KERNELS` that can run here
+    (the note says why a preferred one cannot); a named kernel that cannot run raises
+    :class:`KernelError`."""
+    if name not in kernel_names():
+        raise KernelError(f"decode kernel {name!r} is not known; allowed: {kernel_names()}")
+    if name != "auto":
+        why = DECODE_KERNELS[name](cfg)
+        if why:
+            raise KernelError(f"decode kernel {name!r} cannot run here: {why}")
+        return name, ""
+    notes = []
+    for kernel, unavailable in DECODE_KERNELS.items():
+        why = unavailable(cfg)
+        if not why:
+            return kernel, "; ".join(notes)
+        notes.append(f"decode kernel {kernel!r} not used: {why}")
+    raise KernelError("no decode kernel can run here: " + "; ".join(notes))
 
 
 def register_decode_ffn(name: str):
-    """Decorator: register ``factory(cfg, capacity, step_fallback) -> ffn(x, weights, up_FxD,
-    sparsity)`` as the decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``)."""
+    """Decorator: register ``factory(cfg, decode) -> ffn(x, weights, up_FxD, sparsity)`` as the
+    decode-time FFN ``name`` (``Decode.ffn``; ``generate --ffn``); ``decode`` is the
+    :class:`sparsejax.model.Decode` input (its static capacity, fallback mode and kernel)."""
     def deco(factory):
         DECODE_FFNS[name] = factory
         return factory
@@ -71,8 +130,7 @@ def apply(module: nn.Module, cfg: ModelConfig, decode, x_BxTxD: Array, weights: 
     if needs_row_layout(cfg):
         up_FxD = module.param(UP_ROWS, nn.initializers.zeros, (cfg.d_ff, cfg.d_model),
                               jnp.float32).astype(weights.w_in_DxF.dtype)
-    return DECODE_FFNS[decode.ffn](cfg, decode.capacity, decode.step_fallback)(
-        x_BxTxD, weights, up_FxD, sp)
+    return DECODE_FFNS[decode.ffn](cfg, decode)(x_BxTxD, weights, up_FxD, sp)
 
 
 def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
@@ -106,12 +164,18 @@ def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
 
 
 @register_decode_ffn("sparse")
-def sparse_ffn(cfg: ModelConfig, capacity: int, step_fallback: bool = False) -> DecodeFfn:
-    """Dense gate, the ``capacity`` active neurons' rows gathered; above it the layer runs dense,
-    or (``step_fallback``) flags the step for the caller's dense rerun."""
+def sparse_ffn(cfg: ModelConfig, decode) -> DecodeFfn:
+    """Dense gate, then only the active neurons' rows read (``decode.kernel``): ``xla`` gathers
+    ``decode.capacity`` of them and above it runs the layer dense, or (``decode.step_fallback``)
+    flags the step for the caller's dense rerun; ``cpu`` reads exactly the active rows."""
     spec = activations.get(cfg.activation)
     dense = ffn_lib.reference_ffn(cfg)
-    if not 0 < capacity <= cfg.d_ff:
+    kernel = getattr(decode, "kernel", "xla")
+    if kernel not in DECODE_KERNELS:
+        raise KernelError(f"decode kernel {kernel!r} is not known here (resolve 'auto' first "
+                          f"with resolve_kernel); allowed: {list(DECODE_KERNELS)}")
+    capacity, step_fallback = decode.capacity, decode.step_fallback
+    if kernel == "xla" and not 0 < capacity <= cfg.d_ff:
         raise ValueError(f"capacity={capacity} must be in [1, d_ff={cfg.d_ff}]")
     if spec.gate_and_up:  # σ on both projections: an inactive gate does not zero the product
         raise ValueError(f"model.activation={cfg.activation!r} applies σ to both W_gate x and "
@@ -128,35 +192,51 @@ def sparse_ffn(cfg: ModelConfig, capacity: int, step_fallback: bool = False) -> 
         active_NxF = active_mask(activation_NxF, sp)
         union_F = jnp.any(active_NxF, axis=0)
         count = jnp.sum(union_F.astype(jnp.int32))
+        if kernel == "cpu":
+            from sparsejax.kernels import cpu_decode  # noqa: PLC0415 - built on first use
 
-        def gathered(_):
-            # The active neurons' indices in order (a cumulative sum, no sort); the slots past
-            # ``count`` repeat the last neuron (so the list stays sorted) and are masked out, so
-            # nothing is counted twice. Every index is in range by construction, which lets the
-            # gathers skip their bounds handling (a pass over the gathered rows otherwise).
-            idx_K = jnp.nonzero(union_F, size=capacity, fill_value=cfg.d_ff - 1)[0]
-            valid_K = jnp.arange(capacity) < count
-            rows = lambda a: a.at[idx_K].get(mode="promise_in_bounds",  # noqa: E731
-                                             indices_are_sorted=True)
-            cols = lambda a: rows(a.T).T  # noqa: E731
-            # Under the zero rule alone an inactive neuron's σ is already 0: only the padding
-            # slots need masking. A threshold or top-k leaves nonzero σ on inactive neurons.
-            zero_rule = sp.thresholds is None and not sp.topk_k and "topk_k" not in sp.coefficients
-            keep_NxK = valid_K[None, :] if zero_rule else cols(active_NxF) & valid_K[None, :]
-            h_NxK = cols(activation_NxF)
-            if up_FxD is not None:
-                h_NxK = h_NxK * (x_NxD @ rows(up_FxD).T)
-            h_NxK = jnp.where(keep_NxK, h_NxK, jnp.zeros_like(h_NxK))
-            return (h_NxK @ rows(w.w_out_FxD)).astype(x_BxTxD.dtype)
-
-        def full(_):
-            return dense(x_NxD[None], w, sp)[0][0].astype(x_BxTxD.dtype)
-
-        fallback = count > capacity
-        y_NxD = gathered(None) if step_fallback else jax.lax.cond(fallback, full, gathered, None)
+            coef_NxF = jnp.where(active_NxF, activation_NxF, jnp.zeros_like(activation_NxF))
+            y_NxD = cpu_decode.rows_ffn(x_NxD, coef_NxF, up_FxD, w.w_out_FxD).astype(x_BxTxD.dtype)
+            fallback = jnp.bool_(False)  # no capacity: it reads however many rows are active
+        else:
+            y_NxD, fallback = _gathered(cfg, capacity, step_fallback, dense, x_NxD, w, up_FxD, sp,
+                                        activation_NxF, active_NxF, union_F, count)
+            y_NxD = y_NxD.astype(x_BxTxD.dtype)
         stats = {"decode_active": count.astype(jnp.float32),
                  "decode_fallback": fallback.astype(jnp.float32)}
         activation = activation_NxF.reshape(*shape[:-1], -1)
         return y_NxD.reshape(shape), FfnAux(activation, activation, stats=stats)
 
     return ffn
+
+
+def _gathered(cfg, capacity, step_fallback, dense, x_NxD, w: FfnWeights, up_FxD, sp: Sparsity,
+              activation_NxF, active_NxF, union_F, count):
+    """The ``xla`` kernel: (y [N, D], fallback flag)."""
+
+    def gathered(_):
+        # The active neurons' indices in order (a cumulative sum, no sort); the slots past
+        # ``count`` repeat the last neuron (so the list stays sorted) and are masked out, so
+        # nothing is counted twice. Every index is in range by construction, which lets the
+        # gathers skip their bounds handling (a pass over the gathered rows otherwise).
+        idx_K = jnp.nonzero(union_F, size=capacity, fill_value=cfg.d_ff - 1)[0]
+        valid_K = jnp.arange(capacity) < count
+        rows = lambda a: a.at[idx_K].get(mode="promise_in_bounds",  # noqa: E731
+                                         indices_are_sorted=True)
+        cols = lambda a: rows(a.T).T  # noqa: E731
+        # Under the zero rule alone an inactive neuron's σ is already 0: only the padding
+        # slots need masking. A threshold or top-k leaves nonzero σ on inactive neurons.
+        zero_rule = sp.thresholds is None and not sp.topk_k and "topk_k" not in sp.coefficients
+        keep_NxK = valid_K[None, :] if zero_rule else cols(active_NxF) & valid_K[None, :]
+        h_NxK = cols(activation_NxF)
+        if up_FxD is not None:
+            h_NxK = h_NxK * (x_NxD @ rows(up_FxD).T)
+        h_NxK = jnp.where(keep_NxK, h_NxK, jnp.zeros_like(h_NxK))
+        return h_NxK @ rows(w.w_out_FxD)
+
+    def full(_):
+        return dense(x_NxD[None], w, sp)[0][0].astype(x_NxD.dtype)
+
+    fallback = count > capacity
+    y_NxD = gathered(None) if step_fallback else jax.lax.cond(fallback, full, gathered, None)
+    return y_NxD, fallback

@@ -2,7 +2,8 @@
 
     python -m sparsejax.generate --workdir RUN [--step N] (--prompt TEXT | --prompt-file F)...
         [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed 0]
-        [--ffn dense|sparse] [--capacity K] [--threshold EPS] [--calibration-batches 2]
+        [--ffn dense|sparse] [--decode-kernel auto|xla|cpu] [--capacity K] [--threshold EPS]
+        [--calibration-batches 2]
     python -m sparsejax.generate --hf PATH (--prompt TEXT | --prompt-file F)... [...] [--dtype float32]
 
 Each ``--prompt`` / ``--prompt-file`` (a file's whole text) is one row of a batch; rows of
@@ -12,10 +13,14 @@ streamed to the console as they are generated; with several, each row is printed
 last line gives decode tokens/s (all rows, prefill excluded).
 
 ``--ffn sparse`` decodes with the sparse FFN of :mod:`sparsejax.decode_ffn`: for activations with
-exact zeros it equals dense decoding (a step with more active neurons than ``--capacity`` runs
-dense), capacity by default per layer the most neurons any validation token activates there
-(a calibration pass; times the batch size, since a step reads the union of its rows' neurons); for activations without zeros neurons with |σ(gate)| below ``--threshold``
-(FAT-ε) are dropped, and the loss change this costs on validation text is printed first.
+exact zeros it equals dense decoding. ``--decode-kernel`` picks how it reads the active rows:
+``cpu``, the C++ row reader (:mod:`sparsejax.kernels.cpu_decode`, float32, built on first use;
+no capacity), or ``xla``, XLA's gather into a capacity (a step with more active neurons than
+``--capacity`` runs dense; by default per layer the most neurons any validation token activates
+there — a calibration pass — times the batch size, since a step reads the union of its rows'
+neurons); ``auto`` (default) takes ``cpu`` where it runs and says why not otherwise. For
+activations without zeros neurons with |σ(gate)| below ``--threshold`` (FAT-ε) are dropped, and
+the loss change this costs on validation text is printed first.
 
 Read-only on the run directory, like eval.py: parameters are restored without an optimizer and
 nothing is written there. Exit codes: 0 done, 1 error, 2 bad arguments or input (one line).
@@ -50,8 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ffn", default="dense", help="decode-time FFN: dense or sparse")
+    p.add_argument("--decode-kernel", dest="decode_kernel", default="auto",
+                   help="sparse FFN row reader: auto (default), cpu (C++) or xla (gather)")
     p.add_argument("--capacity", type=int, default=0,
-                   help="sparse FFN: neurons read per token and layer (0: calibrated)")
+                   help="sparse FFN with --decode-kernel xla: neurons read per token and layer "
+                        "(0: calibrated)")
     p.add_argument("--threshold", type=float, default=None,
                    help="sparse FFN for activations without zeros: FAT-ε on |σ(gate)| (default 0.01)")
     p.add_argument("--calibration-batches", dest="calibration_batches", type=int, default=2)
@@ -163,8 +171,9 @@ def _prompts(args) -> list[str]:
     return texts
 
 
-def sparse_setup(loaded: Loaded, args, n_tokens: int) -> tuple[object, int, str]:
-    """(sparsity input, step capacity, a report line) of ``--ffn sparse``."""
+def sparse_setup(loaded: Loaded, args, n_tokens: int, kernel: str) -> tuple[object, int, str]:
+    """(sparsity input, step capacity, a report line) of ``--ffn sparse`` with the row reader
+    ``kernel`` (only ``xla`` has a capacity)."""
     from sparsejax import activations, decode, model as model_lib
     from sparsejax.eval_options import EvalOptions
 
@@ -181,6 +190,8 @@ def sparse_setup(loaded: Loaded, args, n_tokens: int) -> tuple[object, int, str]
         lines.append(f"thresholded sparse FFN (model.activation={cfg.activation!r} has no exact "
                      f"zeros): FAT-eps {eps:g}; validation loss {dense_loss:.4f} -> "
                      f"{sparse_loss:.4f} ({sparse_loss - dense_loss:+.4f})")
+    if kernel != "xla":
+        return sp, 0, "\n".join(lines)
     if args.capacity:
         per_token = args.capacity
     else:
@@ -206,6 +217,9 @@ def main(argv=None) -> int:
     try:
         if args.ffn not in decode_ffn.decode_ffn_names():
             raise InputError(f"--ffn={args.ffn!r}; allowed: {decode_ffn.decode_ffn_names()}")
+        if args.decode_kernel not in decode_ffn.kernel_names():
+            raise InputError(f"--decode-kernel={args.decode_kernel!r}; allowed: "
+                             f"{decode_ffn.kernel_names()}")
         for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1),
                                  ("--calibration-batches", args.calibration_batches, 1),
                                  ("--capacity", args.capacity, 0)):
@@ -225,9 +239,12 @@ def main(argv=None) -> int:
         if any(max(p, default=0) >= loaded.cfg.model.vocab_size for p in prompts):
             raise InputError(f"the tokenizer gives ids >= model.vocab_size="
                              f"{loaded.cfg.model.vocab_size}: it does not belong to this model")
-        sp, capacity, ffn = loaded.sparsity, 0, args.ffn
+        sp, capacity, ffn, kernel = loaded.sparsity, 0, args.ffn, "xla"
         if ffn == "sparse":
-            sp, capacity, report = sparse_setup(loaded, args, len(prompts))
+            kernel, why = decode_ffn.resolve_kernel(args.decode_kernel, loaded.cfg.model)
+            if why:
+                print(f"{why}; using {kernel!r}", file=sys.stderr)
+            sp, capacity, report = sparse_setup(loaded, args, len(prompts), kernel)
             if report:
                 print(report, file=sys.stderr)
         decoder = decode.Decoder(loaded.cfg.model, loaded.params, sp)
@@ -248,10 +265,11 @@ def main(argv=None) -> int:
             sys.stdout.write(texts[0])
         result = decoder.generate([np.asarray(p) for p in prompts], args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                  ffn=ffn, capacity=capacity, stop_id=loaded.eos_id,
+                                  ffn=ffn, capacity=capacity, kernel=kernel,
+                                  stop_id=loaded.eos_id,
                                   on_tokens=stream if len(prompts) == 1 else None)
-    except (InputError, decode.DecodeError, trained_run.RunError, hf_import.HfImportError,
-            data.DataError) as err:
+    except (InputError, decode.DecodeError, decode_ffn.KernelError, trained_run.RunError,
+            hf_import.HfImportError, data.DataError) as err:
         print(f"generate error: {err}", file=sys.stderr)
         return 2
     except config.ConfigError as err:
@@ -264,7 +282,8 @@ def main(argv=None) -> int:
             print(f"[{i}] {text}{loaded.tokenizer.decode(row)}")
     print(f"{result.decode_steps * len(prompts)} tokens in {result.decode_s:.3f} s: "
           f"{result.tokens_per_s:.1f} tokens/s (decode, batch {len(prompts)}, ffn {ffn}"
-          f"{f', capacity {_text(capacity)}' if ffn == 'sparse' else ''}; prefill of "
+          f"{f', kernel {kernel}' if ffn == 'sparse' else ''}"
+          f"{f', capacity {_text(capacity)}' if ffn == 'sparse' and kernel == 'xla' else ''}; prefill of "
           f"{max(len(p) for p in prompts)} tokens {result.prefill_s:.3f} s)", file=sys.stderr)
     return 0
 

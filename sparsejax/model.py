@@ -203,7 +203,9 @@ class Decode:
     decode FFN only flags a layer whose active neurons exceed its capacity (``decode_fallback``
     in ``stats``) instead of running that layer densely, and the caller reruns the whole step
     densely when any layer flags (:class:`sparsejax.decode.Decoder` does), so the common step
-    carries no per-layer branch. None instead of a ``Decode``: the training forward pass, whose
+    carries no per-layer branch. ``kernel`` (static): how the sparse FFN reads its rows, a name of
+    :data:`sparsejax.decode_ffn.DECODE_KERNELS` (``xla``: gather to ``capacity``; ``cpu``: the C++
+    row reader, no capacity). None instead of a ``Decode``: the training forward pass, whose
     graph this class does not touch.
     """
 
@@ -213,6 +215,7 @@ class Decode:
     ffn: str = flax.struct.field(pytree_node=False, default="")
     capacity: int | tuple[int, ...] = flax.struct.field(pytree_node=False, default=0)
     step_fallback: bool = flax.struct.field(pytree_node=False, default=False)
+    kernel: str = flax.struct.field(pytree_node=False, default="xla")
 
     def layer(self, i: Optional[int]) -> "Decode":
         """Layer i's input (None: the scanned layers', the largest capacity)."""

@@ -121,17 +121,19 @@ def test_bad_generation_input():
 
 
 # ----------------------------------------------------------------------------- sparse decode
-def _sparse_vs_dense(cfg, sp, capacity, steps=12, prompts=PROMPTS):
+def _sparse_vs_dense(cfg, sp, capacity, steps=12, prompts=PROMPTS, kernel="xla",
+                     tokens_per_step=1):
     m, params = _model(cfg, seed=1)
     dec = decode.Decoder(cfg, params, sp)
     dense = dec.generate(prompts, steps)
     cont = np.array(dense.tokens)
-    dense_logits, _ = dec.teacher_forced(prompts, cont)
-    sparse_logits, stats = dec.teacher_forced(prompts, cont, ffn="sparse", capacity=capacity)
+    dense_logits, _ = dec.teacher_forced(prompts, cont, tokens_per_step=tokens_per_step)
+    sparse_logits, stats = dec.teacher_forced(prompts, cont, ffn="sparse", capacity=capacity,
+                                              kernel=kernel, tokens_per_step=tokens_per_step)
     per_step = [decode.step_stats(s, cfg.n_layers) for s in stats]
     active = np.array([a for a, _ in per_step])
     fallback = np.array([f for _, f in per_step])
-    sparse = dec.generate(prompts, steps, ffn="sparse", capacity=capacity)
+    sparse = dec.generate(prompts, steps, ffn="sparse", capacity=capacity, kernel=kernel)
     return dense, sparse, dense_logits, sparse_logits, active, fallback
 
 
@@ -153,7 +155,7 @@ def test_sparse_decode_equals_dense_with_fallback(name, cfg, sp):
     m, params = _model(cfg, seed=1)
     dec = decode.Decoder(cfg, params, sp)
     probe, stats = dec.teacher_forced(prompts, np.zeros((1, 12), np.int32), ffn="sparse",
-                                      capacity=cfg.d_ff)
+                                      capacity=cfg.d_ff, kernel="xla")
     counts = np.array([decode.step_stats(s, cfg.n_layers)[0] for s in stats])
     assert 0 < counts.min() and counts.max() < cfg.d_ff
     capacity = int(np.median(counts)) if counts.min() < counts.max() else int(counts.max())
@@ -167,6 +169,30 @@ def test_sparse_decode_equals_dense_with_fallback(name, cfg, sp):
         assert fallback.any() and not fallback.all()
 
 
+@pytest.mark.parametrize("name,cfg,sp,batch,k", [
+    ("relu_gated_batch3_chunk2", _cfg(), Sparsity(), 3, 2),
+    ("relu2_plain_scan", _cfg(ffn_type="plain", activation="relu2", scan_layers=True),
+     Sparsity(), 1, 1),
+    pytest.param("fatrelu_scan_gated_batch3", _cfg(activation="fatrelu", scan_layers=True),
+                 Sparsity(threshold=0.5), 3, 1, marks=pytest.mark.slow),
+    pytest.param("trained_topk_gqa_chunk4", _cfg(activation="silu", n_kv_heads=2),
+                 Sparsity(topk_k=12), 1, 4, marks=pytest.mark.slow),
+    pytest.param("silu_thresholded", _cfg(activation="silu"),
+                 Sparsity(thresholds=decode.fat_thresholds(_cfg(activation="silu"), 0.3),
+                          mask_target="activation"), 3, 1, marks=pytest.mark.slow),
+])
+def test_cpu_kernel_sparse_decode_equals_dense(name, cfg, sp, batch, k):
+    """The C++ row reader (``kernel="cpu"``) has no capacity: every step reads exactly its union
+    of active rows, never falls back, and its logits and tokens equal dense decoding's (to float
+    rounding), for gated and plain FFNs, scanned layers, batch rows and k-token steps."""
+    prompts = PROMPTS[:batch]
+    dense, sparse, dl, sl, active, fallback = _sparse_vs_dense(
+        cfg, sp, 0, steps=12, prompts=prompts, kernel="cpu", tokens_per_step=k)
+    np.testing.assert_allclose(sl, dl, rtol=1e-4, atol=1e-4)
+    assert sparse.tokens == dense.tokens
+    assert not fallback.any() and 0 < active.min() and active.max() < cfg.d_ff
+
+
 def test_per_layer_capacity():
     """A capacity per layer: layer 0 never falls back, layer 1 (capacity 1) always does; the
     logits still equal dense decoding's."""
@@ -175,7 +201,8 @@ def test_per_layer_capacity():
     dec = decode.Decoder(cfg, params)
     cont = np.array(dec.generate(PROMPTS[:1], 6).tokens)
     dense, _ = dec.teacher_forced(PROMPTS[:1], cont)
-    sparse, stats = dec.teacher_forced(PROMPTS[:1], cont, ffn="sparse", capacity=(cfg.d_ff, 1))
+    sparse, stats = dec.teacher_forced(PROMPTS[:1], cont, ffn="sparse", capacity=(cfg.d_ff, 1),
+                                       kernel="xla")
     np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-4)
     fallback = np.array([decode.step_stats(s, cfg.n_layers)[1] for s in stats])
     assert (fallback[:, 0] == 0).all() and (fallback[:, 1] == 1).all()
@@ -303,8 +330,8 @@ def test_cli_generates_read_only(relu_run):
     r = _cli("--workdir", str(relu_run), "--prompt", "The ", "--prompt", "In the year",
              "--max-new-tokens", "12", "--ffn", "sparse")
     assert r.returncode == 0, r.stderr
-    assert "tokens/s (decode, batch 2, ffn sparse" in r.stderr
-    assert "capacity" in r.stderr
+    assert "tokens/s (decode, batch 2, ffn sparse, kernel cpu" in r.stderr
+    assert "capacity" not in r.stderr  # the C++ reader has none (auto picks it on this CPU)
     assert r.stdout.startswith("[0] The ") and "\n[1] In the year" in r.stdout
     # Same tokens as in-process greedy decoding of the same step.
     from sparsejax import data, sharding, trained_run
@@ -326,6 +353,8 @@ def test_cli_generates_read_only(relu_run):
     ("bad step", ["--workdir", "{run}", "--step", "7", "--prompt", "x"], "--step 7 not found"),
     ("bad top-p", ["--workdir", "{run}", "--prompt", "x", "--top-p", "2"], "--top-p"),
     ("bad ffn", ["--workdir", "{run}", "--prompt", "x", "--ffn", "fast"], "--ffn='fast'"),
+    ("bad decode kernel", ["--workdir", "{run}", "--prompt", "x", "--ffn", "sparse",
+                           "--decode-kernel", "fast"], "--decode-kernel='fast'"),
     ("unknown flag", ["--workdir", "{run}", "--prompt", "x", "--nucleus", "1"], "--nucleus"),
     ("no prompt", ["--workdir", "{run}"], "--prompt"),
     ("missing prompt file", ["--workdir", "{run}", "--prompt-file", "{empty}/p.txt"], "p.txt"),
@@ -357,9 +386,12 @@ def test_cli_hf_sparse_exact_and_thresholded():
     hf = ROOT / "tests" / "fixtures" / "hf"
     args = ["--prompt", "Hello", "--max-new-tokens", "10"]
     dense = _cli("--hf", str(hf / "minicpm"), *args)
-    sparse = _cli("--hf", str(hf / "minicpm"), *args, "--ffn", "sparse")
+    sparse = _cli("--hf", str(hf / "minicpm"), *args, "--ffn", "sparse", "--decode-kernel", "xla")
+    cpu = _cli("--hf", str(hf / "minicpm"), *args, "--ffn", "sparse", "--decode-kernel", "cpu")
     assert dense.returncode == 0 and sparse.returncode == 0, (dense.stderr, sparse.stderr)
+    assert cpu.returncode == 0, cpu.stderr
     assert sparse.stdout == dense.stdout and "capacity per layer" in sparse.stderr
+    assert cpu.stdout == dense.stdout and "kernel cpu" in cpu.stderr
     silu = _cli("--hf", str(hf / "llama_gqa"), *args, "--ffn", "sparse", "--threshold", "0.05")
     assert silu.returncode == 0, silu.stderr
     assert "FAT-eps 0.05; validation loss" in silu.stderr

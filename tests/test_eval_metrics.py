@@ -159,14 +159,17 @@ def test_cli_bad_metric_is_one_line_exit_2_naming_the_allowed_values(tmp_path):
 def test_the_sparse_decode_ffn_refuses_evaluation_masks():
     """A decode step reads per-neuron thresholds on σ(gate) only: an ``eval_masks`` input is
     refused, as a hidden-target threshold is."""
-    from sparsejax import config as config_lib, decode_ffn
+    from sparsejax import config as config_lib, decode_ffn, model as model_lib
 
     cfg = config_lib.ModelConfig(d_model=8, n_layers=1, d_ff=16, n_heads=2, vocab_size=32,
                                  activation="relu", ffn_type="gated")
-    fn = decode_ffn.sparse_ffn(cfg, 4)
     w = ffn.FfnWeights(jnp.ones((8, 16)), jnp.ones((8, 16)), jnp.ones((16, 8)))
     x = jnp.ones((1, 1, 8))
-    for sp in (sparsity.Sparsity(eval_masks=(("global_topk", 0.5),)),
-               sparsity.Sparsity(thresholds=jnp.zeros(16), mask_target="hidden")):
-        with pytest.raises(ValueError, match="thresholds on the activation only"):
-            fn(x, w, jnp.ones((16, 8)), sp)
+    for kernel in decode_ffn.DECODE_KERNELS:
+        fn = decode_ffn.sparse_ffn(cfg, model_lib.Decode(
+            index=jnp.int32(0), start_B=jnp.zeros(1, jnp.int32), ffn="sparse", capacity=4,
+            kernel=kernel))
+        for sp in (sparsity.Sparsity(eval_masks=(("global_topk", 0.5),)),
+                   sparsity.Sparsity(thresholds=jnp.zeros(16), mask_target="hidden")):
+            with pytest.raises(ValueError, match="thresholds on the activation only"):
+                fn(x, w, jnp.ones((16, 8)), sp)
