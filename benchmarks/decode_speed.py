@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax import (activations, configure, data, decode, decode_ffn,  # noqa: E402
+from sparsejax import (configure, data, decode, decode_ffn,  # noqa: E402
                        model as model_lib, sharding, trained_run)
 from sparsejax.sparsity import Sparsity  # noqa: E402
 from sparsejax.sparsity_plan import SparsityPlan  # noqa: E402
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         p.error(f"--context {context} (at most model.max_seq_len={cfg.max_seq_len}) leaves "
                 f"{prompt_len} prompt tokens for --steps {args.steps} x chunk {max(chunks)}; "
                 f"lower --steps")
-    exact = activations.get(cfg.activation).exact_zeros or sp.topk_k > 0
+    exact = decode_ffn.exact_zeros(cfg, sp)
     notes = [f"model: {label}; {cfg.n_layers} layers, D {cfg.d_model}, F {cfg.d_ff} "
              f"({cfg.ffn_type} {cfg.activation}), vocab {cfg.vocab_size}, {cfg.dtype}"]
     model = model_lib.Model(cfg)

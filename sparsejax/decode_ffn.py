@@ -150,6 +150,13 @@ def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def exact_zeros(cfg: ModelConfig, sp: Sparsity) -> bool:
+    """Whether the model's inactive neurons are exactly zero, so the sparse FFN is exact without a
+    threshold: an activation of the ReLU family, or a training-time top-k (static or scheduled),
+    which zeroes every neuron it does not keep whatever σ is."""
+    return activations.get(cfg.activation).exact_zeros or sp.trained_topk
+
+
 def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
     """Which (token, neuron) pairs are active in this step: the zero rule or the evaluation
     threshold (``sp.thresholds`` on the activation), and the training-time top-k."""
@@ -226,7 +233,7 @@ def _gathered(cfg, capacity, step_fallback, dense, x_NxD, w: FfnWeights, up_FxD,
         cols = lambda a: rows(a.T).T  # noqa: E731
         # Under the zero rule alone an inactive neuron's σ is already 0: only the padding
         # slots need masking. A threshold or top-k leaves nonzero σ on inactive neurons.
-        zero_rule = sp.thresholds is None and not sp.topk_k and "topk_k" not in sp.coefficients
+        zero_rule = sp.thresholds is None and not sp.trained_topk
         keep_NxK = valid_K[None, :] if zero_rule else cols(active_NxF) & valid_K[None, :]
         h_NxK = cols(activation_NxF)
         if up_FxD is not None:

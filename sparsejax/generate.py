@@ -13,7 +13,7 @@ streamed to the console as they are generated; with several, each row is printed
 last line gives decode tokens/s (all rows, prefill excluded).
 
 ``--ffn sparse`` decodes with the sparse FFN of :mod:`sparsejax.decode_ffn`: for activations with
-exact zeros it equals dense decoding. ``--decode-kernel`` picks how it reads the active rows:
+exact zeros (or a trained top-k) it equals dense decoding. ``--decode-kernel`` picks how it reads the active rows:
 ``cpu``, the C++ row reader (:mod:`sparsejax.kernels.cpu_decode`, float32, built on first use;
 no capacity), or ``xla``, XLA's gather into a capacity (a step with more active neurons than
 ``--capacity`` runs dense; by default per layer the most neurons any validation token activates
@@ -174,13 +174,13 @@ def _prompts(args) -> list[str]:
 def sparse_setup(loaded: Loaded, args, n_tokens: int, kernel: str) -> tuple[object, int, str]:
     """(sparsity input, step capacity, a report line) of ``--ffn sparse`` with the row reader
     ``kernel`` (only ``xla`` has a capacity)."""
-    from sparsejax import activations, decode, model as model_lib
+    from sparsejax import decode, decode_ffn, model as model_lib
     from sparsejax.eval_options import EvalOptions
 
     cfg, sp = loaded.cfg.model, loaded.sparsity
     model = model_lib.Model(cfg)
     lines = []
-    if not activations.get(cfg.activation).exact_zeros:
+    if not decode_ffn.exact_zeros(cfg, sp):
         eps = EvalOptions().fat_eps if args.threshold is None else args.threshold
         if eps < 0:
             raise InputError(f"--threshold={eps} must be >= 0")

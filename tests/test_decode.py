@@ -257,6 +257,18 @@ def test_sparse_decode_batch_union_and_independent_active_count():
         assert not fallback.any()
 
 
+def test_exact_zeros_includes_a_trained_topk():
+    """A top-k (static or scheduled) zeroes the neurons it drops whatever σ is, so SiLU + top-k
+    decodes sparse without a threshold; SiLU alone needs one."""
+    from sparsejax import decode_ffn
+
+    silu, relu = _cfg(activation="silu"), _cfg()
+    assert decode_ffn.exact_zeros(relu, Sparsity())
+    assert not decode_ffn.exact_zeros(silu, Sparsity())
+    assert decode_ffn.exact_zeros(silu, Sparsity(topk_k=8))
+    assert decode_ffn.exact_zeros(silu, Sparsity(coefficients={"topk_k": jnp.int32(8)}))
+
+
 def test_thresholded_sparse_decode_and_loss_change():
     """SiLU has no zeros: a FAT-ε threshold drops neurons. Sparse decode equals the dense model
     with the same threshold mask; the loss change against the unmasked model is reported."""

@@ -11,7 +11,8 @@ The source is compiled on first use with the system's C++ compiler (``$CXX``, de
 ``$XDG_CACHE_HOME/sparsejax/kernels`` (default ``~/.cache``) under a name that hashes the source,
 the compiler, the flags, jax's version and this CPU's instruction-set flags — so a cache shared
 between machines never hands one a binary built for another. The build writes a temporary file
-and renames it, so processes that build at once do not see each other's half-written file. A
+and renames it, so processes that build at once do not see each other's half-written file (a
+temporary file a killed build left is removed by a later build after an hour). A
 machine without a compiler gets :class:`KernelUnavailable` (one line saying why) and the decode
 path falls back to XLA's gather (``kernel="auto"``).
 """
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -82,6 +84,9 @@ def library_path() -> Path:
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob("*.tmp"):  # left by a build that was killed
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
         os.close(fd)
     except OSError as err:
