@@ -160,6 +160,19 @@ def test_without_a_working_compiler_auto_uses_xla(tmp_path, cxx, message):
 
 
 @pytest.mark.slow
+def test_a_failed_build_is_not_retried(tmp_path):
+    """A compiler that fails is run once per process (its version, then the build), however many
+    times the kernel is asked for."""
+    calls = tmp_path / "calls"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\nexit 1\n")
+    cxx.chmod(0o755)
+    r = _result(_python(PROBE, tmp_path / "cache", CXX=str(cxx)))  # asks twice: auto, then cpu
+    assert r["kernel"] == "xla" and "failed to build" in r["refused"]
+    assert calls.read_text().splitlines() == ["--version", "-O3"]
+
+
+@pytest.mark.slow
 def test_generate_without_compiler(tmp_path):
     """generate: --decode-kernel cpu without a compiler is one line, exit 2; auto decodes with
     XLA's gather (same tokens as dense) and says why."""

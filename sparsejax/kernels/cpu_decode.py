@@ -108,38 +108,30 @@ def library_path() -> Path:
 
 
 @functools.cache
-def _register() -> str:
-    """Build (or find) and load the library and register its FFI target, once per process.
-    Raises :class:`KernelUnavailable` (remembered: the build is not retried)."""
+def _register() -> tuple[str, str]:
+    """(library path, '') once built, loaded and registered, or ('', why not): built once per
+    process, and a failure is remembered too (not retried on every call)."""
     if jax.default_backend() != "cpu":
-        raise KernelUnavailable(f"the CPU decode kernel runs on CPU; this backend is "
-                                f"{jax.default_backend()!r}")
-    path = library_path()
+        return "", (f"the CPU decode kernel runs on CPU; this backend is "
+                    f"{jax.default_backend()!r}")
     try:
+        path = library_path()
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
                                     platform="cpu")
-    except (OSError, AttributeError) as err:
-        raise KernelUnavailable(f"cannot load {path} ({err})") from None
-    return str(path)
+    except KernelUnavailable as err:
+        return "", str(err)
+    except Exception as err:  # noqa: BLE001 - a library that does not load is reported, not fatal
+        return "", f"cannot load the CPU decode kernel ({type(err).__name__}: {err})"
+    return str(path), ""
 
 
 def ensure() -> str:
     """The loaded library's path; raises :class:`KernelUnavailable` saying why not."""
-    try:
-        return _register()
-    except KernelUnavailable:
-        raise
-    except Exception as err:  # noqa: BLE001 - a failed registration is reported, not fatal
-        raise KernelUnavailable(f"{type(err).__name__}: {err}") from None
-
-
-def available() -> bool:
-    try:
-        ensure()
-        return True
-    except KernelUnavailable:
-        return False
+    path, why = _register()
+    if why:
+        raise KernelUnavailable(why)
+    return path
 
 
 def rows_ffn(x_NxD: jax.Array, coef_NxF: jax.Array, up_FxD: jax.Array | None,
