@@ -26,7 +26,7 @@ picks for ``auto``):
   float32), which walks the active neurons and reads their two rows once, without a gathered copy
   and without a capacity (so it never falls back).
 
-Either way, for activations with exact zeros (ReLU family, FATReLU, ReLU², dReLU, a trained
+Either way, for activations with exact zeros (ReLU family, FATReLU, ReLU², a trained
 top-k) the sparse step *is* the dense step up to float summation order. For activations without
 zeros (SiLU, GELU, SwiGLU) nothing is zero, so the caller supplies a threshold
 (``Sparsity.thresholds`` on |σ(gate)|, FAT-ε): the sparse step then equals the dense step with
@@ -150,6 +150,14 @@ def with_row_layout(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def unsupported(cfg: ModelConfig) -> str:
+    """Why the sparse decode FFN cannot run this model ('' when it can)."""
+    if activations.get(cfg.activation).gate_and_up:  # σ on both: an inactive gate is not a zero
+        return (f"model.activation={cfg.activation!r} applies σ to both W_gate x and W_in x; the "
+                f"sparse decode FFN needs σ(gate) alone to decide which neurons are zero")
+    return ""
+
+
 def exact_zeros(cfg: ModelConfig, sp: Sparsity) -> bool:
     """Whether the model's inactive neurons are exactly zero, so the sparse FFN is exact without a
     threshold: an activation of the ReLU family, or a training-time top-k (static or scheduled),
@@ -175,7 +183,6 @@ def sparse_ffn(cfg: ModelConfig, decode) -> DecodeFfn:
     """Dense gate, then only the active neurons' rows read (``decode.kernel``): ``xla`` gathers
     ``decode.capacity`` of them and above it runs the layer dense, or (``decode.step_fallback``)
     flags the step for the caller's dense rerun; ``cpu`` reads exactly the active rows."""
-    spec = activations.get(cfg.activation)
     dense = ffn_lib.reference_ffn(cfg)
     kernel = getattr(decode, "kernel", "xla")
     if kernel not in DECODE_KERNELS:
@@ -184,9 +191,8 @@ def sparse_ffn(cfg: ModelConfig, decode) -> DecodeFfn:
     capacity, step_fallback = decode.capacity, decode.step_fallback
     if kernel == "xla" and not 0 < capacity <= cfg.d_ff:
         raise ValueError(f"capacity={capacity} must be in [1, d_ff={cfg.d_ff}]")
-    if spec.gate_and_up:  # σ on both projections: an inactive gate does not zero the product
-        raise ValueError(f"model.activation={cfg.activation!r} applies σ to both W_gate x and "
-                         f"W_in x; the sparse decode FFN needs σ(gate) alone to decide")
+    if unsupported(cfg):
+        raise ValueError(unsupported(cfg))
 
     def ffn(x_BxTxD, w: FfnWeights, up_FxD, sp: Sparsity):
         if sp.mask_target != "activation" or sp.eval_masks:

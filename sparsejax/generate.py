@@ -178,6 +178,8 @@ def sparse_setup(loaded: Loaded, args, n_tokens: int, kernel: str) -> tuple[obje
     from sparsejax.eval_options import EvalOptions
 
     cfg, sp = loaded.cfg.model, loaded.sparsity
+    if decode_ffn.unsupported(cfg):
+        raise InputError(f"--ffn sparse: {decode_ffn.unsupported(cfg)}")
     model = model_lib.Model(cfg)
     lines = []
     if not decode_ffn.exact_zeros(cfg, sp):

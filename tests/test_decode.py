@@ -269,6 +269,25 @@ def test_exact_zeros_includes_a_trained_topk():
     assert decode_ffn.exact_zeros(silu, Sparsity(coefficients={"topk_k": jnp.int32(8)}))
 
 
+def test_sparse_decode_refuses_drelu():
+    """dReLU applies σ to both projections: σ(gate) alone cannot decide which neurons are zero.
+    The FFN refuses it when traced; generate says so in one line (InputError: exit 2)."""
+    import types
+
+    from sparsejax import decode_ffn, generate
+
+    cfg = _cfg(activation="drelu")
+    assert "applies σ to both" in decode_ffn.unsupported(cfg) and not decode_ffn.unsupported(_cfg())
+    m, params = _model(cfg)
+    dec = decode.Decoder(cfg, params)
+    with pytest.raises(ValueError, match="applies σ to both"):
+        dec.teacher_forced(PROMPTS[:1], np.zeros((1, 2), np.int32), ffn="sparse", capacity=8,
+                           kernel="xla")
+    loaded = generate.Loaded(types.SimpleNamespace(model=cfg), params, Sparsity(), None)
+    with pytest.raises(generate.InputError, match="--ffn sparse: model.activation='drelu'"):
+        generate.sparse_setup(loaded, types.SimpleNamespace(threshold=None, capacity=0), 1, "cpu")
+
+
 def test_thresholded_sparse_decode_and_loss_change():
     """SiLU has no zeros: a FAT-ε threshold drops neurons. Sparse decode equals the dense model
     with the same threshold mask; the loss change against the unmasked model is reported."""
