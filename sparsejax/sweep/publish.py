@@ -17,7 +17,6 @@ retraining and every README number traces to a file. A published directory holds
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import pathlib
@@ -112,13 +111,9 @@ def plateau_rows(rows: Sequence[dict], runs: Sequence) -> list[dict]:
 
 def write_plateaus(dest: pathlib.Path, rows: Sequence[dict], runs: Sequence) -> None:
     """``dest/plateaus.csv`` (:data:`PLATEAU_COLUMNS`; NaN as an empty cell), written atomically."""
-    def write(path):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=PLATEAU_COLUMNS)
-            w.writeheader()
-            for r in plateau_rows(rows, runs):
-                w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
-    rundir.atomic_write(dest / PLATEAUS_CSV, write)
+    blank = lambda v: "" if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    cells = [{k: blank(v) for k, v in r.items()} for r in plateau_rows(rows, runs)]
+    rundir.atomic_write(dest / PLATEAUS_CSV, lambda p: write_csv_rows(cells, p, PLATEAU_COLUMNS))
 
 
 def publish(out: pathlib.Path, dest: pathlib.Path, rows: Sequence[dict], runs: Sequence) -> None:

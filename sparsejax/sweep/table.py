@@ -62,9 +62,9 @@ def collect(out: pathlib.Path, runs: Sequence[ResolvedRun]) -> list[dict]:
     return rows
 
 
-def write_csv_rows(rows: Sequence[dict], path: pathlib.Path) -> None:
+def write_csv_rows(rows: Sequence[dict], path: pathlib.Path, columns: Sequence[str] = COLUMNS) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
