@@ -195,8 +195,8 @@ def main(argv=None) -> int:
         kernel, why = decode_ffn.resolve_kernel(args.decode_kernel, cfg)
     except decode_ffn.KernelError as err:
         p.error(f"--decode-kernel: {err}")
-    notes.append(f"sparse FFN row reader: {kernel}"
-                 f"{' (C++ XLA FFI custom call, exactly the active rows)' if kernel == 'cpu' else ' (XLA gather into a static capacity, dense rerun above it)'}"
+    reader = decode_ffn.DECODE_KERNELS[kernel]
+    notes.append(f"sparse FFN row reader: {kernel} ({reader.description})"
                  f"{'; ' + why if why else ''}")
     bandwidth = read_bandwidth()
     notes.append(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (float32 sum over 512 MiB); "
@@ -226,10 +226,10 @@ def main(argv=None) -> int:
         capacity = (args.capacity if args.capacity else
                     tuple(int(min(cfg.d_ff, -(-c // 8) * 8)) for c in active.max(0)))
         density = float(active.mean()) / cfg.d_ff
-        if kernel == "cpu":  # no capacity: it reads the active rows themselves
-            read = density
-        else:
+        if reader.capacity:
             read = (capacity if isinstance(capacity, int) else float(np.mean(capacity))) / cfg.d_ff
+        else:  # it reads the active rows themselves
+            read = density
         # Timed: one step at the end of the prompt, dense and sparse, alternating.
         cache_len = context
         tokens_BxP, start_B = decode.left_pad(prompts)
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
                      f"{bytes_sparse / bandwidth / t['sparse']:.0%}"])
         notes.append(f"batch {batch} chunk {k}: per-layer active "
                      f"{[f'{a / cfg.d_ff:.1%}' for a in active.mean(0)]}"
-                     f"{f', capacity {capacity}' if kernel == 'xla' else ''}; "
+                     f"{f', capacity {capacity}' if reader.capacity else ''}; "
                      f"step ms dense {t['dense'] * 1e3:.2f} sparse {t['sparse'] * 1e3:.2f}, "
                      f"FFN stack ms dense {t['dense_ffn'] * 1e3:.2f} sparse {t['sparse_ffn'] * 1e3:.2f}")
     head = ["batch", "chunk k", "active", "read", "dense tok/s", "sparse tok/s", "step x",

@@ -156,7 +156,7 @@ class Decoder:
                                         start_B=start_B, sp=sp, cache_len=cache_len)
                 logits, cache, stats = run(cache=cache, ffn=ffn, capacity=capacity,
                                            step_fallback=ffn != "dense", kernel=kernel)
-                if ffn != "dense" and kernel == "xla":  # the cpu reader has no capacity
+                if ffn != "dense" and decode_ffn.DECODE_KERNELS[kernel].capacity:
                     # A layer above its capacity: the whole step again, dense. It may start from
                     # the sparse pass's cache: the only slots that differ are this step's own,
                     # which every layer writes before it reads them.

@@ -39,6 +39,7 @@ Each call sows ``decode_active`` (the step's union count of active neurons) and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -74,11 +75,18 @@ def _cpu_kernel_unavailable(cfg: ModelConfig) -> str:
     return ""
 
 
-# Decode.kernel -> why it cannot run for a model here ('' = it can); in preference order for auto.
-DECODE_KERNELS: dict[str, Callable[[ModelConfig], str]] = {
-    "cpu": _cpu_kernel_unavailable,
-    "xla": lambda cfg: "",
-}
+@dataclasses.dataclass(frozen=True)
+class DecodeKernel:
+    """A row reader of the sparse decode FFN: ``read(cfg, decode, x_NxD, weights, up_FxD, sp,
+    activation_NxF, active_NxF, union_F, count) -> (y [N, D], fallback flag)``;
+    ``unavailable(cfg)`` says why it cannot run for a model here ('' when it can); ``capacity``:
+    it reads a static number of rows (``Decode.capacity``) and a step above it falls back to
+    dense."""
+
+    read: Callable
+    unavailable: Callable[[ModelConfig], str]
+    capacity: bool
+    description: str
 
 
 def kernel_names() -> list[str]:
@@ -92,13 +100,13 @@ def resolve_kernel(name: str, cfg: ModelConfig) -> tuple[str, str]:
     if name not in kernel_names():
         raise KernelError(f"decode kernel {name!r} is not known; allowed: {kernel_names()}")
     if name != "auto":
-        why = DECODE_KERNELS[name](cfg)
+        why = DECODE_KERNELS[name].unavailable(cfg)
         if why:
             raise KernelError(f"decode kernel {name!r} cannot run here: {why}")
         return name, ""
     notes = []
-    for kernel, unavailable in DECODE_KERNELS.items():
-        why = unavailable(cfg)
+    for kernel, entry in DECODE_KERNELS.items():
+        why = entry.unavailable(cfg)
         if not why:
             return kernel, "; ".join(notes)
         notes.append(f"decode kernel {kernel!r} not used: {why}")
@@ -180,19 +188,16 @@ def active_mask(activation_NxF: Array, sp: Sparsity) -> Array:
 
 @register_decode_ffn("sparse")
 def sparse_ffn(cfg: ModelConfig, decode) -> DecodeFfn:
-    """Dense gate, then only the active neurons' rows read (``decode.kernel``): ``xla`` gathers
-    ``decode.capacity`` of them and above it runs the layer dense, or (``decode.step_fallback``)
-    flags the step for the caller's dense rerun; ``cpu`` reads exactly the active rows."""
-    dense = ffn_lib.reference_ffn(cfg)
-    kernel = getattr(decode, "kernel", "xla")
-    if kernel not in DECODE_KERNELS:
-        raise KernelError(f"decode kernel {kernel!r} is not known here (resolve 'auto' first "
-                          f"with resolve_kernel); allowed: {list(DECODE_KERNELS)}")
-    capacity, step_fallback = decode.capacity, decode.step_fallback
-    if kernel == "xla" and not 0 < capacity <= cfg.d_ff:
-        raise ValueError(f"capacity={capacity} must be in [1, d_ff={cfg.d_ff}]")
-    if unsupported(cfg):
-        raise ValueError(unsupported(cfg))
+    """Dense gate, then only the active neurons' rows read by the row reader ``decode.kernel``
+    (:data:`DECODE_KERNELS`)."""
+    if decode.kernel not in DECODE_KERNELS:
+        raise KernelError(f"decode kernel {decode.kernel!r} is not known here (resolve 'auto' "
+                          f"first with resolve_kernel); allowed: {list(DECODE_KERNELS)}")
+    reader = DECODE_KERNELS[decode.kernel]
+    if reader.capacity and not 0 < decode.capacity <= cfg.d_ff:
+        raise ValueError(f"capacity={decode.capacity} must be in [1, d_ff={cfg.d_ff}]")
+    if why := unsupported(cfg):
+        raise ValueError(why)
 
     def ffn(x_BxTxD, w: FfnWeights, up_FxD, sp: Sparsity):
         if sp.mask_target != "activation" or sp.eval_masks:
@@ -205,27 +210,31 @@ def sparse_ffn(cfg: ModelConfig, decode) -> DecodeFfn:
         active_NxF = active_mask(activation_NxF, sp)
         union_F = jnp.any(active_NxF, axis=0)
         count = jnp.sum(union_F.astype(jnp.int32))
-        if kernel == "cpu":
-            from sparsejax.kernels import cpu_decode  # noqa: PLC0415 - built on first use
-
-            coef_NxF = jnp.where(active_NxF, activation_NxF, jnp.zeros_like(activation_NxF))
-            y_NxD = cpu_decode.rows_ffn(x_NxD, coef_NxF, up_FxD, w.w_out_FxD).astype(x_BxTxD.dtype)
-            fallback = jnp.bool_(False)  # no capacity: it reads however many rows are active
-        else:
-            y_NxD, fallback = _gathered(cfg, capacity, step_fallback, dense, x_NxD, w, up_FxD, sp,
-                                        activation_NxF, active_NxF, union_F, count)
-            y_NxD = y_NxD.astype(x_BxTxD.dtype)
+        y_NxD, fallback = reader.read(cfg, decode, x_NxD, w, up_FxD, sp, activation_NxF,
+                                      active_NxF, union_F, count)
         stats = {"decode_active": count.astype(jnp.float32),
                  "decode_fallback": fallback.astype(jnp.float32)}
         activation = activation_NxF.reshape(*shape[:-1], -1)
-        return y_NxD.reshape(shape), FfnAux(activation, activation, stats=stats)
+        y_BxTxD = y_NxD.astype(x_BxTxD.dtype).reshape(shape)
+        return y_BxTxD, FfnAux(activation, activation, stats=stats)
 
     return ffn
 
 
-def _gathered(cfg, capacity, step_fallback, dense, x_NxD, w: FfnWeights, up_FxD, sp: Sparsity,
-              activation_NxF, active_NxF, union_F, count):
-    """The ``xla`` kernel: (y [N, D], fallback flag)."""
+def _read_cpu(cfg, decode, x_NxD, w: FfnWeights, up_FxD, sp: Sparsity, activation_NxF,
+              active_NxF, union_F, count):
+    """The ``cpu`` reader: the C++ custom call reads exactly the active rows (never falls back)."""
+    from sparsejax.kernels import cpu_decode  # noqa: PLC0415 - built on first use
+
+    coef_NxF = jnp.where(active_NxF, activation_NxF, jnp.zeros_like(activation_NxF))
+    return cpu_decode.rows_ffn(x_NxD, coef_NxF, up_FxD, w.w_out_FxD), jnp.bool_(False)
+
+
+def _read_gathered(cfg, decode, x_NxD, w: FfnWeights, up_FxD, sp: Sparsity, activation_NxF,
+                   active_NxF, union_F, count):
+    """The ``xla`` reader: ``decode.capacity`` rows gathered; above it the layer runs dense, or
+    (``decode.step_fallback``) flags the step for the caller's dense rerun."""
+    capacity = decode.capacity
 
     def gathered(_):
         # The active neurons' indices in order (a cumulative sum, no sort); the slots past
@@ -248,8 +257,18 @@ def _gathered(cfg, capacity, step_fallback, dense, x_NxD, w: FfnWeights, up_FxD,
         return h_NxK @ rows(w.w_out_FxD)
 
     def full(_):
-        return dense(x_NxD[None], w, sp)[0][0].astype(x_NxD.dtype)
+        return ffn_lib.reference_ffn(cfg)(x_NxD[None], w, sp)[0][0].astype(x_NxD.dtype)
 
     fallback = count > capacity
-    y_NxD = gathered(None) if step_fallback else jax.lax.cond(fallback, full, gathered, None)
-    return y_NxD, fallback
+    if decode.step_fallback:
+        return gathered(None), fallback
+    return jax.lax.cond(fallback, full, gathered, None), fallback
+
+
+# Decode.kernel -> its row reader, in preference order for ``auto``.
+DECODE_KERNELS: dict[str, DecodeKernel] = {
+    "cpu": DecodeKernel(_read_cpu, _cpu_kernel_unavailable, capacity=False,
+                        description="C++ XLA FFI custom call, exactly the active rows"),
+    "xla": DecodeKernel(_read_gathered, lambda cfg: "", capacity=True,
+                        description="XLA gather into a static capacity, dense rerun above it"),
+}

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import sys
+from typing import Callable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +80,9 @@ class Loaded:
     tokenizer: object  # .encode(text) -> ids, .decode(ids) -> text
     bos_id: int | None = None
     eos_id: int | None = None
-    calibration: list | None = None  # validation batches for calibration and the loss change
+    # () -> validation batches for the capacity calibration and the loss change, read on first
+    # call (only a sparse decode that needs them reads them)
+    calibration: Callable[[], list] | None = None
 
 
 class InputError(ValueError):
@@ -121,11 +125,9 @@ def load_run(args) -> Loaded:
     params, _ = run.params(step, _single_device_plan(cfg).mesh)
     plan = SparsityPlan.of(cfg)
     sparsity = plan.model_input(plan.coefficients(step) if plan.traced else None)
-    calibration = None
-    if args.ffn == "sparse" and (not args.capacity or not plan.exact_zeros):
-        eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, eval_batches=args.calibration_batches))
-        calibration = data.validation_batches(eval_cfg, tokenizer=tokenizer)
+    eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, eval_batches=args.calibration_batches))
+    calibration = functools.cache(lambda: data.validation_batches(eval_cfg, tokenizer=tokenizer))
     return Loaded(cfg, params, sparsity, tokenizer, calibration=calibration)
 
 
@@ -144,14 +146,14 @@ def load_hf(args) -> Loaded:
                                seq_len=min(context, 256), eval_batches=args.calibration_batches)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    calibration = None
-    if args.ffn == "sparse":
+    @functools.cache
+    def calibration():
         seq = min(context, 256)
         text = data.split_text(data.load_corpus_text(), 0.05)[1]
         tokens = data.encode_prefix(tokenizer, text, args.calibration_batches * (seq + 1))
-        calibration = data.sequential_batches(tokens, 1, seq, args.calibration_batches,
-                                              bos_id=hf.get("bos_token_id"), overlap=False,
-                                              what="the calibration text")
+        return data.sequential_batches(tokens, 1, seq, args.calibration_batches,
+                                       bos_id=hf.get("bos_token_id"), overlap=False,
+                                       what="the calibration text")
     from sparsejax.sparsity import Sparsity
 
     return Loaded(cfg, params, Sparsity(), tokenizer, bos_id=hf.get("bos_token_id"), eos_id=eos,
@@ -173,13 +175,13 @@ def _prompts(args) -> list[str]:
 
 def sparse_setup(loaded: Loaded, args, n_tokens: int, kernel: str) -> tuple[object, int, str]:
     """(sparsity input, step capacity, a report line) of ``--ffn sparse`` with the row reader
-    ``kernel`` (only ``xla`` has a capacity)."""
+    ``kernel`` (0 for a reader without a capacity)."""
     from sparsejax import decode, decode_ffn, model as model_lib
     from sparsejax.eval_options import EvalOptions
 
     cfg, sp = loaded.cfg.model, loaded.sparsity
-    if decode_ffn.unsupported(cfg):
-        raise InputError(f"--ffn sparse: {decode_ffn.unsupported(cfg)}")
+    if why := decode_ffn.unsupported(cfg):
+        raise InputError(f"--ffn sparse: {why}")
     model = model_lib.Model(cfg)
     lines = []
     if not decode_ffn.exact_zeros(cfg, sp):
@@ -187,18 +189,18 @@ def sparse_setup(loaded: Loaded, args, n_tokens: int, kernel: str) -> tuple[obje
         if eps < 0:
             raise InputError(f"--threshold={eps} must be >= 0")
         sp = sp.replace(thresholds=decode.fat_thresholds(cfg, eps), mask_target="activation")
-        dense_loss, sparse_loss = decode.loss_change(model, loaded.params, loaded.calibration,
+        dense_loss, sparse_loss = decode.loss_change(model, loaded.params, loaded.calibration(),
                                                      loaded.sparsity, sp.thresholds)
         lines.append(f"thresholded sparse FFN (model.activation={cfg.activation!r} has no exact "
                      f"zeros): FAT-eps {eps:g}; validation loss {dense_loss:.4f} -> "
                      f"{sparse_loss:.4f} ({sparse_loss - dense_loss:+.4f})")
-    if kernel != "xla":
+    if not decode_ffn.DECODE_KERNELS[kernel].capacity:
         return sp, 0, "\n".join(lines)
     if args.capacity:
         per_token = args.capacity
     else:
         per_token = tuple(int(c) for c in decode.calibrate(model, loaded.params,
-                                                          loaded.calibration, sp))
+                                                          loaded.calibration(), sp))
         lines.append(f"capacity per layer {list(per_token)} of d_ff {cfg.d_ff} per token "
                      f"(calibrated: the most active neurons of a validation token)")
     capacity = decode.capacity_for(per_token, n_tokens, cfg.d_ff)
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
         if any(max(p, default=0) >= loaded.cfg.model.vocab_size for p in prompts):
             raise InputError(f"the tokenizer gives ids >= model.vocab_size="
                              f"{loaded.cfg.model.vocab_size}: it does not belong to this model")
-        sp, capacity, ffn, kernel = loaded.sparsity, 0, args.ffn, "xla"
+        sp, capacity, ffn, kernel = loaded.sparsity, 0, args.ffn, "auto"
         if ffn == "sparse":
             kernel, why = decode_ffn.resolve_kernel(args.decode_kernel, loaded.cfg.model)
             if why:
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
     print(f"{result.decode_steps * len(prompts)} tokens in {result.decode_s:.3f} s: "
           f"{result.tokens_per_s:.1f} tokens/s (decode, batch {len(prompts)}, ffn {ffn}"
           f"{f', kernel {kernel}' if ffn == 'sparse' else ''}"
-          f"{f', capacity {_text(capacity)}' if ffn == 'sparse' and kernel == 'xla' else ''}; prefill of "
+          f"{f', capacity {_text(capacity)}' if capacity else ''}; prefill of "
           f"{max(len(p) for p in prompts)} tokens {result.prefill_s:.3f} s)", file=sys.stderr)
     return 0
 

@@ -14,6 +14,7 @@
 // counter to the calling thread and to pool threads as they start, each accumulating into its
 // own buffer, summed at the end. The caller works through the chunks itself, so it never waits
 // on a busy pool — only on a helper's chunk in progress.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
